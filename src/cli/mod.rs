@@ -1,0 +1,124 @@
+//! The command line: argument parsing, settings, exit codes (0 ok, 2 usage,
+//! 1 anything else, with a one-line message). One file per command family.
+
+mod events;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use crate::config::Settings;
+use crate::master_config::MasterConfig;
+
+/// Command-line interface of salt-steward.
+#[derive(Debug, Parser)]
+#[command(
+    name = "salt-steward",
+    version,
+    about = "Server management beside a salt-master"
+)]
+pub struct Cli {
+    /// The salt-steward config file (YAML).
+    #[arg(long, global = true, value_name = "PATH", env = "SALT_STEWARD_CONFIG")]
+    config: Option<PathBuf>,
+    /// The salt-master config, overriding `master_config` from the config file.
+    #[arg(long, global = true, value_name = "PATH")]
+    master_config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Watch and fire events on the master's event bus.
+    #[command(subcommand)]
+    Events(events::EventsCommand),
+}
+
+/// Loaded once per invocation and handed to the command.
+pub(crate) struct Context {
+    pub settings: Settings,
+}
+
+impl Context {
+    fn load(cli: &Cli) -> anyhow::Result<Self> {
+        let mut settings = Settings::load(cli.config.as_deref())?;
+        if let Some(p) = &cli.master_config {
+            settings.master_config = p.clone();
+        }
+        Ok(Self { settings })
+    }
+
+    /// The salt-master config the settings point at.
+    pub fn master(&self) -> anyhow::Result<MasterConfig> {
+        Ok(MasterConfig::load(Path::new(&self.settings.master_config))?)
+    }
+}
+
+/// Parses arguments, runs the command, maps the outcome to an exit code.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version print and exit 0; usage errors exit 2.
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("salt-steward: error: {}", one_line(&e));
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let ctx = Context::load(&cli)?;
+    crate::telemetry::init(&ctx.settings.log.level, ctx.settings.log.format);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async {
+        match cli.command {
+            Command::Events(cmd) => events::run(&ctx, cmd).await,
+        }
+    })
+}
+
+/// The error chain on one line, joined with `: `.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let s = cause.to_string().replace('\n', " ");
+        // thiserror messages often already embed their source.
+        if !parts.iter().any(|p| p.contains(&s)) {
+            parts.push(s);
+        }
+    }
+    parts.join(": ")
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub(crate) async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}

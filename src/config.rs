@@ -1,0 +1,233 @@
+//! The daemon's own config file (`/etc/salt-steward/config.yaml`).
+//!
+//! Every key is optional; the defaults are documented on [`ConfigFile`] and in
+//! `contrib/config.yaml`. Unknown keys are an error naming the key, the file
+//! and the line, so a typo never passes silently. Everything about Salt is
+//! read from the master's own config, found through `master_config`.
+//! YAML is parsed with `serde_yaml_ng`, the maintained continuation of the
+//! archived `serde_yaml`.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::bus::codec::DEFAULT_MAX_FRAME;
+use crate::master_config::DEFAULT_MASTER_CONFIG;
+use crate::telemetry::LogFormat;
+
+/// Where the config is read from when `--config` is not given.
+pub const DEFAULT_CONFIG: &str = "/etc/salt-steward/config.yaml";
+
+/// The example shipped in `contrib/`, which states every default.
+pub const EXAMPLE_CONFIG: &str = include_str!("../contrib/config.yaml");
+
+/// Why the config could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {source}")]
+    Invalid {
+        path: PathBuf,
+        source: serde_yaml_ng::Error,
+    },
+}
+
+/// The file as written. Field docs are the user documentation.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// Path of the salt-master config. Default `/etc/salt/master`.
+    pub master_config: Option<PathBuf>,
+    /// Registry database URL (`sqlite://…` or `postgres://…`).
+    /// Default `sqlite:///var/lib/salt-steward/registry.db`.
+    pub registry: Option<String>,
+    /// Directory of reactor rule files. Default `/etc/salt-steward/rules.d`.
+    pub rules_dir: Option<PathBuf>,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// Event bus reader tuning.
+    #[serde(default)]
+    pub bus: BusConfig,
+}
+
+/// `log:` section.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `error`, `warn`, `info` (default), `debug`, `trace`, or a tracing filter.
+    #[serde(default = "default_level")]
+    pub level: String,
+    /// `text` (default) or `json`.
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: default_level(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+fn default_level() -> String {
+    "info".to_owned()
+}
+
+/// `bus:` section.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BusConfig {
+    /// Events buffered per consumer before the oldest are dropped (counted). Default 16384.
+    #[serde(default = "default_queue")]
+    pub queue_capacity: usize,
+    /// Largest event accepted, in bytes; bigger ones are dropped. Default 64 MiB.
+    #[serde(default = "default_max_event")]
+    pub max_event_size: usize,
+}
+
+impl Default for BusConfig {
+    fn default() -> Self {
+        Self {
+            queue_capacity: default_queue(),
+            max_event_size: default_max_event(),
+        }
+    }
+}
+
+fn default_queue() -> usize {
+    16_384
+}
+
+fn default_max_event() -> usize {
+    DEFAULT_MAX_FRAME
+}
+
+/// The resolved settings the program runs with.
+#[derive(Debug)]
+pub struct Settings {
+    pub master_config: PathBuf,
+    pub registry: String,
+    pub rules_dir: PathBuf,
+    pub log: LogConfig,
+    pub bus: BusConfig,
+}
+
+impl Settings {
+    /// Reads `path`, or the default file if `path` is `None` (a missing
+    /// default file means all defaults; a missing explicit one is an error).
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let file = match path {
+            Some(p) => Some(read(p)?),
+            None => {
+                let p = Path::new(DEFAULT_CONFIG);
+                if p.exists() {
+                    Some(read(p)?)
+                } else {
+                    None
+                }
+            }
+        };
+        Ok(Self::from_file(file.unwrap_or_default()))
+    }
+
+    fn from_file(f: ConfigFile) -> Self {
+        Self {
+            master_config: f
+                .master_config
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_MASTER_CONFIG)),
+            registry: f
+                .registry
+                .unwrap_or_else(|| "sqlite:///var/lib/salt-steward/registry.db".to_owned()),
+            rules_dir: f
+                .rules_dir
+                .unwrap_or_else(|| PathBuf::from("/etc/salt-steward/rules.d")),
+            log: f.log,
+            bus: f.bus,
+        }
+    }
+}
+
+fn read(path: &Path) -> Result<ConfigFile, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(&text).map_err(|source| ConfigError::Invalid {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn parse(text: &str) -> Result<ConfigFile, serde_yaml_ng::Error> {
+    // An empty (or all-comment) file is all defaults.
+    if text
+        .lines()
+        .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
+    {
+        return Ok(ConfigFile::default());
+    }
+    serde_yaml_ng::from_str(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_example_parses_and_states_the_defaults() {
+        let f = parse(EXAMPLE_CONFIG).unwrap();
+        let s = Settings::from_file(f);
+        let d = Settings::from_file(ConfigFile::default());
+        assert_eq!(s.master_config, d.master_config);
+        assert_eq!(s.registry, d.registry);
+        assert_eq!(s.rules_dir, d.rules_dir);
+        assert_eq!(s.log.level, d.log.level);
+        assert_eq!(s.log.format, d.log.format);
+        assert_eq!(s.bus.queue_capacity, d.bus.queue_capacity);
+        assert_eq!(s.bus.max_event_size, d.bus.max_event_size);
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_their_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("config.yaml");
+        std::fs::write(
+            &p,
+            "log:\n  level: debug\nmaster_cofnig: /etc/salt/master\n",
+        )
+        .unwrap();
+        let err = Settings::load(Some(&p)).unwrap_err().to_string();
+        assert!(err.contains("master_cofnig"), "{err}");
+        assert!(err.contains("config.yaml"), "{err}");
+        assert!(err.contains("line 3"), "{err}");
+
+        std::fs::write(&p, "log:\n  levle: debug\n").unwrap();
+        let err = Settings::load(Some(&p)).unwrap_err().to_string();
+        assert!(err.contains("levle"), "{err}");
+    }
+
+    #[test]
+    fn an_explicit_missing_file_is_an_error() {
+        let err = Settings::load(Some(Path::new("/nonexistent/steward.yaml")))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/nonexistent/steward.yaml"), "{err}");
+    }
+
+    #[test]
+    fn values_are_read() {
+        let f = parse("master_config: /tmp/m\nlog: {format: json}\nbus: {queue_capacity: 8}\n")
+            .unwrap();
+        let s = Settings::from_file(f);
+        assert_eq!(s.master_config, PathBuf::from("/tmp/m"));
+        assert_eq!(s.log.format, LogFormat::Json);
+        assert_eq!(s.bus.queue_capacity, 8);
+    }
+}

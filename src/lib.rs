@@ -1,0 +1,15 @@
+//! salt-steward: a daemon beside a salt-master that turns Salt into a
+//! server-management system. See `ARCHITECTURE.md` for the data flow.
+//!
+//! Layout:
+//! - [`master_config`]: reads the salt-master's own config (paths, ports, ipc mode).
+//! - [`config`]: the daemon's config file.
+//! - [`bus`]: the master's event bus — decode, subscribe, fire.
+//! - [`telemetry`]: logging and the one place each occurrence is logged.
+//! - [`cli`]: the command line.
+
+pub mod bus;
+pub mod cli;
+pub mod config;
+pub mod master_config;
+pub mod telemetry;
