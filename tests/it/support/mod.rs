@@ -1,0 +1,168 @@
+//! Shared test support: the real-Salt harness and helpers to drive our CLI.
+
+// Later capabilities use parts of the harness that the bus tests do not.
+#![allow(dead_code)]
+
+pub mod salt;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub use salt::{MasterOptions, SaltHarness};
+
+/// `salt-steward` as built by cargo for this test run.
+pub fn steward() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_salt-steward"));
+    // No user config from the machine leaks into a test.
+    cmd.env_remove("SALT_STEWARD_CONFIG").env_remove("RUST_LOG");
+    cmd
+}
+
+/// `salt-steward --config /dev/null --master-config <master>` plus `args`.
+pub fn steward_for(master_config: &Path, args: &[&str]) -> Command {
+    let mut cmd = steward();
+    cmd.arg("--config")
+        .arg("/dev/null")
+        .arg("--master-config")
+        .arg(master_config)
+        .args(args);
+    cmd
+}
+
+/// A child whose stdout and stderr lines are collected as they come.
+pub struct LineChild {
+    child: Child,
+    out: mpsc::Receiver<String>,
+    err: mpsc::Receiver<String>,
+    pub seen: Vec<String>,
+    pub seen_err: Vec<String>,
+}
+
+impl LineChild {
+    /// Spawns `cmd` with piped stdout/stderr.
+    pub fn spawn(mut cmd: Command) -> Self {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning child");
+        let out = lines(child.stdout.take().expect("stdout"));
+        let err = lines(child.stderr.take().expect("stderr"));
+        Self {
+            child,
+            out,
+            err,
+            seen: Vec::new(),
+            seen_err: Vec::new(),
+        }
+    }
+
+    fn drain_err(&mut self) {
+        while let Ok(l) = self.err.try_recv() {
+            self.seen_err.push(l);
+        }
+    }
+
+    /// Waits for a stdout line satisfying `pred`; panics with what was seen.
+    pub fn wait_line(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> String {
+        match self.try_wait_line(timeout, pred) {
+            Ok(line) => line,
+            Err(why) => {
+                self.drain_err();
+                panic!(
+                    "{what}: {why}; stdout:\n{}\nstderr:\n{}",
+                    self.seen.join("\n"),
+                    self.seen_err.join("\n")
+                );
+            }
+        }
+    }
+
+    /// Like [`wait_line`](Self::wait_line), but a timeout is an `Err`.
+    pub fn try_wait_line(
+        &mut self,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Result<String, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.out.recv_timeout(left.min(Duration::from_millis(200))) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if pred(&line) {
+                        return Ok(line);
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err("the process ended".to_owned())
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("not seen within {timeout:?}"));
+            }
+        }
+    }
+
+    /// Waits for a stderr line satisfying `pred`.
+    pub fn wait_err_line(&mut self, what: &str, timeout: Duration, pred: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(l) = self.err.recv_timeout(Duration::from_millis(200)) {
+                let hit = pred(&l);
+                self.seen_err.push(l);
+                if hit {
+                    return;
+                }
+            }
+        }
+        panic!(
+            "{what}: not on stderr within {timeout:?}:\n{}",
+            self.seen_err.join("\n")
+        );
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let status = self.child.wait().expect("waiting for child");
+        self.drain_err();
+        status
+    }
+}
+
+impl Drop for LineChild {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn lines(r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Parses a `--json` line of `events watch`.
+pub fn json_line(line: &str) -> serde_json::Value {
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"))
+}

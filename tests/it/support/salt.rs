@@ -1,0 +1,407 @@
+//! A real salt-master and real salt-minions for tests.
+//!
+//! Everything lives in a temporary root dir (configs, pki, cache, sockets,
+//! logs), on free loopback ports, as the current user. Each Salt process runs
+//! in its own process group and is stopped by PID (TERM, then KILL of the
+//! group) when the harness is dropped, which also happens on panic.
+//!
+//! Salt comes from the virtualenv made by `scripts/install-salt`; without it
+//! the harness fails with the command to run. It never skips.
+
+use std::fs;
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+
+/// The directory holding `salt-master`, `salt-minion`, `salt-key`, `python` ….
+pub fn salt_bin_dir() -> PathBuf {
+    let dir = match std::env::var_os("SALT_BIN_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join(".salt/venv/bin"),
+    };
+    assert!(
+        dir.join("salt-master").is_file() && dir.join("salt-minion").is_file(),
+        "Salt is not installed at {}: run `scripts/install-salt` (or `scripts/test`, \
+         which installs it), or set SALT_BIN_DIR to a directory holding salt-master",
+        dir.display()
+    );
+    dir
+}
+
+/// A free TCP port on 127.0.0.1 (the kernel picks it; it is released at once).
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("binding an ephemeral loopback port");
+    l.local_addr().expect("local addr").port()
+}
+
+/// How the master is set up.
+#[derive(Debug, Clone)]
+pub struct MasterOptions {
+    /// `auto_accept: True` in the master config.
+    pub auto_accept: bool,
+    /// `ipc_mode: tcp`: the event bus on loopback TCP ports instead of unix sockets.
+    pub ipc_tcp: bool,
+    /// Extra lines appended to the master config.
+    pub extra: String,
+}
+
+impl Default for MasterOptions {
+    fn default() -> Self {
+        Self {
+            auto_accept: true,
+            ipc_tcp: false,
+            extra: String::new(),
+        }
+    }
+}
+
+/// A Salt process stopped by PID (and its process group) on drop.
+#[derive(Debug)]
+struct SaltProcess {
+    child: Child,
+}
+
+impl SaltProcess {
+    fn spawn(name: &str, mut cmd: Command, log: &Path) -> Self {
+        let out = fs::File::create(log).expect("creating process log");
+        let err = out.try_clone().expect("cloning log handle");
+        cmd.stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .process_group(0);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        Self { child }
+    }
+
+    fn pid(&self) -> i32 {
+        i32::try_from(self.child.id()).expect("pid fits i32")
+    }
+
+    /// TERM the group, wait up to 10 s, then KILL it. Idempotent.
+    fn stop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            // The leader is gone; make sure no child of it lingers.
+            let _ = killpg(Pid::from_raw(self.pid()), Signal::SIGKILL);
+            return;
+        }
+        let pgid = Pid::from_raw(self.pid());
+        let _ = killpg(pgid, Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = killpg(pgid, Signal::SIGKILL);
+        let _ = self.child.wait();
+        // Salt's worker processes may outlive the leader briefly.
+        std::thread::sleep(Duration::from_millis(100));
+        let _ = killpg(pgid, Signal::SIGKILL);
+    }
+}
+
+impl Drop for SaltProcess {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One minion of the harness.
+#[derive(Debug)]
+pub struct Minion {
+    pub id: String,
+    pub config_dir: PathBuf,
+    process: Option<SaltProcess>,
+}
+
+/// A running salt-master with its minions, in a temporary root.
+#[derive(Debug)]
+pub struct SaltHarness {
+    /// Kept last in drop order: processes stop before the directory goes.
+    root: tempfile::TempDir,
+    bin: PathBuf,
+    pub master_config_dir: PathBuf,
+    pub sock_dir: PathBuf,
+    pub pki_dir: PathBuf,
+    pub file_roots: PathBuf,
+    pub ret_port: u16,
+    pub publish_port: u16,
+    pub options: MasterOptions,
+    pub tcp_pub_port: u16,
+    pub tcp_pull_port: u16,
+    master: Option<SaltProcess>,
+    minions: Vec<Minion>,
+}
+
+impl Drop for SaltHarness {
+    fn drop(&mut self) {
+        for m in &mut self.minions {
+            if let Some(mut p) = m.process.take() {
+                p.stop();
+            }
+        }
+        if let Some(mut p) = self.master.take() {
+            p.stop();
+        }
+        if std::thread::panicking() || std::env::var_os("KEEP_SALT_ROOT").is_some() {
+            // Keep the logs of a failed test for the reader.
+            self.root.disable_cleanup(true);
+            eprintln!(
+                "salt harness root kept for inspection: {}",
+                self.root.path().display()
+            );
+        }
+    }
+}
+
+impl SaltHarness {
+    /// Starts a master with default options and waits until its bus is up.
+    pub fn start() -> Self {
+        Self::start_with(MasterOptions::default())
+    }
+
+    /// Starts a master with `options` and waits until its bus is up.
+    pub fn start_with(options: MasterOptions) -> Self {
+        let bin = salt_bin_dir();
+        // Short root: unix socket paths are limited to ~107 bytes.
+        let root = tempfile::Builder::new()
+            .prefix("ss-")
+            .tempdir_in(std::env::temp_dir())
+            .expect("temp root");
+        let r = root.path().to_owned();
+        let master_config_dir = r.join("master");
+        let file_roots = r.join("srv");
+        for d in [&master_config_dir, &file_roots] {
+            fs::create_dir_all(d).expect("creating harness dirs");
+        }
+        let mut h = Self {
+            sock_dir: r.join("m/sock"),
+            pki_dir: r.join("m/pki"),
+            root,
+            bin,
+            master_config_dir,
+            file_roots,
+            ret_port: free_port(),
+            publish_port: free_port(),
+            tcp_pub_port: free_port(),
+            tcp_pull_port: free_port(),
+            options,
+            master: None,
+            minions: Vec::new(),
+        };
+        h.write_master_config();
+        h.start_master();
+        h
+    }
+
+    /// The temporary root of everything.
+    pub fn root(&self) -> &Path {
+        self.root.path()
+    }
+
+    /// The master config file, for `--master-config`.
+    pub fn master_config(&self) -> PathBuf {
+        self.master_config_dir.join("master")
+    }
+
+    /// A Salt executable from the virtualenv.
+    pub fn bin(&self, name: &str) -> PathBuf {
+        self.bin.join(name)
+    }
+
+    fn write_master_config(&self) {
+        let r = self.root().display();
+        let mut text = format!(
+            "root_dir: {r}/m\n\
+             pki_dir: {r}/m/pki\n\
+             cachedir: {r}/m/cache\n\
+             sock_dir: {r}/m/sock\n\
+             pidfile: {r}/m/salt-master.pid\n\
+             log_file: {r}/m/master.log\n\
+             log_level: warning\n\
+             log_level_logfile: info\n\
+             user: {user}\n\
+             interface: 127.0.0.1\n\
+             publish_port: {pub_port}\n\
+             ret_port: {ret}\n\
+             auto_accept: {auto}\n\
+             worker_threads: 3\n\
+             file_roots:\n  base:\n    - {srv}\n",
+            user = current_user(),
+            pub_port = self.publish_port,
+            ret = self.ret_port,
+            auto = if self.options.auto_accept {
+                "True"
+            } else {
+                "False"
+            },
+            srv = self.file_roots.display(),
+        );
+        if self.options.ipc_tcp {
+            text.push_str(&format!(
+                "ipc_mode: tcp\n\
+                 tcp_master_pub_port: {}\n\
+                 tcp_master_pull_port: {}\n\
+                 tcp_master_publish_pull: {}\n\
+                 tcp_master_workers: {}\n",
+                self.tcp_pub_port,
+                self.tcp_pull_port,
+                free_port(),
+                free_port()
+            ));
+        }
+        text.push_str(&self.options.extra);
+        fs::write(self.master_config(), text).expect("writing master config");
+    }
+
+    fn start_master(&mut self) {
+        let mut cmd = Command::new(self.bin("salt-master"));
+        cmd.arg("-c")
+            .arg(&self.master_config_dir)
+            .arg("-l")
+            .arg("quiet");
+        let log = self.root().join("master.out");
+        self.master = Some(SaltProcess::spawn("salt-master", cmd, &log));
+        self.wait_master_bus(Duration::from_secs(60));
+    }
+
+    /// Stops the master (TERM, then KILL) and starts it again with the same config.
+    pub fn restart_master(&mut self) {
+        self.stop_master();
+        self.start_master();
+    }
+
+    /// Stops the master; its socket files stay behind, as they do for real.
+    pub fn stop_master(&mut self) {
+        if let Some(mut p) = self.master.take() {
+            p.stop();
+        }
+    }
+
+    /// Waits until the master's event publisher accepts a connection. Socket
+    /// files outlive a stopped master, so the connect itself is the test.
+    fn wait_master_bus(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let ok = if self.options.ipc_tcp {
+                std::net::TcpStream::connect(("127.0.0.1", self.tcp_pub_port)).is_ok()
+            } else {
+                std::os::unix::net::UnixStream::connect(self.sock_dir.join("master_event_pub.ipc"))
+                    .is_ok()
+            };
+            if ok {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "salt-master did not open its event bus within {timeout:?}; log: {}",
+                self.log_tail("m/master.log")
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The last lines of a log under the root, for failure messages.
+    pub fn log_tail(&self, rel: &str) -> String {
+        let text = fs::read_to_string(self.root().join(rel)).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// Starts a minion with `id` pointed at this master.
+    pub fn start_minion(&mut self, id: &str) -> &Minion {
+        let dir = self.root().join(format!("n-{id}"));
+        fs::create_dir_all(&dir).expect("minion dir");
+        let d = dir.display();
+        let text = format!(
+            "id: {id}\n\
+             root_dir: {d}\n\
+             pki_dir: {d}/pki\n\
+             cachedir: {d}/cache\n\
+             sock_dir: {d}/sock\n\
+             pidfile: {d}/salt-minion.pid\n\
+             log_file: {d}/minion.log\n\
+             log_level: warning\n\
+             log_level_logfile: info\n\
+             user: {user}\n\
+             master: 127.0.0.1\n\
+             master_port: {ret}\n\
+             publish_port: {pub_port}\n\
+             acceptance_wait_time: 1\n\
+             random_reauth_delay: 0\n\
+             file_client: remote\n",
+            user = current_user(),
+            ret = self.ret_port,
+            pub_port = self.publish_port,
+        );
+        fs::write(dir.join("minion"), text).expect("writing minion config");
+        let mut cmd = Command::new(self.bin("salt-minion"));
+        cmd.arg("-c").arg(&dir).arg("-l").arg("quiet");
+        let process = SaltProcess::spawn(&format!("salt-minion {id}"), cmd, &dir.join("out.log"));
+        self.minions.push(Minion {
+            id: id.to_owned(),
+            config_dir: dir,
+            process: Some(process),
+        });
+        self.minions.last().expect("just pushed")
+    }
+
+    /// Stops the minion `id` (it stays known to the master).
+    pub fn stop_minion(&mut self, id: &str) {
+        if let Some(m) = self.minions.iter_mut().find(|m| m.id == id) {
+            if let Some(mut p) = m.process.take() {
+                p.stop();
+            }
+        }
+    }
+
+    /// Runs a Salt command-line tool against this master (`salt-key`,
+    /// `salt-run`, `salt`) with `-c <master config dir>`.
+    pub fn master_cmd(&self, tool: &str, args: &[&str]) -> Output {
+        let out = Command::new(self.bin(tool))
+            .arg("-c")
+            .arg(&self.master_config_dir)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("running {tool}: {e}"));
+        out
+    }
+
+    /// Runs `salt-call` on minion `id`.
+    pub fn minion_call(&self, id: &str, args: &[&str]) -> Output {
+        let m = self
+            .minions
+            .iter()
+            .find(|m| m.id == id)
+            .unwrap_or_else(|| panic!("no minion {id} in the harness"));
+        Command::new(self.bin("salt-call"))
+            .arg("-c")
+            .arg(&m.config_dir)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("running salt-call on {id}: {e}"))
+    }
+
+    /// The virtualenv's Python, which can import salt.
+    pub fn python(&self) -> PathBuf {
+        self.bin("python")
+    }
+}
+
+fn current_user() -> String {
+    let out = Command::new("id")
+        .arg("-un")
+        .output()
+        .expect("running id -un");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
