@@ -5,6 +5,7 @@
 //! - [`master_config`]: reads the salt-master's own config (paths, ports, ipc mode).
 //! - [`config`]: the daemon's config file.
 //! - [`bus`]: the master's event bus — decode, subscribe, fire.
+//! - [`salt`]: the master's request server (publish, wheel, runner) and job tracking.
 //! - [`telemetry`]: logging and the one place each occurrence is logged.
 //! - [`cli`]: the command line.
 
@@ -12,4 +13,5 @@ pub mod bus;
 pub mod cli;
 pub mod config;
 pub mod master_config;
+pub mod salt;
 pub mod telemetry;

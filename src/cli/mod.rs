@@ -2,6 +2,7 @@
 //! 1 anything else, with a one-line message). One file per command family.
 
 mod events;
+mod salt;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -35,6 +36,9 @@ enum Command {
     /// Watch and fire events on the master's event bus.
     #[command(subcommand)]
     Events(events::EventsCommand),
+    /// Drive the salt-master: publish jobs, call wheel and runner functions.
+    #[command(subcommand)]
+    Salt(salt::SaltCommand),
 }
 
 /// Loaded once per invocation and handed to the command.
@@ -90,6 +94,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     rt.block_on(async {
         match cli.command {
             Command::Events(cmd) => events::run(&ctx, cmd).await,
+            Command::Salt(cmd) => salt::run(&ctx, cmd).await,
         }
     })
 }

@@ -7,4 +7,5 @@
 mod bus_fake_publisher;
 mod bus_salt;
 mod cli;
+mod salt_client;
 mod support;

@@ -354,6 +354,80 @@ impl SaltHarness {
         self.minions.last().expect("just pushed")
     }
 
+    /// Starts minions and waits until each has announced its start on the bus
+    /// (the master must accept them: `auto_accept`, the default here).
+    pub fn start_minions_and_wait(&mut self, ids: &[&str]) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let endpoint = self.bus_endpoint();
+        let mut bus = salt_steward::bus::BusHandle::new(endpoint, Default::default());
+        let mut sub = bus.subscribe();
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let mut waiting: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
+        rt.block_on(async {
+            bus.spawn(cancel.clone());
+            // Connected first, so no start event is missed.
+            loop {
+                match sub.recv().await {
+                    Some(salt_steward::bus::BusItem::Connected { .. }) => break,
+                    Some(_) => {}
+                    None => panic!("bus reader stopped"),
+                }
+            }
+        });
+        for id in ids {
+            self.start_minion(id);
+        }
+        rt.block_on(async {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+            while !waiting.is_empty() {
+                let item = tokio::time::timeout_at(deadline, sub.recv()).await;
+                let Ok(Some(item)) = item else {
+                    panic!("minions {waiting:?} did not start within 90 s");
+                };
+                if let salt_steward::bus::BusItem::Event(e) = item {
+                    if let salt_steward::bus::EventKind::MinionStart { id } = e.kind() {
+                        waiting.retain(|w| w != id);
+                    }
+                }
+            }
+            cancel.cancel();
+        });
+    }
+
+    /// Where the master's event publisher is.
+    pub fn bus_endpoint(&self) -> salt_steward::bus::BusEndpoint {
+        if self.options.ipc_tcp {
+            salt_steward::bus::BusEndpoint::Tcp(([127, 0, 0, 1], self.tcp_pub_port).into())
+        } else {
+            salt_steward::bus::BusEndpoint::Unix(self.sock_dir.join("master_event_pub.ipc"))
+        }
+    }
+
+    /// Waits until the master's request server answers a clear `ping`
+    /// (it lags the event bus by a few seconds).
+    pub fn wait_req_ready(&self) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let cfg = salt_steward::master_config::MasterConfig::load(&self.master_config())
+            .expect("harness master config");
+        let client = salt_steward::salt::ReqClient::new(&cfg, Duration::from_secs(2));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        rt.block_on(async {
+            while client.ping().await.is_err() {
+                assert!(
+                    Instant::now() < deadline,
+                    "salt-master request server not ready in 60 s"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+    }
+
     /// Stops the minion `id` (it stays known to the master).
     pub fn stop_minion(&mut self, id: &str) {
         if let Some(m) = self.minions.iter_mut().find(|m| m.id == id) {

@@ -1,0 +1,305 @@
+//! Driving the salt-master natively (capability 2): publish jobs, call wheel
+//! and runner functions, follow results on the bus. No Python process per
+//! action.
+//!
+//! - [`request`]: the ZeroMQ request channel to `ret_port`, authenticated
+//!   with the master's key file.
+//! - [`jobs`]: jids, the job tracker that routes returns from the bus, and
+//!   `state.apply` summaries.
+
+pub mod jobs;
+pub mod request;
+
+use std::time::Duration;
+
+use rmpv::Value;
+use serde::Serialize;
+use serde_json::{Map, Value as Json};
+
+use crate::bus::event::{as_str, from_json, map_get, to_json};
+pub use jobs::{JobOutcome, JobTracker, JobWatch, MinionReturn, StateSummary};
+pub use request::{ReqClient, RequestError};
+
+/// How a publish target is matched (Salt's `tgt_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TargetType {
+    #[default]
+    Glob,
+    List,
+    Compound,
+    Grain,
+    Pcre,
+}
+
+impl TargetType {
+    /// The name Salt uses on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Glob => "glob",
+            Self::List => "list",
+            Self::Compound => "compound",
+            Self::Grain => "grain",
+            Self::Pcre => "pcre",
+        }
+    }
+}
+
+/// A job to publish.
+#[derive(Debug, Clone, Default)]
+pub struct Publish {
+    pub target: String,
+    pub tgt_type: TargetType,
+    pub fun: String,
+    /// Positional arguments (strings are parsed by the minion, as from the CLI).
+    pub arg: Vec<Json>,
+    /// Keyword arguments (`pillar` for `state.apply` among them).
+    pub kwarg: Map<String, Json>,
+    /// Put in the job's `metadata` as `steward_correlation`, and returned by
+    /// each minion with its return: ties a return to the action behind it.
+    pub correlation: Option<String>,
+}
+
+/// The master's answer to a publish.
+#[derive(Debug, Clone, Serialize)]
+pub struct Published {
+    pub jid: String,
+    /// Minions the master expects to answer.
+    pub minions: Vec<String>,
+    /// Minions of a list target that the master does not know.
+    pub missing: Vec<String>,
+}
+
+/// The master client: requests plus job tracking.
+#[derive(Clone)]
+pub struct SaltClient {
+    req: ReqClient,
+    tracker: JobTracker,
+}
+
+/// A wheel call's result.
+#[derive(Debug, Clone, Serialize)]
+pub struct WheelResult {
+    pub success: bool,
+    #[serde(rename = "return")]
+    pub ret: Json,
+}
+
+impl SaltClient {
+    /// Combines a request client and a job tracker on the same master.
+    pub fn new(req: ReqClient, tracker: JobTracker) -> Self {
+        Self { req, tracker }
+    }
+
+    /// The request client.
+    pub fn req(&self) -> &ReqClient {
+        &self.req
+    }
+
+    /// The job tracker.
+    pub fn tracker(&self) -> &JobTracker {
+        &self.tracker
+    }
+
+    /// Publishes a job under a jid chosen here, registered with the tracker
+    /// before the request goes out.
+    pub async fn publish(&self, p: &Publish) -> Result<(Published, JobWatch), RequestError> {
+        let jid = jobs::new_jid();
+        let watch = self.tracker.watch(&jid);
+        let mut arg: Vec<Value> = p.arg.iter().map(from_json).collect();
+        if !p.kwarg.is_empty() {
+            // kwargs travel as a trailing map flagged __kwarg__, as the salt CLI sends them.
+            let mut kw: Vec<(Value, Value)> = p
+                .kwarg
+                .iter()
+                .map(|(k, v)| (Value::from(k.as_str()), from_json(v)))
+                .collect();
+            kw.push((Value::from("__kwarg__"), Value::Boolean(true)));
+            arg.push(Value::Map(kw));
+        }
+        let mut kwargs = vec![(Value::from("delimiter"), Value::from(":"))];
+        if let Some(c) = &p.correlation {
+            kwargs.push((
+                Value::from("metadata"),
+                Value::Map(vec![(
+                    Value::from("steward_correlation"),
+                    Value::from(c.as_str()),
+                )]),
+            ));
+        }
+        let load = vec![
+            (Value::from("cmd"), Value::from("publish")),
+            (Value::from("tgt"), Value::from(p.target.as_str())),
+            (Value::from("fun"), Value::from(p.fun.as_str())),
+            (Value::from("arg"), Value::Array(arg)),
+            (Value::from("tgt_type"), Value::from(p.tgt_type.as_str())),
+            (Value::from("ret"), Value::from("")),
+            (Value::from("jid"), Value::from(jid.as_str())),
+            (Value::from("kwargs"), Value::Map(kwargs)),
+        ];
+        let reply = self.req.request(load, true).await?;
+        let list = |key: &str| -> Vec<String> {
+            map_get(&reply, key)
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(as_str).map(str::to_owned).collect())
+                .unwrap_or_default()
+        };
+        let got_jid = map_get(&reply, "jid").and_then(as_str).unwrap_or_default();
+        if got_jid.is_empty() {
+            return Err(RequestError::BadReply(format!(
+                "publish of {} to {:?} returned no jid: {}",
+                p.fun,
+                p.target,
+                to_json(&reply)
+            )));
+        }
+        if got_jid != jid {
+            return Err(RequestError::BadReply(format!(
+                "the master replaced our jid {jid} with {got_jid}"
+            )));
+        }
+        Ok((
+            Published {
+                jid,
+                minions: list("minions"),
+                missing: list("missing"),
+            },
+            watch,
+        ))
+    }
+
+    /// Publishes and waits for the returns of every expected minion, or `timeout`.
+    pub async fn run_job(
+        &self,
+        p: &Publish,
+        timeout: Duration,
+    ) -> Result<(Published, JobOutcome), RequestError> {
+        let (published, watch) = self.publish(p).await?;
+        let outcome = watch.collect(&published.minions, timeout).await;
+        Ok((published, outcome))
+    }
+
+    /// Calls a wheel function (see [`wheel`]).
+    pub async fn wheel(
+        &self,
+        fun: &str,
+        arg: Vec<Json>,
+        kwarg: Map<String, Json>,
+    ) -> Result<WheelResult, RequestError> {
+        wheel(&self.req, fun, arg, kwarg).await
+    }
+
+    /// Calls a runner function and waits for its result on the bus.
+    pub async fn runner(
+        &self,
+        fun: &str,
+        arg: Vec<Json>,
+        kwarg: Map<String, Json>,
+        timeout: Duration,
+    ) -> Result<WheelResult, RequestError> {
+        // The master passes only `kwarg` on as the runner's low data, so the
+        // arguments go under kwarg.arg / kwarg.kwarg (salt-protocol.md §3.5).
+        let low = serde_json::json!({ "arg": arg, "kwarg": kwarg });
+        let load = vec![
+            (Value::from("cmd"), Value::from("runner")),
+            (Value::from("fun"), Value::from(fun)),
+            (Value::from("kwarg"), from_json(&low)),
+        ];
+        let reply = self.req.request(load, true).await?;
+        let jid = map_get(&reply, "jid").and_then(as_str).ok_or_else(|| {
+            RequestError::BadReply(format!("runner {fun}: no jid in {}", to_json(&reply)))
+        })?;
+        let data = self
+            .tracker
+            .watch(jid)
+            .runner_result(timeout)
+            .await
+            .ok_or_else(|| RequestError::Timeout {
+                uri: format!("runner {fun} (jid {jid}) result on the event bus"),
+                timeout,
+            })?;
+        Ok(WheelResult {
+            success: data.get("success").and_then(Json::as_bool).unwrap_or(false),
+            ret: data.get("return").cloned().unwrap_or(Json::Null),
+        })
+    }
+}
+
+/// Calls a wheel function. It runs synchronously on the master and its
+/// result is in the reply, so no bus is needed.
+pub async fn wheel(
+    req: &ReqClient,
+    fun: &str,
+    arg: Vec<Json>,
+    kwarg: Map<String, Json>,
+) -> Result<WheelResult, RequestError> {
+    let load = vec![
+        (Value::from("cmd"), Value::from("wheel")),
+        (Value::from("fun"), Value::from(fun)),
+        (
+            Value::from("arg"),
+            Value::Array(arg.iter().map(from_json).collect()),
+        ),
+        (Value::from("kwarg"), from_json(&Json::Object(kwarg))),
+    ];
+    let reply = req.request(load, true).await?;
+    let data = map_get(&reply, "data").ok_or_else(|| {
+        RequestError::BadReply(format!("wheel {fun}: no data in {}", to_json(&reply)))
+    })?;
+    Ok(WheelResult {
+        success: map_get(data, "success")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+        ret: map_get(data, "return").map(to_json).unwrap_or(Json::Null),
+    })
+}
+
+/// Splits command-line arguments as Salt's CLI does for wheel and runner
+/// calls: `key=value` is a keyword argument (value parsed as JSON when it is
+/// JSON, else kept as text); anything else is positional.
+pub fn split_cli_args(items: &[String]) -> (Vec<Json>, Map<String, Json>) {
+    let mut arg = Vec::new();
+    let mut kwarg = Map::new();
+    for item in items {
+        match item.split_once('=') {
+            Some((k, v))
+                if !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') =>
+            {
+                kwarg.insert(k.to_owned(), parse_value(v));
+            }
+            _ => arg.push(Json::String(item.clone())),
+        }
+    }
+    (arg, kwarg)
+}
+
+/// A command-line value: JSON when it parses as JSON, else the text itself.
+pub fn parse_value(v: &str) -> Json {
+    serde_json::from_str(v).unwrap_or_else(|_| Json::String(v.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_args_split_like_salts() {
+        let items: Vec<String> = [
+            "web1",
+            "match=db*",
+            "n=5",
+            "pillar={\"a\":1}",
+            "a=b=c",
+            "-x=1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let (arg, kwarg) = split_cli_args(&items);
+        assert_eq!(arg, vec![Json::from("web1"), Json::from("-x=1")]);
+        assert_eq!(kwarg["match"], "db*");
+        assert_eq!(kwarg["n"], 5);
+        assert_eq!(kwarg["pillar"], serde_json::json!({"a": 1}));
+        assert_eq!(kwarg["a"], "b=c");
+    }
+}
