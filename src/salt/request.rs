@@ -263,11 +263,10 @@ impl ReqClient {
             }
             Err(_) => {
                 self.forget(id).await;
-                let err = self.down_or_timeout().await;
-                if matches!(err, RequestError::MasterDown { .. }) {
-                    self.drop_conn(generation).await;
-                }
-                Err(err)
+                // A silent connection may be one to a master that restarted
+                // (the zeromq crate does not notice): start afresh next time.
+                self.drop_conn(generation).await;
+                Err(self.down_or_timeout().await)
             }
         }
     }
