@@ -103,6 +103,8 @@ async fn watch(ctx: &Context, args: WatchArgs) -> anyhow::Result<std::process::E
     bus.spawn(cancel.clone());
 
     let idle = args.idle_timeout.map(Duration::from_secs_f64);
+    // The idle clock restarts only on a matching event.
+    let mut idle_deadline = idle.map(|d| tokio::time::Instant::now() + d);
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let mut received: u64 = 0;
     let (mut first, mut last) = (None::<Instant>, None::<Instant>);
@@ -110,8 +112,8 @@ async fn watch(ctx: &Context, args: WatchArgs) -> anyhow::Result<std::process::E
     tokio::pin!(shutdown);
     loop {
         let next = async {
-            match idle {
-                Some(d) => tokio::time::timeout(d, sub.recv()).await.ok(),
+            match idle_deadline {
+                Some(at) => tokio::time::timeout_at(at, sub.recv()).await.ok(),
                 None => Some(sub.recv().await),
             }
         };
@@ -131,6 +133,7 @@ async fn watch(ctx: &Context, args: WatchArgs) -> anyhow::Result<std::process::E
                 first.get_or_insert(now);
                 last = Some(now);
                 received += 1;
+                idle_deadline = idle.map(|d| tokio::time::Instant::now() + d);
                 if !args.quiet {
                     print_event(&mut out, &event, args.json).context("writing to stdout")?;
                 }
@@ -158,12 +161,16 @@ async fn watch(ctx: &Context, args: WatchArgs) -> anyhow::Result<std::process::E
             "subscriber": "salt-steward",
             "received": received,
             "seconds": (secs * 1000.0).round() / 1000.0,
-            "rate_per_s": if secs > 0.0 { (received as f64 / secs).round() } else { 0.0 },
+            "rate_per_s": if secs > 0.0 { (received as f64 / secs).round() as u64 } else { 0 },
             "lagged": BusStats::get(&stats.lagged),
             "decode_errors": BusStats::get(&stats.decode_errors),
             "connects": stats.connects.load(Ordering::Relaxed),
         });
         eprintln!("{summary}");
+    }
+    if BusStats::get(&stats.connects) == 0 {
+        // Tell "never connected" apart from "no event came".
+        anyhow::bail!("master event bus {} not reachable", master.event_pub());
     }
     Ok(std::process::ExitCode::SUCCESS)
 }

@@ -199,7 +199,7 @@ fn json_report(missing: &[String], o: &JobOutcome, is_state: bool) -> Json {
         .iter()
         .map(|(id, r)| {
             let mut v =
-                serde_json::json!({"success": r.success, "retcode": r.retcode, "return": r.ret});
+                serde_json::json!({"success": r.success, "retcode": r.retcode, "return": r.ret, "correlation": r.correlation});
             if is_state {
                 v["summary"] = serde_json::to_value(StateSummary::of(&r.ret)).unwrap_or(Json::Null);
             }

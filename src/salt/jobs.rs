@@ -49,6 +49,9 @@ pub fn new_jid() -> String {
 #[derive(Debug, Clone, Serialize)]
 pub struct MinionReturn {
     pub success: bool,
+    /// The `steward_correlation` the job was published with, as the minion
+    /// sent it back in the return's `metadata`.
+    pub correlation: Option<String>,
     pub retcode: Option<i64>,
     #[serde(rename = "return")]
     pub ret: Json,
@@ -207,6 +210,11 @@ impl JobWatch {
                 returns.insert(
                     r.id.to_owned(),
                     MinionReturn {
+                        correlation: event
+                            .field("metadata")
+                            .and_then(|m| crate::bus::event::map_get(m, "steward_correlation"))
+                            .and_then(crate::bus::event::as_str)
+                            .map(str::to_owned),
                         success: r.success && r.retcode.unwrap_or(0) == 0,
                         retcode: r.retcode,
                         ret: crate::bus::event::to_json(r.ret),

@@ -71,3 +71,70 @@ fn firing_with_no_master_running_says_the_bus_is_unreachable() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("invalid tag"), "{}", stderr(&o));
 }
+
+/// A master config whose sock_dir is `dir` (no master runs there).
+fn fake_master(dir: &std::path::Path) -> std::path::PathBuf {
+    let master = dir.join("master");
+    std::fs::write(
+        &master,
+        format!("sock_dir: {0}/s\ncachedir: {0}\n", dir.display()),
+    )
+    .unwrap();
+    std::fs::create_dir_all(dir.join("s")).unwrap();
+    master
+}
+
+#[test]
+fn watch_that_never_connected_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = fake_master(dir.path());
+    let o = steward_for(&master, &["events", "watch", "--idle-timeout", "1"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("not reachable"), "{}", stderr(&o));
+}
+
+#[test]
+fn idle_timeout_counts_only_matching_events() {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().unwrap();
+    let master = fake_master(dir.path());
+    let listener =
+        std::os::unix::net::UnixListener::bind(dir.path().join("s/master_event_pub.ipc")).unwrap();
+    // A publisher that sends an unrelated event every 100 ms for 10 s.
+    std::thread::spawn(move || {
+        let Ok((mut conn, _)) = listener.accept() else {
+            return;
+        };
+        let frame = salt_steward::bus::codec::encode_frame("other/tag", &rmpv::Value::Map(vec![]));
+        for _ in 0..100 {
+            if conn.write_all(&frame).is_err() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    });
+    let started = std::time::Instant::now();
+    let o = steward_for(
+        &master,
+        &[
+            "events",
+            "watch",
+            "--tag",
+            "wanted/*",
+            "--idle-timeout",
+            "1",
+            "--stats",
+        ],
+    )
+    .output()
+    .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(stderr(&o).contains("\"received\":0"), "{}", stderr(&o));
+}

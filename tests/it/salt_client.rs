@@ -55,6 +55,14 @@ fn publish_test_ping_states_and_a_minion_that_is_down() {
     }
     assert_eq!(v["no_answer"], json!([]));
     assert_eq!(v["jid"].as_str().unwrap().len(), 20);
+    // the correlation id put in the job's metadata comes back with each return
+    assert!(
+        v["minions"]["sc-1"]["correlation"]
+            .as_str()
+            .unwrap()
+            .starts_with("cli-"),
+        "{v}"
+    );
 
     // state.apply with pillar from the CLI writes the file from the pillar
     ship_sls(&h, "steward_greeting");
