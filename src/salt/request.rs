@@ -436,6 +436,7 @@ mod tests {
                 "Authentication error occurred.".into()
             ))
         );
-        assert!(decode_reply(&[0xc1]).is_err());
+        assert!(decode_reply(&[0x92, 0x01]).is_err(), "truncated array");
+        assert!(decode_reply(&[]).is_err(), "empty");
     }
 }

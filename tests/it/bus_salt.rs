@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::support::{json_line, steward_for, LineChild, MasterOptions, SaltHarness};
+use crate::support::{
+    assert_ok, json_line, run_ok, steward_for, LineChild, MasterOptions, SaltHarness,
+};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -64,11 +66,7 @@ fn pending_key_then_salt_key_accept_shows_pend_key_and_start() {
         v["tag"] == "salt/auth" && v["data"]["act"] == "pend" && v["data"]["id"] == "m-pend-1"
     });
     let out = salt.master_cmd("salt-key", &["-y", "-a", "m-pend-1"]);
-    assert!(
-        out.status.success(),
-        "salt-key: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     w.wait_line("salt/key accept", T, |l| {
         let v = json_line(l);
         v["tag"] == "salt/key" && v["data"]["act"] == "accept"
@@ -85,14 +83,7 @@ fn pending_key_then_salt_key_accept_shows_pend_key_and_start() {
 }
 
 fn fire_ok(master_config: &Path, tag: &str) {
-    let out = steward_for(master_config, &["events", "fire", tag, "{}"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(steward_for(master_config, &["events", "fire", tag, "{}"]));
 }
 
 fn salt_listener(salt: &SaltHarness, prefix: &str, count: usize) -> LineChild {
@@ -127,17 +118,10 @@ fn events_fired_by_us_reach_salts_own_subscriber_and_back() {
 
     // ours → Salt's get_event
     let mut listener = salt_listener(&salt, "steward/test/", 1);
-    let out = steward_for(
+    run_ok(steward_for(
         &salt.master_config(),
         &["events", "fire", "steward/test/one", &data.to_string()],
-    )
-    .output()
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ));
     let got = json_line(&listener.wait_line("event at salt", T, |l| l.starts_with('{')));
     assert_eq!(got["tag"], "steward/test/one");
     assert!(
@@ -153,17 +137,11 @@ fn events_fired_by_us_reach_salts_own_subscriber_and_back() {
         env!("CARGO_MANIFEST_DIR"),
         "/tests/it/support/salt_events.py"
     );
-    let out = Command::new(salt.python())
-        .args([script, "fire"])
+    let mut fire = Command::new(salt.python());
+    fire.args([script, "fire"])
         .arg(salt.master_config())
-        .args(["from/salt/two", &data.to_string()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .args(["from/salt/two", &data.to_string()]);
+    run_ok(fire);
     let got = json_line(&w.wait_line("event from salt", T, |l| tag_of(l) == "from/salt/two"));
     assert_eq!(without_stamp(got["data"].clone()), data);
 }
@@ -181,11 +159,7 @@ fn minion_fired_events_carry_the_minion_id() {
         "m-fire-1",
         &["event.send", "myapp/deploy", r#"{"version": "1.2"}"#],
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let got = json_line(&w.wait_line("myapp/deploy", T, |l| tag_of(l) == "myapp/deploy"));
     assert_eq!(got["data"]["id"], "m-fire-1");
     assert_eq!(got["data"]["cmd"], "_minion_event");
@@ -235,17 +209,10 @@ fn the_bus_works_over_tcp_with_ipc_mode_tcp() {
     w.wait_line("minion start over tcp", T, |l| {
         tag_of(l) == "salt/minion/m-tcp-1/start"
     });
-    let out = steward_for(
+    run_ok(steward_for(
         &salt.master_config(),
         &["events", "fire", "tcp/hello", r#"{"x": 1}"#],
-    )
-    .output()
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ));
     let got = json_line(&w.wait_line("fired over tcp", T, |l| tag_of(l) == "tcp/hello"));
     assert_eq!(got["data"]["x"], 1);
 }

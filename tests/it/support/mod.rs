@@ -32,6 +32,26 @@ pub fn steward_for(master_config: &Path, args: &[&str]) -> Command {
     cmd
 }
 
+/// Fails the test, with the command's output, unless it exited 0.
+pub fn assert_ok(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "command failed ({:?}):\n{}{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Runs `cmd` to completion; it must exit 0.
+pub fn run_ok(mut cmd: Command) -> std::process::Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert_ok(&out);
+    out
+}
+
 /// A child whose stdout and stderr lines are collected as they come.
 pub struct LineChild {
     child: Child,
