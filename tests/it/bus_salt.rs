@@ -216,3 +216,50 @@ fn the_bus_works_over_tcp_with_ipc_mode_tcp() {
     let got = json_line(&w.wait_line("fired over tcp", T, |l| tag_of(l) == "tcp/hello"));
     assert_eq!(got["data"]["x"], 1);
 }
+
+/// Salt behaviour the registry's trust rules must design around: a minion can
+/// make the master fire an event *without* the `_minion_event` wrapper (and
+/// so without its id) through `event.fire_master`'s `preload` ("events"
+/// batch form, `daemons/masterapi.py: _minion_event`). Only tags on Salt's
+/// MINION_EVENT_BLACKLIST (`salt/run/*`, `salt/key`, `salt/job/*/new` …) are
+/// refused. So "not wrapped" does not prove "fired on the master".
+#[test]
+fn a_minion_can_fire_an_unwrapped_event_but_not_a_blacklisted_tag() {
+    let mut salt = SaltHarness::start();
+    salt.wait_req_ready();
+    salt.start_minions_and_wait(&["m-forge-1"]);
+    let mut w = watch(&salt.master_config(), &["--tag", "{forge/*,salt/run/*}"]);
+    wait_connected(&mut w);
+    let preload = json!({"events": [
+        {"tag": "forge/request", "data": {"request_id": "r1", "name": "evil.example.org"}},
+        {"tag": "salt/run/1/new", "data": {"fun": "runner.event.send"}},
+    ]});
+    let out = salt.minion_call(
+        "m-forge-1",
+        &[
+            "event.fire_master",
+            "{}",
+            "forge/ignored",
+            &format!("preload={preload}"),
+        ],
+    );
+    assert_ok(&out);
+    let got = json_line(&w.wait_line("unwrapped event", T, |l| tag_of(l) == "forge/request"));
+    assert_eq!(got["data"]["name"], "evil.example.org");
+    assert!(
+        got["data"].get("id").is_none() && got["data"].get("cmd").is_none(),
+        "{got}"
+    );
+    // The blacklisted tag never reaches the bus: a marker fired afterwards
+    // comes out, and nothing under salt/run/ came before it.
+    run_ok(steward_for(
+        &salt.master_config(),
+        &["events", "fire", "forge/marker", "{}"],
+    ));
+    w.wait_line("marker", T, |l| tag_of(l) == "forge/marker");
+    assert!(
+        !w.seen.iter().any(|l| tag_of(l).starts_with("salt/run/")),
+        "{:?}",
+        w.seen
+    );
+}
