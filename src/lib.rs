@@ -6,6 +6,7 @@
 //! - [`config`]: the daemon's config file.
 //! - [`bus`]: the master's event bus — decode, subscribe, fire.
 //! - [`salt`]: the master's request server (publish, wheel, runner) and job tracking.
+//! - [`registry`]: server models, servers and the outbox of their changes (SQLite or PostgreSQL).
 //! - [`telemetry`]: logging and the one place each occurrence is logged.
 //! - [`cli`]: the command line.
 
@@ -13,5 +14,6 @@ pub mod bus;
 pub mod cli;
 pub mod config;
 pub mod master_config;
+pub mod registry;
 pub mod salt;
 pub mod telemetry;

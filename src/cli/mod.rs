@@ -2,6 +2,7 @@
 //! 1 anything else, with a one-line message). One file per command family.
 
 mod events;
+mod registry;
 mod salt;
 
 use std::path::{Path, PathBuf};
@@ -39,6 +40,12 @@ enum Command {
     /// Drive the salt-master: publish jobs, call wheel and runner functions.
     #[command(subcommand)]
     Salt(salt::SaltCommand),
+    /// Server models in the registry: add, list, show, rm.
+    #[command(subcommand)]
+    Model(registry::ModelCommand),
+    /// Servers in the registry: add, list, show, set, rm.
+    #[command(subcommand)]
+    Server(registry::ServerCommand),
 }
 
 /// Loaded once per invocation and handed to the command.
@@ -95,6 +102,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         match cli.command {
             Command::Events(cmd) => events::run(&ctx, cmd).await,
             Command::Salt(cmd) => salt::run(&ctx, cmd).await,
+            Command::Model(cmd) => registry::run_model(&ctx, cmd).await,
+            Command::Server(cmd) => registry::run_server(&ctx, cmd).await,
         }
     })
 }

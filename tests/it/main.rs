@@ -7,5 +7,6 @@
 mod bus_fake_publisher;
 mod bus_salt;
 mod cli;
+mod registry;
 mod salt_client;
 mod support;

@@ -1,0 +1,303 @@
+//! The registry: server models, servers and the outbox of their changes.
+//!
+//! Layout:
+//! - this file: the records ([`ServerModel`], [`Server`], [`Status`]), the
+//!   ways to name a server ([`ServerRef`]) and the one [`Error`] type.
+//! - [`service`]: the one set of operations the CLI and the bus use —
+//!   validate, write, append to the outbox, in one transaction.
+//! - [`store`]: the [`Store`] trait, all of the SQL, and its two backends
+//!   (SQLite, PostgreSQL) running the very same queries.
+//! - [`outbox`]: the change log a dispatcher reads (at-least-once, idempotent).
+//!
+//! Schemas live in `migrations/sqlite/` and `migrations/postgres/`, embedded in
+//! the binary and applied when the registry is opened.
+//!
+//! A server's minion id is chosen once, at creation: its hostname, a dash and
+//! eight random hex digits (`web01.example.org-3fa94c1e`). It never changes,
+//! even when the server is renamed, and it is never reused: a server created
+//! later with the same hostname gets a different minion id, so a key issued for
+//! the old one can never be taken for the new one.
+
+pub mod outbox;
+pub mod service;
+pub mod store;
+
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+pub use outbox::{OutboxEntry, OutboxKind};
+pub use service::{ModelPatch, ServerFilter, ServerPatch, Service};
+pub use store::{open, DbStore, Store};
+
+/// A kind of server: which Salt states a server of this model gets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerModel {
+    /// Assigned by the registry.
+    pub id: i64,
+    /// Unique name, e.g. `web`.
+    pub name: String,
+    /// Free text for people.
+    pub description: String,
+    /// The Salt states (SLS names) applied when a server of this model registers.
+    pub states: Vec<String>,
+}
+
+/// Where a server is in its life with Salt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Status {
+    /// Recorded, no keys yet.
+    Created,
+    /// The minion key pair and bundle were generated.
+    KeysIssued,
+    /// The minion's key arrived at the master and waits.
+    Pending,
+    /// The key was accepted: the minion is linked to the server.
+    Registered,
+    /// The minion answers.
+    Online,
+    /// The minion stopped answering.
+    Offline,
+}
+
+impl Status {
+    /// Every status, in life order.
+    pub const ALL: [Status; 6] = [
+        Status::Created,
+        Status::KeysIssued,
+        Status::Pending,
+        Status::Registered,
+        Status::Online,
+        Status::Offline,
+    ];
+
+    /// The name stored in the database and shown to users.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Created => "created",
+            Status::KeysIssued => "keys-issued",
+            Status::Pending => "pending",
+            Status::Registered => "registered",
+            Status::Online => "online",
+            Status::Offline => "offline",
+        }
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Status {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Error> {
+        Status::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| Error::InvalidValue {
+                field: "status".to_owned(),
+                reason: format!(
+                    "{s:?} is not one of created, keys-issued, pending, registered, online, offline"
+                ),
+            })
+    }
+}
+
+/// A server as the registry knows it (the attributes come from the manual in
+/// `seeds/001_*`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Server {
+    /// Assigned by the registry.
+    pub id: i64,
+    /// The hostname (RFC 1123, lower case), unique.
+    pub name: String,
+    /// The model's name.
+    pub model: String,
+    /// The Salt minion id, generated at creation, unique and stable.
+    pub minion_id: String,
+    /// Fingerprint of the minion key issued for this server.
+    pub key_fingerprint: Option<String>,
+    /// Where the server is in its life with Salt.
+    pub status: Status,
+    /// A virtual machine (then `vm_host` may name its host).
+    pub is_vm: bool,
+    /// Id of the server this VM runs on.
+    pub vm_host: Option<i64>,
+    /// Public address.
+    pub external_ip: Option<IpAddr>,
+    /// Address on the internal network.
+    pub internal_ip: Option<IpAddr>,
+    /// A Proxmox host (port forwards are set up on it).
+    pub is_proxmox_host: bool,
+    /// Proxmox node name of this host.
+    pub proxmox_node: Option<String>,
+    /// Network interface facing the outside (for NAT), e.g. `vmbr0`.
+    pub external_interface: Option<String>,
+    /// Id of the nginx reverse-proxy server of this Proxmox host.
+    pub nginx_proxy: Option<i64>,
+    /// Samba shares on this server are managed.
+    pub samba_managed: bool,
+    /// Directory under which the samba shares are created.
+    pub samba_base_folder: Option<String>,
+    /// System users of this server.
+    pub users: Vec<String>,
+    /// Creation time, Unix milliseconds.
+    pub created_at: i64,
+    /// Last change, Unix milliseconds.
+    pub updated_at: i64,
+}
+
+/// How a caller names a server: its id, or its name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerRef {
+    /// The registry id.
+    Id(i64),
+    /// The hostname.
+    Name(String),
+}
+
+impl FromStr for ServerRef {
+    type Err = std::convert::Infallible;
+
+    /// All digits is an id, anything else a name.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s.parse::<i64>() {
+            Ok(id) if !s.starts_with(['+', '-']) => ServerRef::Id(id),
+            _ => ServerRef::Name(s.to_owned()),
+        })
+    }
+}
+
+impl fmt::Display for ServerRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ServerRef::Id(id) => write!(f, "#{id}"),
+            ServerRef::Name(n) => f.write_str(n),
+        }
+    }
+}
+
+/// Why a registry operation failed. Every variant has a stable [`Error::code`]
+/// that the bus puts in its error replies.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A model or server with this name exists already.
+    #[error("a {kind} named {name:?} already exists")]
+    DuplicateName {
+        /// `model` or `server`.
+        kind: &'static str,
+        /// The name asked for.
+        name: String,
+    },
+    /// A server was attached to a model that does not exist.
+    #[error("no model named {0:?}")]
+    UnknownModel(String),
+    /// A model still has servers.
+    #[error("model {name:?} is used by {servers} server(s)")]
+    ModelInUse {
+        /// The model.
+        name: String,
+        /// How many servers use it.
+        servers: i64,
+    },
+    /// A server is the VM host or nginx proxy of another.
+    #[error("server {name:?} is the VM host or nginx proxy of another server")]
+    ServerInUse {
+        /// The server.
+        name: String,
+    },
+    /// A server name is not a valid hostname.
+    #[error("invalid hostname {name:?}: {reason}")]
+    InvalidHostname {
+        /// The name given.
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A field has a value the registry refuses.
+    #[error("invalid {field}: {reason}")]
+    InvalidValue {
+        /// The field (as in `server set KEY=VALUE`).
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// No such model or server.
+    #[error("no {kind} {key}")]
+    NotFound {
+        /// `model`, `server` or `outbox entry`.
+        kind: &'static str,
+        /// How it was named.
+        key: String,
+    },
+    /// The database failed (not a constraint the registry knows about).
+    #[error("registry database, {op}: {source}")]
+    Database {
+        /// What was being done, naming the subject.
+        op: String,
+        /// The driver's error.
+        source: sqlx::Error,
+    },
+}
+
+impl Error {
+    /// A short stable code for machines (bus replies, scripts).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::DuplicateName { .. } => "duplicate_name",
+            Error::UnknownModel(_) => "unknown_model",
+            Error::ModelInUse { .. } => "model_in_use",
+            Error::ServerInUse { .. } => "server_in_use",
+            Error::InvalidHostname { .. } => "invalid_hostname",
+            Error::InvalidValue { .. } => "invalid_value",
+            Error::NotFound { .. } => "not_found",
+            Error::Database { .. } => "database",
+        }
+    }
+
+    pub(crate) fn invalid(field: &str, reason: impl Into<String>) -> Self {
+        Error::InvalidValue {
+            field: field.to_owned(),
+            reason: reason.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_names_round_trip_and_match_serde() {
+        for st in Status::ALL {
+            assert_eq!(st.as_str().parse::<Status>().unwrap(), st);
+            assert_eq!(
+                serde_json::to_value(st).unwrap(),
+                serde_json::Value::String(st.as_str().to_owned())
+            );
+        }
+        assert_eq!(
+            "bogus".parse::<Status>().unwrap_err().code(),
+            "invalid_value"
+        );
+    }
+
+    #[test]
+    fn server_refs_are_ids_when_all_digits() {
+        assert_eq!("42".parse::<ServerRef>().unwrap(), ServerRef::Id(42));
+        assert_eq!(
+            "web01".parse::<ServerRef>().unwrap(),
+            ServerRef::Name("web01".into())
+        );
+        assert_eq!(
+            "+4".parse::<ServerRef>().unwrap(),
+            ServerRef::Name("+4".into())
+        );
+    }
+}

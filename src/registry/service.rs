@@ -1,0 +1,708 @@
+//! The one set of registry operations, used by the CLI and by the bus:
+//! validate, then write through the [`Store`], which appends the outbox row in
+//! the same transaction. On any error nothing is written.
+//!
+//! Validation here gives the specific error early; the database's own
+//! constraints (unique names, foreign keys, checks) still hold when two
+//! writers race, and their violations map to the same errors in `store.rs`.
+
+use std::net::IpAddr;
+
+use serde_json::Value as Json;
+
+use super::store::{Filter, ServerKey};
+use super::{Error, OutboxEntry, Server, ServerModel, ServerRef, Status, Store};
+
+/// Longest hostname (RFC 1123 with RFC 1035's limit).
+const MAX_HOSTNAME: usize = 253;
+/// Longest label of a hostname (RFC 1035 §2.3.4).
+const MAX_LABEL: usize = 63;
+/// Longest Linux interface name (`IFNAMSIZ` - 1).
+const MAX_IFNAME: usize = 15;
+/// Longest user name `useradd` accepts by default.
+const MAX_USER: usize = 32;
+
+/// Changes to a model; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct ModelPatch {
+    /// New description.
+    pub description: Option<String>,
+    /// New list of states (replaces the old one).
+    pub states: Option<Vec<String>>,
+}
+
+/// Values for a new server, or changes to one. `None` leaves a field as it is;
+/// `Some(None)` clears an optional one. Built from `KEY=VALUE` strings
+/// ([`ServerPatch::set`]) or a JSON map ([`ServerPatch::from_json`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ServerPatch {
+    /// Hostname.
+    pub name: Option<String>,
+    /// Model name.
+    pub model: Option<String>,
+    /// Key fingerprint.
+    pub key_fingerprint: Option<Option<String>>,
+    /// Status.
+    pub status: Option<Status>,
+    /// Is a VM.
+    pub is_vm: Option<bool>,
+    /// The VM's host.
+    pub vm_host: Option<Option<ServerRef>>,
+    /// Public address.
+    pub external_ip: Option<Option<IpAddr>>,
+    /// Internal address.
+    pub internal_ip: Option<Option<IpAddr>>,
+    /// Is a Proxmox host.
+    pub is_proxmox_host: Option<bool>,
+    /// Proxmox node name.
+    pub proxmox_node: Option<Option<String>>,
+    /// Interface facing the outside.
+    pub external_interface: Option<Option<String>>,
+    /// This Proxmox host's nginx proxy.
+    pub nginx_proxy: Option<Option<ServerRef>>,
+    /// Samba managed.
+    pub samba_managed: Option<bool>,
+    /// Samba base folder.
+    pub samba_base_folder: Option<Option<String>>,
+    /// System users (replaces the list).
+    pub users: Option<Vec<String>>,
+}
+
+/// The keys [`ServerPatch::set`] knows, as `server set` documents them.
+pub const SERVER_KEYS: &[&str] = &[
+    "name",
+    "model",
+    "key_fingerprint",
+    "status",
+    "is_vm",
+    "vm_host",
+    "external_ip",
+    "internal_ip",
+    "is_proxmox_host",
+    "proxmox_node",
+    "external_interface",
+    "nginx_proxy",
+    "samba_managed",
+    "samba_base_folder",
+    "users",
+];
+
+fn opt_text(v: &str) -> Option<String> {
+    (!v.is_empty()).then(|| v.to_owned())
+}
+
+fn parse_bool(field: &str, v: &str) -> Result<bool, Error> {
+    match v.to_ascii_lowercase().as_str() {
+        "true" | "yes" | "on" | "1" => Ok(true),
+        "false" | "no" | "off" | "0" => Ok(false),
+        _ => Err(Error::invalid(field, format!("{v:?} is not true or false"))),
+    }
+}
+
+fn parse_ip(field: &str, v: &str) -> Result<Option<IpAddr>, Error> {
+    if v.is_empty() {
+        return Ok(None);
+    }
+    v.parse()
+        .map(Some)
+        .map_err(|_| Error::invalid(field, format!("{v:?} is not an IP address")))
+}
+
+fn parse_ref(v: &str) -> Option<ServerRef> {
+    // `ServerRef::from_str` cannot fail.
+    v.parse::<ServerRef>().ok().filter(|_| !v.is_empty())
+}
+
+impl ServerPatch {
+    /// Sets `key` from its text form: an empty value clears an optional field;
+    /// booleans are `true|false|yes|no|on|off|1|0`; `users` is comma-separated;
+    /// `vm_host` and `nginx_proxy` are a server id or name.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<(), Error> {
+        let v = value.trim();
+        match key {
+            "name" => self.name = Some(v.to_owned()),
+            "model" => self.model = Some(v.to_owned()),
+            "key_fingerprint" => self.key_fingerprint = Some(opt_text(v)),
+            "status" => self.status = Some(v.parse()?),
+            "is_vm" => self.is_vm = Some(parse_bool(key, v)?),
+            "vm_host" => self.vm_host = Some(parse_ref(v)),
+            "external_ip" => self.external_ip = Some(parse_ip(key, v)?),
+            "internal_ip" => self.internal_ip = Some(parse_ip(key, v)?),
+            "is_proxmox_host" => self.is_proxmox_host = Some(parse_bool(key, v)?),
+            "proxmox_node" => self.proxmox_node = Some(opt_text(v)),
+            "external_interface" => self.external_interface = Some(opt_text(v)),
+            "nginx_proxy" => self.nginx_proxy = Some(parse_ref(v)),
+            "samba_managed" => self.samba_managed = Some(parse_bool(key, v)?),
+            "samba_base_folder" => self.samba_base_folder = Some(opt_text(v)),
+            "users" => {
+                self.users = Some(
+                    v.split(',')
+                        .map(str::trim)
+                        .filter(|u| !u.is_empty())
+                        .map(str::to_owned)
+                        .collect(),
+                )
+            }
+            _ => {
+                return Err(Error::invalid(
+                    key,
+                    format!("unknown key; known: {}", SERVER_KEYS.join(", ")),
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    /// Parses `KEY=VALUE`.
+    pub fn set_assignment(&mut self, assignment: &str) -> Result<(), Error> {
+        let (k, v) = assignment
+            .split_once('=')
+            .ok_or_else(|| Error::invalid(assignment, "expected KEY=VALUE".to_owned()))?;
+        self.set(k.trim(), v)
+    }
+
+    /// Builds a patch from a JSON map (a bus request). Keys not in
+    /// [`SERVER_KEYS`] are skipped only if listed in `ignore` (e.g. `request_id`);
+    /// `null` clears; `users` may be a list or a comma-separated string.
+    pub fn from_json(map: &serde_json::Map<String, Json>, ignore: &[&str]) -> Result<Self, Error> {
+        let mut p = ServerPatch::default();
+        for (k, v) in map {
+            if ignore.contains(&k.as_str()) {
+                continue;
+            }
+            let text = match v {
+                Json::Null => String::new(),
+                Json::Bool(b) => b.to_string(),
+                Json::Number(n) => n.to_string(),
+                Json::String(s) => s.clone(),
+                Json::Array(items) if k == "users" => {
+                    let mut names = Vec::with_capacity(items.len());
+                    for i in items {
+                        match i {
+                            Json::String(s) => names.push(s.clone()),
+                            _ => return Err(Error::invalid(k, "users must be strings")),
+                        }
+                    }
+                    names.join(",")
+                }
+                _ => return Err(Error::invalid(k, format!("unexpected value {v}"))),
+            };
+            p.set(k, &text)?;
+        }
+        Ok(p)
+    }
+}
+
+/// Filters of [`Service::find_servers`]; `None` matches anything.
+#[derive(Debug, Clone, Default)]
+pub struct ServerFilter {
+    /// Hostname.
+    pub name: Option<String>,
+    /// Model name.
+    pub model: Option<String>,
+    /// Minion id.
+    pub minion_id: Option<String>,
+    /// Status.
+    pub status: Option<Status>,
+}
+
+/// The registry's operations over a [`Store`].
+#[derive(Debug, Clone)]
+pub struct Service<S> {
+    store: S,
+}
+
+impl<S: Store> Service<S> {
+    /// Wraps a store.
+    pub fn new(store: S) -> Self {
+        Self { store }
+    }
+
+    /// The store underneath (tests and tools).
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    // ------------------------------------------------------------ models
+
+    /// Creates a model.
+    pub async fn create_model(
+        &self,
+        name: &str,
+        description: &str,
+        states: &[String],
+    ) -> Result<ServerModel, Error> {
+        validate_model_name(name)?;
+        let states = validate_states(states)?;
+        self.store
+            .insert_model(&ServerModel {
+                id: 0,
+                name: name.to_owned(),
+                description: description.to_owned(),
+                states,
+            })
+            .await
+    }
+
+    /// Every model, by name.
+    pub async fn list_models(&self) -> Result<Vec<ServerModel>, Error> {
+        self.store.models().await
+    }
+
+    /// The model called `name`.
+    pub async fn get_model(&self, name: &str) -> Result<ServerModel, Error> {
+        self.store
+            .model(name)
+            .await?
+            .ok_or_else(|| Error::NotFound {
+                kind: "model",
+                key: name.to_owned(),
+            })
+    }
+
+    /// Changes a model's description or states.
+    pub async fn update_model(&self, name: &str, patch: ModelPatch) -> Result<ServerModel, Error> {
+        let mut m = self.get_model(name).await?;
+        if let Some(d) = patch.description {
+            m.description = d;
+        }
+        if let Some(s) = patch.states {
+            m.states = validate_states(&s)?;
+        }
+        self.store.update_model(&m).await
+    }
+
+    /// Deletes a model no server uses.
+    pub async fn delete_model(&self, name: &str) -> Result<ServerModel, Error> {
+        self.store.delete_model(name).await
+    }
+
+    // ----------------------------------------------------------- servers
+
+    /// Creates a server: `patch.name` and `patch.model` are required, the
+    /// rest optional. The minion id is generated (see the module docs of
+    /// [`crate::registry`]); the status starts at `created` unless given.
+    pub async fn create_server(&self, patch: ServerPatch) -> Result<Server, Error> {
+        let name = patch
+            .name
+            .clone()
+            .ok_or_else(|| Error::invalid("name", "required"))?;
+        let name = validate_hostname(&name)?;
+        let model = patch
+            .model
+            .clone()
+            .ok_or_else(|| Error::invalid("model", "required"))?;
+        let mut server = Server {
+            id: 0,
+            minion_id: new_minion_id(&name)?,
+            name,
+            model,
+            key_fingerprint: None,
+            status: Status::Created,
+            is_vm: false,
+            vm_host: None,
+            external_ip: None,
+            internal_ip: None,
+            is_proxmox_host: false,
+            proxmox_node: None,
+            external_interface: None,
+            nginx_proxy: None,
+            samba_managed: false,
+            samba_base_folder: None,
+            users: Vec::new(),
+            created_at: 0,
+            updated_at: 0,
+        };
+        self.apply(&mut server, patch).await?;
+        self.store.insert_server(&server).await
+    }
+
+    /// One server by id or name.
+    pub async fn get_server(&self, server: &ServerRef) -> Result<Server, Error> {
+        let found = match server {
+            ServerRef::Id(id) => self.store.server(ServerKey::Id(*id)).await?,
+            ServerRef::Name(n) => {
+                self.store
+                    .server(ServerKey::Name(&n.to_ascii_lowercase()))
+                    .await?
+            }
+        };
+        found.ok_or_else(|| Error::NotFound {
+            kind: "server",
+            key: server.to_string(),
+        })
+    }
+
+    /// The server a minion belongs to, if any.
+    pub async fn server_by_minion_id(&self, minion_id: &str) -> Result<Option<Server>, Error> {
+        self.store.server(ServerKey::MinionId(minion_id)).await
+    }
+
+    /// Servers matching every given filter, by id.
+    pub async fn find_servers(&self, filter: &ServerFilter) -> Result<Vec<Server>, Error> {
+        let name = filter.name.as_ref().map(|n| n.to_ascii_lowercase());
+        self.store
+            .find_servers(&Filter {
+                name: name.as_deref(),
+                model: filter.model.as_deref(),
+                minion_id: filter.minion_id.as_deref(),
+                status: filter.status,
+            })
+            .await
+    }
+
+    /// Changes a server. The id and minion id never change.
+    pub async fn update_server(
+        &self,
+        server: &ServerRef,
+        patch: ServerPatch,
+    ) -> Result<Server, Error> {
+        let mut s = self.get_server(server).await?;
+        if let Some(n) = &patch.name {
+            s.name = validate_hostname(n)?;
+        }
+        self.apply(&mut s, patch).await?;
+        self.store.update_server(&s).await
+    }
+
+    /// Deletes a server that is no other server's VM host or proxy.
+    pub async fn delete_server(&self, server: &ServerRef) -> Result<Server, Error> {
+        let s = self.get_server(server).await?;
+        self.store.delete_server(s.id).await
+    }
+
+    // ------------------------------------------------------------ outbox
+
+    /// The oldest unprocessed changes, `limit` at most.
+    pub async fn outbox_pending(&self, limit: i64) -> Result<Vec<OutboxEntry>, Error> {
+        self.store.outbox_pending(limit).await
+    }
+
+    /// Marks a change processed; `false` if it already was.
+    pub async fn outbox_mark_processed(&self, id: i64) -> Result<bool, Error> {
+        self.store.outbox_mark_processed(id).await
+    }
+
+    /// Applies everything but the name (validated by the caller), resolves
+    /// server references, then checks the record as a whole.
+    async fn apply(&self, s: &mut Server, p: ServerPatch) -> Result<(), Error> {
+        if let Some(m) = p.model {
+            if m.is_empty() {
+                return Err(Error::invalid("model", "required"));
+            }
+            s.model = m;
+        }
+        if let Some(k) = p.key_fingerprint {
+            s.key_fingerprint = k;
+        }
+        if let Some(st) = p.status {
+            s.status = st;
+        }
+        if let Some(b) = p.is_vm {
+            s.is_vm = b;
+        }
+        if let Some(r) = p.vm_host {
+            s.vm_host = self.resolve("vm_host", r).await?;
+        }
+        if let Some(ip) = p.external_ip {
+            s.external_ip = ip;
+        }
+        if let Some(ip) = p.internal_ip {
+            s.internal_ip = ip;
+        }
+        if let Some(b) = p.is_proxmox_host {
+            s.is_proxmox_host = b;
+        }
+        if let Some(n) = p.proxmox_node {
+            s.proxmox_node = n;
+        }
+        if let Some(i) = p.external_interface {
+            s.external_interface = i;
+        }
+        if let Some(r) = p.nginx_proxy {
+            s.nginx_proxy = self.resolve("nginx_proxy", r).await?;
+        }
+        if let Some(b) = p.samba_managed {
+            s.samba_managed = b;
+        }
+        if let Some(f) = p.samba_base_folder {
+            s.samba_base_folder = f;
+        }
+        if let Some(u) = p.users {
+            s.users = u;
+        }
+        validate_server(s)
+    }
+
+    async fn resolve(&self, field: &str, r: Option<ServerRef>) -> Result<Option<i64>, Error> {
+        let Some(r) = r else { return Ok(None) };
+        match self.get_server(&r).await {
+            Ok(s) => Ok(Some(s.id)),
+            Err(Error::NotFound { .. }) => Err(Error::invalid(field, format!("no server {r}"))),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+// --------------------------------------------------------------- validation
+
+/// Checks a hostname against RFC 1123 §2.1 (labels of letters, digits and
+/// inner hyphens, 1–63 characters, 253 in all, no trailing dot) and returns
+/// it in lower case, the form stored (hostnames are case-insensitive).
+pub fn validate_hostname(name: &str) -> Result<String, Error> {
+    let bad = |reason: &str| Error::InvalidHostname {
+        name: name.to_owned(),
+        reason: reason.to_owned(),
+    };
+    if name.is_empty() {
+        return Err(bad("empty"));
+    }
+    if name.len() > MAX_HOSTNAME {
+        return Err(bad("longer than 253 characters"));
+    }
+    for label in name.split('.') {
+        if label.is_empty() {
+            return Err(bad("empty label (leading, trailing or double dot)"));
+        }
+        if label.len() > MAX_LABEL {
+            return Err(bad("a label is longer than 63 characters"));
+        }
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return Err(bad("only letters, digits, hyphens and dots are allowed"));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err(bad("a label starts or ends with a hyphen"));
+        }
+    }
+    if name.parse::<IpAddr>().is_ok() {
+        return Err(bad("an IP address is not a hostname"));
+    }
+    Ok(name.to_ascii_lowercase())
+}
+
+fn validate_model_name(name: &str) -> Result<(), Error> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            "name",
+            format!("model name {name:?}: 1-64 letters, digits, '-', '_' or '.'"),
+        ))
+    }
+}
+
+/// SLS names: dotted paths of letters, digits, `_` and `-`.
+fn validate_states(states: &[String]) -> Result<Vec<String>, Error> {
+    for s in states {
+        let ok = !s.is_empty()
+            && s.split('.').all(|part| {
+                !part.is_empty()
+                    && part
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
+            });
+        if !ok {
+            return Err(Error::invalid(
+                "states",
+                format!("{s:?} is not an SLS name"),
+            ));
+        }
+    }
+    Ok(states.to_vec())
+}
+
+fn validate_server(s: &Server) -> Result<(), Error> {
+    if s.vm_host.is_some() && !s.is_vm {
+        return Err(Error::invalid(
+            "vm_host",
+            "only a VM (is_vm=true) has a VM host",
+        ));
+    }
+    if s.id != 0 && s.vm_host == Some(s.id) {
+        return Err(Error::invalid(
+            "vm_host",
+            "a server cannot be its own VM host",
+        ));
+    }
+    if s.id != 0 && s.nginx_proxy == Some(s.id) {
+        return Err(Error::invalid(
+            "nginx_proxy",
+            "a server cannot be its own proxy",
+        ));
+    }
+    if s.nginx_proxy.is_some() && !s.is_proxmox_host {
+        return Err(Error::invalid(
+            "nginx_proxy",
+            "only a Proxmox host (is_proxmox_host=true) has an nginx proxy",
+        ));
+    }
+    if let Some(n) = &s.proxmox_node {
+        if validate_hostname(n).is_err() || n.contains('.') {
+            return Err(Error::invalid(
+                "proxmox_node",
+                format!("{n:?} is not a node name (one hostname label)"),
+            ));
+        }
+    }
+    if let Some(i) = &s.external_interface {
+        let ok = !i.is_empty()
+            && i.len() <= MAX_IFNAME
+            && i != "."
+            && i != ".."
+            && !i
+                .bytes()
+                .any(|b| b == b'/' || b.is_ascii_whitespace() || b == b':');
+        if !ok {
+            return Err(Error::invalid(
+                "external_interface",
+                format!("{i:?} is not an interface name"),
+            ));
+        }
+    }
+    if let Some(f) = &s.samba_base_folder {
+        if !f.starts_with('/') || f.contains('\0') || f.split('/').any(|p| p == "..") {
+            return Err(Error::invalid(
+                "samba_base_folder",
+                format!("{f:?} is not an absolute path"),
+            ));
+        }
+    }
+    if s.samba_managed && s.samba_base_folder.is_none() {
+        return Err(Error::invalid(
+            "samba_base_folder",
+            "required when samba_managed=true",
+        ));
+    }
+    if let Some(k) = &s.key_fingerprint {
+        if k.is_empty() || k.bytes().any(|b| b.is_ascii_whitespace()) {
+            return Err(Error::invalid("key_fingerprint", format!("{k:?}")));
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    for u in &s.users {
+        let ok = !u.is_empty()
+            && u.len() <= MAX_USER
+            && u.bytes()
+                .next()
+                .is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
+            && u.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-'));
+        if !ok {
+            return Err(Error::invalid("users", format!("{u:?} is not a user name")));
+        }
+        if !seen.insert(u) {
+            return Err(Error::invalid("users", format!("{u:?} is listed twice")));
+        }
+    }
+    Ok(())
+}
+
+/// `<hostname>-<8 random hex digits>`: stable (chosen once), unique, never
+/// reused for a later server of the same name.
+fn new_minion_id(hostname: &str) -> Result<String, Error> {
+    let mut b = [0u8; 4];
+    getrandom::fill(&mut b)
+        .map_err(|e| Error::invalid("minion_id", format!("no randomness available: {e}")))?;
+    Ok(format!("{hostname}-{:08x}", u32::from_be_bytes(b)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostnames_follow_rfc_1123() {
+        for ok in ["web01", "Web01.Example.org", "1host", "a-b.c", "x"] {
+            assert!(validate_hostname(ok).is_ok(), "{ok}");
+        }
+        assert_eq!(
+            validate_hostname("Web01.EXAMPLE.org").unwrap(),
+            "web01.example.org"
+        );
+        let long_label = "a".repeat(64);
+        let too_long = ["a"; 127].join(".") + ".b";
+        for bad in [
+            "",
+            "-web",
+            "web-",
+            "we b",
+            "web_01",
+            "web..x",
+            "web.",
+            ".web",
+            long_label.as_str(),
+            too_long.as_str(),
+            "10.0.0.1",
+            "héte",
+        ] {
+            let e = validate_hostname(bad).unwrap_err();
+            assert_eq!(e.code(), "invalid_hostname", "{bad}");
+        }
+    }
+
+    #[test]
+    fn minion_ids_start_with_the_hostname_and_differ() {
+        let a = new_minion_id("web01").unwrap();
+        let b = new_minion_id("web01").unwrap();
+        assert!(
+            a.starts_with("web01-") && a.len() == "web01-".len() + 8,
+            "{a}"
+        );
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn patches_parse_key_value_text() {
+        let mut p = ServerPatch::default();
+        p.set_assignment("is_vm=yes").unwrap();
+        p.set_assignment("vm_host=3").unwrap();
+        p.set_assignment("external_ip=192.0.2.7").unwrap();
+        p.set_assignment("internal_ip=").unwrap();
+        p.set_assignment("users=alice, bob").unwrap();
+        assert_eq!(p.is_vm, Some(true));
+        assert_eq!(p.vm_host, Some(Some(ServerRef::Id(3))));
+        assert_eq!(p.external_ip, Some(Some("192.0.2.7".parse().unwrap())));
+        assert_eq!(p.internal_ip, Some(None));
+        assert_eq!(p.users, Some(vec!["alice".into(), "bob".into()]));
+        for (bad, field) in [
+            ("is_vm=maybe", "is_vm"),
+            ("external_ip=300.1.1.1", "external_ip"),
+            ("colour=red", "colour"),
+            ("status=sleeping", "status"),
+            ("no-equals", "no-equals"),
+        ] {
+            match p.set_assignment(bad).unwrap_err() {
+                Error::InvalidValue { field: f, .. } => assert_eq!(f, field, "{bad}"),
+                e => panic!("{bad}: {e:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn patches_parse_json_maps() {
+        let v = serde_json::json!({
+            "request_id": "r1", "name": "web01", "model": "web",
+            "is_vm": true, "vm_host": 4, "users": ["alice"], "proxmox_node": null
+        });
+        let p = ServerPatch::from_json(v.as_object().unwrap(), &["request_id"]).unwrap();
+        assert_eq!(p.name.as_deref(), Some("web01"));
+        assert_eq!(p.vm_host, Some(Some(ServerRef::Id(4))));
+        assert_eq!(p.users, Some(vec!["alice".to_owned()]));
+        assert_eq!(p.proxmox_node, Some(None));
+        let v = serde_json::json!({"request_id": "r1"});
+        assert_eq!(
+            ServerPatch::from_json(v.as_object().unwrap(), &[])
+                .unwrap_err()
+                .code(),
+            "invalid_value"
+        );
+    }
+}

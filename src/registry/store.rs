@@ -1,0 +1,901 @@
+//! Persistence: the [`Store`] trait, every SQL statement of the registry, and
+//! its two backends.
+//!
+//! Both backends run the very same SQL text (`$1` placeholders work in SQLite
+//! too), and their implementations are one body instantiated twice by
+//! `store_impl!`, so a query cannot drift between them. Each writing method is
+//! one transaction that also appends its outbox row: on any error it is rolled
+//! back (the transaction is dropped) and nothing is written.
+//!
+//! SQLite: WAL, `synchronous=NORMAL` (a commit survives a crash of the
+//! process, not necessarily a power cut: the usual WAL trade), foreign keys on
+//! for every connection, file created if missing, write transactions started
+//! with `BEGIN IMMEDIATE` so a writer waits for the lock (busy timeout) instead
+//! of failing when another process wrote in between.
+//! PostgreSQL: the server's defaults (READ COMMITTED); the unique and foreign
+//! keys settle races.
+
+use std::future::Future;
+use std::str::FromStr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sqlx::error::ErrorKind;
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::Row as _;
+
+use super::{outbox, Error, OutboxEntry, OutboxKind, Server, ServerModel, Status};
+
+/// How the service reads and writes the registry. Writing methods append the
+/// outbox row of their change in the same transaction.
+pub trait Store: Send + Sync + Clone + 'static {
+    /// Inserts a model (its `id` is ignored) and returns it with its id.
+    fn insert_model(
+        &self,
+        model: &ServerModel,
+    ) -> impl Future<Output = Result<ServerModel, Error>> + Send;
+    /// The model called `name`.
+    fn model(&self, name: &str) -> impl Future<Output = Result<Option<ServerModel>, Error>> + Send;
+    /// All models, by name.
+    fn models(&self) -> impl Future<Output = Result<Vec<ServerModel>, Error>> + Send;
+    /// Rewrites the model with `model.id`.
+    fn update_model(
+        &self,
+        model: &ServerModel,
+    ) -> impl Future<Output = Result<ServerModel, Error>> + Send;
+    /// Deletes the model called `name`, refused while servers use it.
+    fn delete_model(&self, name: &str) -> impl Future<Output = Result<ServerModel, Error>> + Send;
+
+    /// Inserts a server (its `id` is ignored; `model` is a model name) and
+    /// returns it with its id.
+    fn insert_server(&self, server: &Server) -> impl Future<Output = Result<Server, Error>> + Send;
+    /// One server, by id, name or minion id.
+    fn server(
+        &self,
+        key: ServerKey<'_>,
+    ) -> impl Future<Output = Result<Option<Server>, Error>> + Send;
+    /// Servers matching every given filter, by id.
+    fn find_servers(
+        &self,
+        filter: &Filter<'_>,
+    ) -> impl Future<Output = Result<Vec<Server>, Error>> + Send;
+    /// Rewrites the server with `server.id`.
+    fn update_server(&self, server: &Server) -> impl Future<Output = Result<Server, Error>> + Send;
+    /// Deletes server `id`, refused while it is another server's VM host or proxy.
+    fn delete_server(&self, id: i64) -> impl Future<Output = Result<Server, Error>> + Send;
+
+    /// The oldest unprocessed outbox entries, `limit` at most.
+    fn outbox_pending(
+        &self,
+        limit: i64,
+    ) -> impl Future<Output = Result<Vec<OutboxEntry>, Error>> + Send;
+    /// Marks entry `id` processed: `true` if this call did, `false` if it was
+    /// already (idempotent); `NotFound` if there is no such entry.
+    fn outbox_mark_processed(&self, id: i64) -> impl Future<Output = Result<bool, Error>> + Send;
+}
+
+/// A unique key of a server.
+#[derive(Debug, Clone, Copy)]
+pub enum ServerKey<'a> {
+    /// Registry id.
+    Id(i64),
+    /// Hostname.
+    Name(&'a str),
+    /// Salt minion id.
+    MinionId(&'a str),
+}
+
+/// Filters of [`Store::find_servers`]; `None` matches anything.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Filter<'a> {
+    /// Exact hostname.
+    pub name: Option<&'a str>,
+    /// Model name.
+    pub model: Option<&'a str>,
+    /// Exact minion id.
+    pub minion_id: Option<&'a str>,
+    /// Status.
+    pub status: Option<Status>,
+}
+
+// ---------------------------------------------------------------- the SQL
+
+/// Columns of a server read back; `model` is the model's name.
+macro_rules! select_server {
+    ($where:literal) => {
+        concat!(
+            "SELECT s.id, s.name, m.name AS model, s.minion_id, s.key_fingerprint, s.status, ",
+            "s.is_vm, s.vm_host, s.external_ip, s.internal_ip, s.is_proxmox_host, ",
+            "s.proxmox_node, s.external_interface, s.nginx_proxy, s.samba_managed, ",
+            "s.samba_base_folder, s.users, s.created_at, s.updated_at ",
+            "FROM servers s JOIN models m ON m.id = s.model_id ",
+            $where
+        )
+    };
+}
+
+mod sql {
+    pub const INSERT_MODEL: &str = "INSERT INTO models (name, description, states, created_at, \
+         updated_at) VALUES ($1, $2, $3, $4, $4) RETURNING id";
+    pub const MODEL_BY_NAME: &str =
+        "SELECT id, name, description, states FROM models WHERE name = $1";
+    pub const MODELS: &str = "SELECT id, name, description, states FROM models ORDER BY name";
+    pub const UPDATE_MODEL: &str =
+        "UPDATE models SET name = $2, description = $3, states = $4, updated_at = $5 WHERE id = $1";
+    pub const MODEL_USERS: &str = "SELECT COUNT(*) FROM servers WHERE model_id = $1";
+    pub const DELETE_MODEL: &str = "DELETE FROM models WHERE id = $1";
+
+    // The model is named, not numbered: an unknown one makes model_id NULL,
+    // which the NOT NULL constraint refuses (mapped to UnknownModel).
+    pub const INSERT_SERVER: &str = "INSERT INTO servers (name, model_id, minion_id, \
+         key_fingerprint, status, is_vm, vm_host, external_ip, internal_ip, is_proxmox_host, \
+         proxmox_node, external_interface, nginx_proxy, samba_managed, samba_base_folder, users, \
+         created_at, updated_at) VALUES ($1, (SELECT id FROM models WHERE name = $2), $3, $4, $5, \
+         $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $17) RETURNING id";
+    pub const UPDATE_SERVER: &str = "UPDATE servers SET name = $2, \
+         model_id = (SELECT id FROM models WHERE name = $3), minion_id = $4, \
+         key_fingerprint = $5, status = $6, is_vm = $7, vm_host = $8, external_ip = $9, \
+         internal_ip = $10, is_proxmox_host = $11, proxmox_node = $12, \
+         external_interface = $13, nginx_proxy = $14, samba_managed = $15, \
+         samba_base_folder = $16, users = $17, updated_at = $18 WHERE id = $1";
+    pub const DELETE_SERVER: &str = "DELETE FROM servers WHERE id = $1";
+    pub const SERVER_BY_ID: &str = select_server!("WHERE s.id = $1");
+    pub const SERVER_BY_NAME: &str = select_server!("WHERE s.name = $1");
+    pub const SERVER_BY_MINION_ID: &str = select_server!("WHERE s.minion_id = $1");
+
+    /// `find_servers`: fixed fragments only; the values are bound.
+    pub fn find(filter: &super::Filter<'_>) -> (String, Vec<String>) {
+        let mut sql = String::from(select_server!(""));
+        let mut args: Vec<String> = Vec::new();
+        let conds = [
+            ("s.name", filter.name.map(str::to_owned)),
+            ("m.name", filter.model.map(str::to_owned)),
+            ("s.minion_id", filter.minion_id.map(str::to_owned)),
+            ("s.status", filter.status.map(|s| s.as_str().to_owned())),
+        ];
+        for (column, value) in conds {
+            if let Some(v) = value {
+                sql.push_str(if args.is_empty() { "WHERE " } else { "AND " });
+                args.push(v);
+                sql.push_str(&format!("{column} = ${} ", args.len()));
+            }
+        }
+        sql.push_str("ORDER BY s.id");
+        (sql, args)
+    }
+}
+
+// ------------------------------------------------------- shared conversions
+
+pub(crate) fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn json_list(v: &[String]) -> Result<String, Error> {
+    outbox::payload(&v)
+}
+
+fn parse_list(field: &str, text: &str) -> Result<Vec<String>, Error> {
+    serde_json::from_str(text)
+        .map_err(|e| Error::invalid(field, format!("stored value is not a JSON list: {e}")))
+}
+
+fn parse_ip(field: &str, text: Option<String>) -> Result<Option<std::net::IpAddr>, Error> {
+    text.map(|t| {
+        t.parse()
+            .map_err(|e| Error::invalid(field, format!("stored value {t:?}: {e}")))
+    })
+    .transpose()
+}
+
+fn db(op: impl Into<String>) -> impl FnOnce(sqlx::Error) -> Error {
+    let op = op.into();
+    move |source| Error::Database { op, source }
+}
+
+/// The constraint a database error violates, if it is one: PostgreSQL names
+/// it; SQLite puts `table.column` in the message.
+fn violation(e: &sqlx::Error) -> Option<(ErrorKind, String)> {
+    let d = e.as_database_error()?;
+    let what = d
+        .constraint()
+        .map(str::to_owned)
+        .unwrap_or_else(|| d.message().to_owned());
+    let kind = match d.kind() {
+        // SQLite reports a RESTRICT action as a trigger failure.
+        ErrorKind::Other if d.message().contains("FOREIGN KEY constraint failed") => {
+            ErrorKind::ForeignKeyViolation
+        }
+        k => k,
+    };
+    Some((kind, what))
+}
+
+/// Maps a failed insert/update of `server` to the error the caller can act on.
+fn server_write_error(op: &str, server: &Server, e: sqlx::Error) -> Error {
+    match violation(&e) {
+        Some((ErrorKind::UniqueViolation, what)) if what.contains("minion_id") => Error::Database {
+            op: format!("{op}: minion id {} is taken", server.minion_id),
+            source: e,
+        },
+        Some((ErrorKind::UniqueViolation, _)) => Error::DuplicateName {
+            kind: "server",
+            name: server.name.clone(),
+        },
+        Some((ErrorKind::NotNullViolation, what)) if what.contains("model_id") => {
+            Error::UnknownModel(server.model.clone())
+        }
+        Some((ErrorKind::ForeignKeyViolation, _)) => Error::invalid(
+            "vm_host/nginx_proxy",
+            "the server referred to does not exist (any more)",
+        ),
+        Some((ErrorKind::CheckViolation, what)) => Error::invalid(
+            "server",
+            format!("refused by the database constraint {what}"),
+        ),
+        _ => Error::Database {
+            op: format!("{op} {}", server.name),
+            source: e,
+        },
+    }
+}
+
+/// The columns of a server row, as read.
+struct ServerRow {
+    id: i64,
+    name: String,
+    model: String,
+    minion_id: String,
+    key_fingerprint: Option<String>,
+    status: String,
+    is_vm: bool,
+    vm_host: Option<i64>,
+    external_ip: Option<String>,
+    internal_ip: Option<String>,
+    is_proxmox_host: bool,
+    proxmox_node: Option<String>,
+    external_interface: Option<String>,
+    nginx_proxy: Option<i64>,
+    samba_managed: bool,
+    samba_base_folder: Option<String>,
+    users: String,
+    created_at: i64,
+    updated_at: i64,
+}
+
+impl ServerRow {
+    fn into_server(self) -> Result<Server, Error> {
+        Ok(Server {
+            id: self.id,
+            status: self.status.parse()?,
+            external_ip: parse_ip("external_ip", self.external_ip)?,
+            internal_ip: parse_ip("internal_ip", self.internal_ip)?,
+            users: parse_list("users", &self.users)?,
+            name: self.name,
+            model: self.model,
+            minion_id: self.minion_id,
+            key_fingerprint: self.key_fingerprint,
+            is_vm: self.is_vm,
+            vm_host: self.vm_host,
+            is_proxmox_host: self.is_proxmox_host,
+            proxmox_node: self.proxmox_node,
+            external_interface: self.external_interface,
+            nginx_proxy: self.nginx_proxy,
+            samba_managed: self.samba_managed,
+            samba_base_folder: self.samba_base_folder,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+        })
+    }
+}
+
+// ------------------------------------------------------------ the backends
+
+/// The registry on a SQLite file.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+/// The registry on a PostgreSQL database (several masters share one).
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl SqliteStore {
+    /// Opens (creating the file and its directory if missing) and migrates.
+    pub async fn open(url: &str) -> Result<Self, Error> {
+        let opts = SqliteConnectOptions::from_str(url)
+            .map_err(db(format!("parsing the URL {url}")))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let file = opts.get_filename().to_owned();
+        let in_memory = file.as_os_str() == ":memory:" || url.contains("mode=memory");
+        if !in_memory {
+            if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    Error::invalid(
+                        "registry",
+                        format!("cannot create the directory {}: {e}", dir.display()),
+                    )
+                })?;
+            }
+        }
+        // An in-memory database lives as long as its one connection. A local
+        // file's connection does not go stale: no ping before each use.
+        let mut pool = SqlitePoolOptions::new()
+            .max_connections(if in_memory { 1 } else { 4 })
+            .test_before_acquire(false);
+        if in_memory {
+            pool = pool.idle_timeout(None).max_lifetime(None);
+        }
+        let pool = pool
+            .connect_with(opts)
+            .await
+            .map_err(db(format!("opening {}", file.display())))?;
+        sqlx::migrate!("./migrations/sqlite")
+            .run(&pool)
+            .await
+            .map_err(|e| Error::Database {
+                op: format!("migrating {}", file.display()),
+                source: e.into(),
+            })?;
+        Ok(Self { pool })
+    }
+
+    /// The connection pool (tests and tools count rows with it).
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+}
+
+impl PgStore {
+    /// Connects and migrates.
+    pub async fn open(url: &str) -> Result<Self, Error> {
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .connect(url)
+            .await
+            .map_err(db("connecting to PostgreSQL"))?;
+        sqlx::migrate!("./migrations/postgres")
+            .run(&pool)
+            .await
+            .map_err(|e| Error::Database {
+                op: "migrating the PostgreSQL registry".to_owned(),
+                source: e.into(),
+            })?;
+        Ok(Self { pool })
+    }
+
+    /// The connection pool (tests and tools count rows with it).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+/// One body for both backends: `$begin` opens a write transaction.
+macro_rules! store_impl {
+    ($store:ty, $row:ty, $begin:literal) => {
+        impl $store {
+            fn model_row(r: &$row) -> Result<ServerModel, Error> {
+                let get = |e| Error::Database {
+                    op: "reading a model row".to_owned(),
+                    source: e,
+                };
+                let states: String = r.try_get("states").map_err(get)?;
+                Ok(ServerModel {
+                    id: r.try_get("id").map_err(get)?,
+                    name: r.try_get("name").map_err(get)?,
+                    description: r.try_get("description").map_err(get)?,
+                    states: parse_list("states", &states)?,
+                })
+            }
+
+            fn server_row(r: &$row) -> Result<Server, Error> {
+                Self::server_columns(r)
+                    .map_err(|e| Error::Database {
+                        op: "reading a server row".to_owned(),
+                        source: e,
+                    })?
+                    .into_server()
+            }
+
+            fn server_columns(r: &$row) -> Result<ServerRow, sqlx::Error> {
+                Ok(ServerRow {
+                    id: r.try_get("id")?,
+                    name: r.try_get("name")?,
+                    model: r.try_get("model")?,
+                    minion_id: r.try_get("minion_id")?,
+                    key_fingerprint: r.try_get("key_fingerprint")?,
+                    status: r.try_get("status")?,
+                    is_vm: r.try_get("is_vm")?,
+                    vm_host: r.try_get("vm_host")?,
+                    external_ip: r.try_get("external_ip")?,
+                    internal_ip: r.try_get("internal_ip")?,
+                    is_proxmox_host: r.try_get("is_proxmox_host")?,
+                    proxmox_node: r.try_get("proxmox_node")?,
+                    external_interface: r.try_get("external_interface")?,
+                    nginx_proxy: r.try_get("nginx_proxy")?,
+                    samba_managed: r.try_get("samba_managed")?,
+                    samba_base_folder: r.try_get("samba_base_folder")?,
+                    users: r.try_get("users")?,
+                    created_at: r.try_get("created_at")?,
+                    updated_at: r.try_get("updated_at")?,
+                })
+            }
+        }
+
+        impl Store for $store {
+            async fn insert_model(&self, model: &ServerModel) -> Result<ServerModel, Error> {
+                let op = || format!("creating model {}", model.name);
+                let mut tx = self.pool.begin_with($begin).await.map_err(db(op()))?;
+                let now = now_ms();
+                let row = sqlx::query(sql::INSERT_MODEL)
+                    .bind(&model.name)
+                    .bind(&model.description)
+                    .bind(json_list(&model.states)?)
+                    .bind(now)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(|e| match violation(&e) {
+                        Some((ErrorKind::UniqueViolation, _)) => Error::DuplicateName {
+                            kind: "model",
+                            name: model.name.clone(),
+                        },
+                        _ => db(op())(e),
+                    })?;
+                let created = ServerModel {
+                    id: row.try_get(0).map_err(db(op()))?,
+                    ..model.clone()
+                };
+                sqlx::query(outbox::APPEND)
+                    .bind(OutboxKind::ModelCreated.as_str())
+                    .bind(None::<i64>)
+                    .bind(outbox::payload(&created)?)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db(op()))?;
+                tx.commit().await.map_err(db(op()))?;
+                Ok(created)
+            }
+
+            async fn model(&self, name: &str) -> Result<Option<ServerModel>, Error> {
+                sqlx::query(sql::MODEL_BY_NAME)
+                    .bind(name)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(db(format!("reading model {name}")))?
+                    .map(|r| Self::model_row(&r))
+                    .transpose()
+            }
+
+            async fn models(&self) -> Result<Vec<ServerModel>, Error> {
+                sqlx::query(sql::MODELS)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db("listing models"))?
+                    .iter()
+                    .map(Self::model_row)
+                    .collect()
+            }
+
+            async fn update_model(&self, model: &ServerModel) -> Result<ServerModel, Error> {
+                let op = || format!("updating model {}", model.name);
+                let mut tx = self.pool.begin_with($begin).await.map_err(db(op()))?;
+                let now = now_ms();
+                let done = sqlx::query(sql::UPDATE_MODEL)
+                    .bind(model.id)
+                    .bind(&model.name)
+                    .bind(&model.description)
+                    .bind(json_list(&model.states)?)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| match violation(&e) {
+                        Some((ErrorKind::UniqueViolation, _)) => Error::DuplicateName {
+                            kind: "model",
+                            name: model.name.clone(),
+                        },
+                        _ => db(op())(e),
+                    })?;
+                if done.rows_affected() == 0 {
+                    return Err(Error::NotFound {
+                        kind: "model",
+                        key: model.name.clone(),
+                    });
+                }
+                sqlx::query(outbox::APPEND)
+                    .bind(OutboxKind::ModelUpdated.as_str())
+                    .bind(None::<i64>)
+                    .bind(outbox::payload(model)?)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db(op()))?;
+                tx.commit().await.map_err(db(op()))?;
+                Ok(model.clone())
+            }
+
+            async fn delete_model(&self, name: &str) -> Result<ServerModel, Error> {
+                let op = || format!("deleting model {name}");
+                let mut tx = self.pool.begin_with($begin).await.map_err(db(op()))?;
+                let model = match sqlx::query(sql::MODEL_BY_NAME)
+                    .bind(name)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db(op()))?
+                {
+                    Some(r) => Self::model_row(&r)?,
+                    None => {
+                        return Err(Error::NotFound {
+                            kind: "model",
+                            key: name.to_owned(),
+                        })
+                    }
+                };
+                let users: i64 = sqlx::query_scalar(sql::MODEL_USERS)
+                    .bind(model.id)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(db(op()))?;
+                let in_use = |servers| Error::ModelInUse {
+                    name: name.to_owned(),
+                    servers,
+                };
+                if users > 0 {
+                    return Err(in_use(users));
+                }
+                // The foreign key still guards a server added meanwhile (PostgreSQL).
+                sqlx::query(sql::DELETE_MODEL)
+                    .bind(model.id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| match violation(&e) {
+                        Some((ErrorKind::ForeignKeyViolation, _)) => in_use(1),
+                        _ => db(op())(e),
+                    })?;
+                sqlx::query(outbox::APPEND)
+                    .bind(OutboxKind::ModelDeleted.as_str())
+                    .bind(None::<i64>)
+                    .bind(outbox::payload(&model)?)
+                    .bind(now_ms())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db(op()))?;
+                tx.commit().await.map_err(db(op()))?;
+                Ok(model)
+            }
+
+            async fn insert_server(&self, server: &Server) -> Result<Server, Error> {
+                let op = "creating server";
+                let opn = || format!("{op} {}", server.name);
+                let mut tx = self.pool.begin_with($begin).await.map_err(db(opn()))?;
+                let now = now_ms();
+                let row = sqlx::query(sql::INSERT_SERVER)
+                    .bind(&server.name)
+                    .bind(&server.model)
+                    .bind(&server.minion_id)
+                    .bind(&server.key_fingerprint)
+                    .bind(server.status.as_str())
+                    .bind(server.is_vm)
+                    .bind(server.vm_host)
+                    .bind(server.external_ip.map(|ip| ip.to_string()))
+                    .bind(server.internal_ip.map(|ip| ip.to_string()))
+                    .bind(server.is_proxmox_host)
+                    .bind(&server.proxmox_node)
+                    .bind(&server.external_interface)
+                    .bind(server.nginx_proxy)
+                    .bind(server.samba_managed)
+                    .bind(&server.samba_base_folder)
+                    .bind(json_list(&server.users)?)
+                    .bind(now)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(|e| server_write_error(op, server, e))?;
+                let created = Server {
+                    id: row.try_get(0).map_err(db(opn()))?,
+                    created_at: now,
+                    updated_at: now,
+                    ..server.clone()
+                };
+                sqlx::query(outbox::APPEND)
+                    .bind(OutboxKind::ServerCreated.as_str())
+                    .bind(Some(created.id))
+                    .bind(outbox::payload(&created)?)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db(opn()))?;
+                tx.commit().await.map_err(db(opn()))?;
+                Ok(created)
+            }
+
+            async fn server(&self, key: ServerKey<'_>) -> Result<Option<Server>, Error> {
+                let q = match key {
+                    ServerKey::Id(id) => sqlx::query(sql::SERVER_BY_ID).bind(id),
+                    ServerKey::Name(n) => sqlx::query(sql::SERVER_BY_NAME).bind(n),
+                    ServerKey::MinionId(m) => sqlx::query(sql::SERVER_BY_MINION_ID).bind(m),
+                };
+                q.fetch_optional(&self.pool)
+                    .await
+                    .map_err(db(format!("reading server {key:?}")))?
+                    .map(|r| Self::server_row(&r))
+                    .transpose()
+            }
+
+            async fn find_servers(&self, filter: &Filter<'_>) -> Result<Vec<Server>, Error> {
+                let (text, args) = sql::find(filter);
+                let mut q = sqlx::query(&text);
+                for a in args {
+                    q = q.bind(a);
+                }
+                q.fetch_all(&self.pool)
+                    .await
+                    .map_err(db("finding servers"))?
+                    .iter()
+                    .map(Self::server_row)
+                    .collect()
+            }
+
+            async fn update_server(&self, server: &Server) -> Result<Server, Error> {
+                let op = "updating server";
+                let opn = || format!("{op} {}", server.name);
+                let mut tx = self.pool.begin_with($begin).await.map_err(db(opn()))?;
+                let now = now_ms();
+                let done = sqlx::query(sql::UPDATE_SERVER)
+                    .bind(server.id)
+                    .bind(&server.name)
+                    .bind(&server.model)
+                    .bind(&server.minion_id)
+                    .bind(&server.key_fingerprint)
+                    .bind(server.status.as_str())
+                    .bind(server.is_vm)
+                    .bind(server.vm_host)
+                    .bind(server.external_ip.map(|ip| ip.to_string()))
+                    .bind(server.internal_ip.map(|ip| ip.to_string()))
+                    .bind(server.is_proxmox_host)
+                    .bind(&server.proxmox_node)
+                    .bind(&server.external_interface)
+                    .bind(server.nginx_proxy)
+                    .bind(server.samba_managed)
+                    .bind(&server.samba_base_folder)
+                    .bind(json_list(&server.users)?)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| server_write_error(op, server, e))?;
+                if done.rows_affected() == 0 {
+                    return Err(Error::NotFound {
+                        kind: "server",
+                        key: format!("#{}", server.id),
+                    });
+                }
+                let updated = Server {
+                    updated_at: now,
+                    ..server.clone()
+                };
+                sqlx::query(outbox::APPEND)
+                    .bind(OutboxKind::ServerUpdated.as_str())
+                    .bind(Some(updated.id))
+                    .bind(outbox::payload(&updated)?)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db(opn()))?;
+                tx.commit().await.map_err(db(opn()))?;
+                Ok(updated)
+            }
+
+            async fn delete_server(&self, id: i64) -> Result<Server, Error> {
+                let op = || format!("deleting server #{id}");
+                let mut tx = self.pool.begin_with($begin).await.map_err(db(op()))?;
+                let server = match sqlx::query(sql::SERVER_BY_ID)
+                    .bind(id)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db(op()))?
+                {
+                    Some(r) => Self::server_row(&r)?,
+                    None => {
+                        return Err(Error::NotFound {
+                            kind: "server",
+                            key: format!("#{id}"),
+                        })
+                    }
+                };
+                sqlx::query(sql::DELETE_SERVER)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| match violation(&e) {
+                        Some((ErrorKind::ForeignKeyViolation, _)) => Error::ServerInUse {
+                            name: server.name.clone(),
+                        },
+                        _ => db(op())(e),
+                    })?;
+                sqlx::query(outbox::APPEND)
+                    .bind(OutboxKind::ServerDeleted.as_str())
+                    .bind(Some(id))
+                    .bind(outbox::payload(&server)?)
+                    .bind(now_ms())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db(op()))?;
+                tx.commit().await.map_err(db(op()))?;
+                Ok(server)
+            }
+
+            async fn outbox_pending(&self, limit: i64) -> Result<Vec<OutboxEntry>, Error> {
+                let rows = sqlx::query(outbox::PENDING)
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db("reading the outbox"))?;
+                rows.iter()
+                    .map(|r| {
+                        let get = db("reading an outbox row");
+                        let cols = (|| -> Result<_, sqlx::Error> {
+                            Ok((
+                                r.try_get::<i64, _>("id")?,
+                                r.try_get::<String, _>("kind")?,
+                                r.try_get::<Option<i64>, _>("server_id")?,
+                                r.try_get::<String, _>("payload")?,
+                                r.try_get::<i64, _>("created_at")?,
+                                r.try_get::<Option<i64>, _>("processed_at")?,
+                            ))
+                        })()
+                        .map_err(get)?;
+                        outbox::entry(cols.0, &cols.1, cols.2, &cols.3, cols.4, cols.5)
+                    })
+                    .collect()
+            }
+
+            async fn outbox_mark_processed(&self, id: i64) -> Result<bool, Error> {
+                let op = || format!("marking outbox entry {id} processed");
+                let done = sqlx::query(outbox::MARK_PROCESSED)
+                    .bind(id)
+                    .bind(now_ms())
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db(op()))?;
+                if done.rows_affected() > 0 {
+                    return Ok(true);
+                }
+                let n: i64 = sqlx::query_scalar(outbox::EXISTS)
+                    .bind(id)
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(db(op()))?;
+                if n == 0 {
+                    return Err(Error::NotFound {
+                        kind: "outbox entry",
+                        key: id.to_string(),
+                    });
+                }
+                Ok(false)
+            }
+        }
+    };
+}
+
+store_impl!(SqliteStore, sqlx::sqlite::SqliteRow, "BEGIN IMMEDIATE");
+store_impl!(PgStore, sqlx::postgres::PgRow, "BEGIN");
+
+/// The backend chosen by the registry URL.
+#[derive(Debug, Clone)]
+pub enum DbStore {
+    /// `sqlite:…`
+    Sqlite(SqliteStore),
+    /// `postgres://…` or `postgresql://…`
+    Postgres(PgStore),
+}
+
+/// Opens the registry at `url` (`sqlite:…` or `postgres[ql]://…`), applying
+/// the embedded migrations, and returns the service over it.
+pub async fn open(url: &str) -> Result<super::Service<DbStore>, Error> {
+    Ok(super::Service::new(DbStore::open(url).await?))
+}
+
+impl DbStore {
+    /// Picks the backend from the URL's scheme, opens and migrates it.
+    pub async fn open(url: &str) -> Result<Self, Error> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(DbStore::Postgres(PgStore::open(url).await?))
+        } else if url.starts_with("sqlite:") {
+            Ok(DbStore::Sqlite(SqliteStore::open(url).await?))
+        } else {
+            Err(Error::invalid(
+                "registry",
+                format!("{url:?} is neither sqlite:… nor postgres://…"),
+            ))
+        }
+    }
+
+    /// `sqlite` or `postgres`.
+    pub fn backend(&self) -> &'static str {
+        match self {
+            DbStore::Sqlite(_) => "sqlite",
+            DbStore::Postgres(_) => "postgres",
+        }
+    }
+}
+
+macro_rules! dispatch {
+    ($self:ident, $s:ident => $call:expr) => {
+        match $self {
+            DbStore::Sqlite($s) => $call.await,
+            DbStore::Postgres($s) => $call.await,
+        }
+    };
+}
+
+impl Store for DbStore {
+    async fn insert_model(&self, model: &ServerModel) -> Result<ServerModel, Error> {
+        dispatch!(self, s => s.insert_model(model))
+    }
+    async fn model(&self, name: &str) -> Result<Option<ServerModel>, Error> {
+        dispatch!(self, s => s.model(name))
+    }
+    async fn models(&self) -> Result<Vec<ServerModel>, Error> {
+        dispatch!(self, s => s.models())
+    }
+    async fn update_model(&self, model: &ServerModel) -> Result<ServerModel, Error> {
+        dispatch!(self, s => s.update_model(model))
+    }
+    async fn delete_model(&self, name: &str) -> Result<ServerModel, Error> {
+        dispatch!(self, s => s.delete_model(name))
+    }
+    async fn insert_server(&self, server: &Server) -> Result<Server, Error> {
+        dispatch!(self, s => s.insert_server(server))
+    }
+    async fn server(&self, key: ServerKey<'_>) -> Result<Option<Server>, Error> {
+        dispatch!(self, s => s.server(key))
+    }
+    async fn find_servers(&self, filter: &Filter<'_>) -> Result<Vec<Server>, Error> {
+        dispatch!(self, s => s.find_servers(filter))
+    }
+    async fn update_server(&self, server: &Server) -> Result<Server, Error> {
+        dispatch!(self, s => s.update_server(server))
+    }
+    async fn delete_server(&self, id: i64) -> Result<Server, Error> {
+        dispatch!(self, s => s.delete_server(id))
+    }
+    async fn outbox_pending(&self, limit: i64) -> Result<Vec<OutboxEntry>, Error> {
+        dispatch!(self, s => s.outbox_pending(limit))
+    }
+    async fn outbox_mark_processed(&self, id: i64) -> Result<bool, Error> {
+        dispatch!(self, s => s.outbox_mark_processed(id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn find_binds_only_the_given_filters_in_order() {
+        let (text, args) = sql::find(&Filter {
+            model: Some("web"),
+            status: Some(Status::Online),
+            ..Filter::default()
+        });
+        assert!(
+            text.ends_with("WHERE m.name = $1 AND s.status = $2 ORDER BY s.id"),
+            "{text}"
+        );
+        assert_eq!(args, ["web", "online"]);
+        let (text, args) = sql::find(&Filter::default());
+        assert!(!text.contains("WHERE"), "{text}");
+        assert!(args.is_empty());
+    }
+}

@@ -1,0 +1,636 @@
+//! The registry story, run on SQLite (a temp file) always and on PostgreSQL
+//! when `STEWARD_TEST_POSTGRES_URL` names a server (`eval "$(scripts/pg-test-env)"`):
+//! create/find/update/delete; each refusal gives its specific error and writes
+//! nothing (row counts of models, servers and outbox unchanged); the database
+//! itself enforces the constraints; one outbox row per change; marking the
+//! outbox processed is idempotent. Then the CLI on a SQLite file.
+
+use proptest::prelude::*;
+use salt_steward::registry::{
+    self, DbStore, Error, OutboxKind, Server, ServerFilter, ServerPatch, ServerRef, Service,
+    Status, Store,
+};
+use serde_json::Value as Json;
+
+use crate::support::steward;
+
+const PG_ENV: &str = "STEWARD_TEST_POSTGRES_URL";
+
+/// A database for one test, destroyed on drop (the PostgreSQL one is a fresh
+/// database created on the server the env var names).
+struct TestDb {
+    url: String,
+    _dir: Option<tempfile::TempDir>,
+    pg: Option<(String, String)>,
+}
+
+impl TestDb {
+    fn sqlite() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("registry.db").display());
+        Self {
+            url,
+            _dir: Some(dir),
+            pg: None,
+        }
+    }
+
+    async fn postgres() -> Option<Self> {
+        let admin = std::env::var(PG_ENV).ok().filter(|u| !u.is_empty())?;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let name = format!("steward_test_{}_{nanos}", std::process::id());
+        let pool = sqlx::PgPool::connect(&admin).await.unwrap();
+        // The name is ours (digits and underscores): no injection possible.
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+        let (base, query) = match admin.split_once('?') {
+            Some((b, q)) => (b, format!("?{q}")),
+            None => (admin.as_str(), String::new()),
+        };
+        let (server, _db) = base.rsplit_once('/').unwrap();
+        Some(Self {
+            url: format!("{server}/{name}{query}"),
+            _dir: None,
+            pg: Some((admin, name)),
+        })
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let Some((admin, name)) = self.pg.take() else {
+            return;
+        };
+        // Drop may run inside a runtime: do the async work on a thread of its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok(pool) = sqlx::PgPool::connect(&admin).await {
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .execute(&pool)
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Counts {
+    models: i64,
+    servers: i64,
+    outbox: i64,
+}
+
+async fn counts(store: &DbStore) -> Counts {
+    async fn one(store: &DbStore, table: &str) -> i64 {
+        let sql = format!("SELECT COUNT(*) FROM {table}");
+        match store {
+            DbStore::Sqlite(s) => sqlx::query_scalar(&sql).fetch_one(s.pool()).await.unwrap(),
+            DbStore::Postgres(p) => sqlx::query_scalar(&sql).fetch_one(p.pool()).await.unwrap(),
+        }
+    }
+    Counts {
+        models: one(store, "models").await,
+        servers: one(store, "servers").await,
+        outbox: one(store, "outbox").await,
+    }
+}
+
+fn patch(pairs: &[(&str, &str)]) -> ServerPatch {
+    let mut p = ServerPatch::default();
+    for (k, v) in pairs {
+        p.set(k, v).unwrap();
+    }
+    p
+}
+
+/// Runs `op`, expects the error `code`, and checks that nothing was written.
+macro_rules! refused {
+    ($svc:expr, $code:expr, $op:expr) => {{
+        let before = counts($svc.store()).await;
+        let err: Error = $op.await.expect_err("should be refused");
+        assert_eq!(err.code(), $code, "{err}");
+        assert_eq!(counts($svc.store()).await, before, "written despite {err}");
+        err
+    }};
+}
+
+async fn story(svc: Service<DbStore>) {
+    let backend = svc.store().backend();
+    assert_eq!(
+        counts(svc.store()).await,
+        Counts {
+            models: 0,
+            servers: 0,
+            outbox: 0
+        }
+    );
+
+    // Models.
+    let web = svc
+        .create_model("web", "Web servers", &["nginx".into(), "base.users".into()])
+        .await
+        .unwrap();
+    assert_eq!(web.states, ["nginx", "base.users"]);
+    svc.create_model("hypervisor", "", &[]).await.unwrap();
+    assert_eq!(svc.get_model("web").await.unwrap(), web);
+    let names: Vec<_> = svc
+        .list_models()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.name)
+        .collect();
+    assert_eq!(names, ["hypervisor", "web"]);
+    let web = svc
+        .update_model(
+            "web",
+            registry::ModelPatch {
+                description: Some("Front ends".into()),
+                states: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(web.description, "Front ends");
+
+    // Servers.
+    let pve = svc
+        .create_server(patch(&[
+            ("name", "pve1.example.org"),
+            ("model", "hypervisor"),
+            ("is_proxmox_host", "true"),
+            ("proxmox_node", "pve1"),
+            ("external_ip", "192.0.2.1"),
+            ("external_interface", "vmbr0"),
+        ]))
+        .await
+        .unwrap();
+    let proxy = svc
+        .create_server(patch(&[("name", "proxy1.example.org"), ("model", "web")]))
+        .await
+        .unwrap();
+    let pve = svc
+        .update_server(
+            &ServerRef::Id(pve.id),
+            patch(&[("nginx_proxy", "proxy1.example.org")]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(pve.nginx_proxy, Some(proxy.id));
+
+    let web01 = svc
+        .create_server(patch(&[
+            ("name", "Web01.Example.org"),
+            ("model", "web"),
+            ("is_vm", "true"),
+            ("vm_host", "pve1.example.org"),
+            ("internal_ip", "10.0.0.5"),
+            ("users", "alice,bob"),
+        ]))
+        .await
+        .unwrap();
+    assert_eq!(web01.name, "web01.example.org", "stored in lower case");
+    assert!(web01.minion_id.starts_with("web01.example.org-"));
+    assert_eq!(web01.status, Status::Created);
+    assert_eq!(web01.vm_host, Some(pve.id));
+    assert_eq!(web01.users, ["alice", "bob"]);
+    assert!(web01.id > proxy.id && proxy.id > pve.id);
+
+    // Find.
+    let by_id = svc.get_server(&ServerRef::Id(web01.id)).await.unwrap();
+    let by_name = svc
+        .get_server(&ServerRef::Name("WEB01.example.org".into()))
+        .await
+        .unwrap();
+    let by_minion = svc
+        .server_by_minion_id(&web01.minion_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(by_id, web01);
+    assert_eq!(by_name, web01);
+    assert_eq!(by_minion, web01);
+    assert!(svc.server_by_minion_id("nobody").await.unwrap().is_none());
+    let ids = |v: Vec<Server>| v.into_iter().map(|s| s.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(svc.find_servers(&ServerFilter::default()).await.unwrap()),
+        [pve.id, proxy.id, web01.id]
+    );
+    let f = ServerFilter {
+        model: Some("web".into()),
+        ..ServerFilter::default()
+    };
+    assert_eq!(
+        ids(svc.find_servers(&f).await.unwrap()),
+        [proxy.id, web01.id]
+    );
+    let f = ServerFilter {
+        model: Some("web".into()),
+        name: Some("proxy1.example.org".into()),
+        ..ServerFilter::default()
+    };
+    assert_eq!(ids(svc.find_servers(&f).await.unwrap()), [proxy.id]);
+
+    // Update: the id and minion id stay.
+    let web01 = svc
+        .update_server(
+            &ServerRef::Name("web01.example.org".into()),
+            patch(&[
+                ("status", "online"),
+                ("external_ip", "2001:db8::5"),
+                ("internal_ip", ""),
+                ("name", "web01b.example.org"),
+            ]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(web01.status, Status::Online);
+    assert_eq!(web01.external_ip, Some("2001:db8::5".parse().unwrap()));
+    assert_eq!(web01.internal_ip, None);
+    assert_eq!(web01.name, "web01b.example.org");
+    assert_eq!(web01.id, by_id.id);
+    assert_eq!(web01.minion_id, by_id.minion_id);
+    assert_eq!(
+        svc.get_server(&ServerRef::Id(web01.id)).await.unwrap(),
+        web01
+    );
+    let f = ServerFilter {
+        status: Some(Status::Online),
+        ..ServerFilter::default()
+    };
+    assert_eq!(ids(svc.find_servers(&f).await.unwrap()), [web01.id]);
+
+    // Refusals: the specific error, nothing written.
+    let e = refused!(
+        svc,
+        "duplicate_name",
+        svc.create_server(patch(&[("name", "PVE1.example.org"), ("model", "web")]))
+    );
+    assert!(e.to_string().contains("pve1.example.org"), "{e}");
+    refused!(
+        svc,
+        "duplicate_name",
+        svc.update_server(
+            &ServerRef::Id(web01.id),
+            patch(&[("name", "pve1.example.org")])
+        )
+    );
+    refused!(svc, "duplicate_name", svc.create_model("web", "", &[]));
+    refused!(
+        svc,
+        "unknown_model",
+        svc.create_server(patch(&[("name", "db1.example.org"), ("model", "db")]))
+    );
+    refused!(
+        svc,
+        "unknown_model",
+        svc.update_server(&ServerRef::Id(web01.id), patch(&[("model", "db")]))
+    );
+    let e = refused!(svc, "model_in_use", svc.delete_model("web"));
+    assert!(matches!(e, Error::ModelInUse { servers: 2, .. }), "{e:?}");
+    refused!(
+        svc,
+        "invalid_hostname",
+        svc.create_server(patch(&[("name", "web_01.example.org"), ("model", "web")]))
+    );
+    refused!(
+        svc,
+        "invalid_hostname",
+        svc.create_server(patch(&[("name", "-web.example.org"), ("model", "web")]))
+    );
+    refused!(
+        svc,
+        "invalid_value",
+        svc.create_server(patch(&[
+            ("name", "db1.example.org"),
+            ("model", "web"),
+            ("vm_host", "pve1.example.org"),
+        ]))
+    );
+    refused!(
+        svc,
+        "invalid_value",
+        svc.create_server(patch(&[
+            ("name", "db1.example.org"),
+            ("model", "web"),
+            ("is_vm", "true"),
+            ("vm_host", "nowhere.example.org"),
+        ]))
+    );
+    refused!(
+        svc,
+        "invalid_value",
+        svc.update_server(&ServerRef::Id(web01.id), patch(&[("users", "Root")]))
+    );
+    refused!(
+        svc,
+        "server_in_use",
+        svc.delete_server(&ServerRef::Name("pve1.example.org".into()))
+    );
+    refused!(svc, "not_found", svc.delete_server(&ServerRef::Id(999_999)));
+    refused!(
+        svc,
+        "not_found",
+        svc.update_server(&ServerRef::Name("ghost".into()), ServerPatch::default())
+    );
+    refused!(svc, "not_found", svc.delete_model("ghost"));
+
+    // The database enforces the constraints itself (the store, bypassing the
+    // service's checks).
+    let store = svc.store();
+    let mut clash = web01.clone();
+    clash.minion_id = "other-minion".into();
+    clash.name = "pve1.example.org".into();
+    refused!(svc, "duplicate_name", store.insert_server(&clash));
+    clash.name = "fresh.example.org".into();
+    clash.model = "nope".into();
+    refused!(svc, "unknown_model", store.insert_server(&clash));
+    clash.model = "web".into();
+    clash.vm_host = Some(999_999);
+    refused!(svc, "invalid_value", store.insert_server(&clash));
+    clash.vm_host = None;
+    clash.minion_id = web01.minion_id.clone();
+    refused!(svc, "database", store.insert_server(&clash));
+    clash.minion_id = "other-minion".into();
+    clash.is_vm = false;
+    clash.vm_host = Some(pve.id);
+    refused!(svc, "invalid_value", store.insert_server(&clash));
+
+    // Delete.
+    let gone = svc
+        .delete_server(&ServerRef::Name("web01b.example.org".into()))
+        .await
+        .unwrap();
+    assert_eq!(gone, web01);
+    refused!(svc, "not_found", svc.get_server(&ServerRef::Id(web01.id)));
+    svc.create_model("spare", "", &[]).await.unwrap();
+    svc.delete_model("spare").await.unwrap();
+
+    // The outbox: exactly one row per successful change, in order.
+    let pending = svc.outbox_pending(1000).await.unwrap();
+    let kinds: Vec<_> = pending.iter().map(|e| (e.kind, e.server_id)).collect();
+    use OutboxKind::*;
+    assert_eq!(
+        kinds,
+        [
+            (ModelCreated, None),
+            (ModelCreated, None),
+            (ModelUpdated, None),
+            (ServerCreated, Some(pve.id)),
+            (ServerCreated, Some(proxy.id)),
+            (ServerUpdated, Some(pve.id)),
+            (ServerCreated, Some(web01.id)),
+            (ServerUpdated, Some(web01.id)),
+            (ServerDeleted, Some(web01.id)),
+            (ModelCreated, None),
+            (ModelDeleted, None),
+        ],
+        "{backend}"
+    );
+    let payload =
+        |i: usize| -> Server { serde_json::from_value(pending[i].payload.clone()).unwrap() };
+    assert_eq!(payload(7), web01);
+    assert_eq!(payload(8), web01);
+    assert_eq!(pending[0].payload["name"], Json::from("web"));
+
+    // Processing is idempotent: the second mark changes nothing.
+    assert_eq!(svc.outbox_pending(3).await.unwrap().len(), 3);
+    for e in &pending[..5] {
+        assert!(svc.outbox_mark_processed(e.id).await.unwrap());
+        assert!(!svc.outbox_mark_processed(e.id).await.unwrap());
+    }
+    let left = svc.outbox_pending(1000).await.unwrap();
+    assert_eq!(left, pending[5..], "{backend}");
+    for e in &pending {
+        svc.outbox_mark_processed(e.id).await.unwrap();
+    }
+    assert!(svc.outbox_pending(1000).await.unwrap().is_empty());
+    refused!(svc, "not_found", svc.outbox_mark_processed(999_999));
+    let c = counts(svc.store()).await;
+    assert_eq!(c.outbox, pending.len() as i64, "processed rows are kept");
+
+    // A later change is the only pending one.
+    svc.update_server(&ServerRef::Id(proxy.id), patch(&[("status", "offline")]))
+        .await
+        .unwrap();
+    let p = svc.outbox_pending(1000).await.unwrap();
+    assert_eq!(p.len(), 1);
+    assert_eq!((p[0].kind, p[0].server_id), (ServerUpdated, Some(proxy.id)));
+}
+
+#[tokio::test]
+async fn registry_story_on_sqlite() {
+    let db = TestDb::sqlite();
+    let svc = registry::open(&db.url).await.unwrap();
+    assert_eq!(svc.store().backend(), "sqlite");
+    story(svc).await;
+    // Reopening migrates nothing twice and keeps the data.
+    let svc = registry::open(&db.url).await.unwrap();
+    assert_eq!(
+        svc.find_servers(&ServerFilter::default())
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn registry_story_on_postgres() {
+    // Never a silent skip: scripts/test always provides the server.
+    let Some(db) = TestDb::postgres().await else {
+        panic!(
+            "{PG_ENV} is not set: run the tests with `scripts/test`, or start the test \
+             PostgreSQL first with `eval \"$(scripts/pg-test-env)\"`"
+        );
+    };
+    let svc = registry::open(&db.url).await.unwrap();
+    assert_eq!(svc.store().backend(), "postgres");
+    story(svc).await;
+    let svc = registry::open(&db.url).await.unwrap();
+    assert_eq!(
+        svc.find_servers(&ServerFilter::default())
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn registry_sqlite_enforces_foreign_keys_on_every_connection() {
+    let db = TestDb::sqlite();
+    let svc = registry::open(&db.url).await.unwrap();
+    let DbStore::Sqlite(s) = svc.store() else {
+        unreachable!()
+    };
+    // Several pooled connections: each must have the pragma on.
+    let mut conns = Vec::new();
+    for _ in 0..4 {
+        let mut c = s.pool().acquire().await.unwrap();
+        let on: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
+            .fetch_one(&mut *c)
+            .await
+            .unwrap();
+        assert_eq!(on, 1);
+        let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+            .fetch_one(&mut *c)
+            .await
+            .unwrap();
+        assert_eq!(mode, "wal");
+        conns.push(c);
+    }
+}
+
+#[tokio::test]
+async fn registry_refuses_an_unknown_url_scheme() {
+    let e = registry::open("mysql://localhost/x").await.unwrap_err();
+    assert_eq!(e.code(), "invalid_value");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(16))]
+
+    /// Whatever order and repetition of marks: each entry is reported newly
+    /// processed exactly once, and pending is what was never marked, in order.
+    #[test]
+    fn registry_outbox_processing_is_idempotent(
+        n in 1usize..8,
+        marks in proptest::collection::vec(0usize..8, 0..24),
+    ) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let db = TestDb::sqlite();
+            let svc = registry::open(&db.url).await.unwrap();
+            for i in 0..n {
+                svc.create_model(&format!("m{i}"), "", &[]).await.unwrap();
+            }
+            let all = svc.outbox_pending(100).await.unwrap();
+            assert_eq!(all.len(), n);
+            let mut newly = vec![0; n];
+            for m in marks.iter().filter(|&&m| m < n) {
+                if svc.outbox_mark_processed(all[*m].id).await.unwrap() {
+                    newly[*m] += 1;
+                }
+            }
+            let left: Vec<i64> = svc.outbox_pending(100).await.unwrap().iter().map(|e| e.id).collect();
+            let expect: Vec<i64> = (0..n).filter(|i| !marks.contains(i)).map(|i| all[i].id).collect();
+            assert_eq!(left, expect);
+            for (i, k) in newly.iter().enumerate() {
+                assert_eq!(*k, usize::from(marks.contains(&i)));
+            }
+        });
+    }
+}
+
+/// The CLI end to end on a SQLite file: ids printed, JSON records, exit codes
+/// and one-line errors.
+#[test]
+fn registry_cli_adds_shows_sets_and_removes() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config.yaml");
+    let db = dir.path().join("state/registry.db");
+    std::fs::write(&cfg, format!("registry: sqlite://{}\n", db.display())).unwrap();
+    let run = |args: &[&str]| {
+        let o = steward()
+            .arg("--config")
+            .arg(&cfg)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = run(&["model", "add", "web", "--state", "nginx"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out.trim(), "1");
+    let (code, out, err) = run(&[
+        "server",
+        "add",
+        "web01.example.org",
+        "--model",
+        "web",
+        "--external-ip",
+        "192.0.2.9",
+        "--user",
+        "alice",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out.trim(), "1");
+    let (code, out, _) = run(&[
+        "server",
+        "add",
+        "web02.example.org",
+        "--model",
+        "web",
+        "--json",
+    ]);
+    assert_eq!(code, Some(0));
+    let s: Server = serde_json::from_str(&out).unwrap();
+    assert_eq!((s.id, s.name.as_str()), (2, "web02.example.org"));
+
+    let (code, _, err) = run(&[
+        "server",
+        "set",
+        "web01.example.org",
+        "status=online",
+        "users=alice,bob",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let (_, out, _) = run(&["server", "show", "1", "--json"]);
+    let s: Server = serde_json::from_str(&out).unwrap();
+    assert_eq!(s.status, Status::Online);
+    assert_eq!(s.users, ["alice", "bob"]);
+    assert_eq!(s.external_ip, Some("192.0.2.9".parse().unwrap()));
+    let (_, out, _) = run(&["server", "list", "--json"]);
+    let all: Vec<Server> = serde_json::from_str(&out).unwrap();
+    assert_eq!(all.len(), 2);
+    let (_, out, _) = run(&["server", "list"]);
+    assert_eq!(out.lines().count(), 2, "{out}");
+
+    for (args, needle) in [
+        (
+            &["server", "add", "bad_name", "--model", "web"][..],
+            "invalid hostname",
+        ),
+        (
+            &["server", "add", "db1", "--model", "db"][..],
+            "no model named \"db\"",
+        ),
+        (
+            &["server", "add", "web01.example.org", "--model", "web"][..],
+            "already exists",
+        ),
+        (&["model", "rm", "web"][..], "used by 2 server(s)"),
+        (&["server", "set", "1", "colour=red"][..], "unknown key"),
+        (&["server", "show", "ghost"][..], "no server ghost"),
+    ] {
+        let (code, _, err) = run(args);
+        assert_eq!(code, Some(1), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+    let (code, _, err) = run(&["server", "set", "1"]);
+    assert_eq!(code, Some(2), "KEY=VALUE is required: {err}");
+
+    assert_eq!(run(&["server", "rm", "web01.example.org"]).0, Some(0));
+    assert_eq!(run(&["server", "rm", "2"]).0, Some(0));
+    assert_eq!(run(&["model", "rm", "web"]).0, Some(0));
+    let (_, out, _) = run(&["model", "list", "--json"]);
+    assert_eq!(out.trim(), "[]");
+}
