@@ -47,6 +47,9 @@ pub struct ConfigFile {
     pub registry: Option<String>,
     /// Directory of reactor rule files. Default `/etc/salt-steward/rules.d`.
     pub rules_dir: Option<PathBuf>,
+    /// Minion ids whose requests on the bus may change the registry. Default none.
+    #[serde(default)]
+    pub trusted_minions: Vec<String>,
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
@@ -115,6 +118,7 @@ pub struct Settings {
     pub master_config: PathBuf,
     pub registry: String,
     pub rules_dir: PathBuf,
+    pub trusted_minions: Vec<String>,
     pub log: LogConfig,
     pub bus: BusConfig,
 }
@@ -148,6 +152,7 @@ impl Settings {
             rules_dir: f
                 .rules_dir
                 .unwrap_or_else(|| PathBuf::from("/etc/salt-steward/rules.d")),
+            trusted_minions: f.trusted_minions,
             log: f.log,
             bus: f.bus,
         }
@@ -188,6 +193,7 @@ mod tests {
         assert_eq!(s.master_config, d.master_config);
         assert_eq!(s.registry, d.registry);
         assert_eq!(s.rules_dir, d.rules_dir);
+        assert_eq!(s.trusted_minions, d.trusted_minions);
         assert_eq!(s.log.level, d.log.level);
         assert_eq!(s.log.format, d.log.format);
         assert_eq!(s.bus.queue_capacity, d.bus.queue_capacity);

@@ -7,13 +7,17 @@
 //! - [`bus`]: the master's event bus — decode, subscribe, fire.
 //! - [`salt`]: the master's request server (publish, wheel, runner) and job tracking.
 //! - [`registry`]: server models, servers and the outbox of their changes (SQLite or PostgreSQL).
+//! - [`service_bus`]: registry requests on the bus (parse, trust, serve).
+//! - [`daemon`]: the long-running process (request server, outbox dispatcher).
 //! - [`telemetry`]: logging and the one place each occurrence is logged.
 //! - [`cli`]: the command line.
 
 pub mod bus;
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod master_config;
 pub mod registry;
 pub mod salt;
+pub mod service_bus;
 pub mod telemetry;

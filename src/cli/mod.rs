@@ -37,6 +37,8 @@ enum Command {
     /// Watch and fire events on the master's event bus.
     #[command(subcommand)]
     Events(events::EventsCommand),
+    /// Run the daemon: the registry service on the bus, notifications of changes.
+    Daemon,
     /// Drive the salt-master: publish jobs, call wheel and runner functions.
     #[command(subcommand)]
     Salt(salt::SaltCommand),
@@ -102,6 +104,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         match cli.command {
             Command::Events(cmd) => events::run(&ctx, cmd).await,
             Command::Salt(cmd) => salt::run(&ctx, cmd).await,
+            Command::Daemon => {
+                let master = ctx.master()?;
+                crate::daemon::run(&ctx.settings, &master, shutdown_signal()).await?;
+                Ok(ExitCode::SUCCESS)
+            }
             Command::Model(cmd) => registry::run_model(&ctx, cmd).await,
             Command::Server(cmd) => registry::run_server(&ctx, cmd).await,
         }

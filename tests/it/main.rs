@@ -7,6 +7,7 @@
 mod bus_fake_publisher;
 mod bus_salt;
 mod cli;
+mod daemon;
 mod registry;
 mod salt_client;
 mod support;

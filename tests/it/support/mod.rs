@@ -81,7 +81,8 @@ impl LineChild {
         }
     }
 
-    fn drain_err(&mut self) {
+    /// Moves the stderr lines received so far into `seen_err`.
+    pub fn drain_err(&mut self) {
         while let Ok(l) = self.err.try_recv() {
             self.seen_err.push(l);
         }
@@ -134,8 +135,12 @@ impl LineChild {
         }
     }
 
-    /// Waits for a stderr line satisfying `pred`.
+    /// Waits until a stderr line satisfying `pred` has come (including lines
+    /// already received by an earlier wait), so waits may be in any order.
     pub fn wait_err_line(&mut self, what: &str, timeout: Duration, pred: impl Fn(&str) -> bool) {
+        if self.seen_err.iter().any(|l| pred(l)) {
+            return;
+        }
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if let Ok(l) = self.err.recv_timeout(Duration::from_millis(200)) {
@@ -150,6 +155,11 @@ impl LineChild {
             "{what}: not on stderr within {timeout:?}:\n{}",
             self.seen_err.join("\n")
         );
+    }
+
+    /// The child's process id.
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
     }
 
     /// Sends SIGTERM and waits for the exit status.

@@ -1,0 +1,276 @@
+//! `salt-steward daemon`: the long-running process.
+//!
+//! Components, each a task stopped by one cancellation token:
+//! - the bus reader (`bus::subscriber`), shared by the others;
+//! - the request server: registry requests from the bus (`service_bus`),
+//!   trust checks, replies;
+//! - the outbox dispatcher: every change recorded in the registry's outbox
+//!   (by the bus or by the CLI, daemon running or not) is fired as
+//!   `steward/v1/<server|model>/<created|updated|deleted>`, then marked
+//!   processed. Fire-then-mark: at least once, and a crash in between fires
+//!   again on restart.
+//!
+//! Shutdown (SIGTERM/SIGINT): stop taking requests, let the dispatcher finish
+//! the entry in hand, exit 0 within [`SHUTDOWN_GRACE`].
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use serde_json::Value as Json;
+use tokio::sync::{Mutex, Notify};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::bus::event::from_json;
+use crate::bus::{BusHandle, BusItem, EventFirer, SubscriberOptions, Subscription};
+use crate::config::Settings;
+use crate::master_config::MasterConfig;
+use crate::registry::{self, DbStore, Service};
+use crate::service_bus::{self, Corroborations, Request, Sender, CORROBORATION_WAIT};
+
+/// How long shutdown waits for the components.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// How often the outbox is polled for changes made by other processes (the CLI).
+const OUTBOX_POLL: Duration = Duration::from_secs(1);
+
+type Firer = Arc<Mutex<EventFirer>>;
+
+/// Runs the daemon until `shutdown` resolves.
+pub async fn run(
+    settings: &Settings,
+    master: &MasterConfig,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let service = Arc::new(
+        registry::open(&settings.registry)
+            .await
+            .with_context(|| format!("opening the registry {}", redact(&settings.registry)))?,
+    );
+    let cancel = CancellationToken::new();
+    let mut bus = BusHandle::new(
+        master.event_pub(),
+        SubscriberOptions {
+            queue_capacity: settings.bus.queue_capacity,
+            max_frame: settings.bus.max_event_size,
+            ..SubscriberOptions::default()
+        },
+    );
+    let requests = bus.subscribe();
+    bus.spawn(cancel.clone());
+    let firer: Firer = Arc::new(Mutex::new(EventFirer::new(master.event_pull())));
+    let changed = Arc::new(Notify::new());
+
+    info!(message = "Daemon started.", master_config = %master.path.display(), registry_backend = service.store().backend());
+    let outbox = tokio::spawn(dispatch_outbox(
+        service.clone(),
+        firer.clone(),
+        changed.clone(),
+        cancel.clone(),
+    ));
+    let server = tokio::spawn(serve_requests(
+        requests,
+        service,
+        firer,
+        changed,
+        settings.trusted_minions.iter().cloned().collect(),
+        cancel.clone(),
+    ));
+
+    shutdown.await;
+    info!(message = "Shutting down.");
+    cancel.cancel();
+    let all = async {
+        let _ = server.await;
+        let _ = outbox.await;
+        bus.join().await;
+    };
+    if tokio::time::timeout(SHUTDOWN_GRACE, all).await.is_err() {
+        warn!(message = "Components did not stop in time.", grace = ?SHUTDOWN_GRACE);
+    }
+    info!(message = "Stopped.");
+    Ok(())
+}
+
+/// A database URL with any password hidden, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+async fn fire(firer: &Firer, tag: &str, data: &Json) -> Result<(), crate::bus::FireError> {
+    firer.lock().await.fire(tag, from_json(data)).await
+}
+
+/// Fires every unprocessed outbox entry in order, then waits for a change.
+async fn dispatch_outbox(
+    service: Arc<Service<DbStore>>,
+    firer: Firer,
+    changed: Arc<Notify>,
+    cancel: CancellationToken,
+) {
+    loop {
+        match service.outbox_pending(100).await {
+            Ok(entries) => {
+                for entry in entries {
+                    if cancel.is_cancelled() {
+                        return;
+                    }
+                    // "server.created" → steward/v1/server/created
+                    let tag = format!(
+                        "{}{}",
+                        service_bus::REQUEST_PREFIX,
+                        entry.kind.as_str().replace('.', "/")
+                    );
+                    if let Err(error) = fire(&firer, &tag, &entry.payload).await {
+                        warn!(message = "Notification not fired; will retry.", %tag, outbox_id = entry.id, %error);
+                        break;
+                    }
+                    if let Err(error) = service.outbox_mark_processed(entry.id).await {
+                        warn!(message = "Notification fired but not marked processed; it will be fired again.", %tag, outbox_id = entry.id, %error);
+                        break;
+                    }
+                }
+            }
+            Err(error) => warn!(message = "Reading the outbox failed; will retry.", %error),
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = changed.notified() => {}
+            _ = tokio::time::sleep(OUTBOX_POLL) => {}
+        }
+    }
+}
+
+/// Serves registry requests from the bus.
+async fn serve_requests(
+    mut sub: Subscription,
+    service: Arc<Service<DbStore>>,
+    firer: Firer,
+    changed: Arc<Notify>,
+    trusted: HashSet<String>,
+    cancel: CancellationToken,
+) {
+    let mut corroborations = Corroborations::default();
+    // Unwrapped requests waiting for their salt-run event.
+    let mut waiting: Vec<(tokio::time::Instant, Request)> = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        let item = tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => None,
+            item = sub.recv() => match item {
+                Some(item) => Some(item),
+                None => return,
+            },
+        };
+        let now = tokio::time::Instant::now();
+        if let Some(BusItem::Event(event)) = item {
+            if corroborations.observe(&event, now) {
+                // A waiting request may be the one it vouches for.
+                let mut still = Vec::new();
+                for (deadline, req) in waiting.drain(..) {
+                    if corroborations.take(&req) {
+                        answer(&service, &firer, &changed, &req).await;
+                    } else {
+                        still.push((deadline, req));
+                    }
+                }
+                waiting = still;
+                continue;
+            }
+            match service_bus::parse(&event) {
+                None => {}
+                Some(Err(bad)) => {
+                    warn!(message = "Malformed registry request.", tag = %event.tag, reason = %bad.message);
+                    if let Some(id) = &bad.request_id {
+                        reply(
+                            &firer,
+                            id,
+                            &service_bus::error_reply("bad_request", &bad.message),
+                        )
+                        .await;
+                    }
+                }
+                Some(Ok(req)) => match (&req.sender, req.op) {
+                    // A lookup changes nothing: anyone may ask.
+                    (_, service_bus::Op::Find) => answer(&service, &firer, &changed, &req).await,
+                    (Sender::Minion(id), _) if trusted.contains(id) => {
+                        answer(&service, &firer, &changed, &req).await
+                    }
+                    (Sender::Minion(id), _) => {
+                        warn!(message = "Registry request refused: minion not trusted.", minion_id = %id, tag = %req.tag);
+                        let msg = format!(
+                            "minion {id} is not in trusted_minions; the registry was not changed"
+                        );
+                        reply(
+                            &firer,
+                            &req.request_id,
+                            &service_bus::error_reply("untrusted_sender", &msg),
+                        )
+                        .await;
+                    }
+                    (Sender::Unwrapped, _) if corroborations.take(&req) => {
+                        answer(&service, &firer, &changed, &req).await
+                    }
+                    (Sender::Unwrapped, _) => waiting.push((now + CORROBORATION_WAIT, req)),
+                },
+            }
+        }
+        // Requests whose salt-run event never came.
+        let (expired, still): (Vec<_>, Vec<_>) = waiting
+            .drain(..)
+            .partition(|(deadline, _)| *deadline <= now);
+        waiting = still;
+        for (_, req) in expired {
+            warn!(message = "Registry request refused: sender not verified.", tag = %req.tag, request_id = %req.request_id);
+            let msg = "request not verified as fired on the master (use `salt-run event.send`, or a trusted minion's `salt-call event.send`); the registry was not changed";
+            reply(
+                &firer,
+                &req.request_id,
+                &service_bus::error_reply("unverified_sender", msg),
+            )
+            .await;
+        }
+    }
+}
+
+async fn answer(service: &Service<DbStore>, firer: &Firer, changed: &Notify, req: &Request) {
+    let result = service_bus::serve(service, req).await;
+    if req.op != service_bus::Op::Find && result.get("ok") == Some(&Json::Bool(true)) {
+        changed.notify_one();
+    }
+    reply(firer, &req.request_id, &result).await;
+}
+
+async fn reply(firer: &Firer, request_id: &str, data: &Json) {
+    let tag = service_bus::reply_tag(request_id);
+    if let Err(error) = fire(firer, &tag, data).await {
+        warn!(message = "Reply not fired.", %tag, %error);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn passwords_never_reach_messages() {
+        assert_eq!(
+            redact("postgres://steward:s3cret@db/reg"),
+            "postgres://steward:***@db/reg"
+        );
+        assert_eq!(redact("sqlite:///var/lib/x.db"), "sqlite:///var/lib/x.db");
+    }
+}
