@@ -134,12 +134,13 @@ mod sql {
          proxmox_node, external_interface, nginx_proxy, samba_managed, samba_base_folder, users, \
          created_at, updated_at) VALUES ($1, (SELECT id FROM models WHERE name = $2), $3, $4, $5, \
          $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $17) RETURNING id";
-    pub const UPDATE_SERVER: &str = "UPDATE servers SET name = $2, \
-         model_id = (SELECT id FROM models WHERE name = $3), minion_id = $4, \
-         key_fingerprint = $5, status = $6, is_vm = $7, vm_host = $8, external_ip = $9, \
-         internal_ip = $10, is_proxmox_host = $11, proxmox_node = $12, \
-         external_interface = $13, nginx_proxy = $14, samba_managed = $15, \
-         samba_base_folder = $16, users = $17, updated_at = $18 WHERE id = $1";
+    /// Binds like `INSERT_SERVER` (`$1`–`$16` fields, `$17` time), then `$18` the id.
+    pub const UPDATE_SERVER: &str = "UPDATE servers SET name = $1, \
+         model_id = (SELECT id FROM models WHERE name = $2), minion_id = $3, \
+         key_fingerprint = $4, status = $5, is_vm = $6, vm_host = $7, external_ip = $8, \
+         internal_ip = $9, is_proxmox_host = $10, proxmox_node = $11, \
+         external_interface = $12, nginx_proxy = $13, samba_managed = $14, \
+         samba_base_folder = $15, users = $16, updated_at = $17 WHERE id = $18";
     pub const DELETE_SERVER: &str = "DELETE FROM servers WHERE id = $1";
     pub const SERVER_BY_ID: &str = select_server!("WHERE s.id = $1");
     pub const SERVER_BY_NAME: &str = select_server!("WHERE s.name = $1");
@@ -382,6 +383,30 @@ impl PgStore {
     }
 }
 
+/// Binds a server's 16 stored fields and the time, in the order
+/// `sql::INSERT_SERVER` and `sql::UPDATE_SERVER` both use (`$1`–`$17`).
+macro_rules! bind_server_fields {
+    ($q:expr, $server:expr, $now:expr) => {
+        $q.bind(&$server.name)
+            .bind(&$server.model)
+            .bind(&$server.minion_id)
+            .bind(&$server.key_fingerprint)
+            .bind($server.status.as_str())
+            .bind($server.is_vm)
+            .bind($server.vm_host)
+            .bind($server.external_ip.map(|ip| ip.to_string()))
+            .bind($server.internal_ip.map(|ip| ip.to_string()))
+            .bind($server.is_proxmox_host)
+            .bind(&$server.proxmox_node)
+            .bind(&$server.external_interface)
+            .bind($server.nginx_proxy)
+            .bind($server.samba_managed)
+            .bind(&$server.samba_base_folder)
+            .bind(json_list(&$server.users)?)
+            .bind($now)
+    };
+}
+
 /// One body for both backends: `$begin` opens a write transaction.
 macro_rules! store_impl {
     ($store:ty, $row:ty, $begin:literal) => {
@@ -581,24 +606,7 @@ macro_rules! store_impl {
                 let opn = || format!("{op} {}", server.name);
                 let mut tx = self.pool.begin_with($begin).await.map_err(db(opn()))?;
                 let now = now_ms();
-                let row = sqlx::query(sql::INSERT_SERVER)
-                    .bind(&server.name)
-                    .bind(&server.model)
-                    .bind(&server.minion_id)
-                    .bind(&server.key_fingerprint)
-                    .bind(server.status.as_str())
-                    .bind(server.is_vm)
-                    .bind(server.vm_host)
-                    .bind(server.external_ip.map(|ip| ip.to_string()))
-                    .bind(server.internal_ip.map(|ip| ip.to_string()))
-                    .bind(server.is_proxmox_host)
-                    .bind(&server.proxmox_node)
-                    .bind(&server.external_interface)
-                    .bind(server.nginx_proxy)
-                    .bind(server.samba_managed)
-                    .bind(&server.samba_base_folder)
-                    .bind(json_list(&server.users)?)
-                    .bind(now)
+                let row = bind_server_fields!(sqlx::query(sql::INSERT_SERVER), server, now)
                     .fetch_one(&mut *tx)
                     .await
                     .map_err(|e| server_write_error(op, server, e))?;
@@ -652,25 +660,8 @@ macro_rules! store_impl {
                 let opn = || format!("{op} {}", server.name);
                 let mut tx = self.pool.begin_with($begin).await.map_err(db(opn()))?;
                 let now = now_ms();
-                let done = sqlx::query(sql::UPDATE_SERVER)
+                let done = bind_server_fields!(sqlx::query(sql::UPDATE_SERVER), server, now)
                     .bind(server.id)
-                    .bind(&server.name)
-                    .bind(&server.model)
-                    .bind(&server.minion_id)
-                    .bind(&server.key_fingerprint)
-                    .bind(server.status.as_str())
-                    .bind(server.is_vm)
-                    .bind(server.vm_host)
-                    .bind(server.external_ip.map(|ip| ip.to_string()))
-                    .bind(server.internal_ip.map(|ip| ip.to_string()))
-                    .bind(server.is_proxmox_host)
-                    .bind(&server.proxmox_node)
-                    .bind(&server.external_interface)
-                    .bind(server.nginx_proxy)
-                    .bind(server.samba_managed)
-                    .bind(&server.samba_base_folder)
-                    .bind(json_list(&server.users)?)
-                    .bind(now)
                     .execute(&mut *tx)
                     .await
                     .map_err(|e| server_write_error(op, server, e))?;
