@@ -16,8 +16,10 @@
 //! - an unwrapped request is accepted only when corroborated by the
 //!   `salt/run/<jid>/new` event that `salt-run event.send` fires just before
 //!   it (`fun: runner.event.send`, `fun_args` naming the same tag and
-//!   request id). Minions cannot fire `salt/run/*` (Salt's
-//!   `MINION_EVENT_BLACKLIST`), so only the master's own user can;
+//!   request id). Minions cannot fire a clean `salt/run/*` event: Salt's
+//!   `MINION_EVENT_BLACKLIST` drops it from batches, and a plain minion event
+//!   on that tag keeps the wrapper's `cmd`/`id` keys, which disqualify it
+//!   (pinned by `daemon::registry_requests_on_the_bus_with_trust_rules`);
 //! - `find` changes nothing and is answered for anyone.
 //!
 //! An unwrapped request waits up to [`CORROBORATION_WAIT`] for its runner
@@ -175,6 +177,14 @@ impl Corroborations {
             return false;
         };
         if !rest.ends_with("/new") || event.str_field("fun") != Some("runner.event.send") {
+            return false;
+        }
+        // Salt checks its minion blacklist only for batched events: a
+        // minion's plain `event.fire_master` can still use a salt/run/ tag,
+        // with `preload` keys at the top of the data. Such an event always
+        // keeps the wrapper's `cmd` and `id` keys (preload can change their
+        // values, not remove them); the master's own runner event has neither.
+        if event.field("cmd").is_some() || event.field("id").is_some() {
             return false;
         }
         let args = event.field("fun_args").map(to_json).unwrap_or(Json::Null);

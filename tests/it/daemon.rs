@@ -174,6 +174,36 @@ fn registry_requests_on_the_bus_with_trust_rules() {
         "unverified_sender"
     );
 
+    // ... even with a forged `salt/run/<jid>/new` vouching for it: a minion's
+    // non-batch event.fire_master is not blacklist-checked by Salt, and
+    // `preload` puts runner-looking keys at the top of the fired data.
+    let fake_run = json!({"fun": "runner.event.send", "fun_args": ["steward/v1/server/create",
+        {"request_id": "f2", "name": "forged2.example.org", "model": "web"}]});
+    assert_ok(&h.minion_call(
+        "d-untrusted",
+        &[
+            "event.fire_master",
+            "{}",
+            "salt/run/20261123000000000001/new",
+            &format!("preload={fake_run}"),
+        ],
+    ));
+    let preload = json!({"events": [{"tag": "steward/v1/server/create",
+        "data": {"request_id": "f2", "name": "forged2.example.org", "model": "web"}}]});
+    assert_ok(&h.minion_call(
+        "d-untrusted",
+        &[
+            "event.fire_master",
+            "{}",
+            "x/y",
+            &format!("preload={preload}"),
+        ],
+    ));
+    assert_eq!(
+        reply(&mut w, &mut daemon, "f2")["error"]["code"],
+        "unverified_sender"
+    );
+
     // A trusted minion: accepted
     assert_ok(&h.minion_call(
         "d-trusted",
