@@ -45,6 +45,23 @@ impl Event {
     /// What kind of event this is, with its fields, for the ones we act on.
     pub fn kind(&self) -> EventKind<'_> {
         let tag = self.tag.as_str();
+        // Anything a minion fired is that, whatever its tag: a minion's plain
+        // `event.fire_master` may use any tag (salt/auth, salt/job/…/ret/…),
+        // but the master always wraps it (`cmd: _minion_event`, the id).
+        if self.str_field("cmd") == Some("_minion_event") {
+            if let Some(id) = self.str_field("id") {
+                let start = tag
+                    .strip_prefix("salt/minion/")
+                    .and_then(|r| r.strip_suffix("/start"));
+                if start == Some(id) {
+                    return EventKind::MinionStart { id };
+                }
+                return EventKind::MinionFired(MinionFired {
+                    id,
+                    payload: self.field("data").unwrap_or(&Value::Nil),
+                });
+            }
+        }
         if tag == "salt/auth" {
             if let Some(id) = self.str_field("id") {
                 let result = self
@@ -74,12 +91,6 @@ impl Event {
                         .and_then(Value::as_bool)
                         .unwrap_or(false),
                 });
-            }
-        } else if let Some(rest) = tag.strip_prefix("salt/minion/") {
-            if let Some(id) = rest.strip_suffix("/start") {
-                if !id.is_empty() && !id.contains('/') {
-                    return EventKind::MinionStart { id };
-                }
             }
         } else if let Some(rest) = tag.strip_prefix("salt/job/") {
             let mut parts = rest.splitn(3, '/');
@@ -112,16 +123,6 @@ impl Event {
                 _ => {}
             }
         }
-        // `event.send` / `event.fire_master` on a minion: the master wraps the
-        // user's data and adds the minion's id (salt-protocol.md §2).
-        if self.str_field("cmd") == Some("_minion_event") {
-            if let Some(id) = self.str_field("id") {
-                return EventKind::MinionFired(MinionFired {
-                    id,
-                    payload: self.field("data").unwrap_or(&Value::Nil),
-                });
-            }
-        }
         EventKind::Other
     }
 }
@@ -133,7 +134,7 @@ pub enum EventKind<'a> {
     Auth(AuthEvent<'a>),
     /// `salt/key`: a key accepted, rejected or deleted on the master.
     Key(KeyEvent<'a>),
-    /// `salt/minion/<id>/start`.
+    /// `salt/minion/<id>/start`, fired by that minion itself.
     MinionStart { id: &'a str },
     /// `salt/job/<jid>/new`: a job was published.
     JobNew(JobNew<'a>),
@@ -395,6 +396,36 @@ mod tests {
         assert!(kinds
             .iter()
             .any(|k| matches!(k, EventKind::JobNew(j) if j.minions.contains(&"test-minion-1"))));
+    }
+
+    #[test]
+    fn minion_made_events_on_salt_tags_are_not_taken_for_salts_own() {
+        // event.fire_master with preload: runner/return keys at the top level
+        let fake_ret = ev(
+            "salt/job/20261123000000000001/ret/other-minion",
+            serde_json::json!({"cmd": "_minion_event", "id": "evil", "data": {},
+                               "success": true, "return": true, "retcode": 0}),
+        );
+        assert!(matches!(
+            fake_ret.kind(),
+            EventKind::MinionFired(MinionFired { id: "evil", .. })
+        ));
+        let fake_auth = ev(
+            "salt/auth",
+            serde_json::json!({"cmd": "_minion_event", "id": "evil", "act": "pend", "result": true}),
+        );
+        assert!(matches!(fake_auth.kind(), EventKind::MinionFired(_)));
+        // a minion's own start event is still a start event; another's is not
+        let start = ev(
+            "salt/minion/m1/start",
+            serde_json::json!({"cmd": "_minion_event", "id": "m1", "data": "Minion m1 started"}),
+        );
+        assert_eq!(start.kind(), EventKind::MinionStart { id: "m1" });
+        let other = ev(
+            "salt/minion/m2/start",
+            serde_json::json!({"cmd": "_minion_event", "id": "m1"}),
+        );
+        assert!(matches!(other.kind(), EventKind::MinionFired(_)));
     }
 
     #[test]
