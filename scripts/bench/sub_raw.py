@@ -9,12 +9,12 @@ Prints "READY" once connected, then one JSON line when N events tagged
 bench/evt were received or none came for IDLE_SECS:
 subscriber, received, t_first, t_last (epoch s), seconds, rate_per_s, cpu_seconds, bytes.
 """
-import json
 import os
-import resource
 import socket
 import sys
 import time
+
+from sub_common import cpu_now, report
 
 import msgpack
 
@@ -25,7 +25,7 @@ def main():
     s.connect(os.path.join(sock_dir, "master_event_pub.ipc"))
     s.settimeout(idle)
     print("READY", flush=True)
-    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu0 = cpu_now()
     unp = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=0)
     n = nbytes = 0
     t_first = t_last = None
@@ -47,15 +47,7 @@ def main():
             if t_first is None:
                 t_first = t_last
             n += 1
-    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
-    dt = (t_last - t_first) if n else 0.0
-    print(json.dumps({
-        "subscriber": "raw socket+msgpack (Python)",
-        "received": n, "t_first": t_first, "t_last": t_last,
-        "seconds": round(dt, 3), "rate_per_s": round(n / dt) if dt else None,
-        "cpu_seconds": round(cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime, 2),
-        "bytes": nbytes,
-    }), flush=True)
+    report("raw socket+msgpack (Python)", n, t_first, t_last, cpu0, bytes=nbytes)
 
 
 if __name__ == "__main__":

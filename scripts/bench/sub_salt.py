@@ -9,10 +9,10 @@ Prints "READY" once connected, then one JSON line when N events tagged
 bench/evt were received or none came for IDLE_SECS:
 subscriber, received, t_first, t_last (epoch s), seconds, rate_per_s, cpu_seconds.
 """
-import json
-import resource
 import sys
 import time
+
+from sub_common import cpu_now, report
 
 import salt.config
 import salt.utils.event
@@ -23,7 +23,7 @@ def main():
     opts = salt.config.master_config(cfg)
     ev = salt.utils.event.get_master_event(opts, opts["sock_dir"], listen=True)
     print("READY", flush=True)
-    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu0 = cpu_now()
     n = 0
     t_first = t_last = None
     while n < n_want:
@@ -34,14 +34,7 @@ def main():
         if t_first is None:
             t_first = t_last
         n += 1
-    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
-    dt = (t_last - t_first) if n else 0.0
-    print(json.dumps({
-        "subscriber": "Salt Python API (get_event)",
-        "received": n, "t_first": t_first, "t_last": t_last,
-        "seconds": round(dt, 3), "rate_per_s": round(n / dt) if dt else None,
-        "cpu_seconds": round(cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime, 2),
-    }), flush=True)
+    report("Salt Python API (get_event)", n, t_first, t_last, cpu0)
     ev.destroy()
 
 

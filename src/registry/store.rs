@@ -383,6 +383,23 @@ impl PgStore {
     }
 }
 
+/// Appends the outbox row of a change to `$tx`, then commits: every write
+/// of the store ends this way, so a change and its notification are one
+/// transaction.
+macro_rules! append_and_commit {
+    ($tx:ident, $kind:expr, $server_id:expr, $record:expr, $now:expr, $op:expr) => {
+        sqlx::query(outbox::APPEND)
+            .bind($kind.as_str())
+            .bind($server_id)
+            .bind(outbox::payload($record)?)
+            .bind($now)
+            .execute(&mut *$tx)
+            .await
+            .map_err(db($op))?;
+        $tx.commit().await.map_err(db($op))?;
+    };
+}
+
 /// Binds a server's 16 stored fields and the time, in the order
 /// `sql::INSERT_SERVER` and `sql::UPDATE_SERVER` both use (`$1`–`$17`).
 macro_rules! bind_server_fields {
@@ -482,15 +499,14 @@ macro_rules! store_impl {
                     id: row.try_get(0).map_err(db(op()))?,
                     ..model.clone()
                 };
-                sqlx::query(outbox::APPEND)
-                    .bind(OutboxKind::ModelCreated.as_str())
-                    .bind(None::<i64>)
-                    .bind(outbox::payload(&created)?)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db(op()))?;
-                tx.commit().await.map_err(db(op()))?;
+                append_and_commit!(
+                    tx,
+                    OutboxKind::ModelCreated,
+                    None::<i64>,
+                    &created,
+                    now,
+                    op()
+                );
                 Ok(created)
             }
 
@@ -539,15 +555,7 @@ macro_rules! store_impl {
                         key: model.name.clone(),
                     });
                 }
-                sqlx::query(outbox::APPEND)
-                    .bind(OutboxKind::ModelUpdated.as_str())
-                    .bind(None::<i64>)
-                    .bind(outbox::payload(model)?)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db(op()))?;
-                tx.commit().await.map_err(db(op()))?;
+                append_and_commit!(tx, OutboxKind::ModelUpdated, None::<i64>, model, now, op());
                 Ok(model.clone())
             }
 
@@ -589,15 +597,14 @@ macro_rules! store_impl {
                         Some((ErrorKind::ForeignKeyViolation, _)) => in_use(1),
                         _ => db(op())(e),
                     })?;
-                sqlx::query(outbox::APPEND)
-                    .bind(OutboxKind::ModelDeleted.as_str())
-                    .bind(None::<i64>)
-                    .bind(outbox::payload(&model)?)
-                    .bind(now_ms())
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db(op()))?;
-                tx.commit().await.map_err(db(op()))?;
+                append_and_commit!(
+                    tx,
+                    OutboxKind::ModelDeleted,
+                    None::<i64>,
+                    &model,
+                    now_ms(),
+                    op()
+                );
                 Ok(model)
             }
 
@@ -616,15 +623,14 @@ macro_rules! store_impl {
                     updated_at: now,
                     ..server.clone()
                 };
-                sqlx::query(outbox::APPEND)
-                    .bind(OutboxKind::ServerCreated.as_str())
-                    .bind(Some(created.id))
-                    .bind(outbox::payload(&created)?)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db(opn()))?;
-                tx.commit().await.map_err(db(opn()))?;
+                append_and_commit!(
+                    tx,
+                    OutboxKind::ServerCreated,
+                    Some(created.id),
+                    &created,
+                    now,
+                    opn()
+                );
                 Ok(created)
             }
 
@@ -675,15 +681,14 @@ macro_rules! store_impl {
                     updated_at: now,
                     ..server.clone()
                 };
-                sqlx::query(outbox::APPEND)
-                    .bind(OutboxKind::ServerUpdated.as_str())
-                    .bind(Some(updated.id))
-                    .bind(outbox::payload(&updated)?)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db(opn()))?;
-                tx.commit().await.map_err(db(opn()))?;
+                append_and_commit!(
+                    tx,
+                    OutboxKind::ServerUpdated,
+                    Some(updated.id),
+                    &updated,
+                    now,
+                    opn()
+                );
                 Ok(updated)
             }
 
@@ -714,15 +719,14 @@ macro_rules! store_impl {
                         },
                         _ => db(op())(e),
                     })?;
-                sqlx::query(outbox::APPEND)
-                    .bind(OutboxKind::ServerDeleted.as_str())
-                    .bind(Some(id))
-                    .bind(outbox::payload(&server)?)
-                    .bind(now_ms())
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db(op()))?;
-                tx.commit().await.map_err(db(op()))?;
+                append_and_commit!(
+                    tx,
+                    OutboxKind::ServerDeleted,
+                    Some(id),
+                    &server,
+                    now_ms(),
+                    op()
+                );
                 Ok(server)
             }
 

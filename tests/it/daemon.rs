@@ -74,6 +74,20 @@ fn salt_run_send(h: &SaltHarness, tag: &str, data: Value) {
     assert_ok(&h.master_cmd("salt-run", &["event.send", tag, &data.to_string()]));
 }
 
+/// `event.fire_master` on the untrusted minion with `preload` keys.
+fn fire_master_preload(h: &SaltHarness, tag: &str, preload: &Value) {
+    let preload = format!("preload={preload}");
+    assert_ok(&h.minion_call("d-untrusted", &["event.fire_master", "{}", tag, &preload]));
+}
+
+/// The untrusted minion making the master fire an unwrapped create request
+/// (an `events` batch), which looks as if fired on the master.
+fn forge_unwrapped_create(h: &SaltHarness, request_id: &str, name: &str) {
+    let batch = json!({"events": [{"tag": "steward/v1/server/create",
+        "data": {"request_id": request_id, "name": name, "model": "web"}}]});
+    fire_master_preload(h, "x/y", &batch);
+}
+
 fn server_names(config: &Path) -> Vec<String> {
     let out = run_ok(cli(config, &["server", "list", "--json"]));
     let list: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -158,17 +172,7 @@ fn registry_requests_on_the_bus_with_trust_rules() {
     );
 
     // The same minion forging an unwrapped event: not verified, nothing written
-    let preload = json!({"events": [{"tag": "steward/v1/server/create",
-        "data": {"request_id": "f1", "name": "forged.example.org", "model": "web"}}]});
-    assert_ok(&h.minion_call(
-        "d-untrusted",
-        &[
-            "event.fire_master",
-            "{}",
-            "x/y",
-            &format!("preload={preload}"),
-        ],
-    ));
+    forge_unwrapped_create(&h, "f1", "forged.example.org");
     assert_eq!(
         reply(&mut w, &mut daemon, "f1")["error"]["code"],
         "unverified_sender"
@@ -179,26 +183,8 @@ fn registry_requests_on_the_bus_with_trust_rules() {
     // `preload` puts runner-looking keys at the top of the fired data.
     let fake_run = json!({"fun": "runner.event.send", "fun_args": ["steward/v1/server/create",
         {"request_id": "f2", "name": "forged2.example.org", "model": "web"}]});
-    assert_ok(&h.minion_call(
-        "d-untrusted",
-        &[
-            "event.fire_master",
-            "{}",
-            "salt/run/20261123000000000001/new",
-            &format!("preload={fake_run}"),
-        ],
-    ));
-    let preload = json!({"events": [{"tag": "steward/v1/server/create",
-        "data": {"request_id": "f2", "name": "forged2.example.org", "model": "web"}}]});
-    assert_ok(&h.minion_call(
-        "d-untrusted",
-        &[
-            "event.fire_master",
-            "{}",
-            "x/y",
-            &format!("preload={preload}"),
-        ],
-    ));
+    fire_master_preload(&h, "salt/run/20261123000000000001/new", &fake_run);
+    forge_unwrapped_create(&h, "f2", "forged2.example.org");
     assert_eq!(
         reply(&mut w, &mut daemon, "f2")["error"]["code"],
         "unverified_sender"
