@@ -24,24 +24,36 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or(10_000);
     let dir = tempfile::tempdir().context("creating a temp dir")?;
     let url = match args.next() {
-        Some(u) => u,
-        None => format!("sqlite://{}", dir.path().join("bench.db").display()),
+        Some(u) if u != "-" => u,
+        _ => format!("sqlite://{}", dir.path().join("bench.db").display()),
     };
+    let callers: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(1).max(1);
     let svc = registry::open(&url).await?;
     svc.create_model("web", "benchmark", &["nginx".to_owned()])
         .await?;
 
     let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in 0..callers {
+        let svc = svc.clone();
+        tasks.spawn(async move {
+            let mut minions = Vec::with_capacity(n / callers + 1);
+            for i in (c..n).step_by(callers) {
+                let mut p = ServerPatch::default();
+                p.set("name", &format!("web{i:06}.bench.example.org"))?;
+                p.set("model", "web")?;
+                p.set(
+                    "internal_ip",
+                    &format!("10.{}.{}.{}", i >> 16 & 255, i >> 8 & 255, i & 255),
+                )?;
+                minions.push(svc.create_server(p).await?.minion_id);
+            }
+            anyhow::Ok(minions)
+        });
+    }
     let mut minions = Vec::with_capacity(n);
-    for i in 0..n {
-        let mut p = ServerPatch::default();
-        p.set("name", &format!("web{i:06}.bench.example.org"))?;
-        p.set("model", "web")?;
-        p.set(
-            "internal_ip",
-            &format!("10.{}.{}.{}", i >> 16 & 255, i >> 8 & 255, i & 255),
-        )?;
-        minions.push(svc.create_server(p).await?.minion_id);
+    while let Some(done) = tasks.join_next().await {
+        minions.extend(done??);
     }
     let create = start.elapsed();
 
@@ -70,6 +82,7 @@ async fn main() -> anyhow::Result<()> {
         serde_json::json!({
             "backend": svc.store().backend(),
             "servers": n,
+            "concurrent_callers": callers,
             "create_seconds": create.as_secs_f64(),
             "creates_per_s": n as f64 / create.as_secs_f64(),
             "outbox_pending": svc.outbox_pending(i64::MAX).await?.len(),

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use serde_json::Value as Json;
-use tokio::sync::{Mutex, Notify};
+use tokio::sync::{Mutex, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -33,6 +33,9 @@ use crate::service_bus::{self, Corroborations, Request, Sender, CORROBORATION_WA
 
 /// How long shutdown waits for the components.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Registry requests answered at the same time.
+const MAX_REQUESTS_IN_FLIGHT: usize = 64;
 
 /// How often the outbox is polled for changes made by other processes (the CLI).
 const OUTBOX_POLL: Duration = Duration::from_secs(1);
@@ -162,17 +165,23 @@ async fn serve_requests(
     trusted: HashSet<String>,
     cancel: CancellationToken,
 ) {
+    let answering = Answering {
+        service,
+        firer: firer.clone(),
+        changed,
+        slots: Arc::new(Semaphore::new(MAX_REQUESTS_IN_FLIGHT)),
+    };
     let mut corroborations = Corroborations::default();
     // Unwrapped requests waiting for their salt-run event.
     let mut waiting: Vec<(tokio::time::Instant, Request)> = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
         let item = tokio::select! {
-            _ = cancel.cancelled() => return,
+            _ = cancel.cancelled() => return answering.drain().await,
             _ = tick.tick() => None,
             item = sub.recv() => match item {
                 Some(item) => Some(item),
-                None => return,
+                None => return answering.drain().await,
             },
         };
         let now = tokio::time::Instant::now();
@@ -182,7 +191,7 @@ async fn serve_requests(
                 let mut still = Vec::new();
                 for (deadline, req) in waiting.drain(..) {
                     if corroborations.take(&req) {
-                        answer(&service, &firer, &changed, &req).await;
+                        answering.start(req).await;
                     } else {
                         still.push((deadline, req));
                     }
@@ -205,9 +214,9 @@ async fn serve_requests(
                 }
                 Some(Ok(req)) => match (&req.sender, req.op) {
                     // A lookup changes nothing: anyone may ask.
-                    (_, service_bus::Op::Find) => answer(&service, &firer, &changed, &req).await,
+                    (_, service_bus::Op::Find) => answering.start(req).await,
                     (Sender::Minion(id), _) if trusted.contains(id) => {
-                        answer(&service, &firer, &changed, &req).await
+                        answering.start(req).await
                     }
                     (Sender::Minion(id), _) => {
                         warn!(message = "Registry request refused: minion not trusted.", minion_id = %id, tag = %req.tag);
@@ -222,7 +231,7 @@ async fn serve_requests(
                         .await;
                     }
                     (Sender::Unwrapped, _) if corroborations.take(&req) => {
-                        answer(&service, &firer, &changed, &req).await
+                        answering.start(req).await
                     }
                     (Sender::Unwrapped, _) => waiting.push((now + CORROBORATION_WAIT, req)),
                 },
@@ -246,12 +255,41 @@ async fn serve_requests(
     }
 }
 
-async fn answer(service: &Service<DbStore>, firer: &Firer, changed: &Notify, req: &Request) {
-    let result = service_bus::serve(service, req).await;
-    if req.op != service_bus::Op::Find && result.get("ok") == Some(&Json::Bool(true)) {
-        changed.notify_one();
+/// Runs accepted requests, up to [`MAX_REQUESTS_IN_FLIGHT`] at a time, so that
+/// a burst of creates is group-committed by the registry. No order between
+/// requests is promised (as with any request over the bus): a caller that
+/// needs one waits for the reply before sending the next.
+struct Answering {
+    service: Arc<Service<DbStore>>,
+    firer: Firer,
+    changed: Arc<Notify>,
+    slots: Arc<Semaphore>,
+}
+
+impl Answering {
+    /// Starts answering `req`; waits for a free slot first (backpressure: the
+    /// bus queue absorbs, and counts, what cannot wait).
+    async fn start(&self, req: Request) {
+        let Ok(slot) = self.slots.clone().acquire_owned().await else {
+            return;
+        };
+        let (service, firer, changed) =
+            (self.service.clone(), self.firer.clone(), self.changed.clone());
+        tokio::spawn(async move {
+            let result = service_bus::serve(&service, &req).await;
+            if req.op != service_bus::Op::Find && result.get("ok") == Some(&Json::Bool(true)) {
+                changed.notify_one();
+            }
+            reply(&firer, &req.request_id, &result).await;
+            drop(slot);
+        });
     }
-    reply(firer, &req.request_id, &result).await;
+
+    /// Waits for the requests in hand (bounded by the daemon's grace period).
+    async fn drain(&self) {
+        let all = u32::try_from(MAX_REQUESTS_IN_FLIGHT).unwrap_or(u32::MAX);
+        let _ = self.slots.acquire_many(all).await;
+    }
 }
 
 async fn reply(firer: &Firer, request_id: &str, data: &Json) {

@@ -18,6 +18,7 @@
 //! later with the same hostname gets a different minion id, so a key issued for
 //! the old one can never be taken for the new one.
 
+pub mod group_commit;
 pub mod outbox;
 pub mod service;
 pub mod store;

@@ -7,9 +7,11 @@
 //! writers race, and their violations map to the same errors in `store.rs`.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use serde_json::Value as Json;
 
+use super::group_commit::GroupCommit;
 use super::store::{Filter, ServerKey};
 use super::{Error, OutboxEntry, Server, ServerModel, ServerRef, Status, Store};
 
@@ -210,12 +212,16 @@ pub struct ServerFilter {
 #[derive(Debug, Clone)]
 pub struct Service<S> {
     store: S,
+    creates: Arc<GroupCommit>,
 }
 
 impl<S: Store> Service<S> {
     /// Wraps a store.
     pub fn new(store: S) -> Self {
-        Self { store }
+        Self {
+            store,
+            creates: Arc::default(),
+        }
     }
 
     /// The store underneath (tests and tools).
@@ -314,7 +320,7 @@ impl<S: Store> Service<S> {
             updated_at: 0,
         };
         self.apply(&mut server, patch).await?;
-        self.store.insert_server(&server).await
+        self.creates.insert(&self.store, server).await
     }
 
     /// One server by id or name.

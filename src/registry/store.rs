@@ -51,6 +51,13 @@ pub trait Store: Send + Sync + Clone + 'static {
     /// Inserts a server (its `id` is ignored; `model` is a model name) and
     /// returns it with its id.
     fn insert_server(&self, server: &Server) -> impl Future<Output = Result<Server, Error>> + Send;
+    /// Inserts several servers in one transaction, with one multi-row
+    /// statement per table (group commit): all are written or none. Returned
+    /// in the order given.
+    fn insert_servers(
+        &self,
+        servers: &[Server],
+    ) -> impl Future<Output = Result<Vec<Server>, Error>> + Send;
     /// One server, by id, name or minion id.
     fn server(
         &self,
@@ -135,6 +142,47 @@ mod sql {
          created_at, updated_at) VALUES ($1, (SELECT id FROM models WHERE name = $2), $3, $4, $5, \
          $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $17) RETURNING id";
     /// Binds like `INSERT_SERVER` (`$1`–`$16` fields, `$17` time), then `$18` the id.
+    /// `INSERT_SERVER` for `rows` servers at once: 17 binds per row, in the
+    /// order of `bind_server_fields!`; returns `id, name` of each.
+    pub fn insert_servers(rows: usize) -> String {
+        let mut sql = String::from(
+            "INSERT INTO servers (name, model_id, minion_id, key_fingerprint, status, is_vm, \
+             vm_host, external_ip, internal_ip, is_proxmox_host, proxmox_node, \
+             external_interface, nginx_proxy, samba_managed, samba_base_folder, users, \
+             created_at, updated_at) VALUES ",
+        );
+        for r in 0..rows {
+            let b = r * 17;
+            let p = |i: usize| format!("${}", b + i);
+            sql.push_str(if r == 0 { "(" } else { ", (" });
+            sql.push_str(&p(1));
+            sql.push_str(&format!(", (SELECT id FROM models WHERE name = {})", p(2)));
+            for i in 3..=17 {
+                sql.push_str(", ");
+                sql.push_str(&p(i));
+            }
+            sql.push_str(", ");
+            sql.push_str(&p(17));
+            sql.push(')');
+        }
+        sql.push_str(" RETURNING id, name");
+        sql
+    }
+
+    /// `outbox::APPEND` for `rows` entries at once: 4 binds per row.
+    pub fn append_outbox(rows: usize) -> String {
+        let mut sql =
+            String::from("INSERT INTO outbox (kind, server_id, payload, created_at) VALUES ");
+        for r in 0..rows {
+            let b = r * 4;
+            if r > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!("(${}, ${}, ${}, ${})", b + 1, b + 2, b + 3, b + 4));
+        }
+        sql
+    }
+
     pub const UPDATE_SERVER: &str = "UPDATE servers SET name = $1, \
          model_id = (SELECT id FROM models WHERE name = $2), minion_id = $3, \
          key_fingerprint = $4, status = $5, is_vm = $6, vm_host = $7, external_ip = $8, \
@@ -318,7 +366,8 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(10));
+            .busy_timeout(Duration::from_secs(10))
+            .pragma("mmap_size", "268435456");
         let file = opts.get_filename().to_owned();
         let in_memory = file.as_os_str() == ":memory:" || url.contains("mode=memory");
         if !in_memory {
@@ -634,6 +683,56 @@ macro_rules! store_impl {
                 Ok(created)
             }
 
+            async fn insert_servers(&self, servers: &[Server]) -> Result<Vec<Server>, Error> {
+                let op = || format!("creating {} servers", servers.len());
+                if servers.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let mut tx = self.pool.begin_with($begin).await.map_err(db(op()))?;
+                let now = now_ms();
+                let text = sql::insert_servers(servers.len());
+                let mut q = sqlx::query(&text);
+                for server in servers {
+                    q = bind_server_fields!(q, server, now);
+                }
+                let rows = q.fetch_all(&mut *tx).await.map_err(|e| match servers {
+                    [one] => server_write_error("creating server", one, e),
+                    _ => db(op())(e),
+                })?;
+                // RETURNING's order is not promised by PostgreSQL: match by name.
+                let mut ids = std::collections::HashMap::with_capacity(rows.len());
+                for r in &rows {
+                    let id: i64 = r.try_get(0).map_err(db(op()))?;
+                    let name: String = r.try_get(1).map_err(db(op()))?;
+                    ids.insert(name, id);
+                }
+                let mut created = Vec::with_capacity(servers.len());
+                for server in servers {
+                    let id = ids.get(&server.name).copied().ok_or_else(|| Error::Database {
+                        op: format!("{}: no id returned for {}", op(), server.name),
+                        source: sqlx::Error::RowNotFound,
+                    })?;
+                    created.push(Server {
+                        id,
+                        created_at: now,
+                        updated_at: now,
+                        ..server.clone()
+                    });
+                }
+                let text = sql::append_outbox(created.len());
+                let mut q = sqlx::query(&text);
+                for c in &created {
+                    q = q
+                        .bind(OutboxKind::ServerCreated.as_str())
+                        .bind(Some(c.id))
+                        .bind(outbox::payload(c)?)
+                        .bind(now);
+                }
+                q.execute(&mut *tx).await.map_err(db(op()))?;
+                tx.commit().await.map_err(db(op()))?;
+                Ok(created)
+            }
+
             async fn server(&self, key: ServerKey<'_>) -> Result<Option<Server>, Error> {
                 let q = match key {
                     ServerKey::Id(id) => sqlx::query(sql::SERVER_BY_ID).bind(id),
@@ -852,6 +951,9 @@ impl Store for DbStore {
     }
     async fn insert_server(&self, server: &Server) -> Result<Server, Error> {
         dispatch!(self, s => s.insert_server(server))
+    }
+    async fn insert_servers(&self, servers: &[Server]) -> Result<Vec<Server>, Error> {
+        dispatch!(self, s => s.insert_servers(servers))
     }
     async fn server(&self, key: ServerKey<'_>) -> Result<Option<Server>, Error> {
         dispatch!(self, s => s.server(key))

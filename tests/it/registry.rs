@@ -430,6 +430,78 @@ async fn story(svc: Service<DbStore>) {
     assert_eq!((p[0].kind, p[0].server_id), (ServerUpdated, Some(proxy.id)));
 }
 
+/// Concurrent creates are group-committed: 200 at once, two of them with a
+/// name another one has and one with an unknown model. Each caller gets its
+/// own answer: the 197 good ones written with one outbox row each, the
+/// duplicates `duplicate_name`, the unknown model `unknown_model`.
+async fn group_commit_story(svc: Service<DbStore>) {
+    let backend = svc.store().backend();
+    svc.create_model("web", "", &[]).await.unwrap();
+    let before = counts(svc.store()).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..200usize {
+        let svc = svc.clone();
+        // 50 and 120 repeat 10's name; 77 names a model that does not exist.
+        let n = if i == 50 || i == 120 { 10 } else { i };
+        let model = if i == 77 { "nosuch" } else { "web" };
+        tasks.spawn(async move {
+            let r = svc
+                .create_server(patch(&[
+                    ("name", &format!("gc{n:03}.example.org")),
+                    ("model", model),
+                ]))
+                .await;
+            (i, r)
+        });
+    }
+    let mut ok = Vec::new();
+    let mut errors = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        match done.unwrap() {
+            (i, Ok(s)) => ok.push((i, s)),
+            (i, Err(e)) => errors.push((i, e.code())),
+        }
+    }
+    errors.sort();
+    // Of 10, 50 and 120 one wins (whichever was written first), two lose.
+    let dup_losers: Vec<_> = errors.iter().filter(|e| e.1 == "duplicate_name").collect();
+    assert_eq!(dup_losers.len(), 2, "{backend}: {errors:?}");
+    assert!(errors.contains(&(77, "unknown_model")), "{backend}: {errors:?}");
+    assert_eq!(errors.len(), 3, "{backend}: {errors:?}");
+    assert_eq!(ok.len(), 197, "{backend}");
+    for (i, s) in &ok {
+        let n = if *i == 50 || *i == 120 { 10 } else { *i };
+        assert_eq!(s.name, format!("gc{n:03}.example.org"), "{backend}");
+        assert!(s.id > 0);
+        let stored = svc.get_server(&ServerRef::Id(s.id)).await.unwrap();
+        assert_eq!(&stored, s, "{backend}: answer is what was stored");
+    }
+    let after = counts(svc.store()).await;
+    assert_eq!(after.servers - before.servers, 197, "{backend}");
+    assert_eq!(after.outbox - before.outbox, 197, "{backend}: one outbox row each");
+    let pending = svc.outbox_pending(1000).await.unwrap();
+    let created: std::collections::HashSet<i64> = pending
+        .iter()
+        .filter(|e| e.kind == OutboxKind::ServerCreated)
+        .filter_map(|e| e.server_id)
+        .collect();
+    assert!(ok.iter().all(|(_, s)| created.contains(&s.id)), "{backend}");
+}
+
+#[tokio::test]
+async fn registry_group_commit_on_sqlite() {
+    let db = TestDb::sqlite();
+    group_commit_story(registry::open(&db.url).await.unwrap()).await;
+}
+
+#[tokio::test]
+async fn registry_group_commit_on_postgres() {
+    let Some(db) = TestDb::postgres().await else {
+        panic!("{PG_ENV} is not set: run the tests with `scripts/test`");
+    };
+    group_commit_story(registry::open(&db.url).await.unwrap()).await;
+}
+
 #[tokio::test]
 async fn registry_story_on_sqlite() {
     let db = TestDb::sqlite();
