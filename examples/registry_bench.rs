@@ -27,7 +27,12 @@ async fn main() -> anyhow::Result<()> {
         Some(u) if u != "-" => u,
         _ => format!("sqlite://{}", dir.path().join("bench.db").display()),
     };
-    let callers: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(1).max(1);
+    let callers: usize = args
+        .next()
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(1)
+        .max(1);
     let svc = registry::open(&url).await?;
     svc.create_model("web", "benchmark", &["nginx".to_owned()])
         .await?;

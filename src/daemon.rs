@@ -215,9 +215,7 @@ async fn serve_requests(
                 Some(Ok(req)) => match (&req.sender, req.op) {
                     // A lookup changes nothing: anyone may ask.
                     (_, service_bus::Op::Find) => answering.start(req).await,
-                    (Sender::Minion(id), _) if trusted.contains(id) => {
-                        answering.start(req).await
-                    }
+                    (Sender::Minion(id), _) if trusted.contains(id) => answering.start(req).await,
                     (Sender::Minion(id), _) => {
                         warn!(message = "Registry request refused: minion not trusted.", minion_id = %id, tag = %req.tag);
                         let msg = format!(
@@ -273,8 +271,11 @@ impl Answering {
         let Ok(slot) = self.slots.clone().acquire_owned().await else {
             return;
         };
-        let (service, firer, changed) =
-            (self.service.clone(), self.firer.clone(), self.changed.clone());
+        let (service, firer, changed) = (
+            self.service.clone(),
+            self.firer.clone(),
+            self.changed.clone(),
+        );
         tokio::spawn(async move {
             let result = service_bus::serve(&service, &req).await;
             if req.op != service_bus::Op::Find && result.get("ok") == Some(&Json::Bool(true)) {

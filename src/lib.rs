@@ -17,6 +17,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod master_config;
+pub mod pki;
 pub mod registry;
 pub mod salt;
 pub mod service_bus;

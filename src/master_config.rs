@@ -66,6 +66,18 @@ pub struct MasterConfig {
     pub tcp_master_pull_port: u16,
     /// The user the master runs as (its root key is `<cachedir>/.<user>_key`).
     pub user: String,
+    /// RSA size of keys the master generates (`keysize`, default 2048).
+    pub keysize: usize,
+    /// Base name of the signing pair (`master_sign_key_name`: `<name>.pem`/`.pub`).
+    pub master_sign_key_name: String,
+    /// File name, in `pki_dir`, of the pre-made signature of `master.pub`.
+    pub master_pubkey_signature: String,
+    /// The master signs its public key for minions (`master_sign_pubkey`).
+    pub master_sign_pubkey: bool,
+    /// The master sends the pre-made signature file (`master_use_pubkey_signature`).
+    pub master_use_pubkey_signature: bool,
+    /// 3007's `keys.cache_driver` (`localfs_key`, the plain files, by default).
+    pub keys_cache_driver: String,
 }
 
 impl MasterConfig {
@@ -114,6 +126,37 @@ impl MasterConfig {
                 )),
             }
         };
+        let get_bool = |key: &'static str, default: bool| -> Result<bool, MasterConfigError> {
+            match opts.get(key) {
+                None | Some(Value::Null) => Ok(default),
+                Some(Value::Bool(b)) => Ok(*b),
+                Some(other) => Err(bad(
+                    path,
+                    key,
+                    format!("must be True or False, not {other:?}"),
+                )),
+            }
+        };
+        let keysize = match opts.get("keysize") {
+            None | Some(Value::Null) => 2048,
+            Some(Value::Number(n)) => n
+                .as_u64()
+                .and_then(|k| usize::try_from(k).ok())
+                .ok_or_else(|| {
+                    bad(
+                        path,
+                        "keysize",
+                        format!("must be a number of bits, not {n}"),
+                    )
+                })?,
+            Some(other) => {
+                return Err(bad(
+                    path,
+                    "keysize",
+                    format!("must be a number of bits, not {other:?}"),
+                ))
+            }
+        };
         let root_dir = absolute(Path::new(&get_str("root_dir", "/")?));
         let cachedir = get_str("cachedir", "/var/cache/salt/master")?;
         let mut sock_dir = get_str("sock_dir", "/var/run/salt/master")?;
@@ -150,6 +193,12 @@ impl MasterConfig {
                 Some(_) => get_str("user", "")?,
                 None => current_user(),
             },
+            keysize,
+            master_sign_key_name: get_str("master_sign_key_name", "master_sign")?,
+            master_pubkey_signature: get_str("master_pubkey_signature", "master_pubkey_signature")?,
+            master_sign_pubkey: get_bool("master_sign_pubkey", false)?,
+            master_use_pubkey_signature: get_bool("master_use_pubkey_signature", false)?,
+            keys_cache_driver: get_str("keys.cache_driver", "localfs_key")?,
         })
     }
 

@@ -708,10 +708,13 @@ macro_rules! store_impl {
                 }
                 let mut created = Vec::with_capacity(servers.len());
                 for server in servers {
-                    let id = ids.get(&server.name).copied().ok_or_else(|| Error::Database {
-                        op: format!("{}: no id returned for {}", op(), server.name),
-                        source: sqlx::Error::RowNotFound,
-                    })?;
+                    let id = ids
+                        .get(&server.name)
+                        .copied()
+                        .ok_or_else(|| Error::Database {
+                            op: format!("{}: no id returned for {}", op(), server.name),
+                            source: sqlx::Error::RowNotFound,
+                        })?;
                     created.push(Server {
                         id,
                         created_at: now,

@@ -466,7 +466,10 @@ async fn group_commit_story(svc: Service<DbStore>) {
     // Of 10, 50 and 120 one wins (whichever was written first), two lose.
     let dup_losers: Vec<_> = errors.iter().filter(|e| e.1 == "duplicate_name").collect();
     assert_eq!(dup_losers.len(), 2, "{backend}: {errors:?}");
-    assert!(errors.contains(&(77, "unknown_model")), "{backend}: {errors:?}");
+    assert!(
+        errors.contains(&(77, "unknown_model")),
+        "{backend}: {errors:?}"
+    );
     assert_eq!(errors.len(), 3, "{backend}: {errors:?}");
     assert_eq!(ok.len(), 197, "{backend}");
     for (i, s) in &ok {
@@ -478,7 +481,11 @@ async fn group_commit_story(svc: Service<DbStore>) {
     }
     let after = counts(svc.store()).await;
     assert_eq!(after.servers - before.servers, 197, "{backend}");
-    assert_eq!(after.outbox - before.outbox, 197, "{backend}: one outbox row each");
+    assert_eq!(
+        after.outbox - before.outbox,
+        197,
+        "{backend}: one outbox row each"
+    );
     let pending = svc.outbox_pending(1000).await.unwrap();
     let created: std::collections::HashSet<i64> = pending
         .iter()
