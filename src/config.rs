@@ -56,6 +56,80 @@ pub struct ConfigFile {
     /// Event bus reader tuning.
     #[serde(default)]
     pub bus: BusConfig,
+    /// Minion keys: where they are kept, their size, how they are accepted.
+    #[serde(default)]
+    pub keys: KeysConfig,
+    /// The masters a server's bundle lists (`host` or `host:port`); empty: this master.
+    #[serde(default)]
+    pub masters: Vec<String>,
+}
+
+/// How minion keys are accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AcceptMode {
+    /// The daemon compares each pending key with the issued one and accepts
+    /// or rejects it through the wheel.
+    #[default]
+    Verify,
+    /// The issued key is written into the master's accepted keys at issue time.
+    Preseed,
+}
+
+/// What to do with a pending key whose minion id the registry does not know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownMinions {
+    /// Leave it pending (an alert is fired once).
+    #[default]
+    Ignore,
+    /// Reject it through the wheel.
+    Reject,
+}
+
+/// The `keys:` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeysConfig {
+    /// Private keys of issued pairs (0700 dir, 0600 files) and the pool.
+    #[serde(default = "default_keys_dir")]
+    pub dir: PathBuf,
+    /// RSA size of issued minion keys.
+    #[serde(default = "default_bits")]
+    pub bits: usize,
+    /// Pre-generated pairs the daemon keeps ready.
+    #[serde(default = "default_pool")]
+    pub pool_size: usize,
+    /// `verify` or `preseed`.
+    #[serde(default)]
+    pub accept_mode: AcceptMode,
+    /// `ignore` or `reject`.
+    #[serde(default)]
+    pub unknown_minions: UnknownMinions,
+}
+
+impl Default for KeysConfig {
+    fn default() -> Self {
+        Self {
+            dir: default_keys_dir(),
+            bits: default_bits(),
+            pool_size: default_pool(),
+            accept_mode: AcceptMode::default(),
+            unknown_minions: UnknownMinions::default(),
+        }
+    }
+}
+
+fn default_keys_dir() -> PathBuf {
+    PathBuf::from("/var/lib/salt-steward/keys")
+}
+
+fn default_bits() -> usize {
+    2048
+}
+
+fn default_pool() -> usize {
+    8
 }
 
 /// `log:` section.
@@ -121,6 +195,8 @@ pub struct Settings {
     pub trusted_minions: Vec<String>,
     pub log: LogConfig,
     pub bus: BusConfig,
+    pub keys: KeysConfig,
+    pub masters: Vec<String>,
 }
 
 impl Settings {
@@ -155,6 +231,8 @@ impl Settings {
             trusted_minions: f.trusted_minions,
             log: f.log,
             bus: f.bus,
+            keys: f.keys,
+            masters: f.masters,
         }
     }
 }
@@ -198,6 +276,12 @@ mod tests {
         assert_eq!(s.log.format, d.log.format);
         assert_eq!(s.bus.queue_capacity, d.bus.queue_capacity);
         assert_eq!(s.bus.max_event_size, d.bus.max_event_size);
+        assert_eq!(s.keys.dir, d.keys.dir);
+        assert_eq!(s.keys.bits, d.keys.bits);
+        assert_eq!(s.keys.pool_size, d.keys.pool_size);
+        assert_eq!(s.keys.accept_mode, d.keys.accept_mode);
+        assert_eq!(s.keys.unknown_minions, d.keys.unknown_minions);
+        assert_eq!(s.masters, d.masters);
     }
 
     #[test]

@@ -24,11 +24,14 @@ use tokio::sync::{Mutex, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::acceptor::{self, AcceptorConfig};
 use crate::bus::event::from_json;
 use crate::bus::{BusHandle, BusItem, EventFirer, SubscriberOptions, Subscription};
 use crate::config::Settings;
 use crate::master_config::MasterConfig;
+use crate::pki::KeyIssuer;
 use crate::registry::{self, DbStore, Service};
+use crate::salt::{JobTracker, SaltClient};
 use crate::service_bus::{self, Corroborations, Request, Sender, CORROBORATION_WAIT};
 
 /// How long shutdown waits for the components.
@@ -40,7 +43,8 @@ const MAX_REQUESTS_IN_FLIGHT: usize = 64;
 /// How often the outbox is polled for changes made by other processes (the CLI).
 const OUTBOX_POLL: Duration = Duration::from_secs(1);
 
-type Firer = Arc<Mutex<EventFirer>>;
+/// The daemon's one event writer, shared by its components.
+pub type Firer = Arc<Mutex<EventFirer>>;
 
 /// Runs the daemon until `shutdown` resolves.
 pub async fn run(
@@ -48,10 +52,12 @@ pub async fn run(
     master: &MasterConfig,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    let keys = KeyIssuer::configured(settings)?;
     let service = Arc::new(
         registry::open(&settings.registry)
             .await
-            .with_context(|| format!("opening the registry {}", redact(&settings.registry)))?,
+            .with_context(|| format!("opening the registry {}", redact(&settings.registry)))?
+            .with_keys(keys.clone()),
     );
     let cancel = CancellationToken::new();
     let mut bus = BusHandle::new(
@@ -63,6 +69,8 @@ pub async fn run(
         },
     );
     let requests = bus.subscribe();
+    let acceptor_events = bus.subscribe();
+    let tracker = JobTracker::start(bus.subscribe(), cancel.clone());
     bus.spawn(cancel.clone());
     let firer: Firer = Arc::new(Mutex::new(EventFirer::new(master.event_pull())));
     let changed = Arc::new(Notify::new());
@@ -74,6 +82,19 @@ pub async fn run(
         changed.clone(),
         cancel.clone(),
     ));
+    let acceptor = tokio::spawn(acceptor::run(
+        AcceptorConfig {
+            pki_dir: master.pki_dir.clone(),
+            mode: settings.keys.accept_mode,
+            unknown: settings.keys.unknown_minions,
+        },
+        acceptor_events,
+        service.clone(),
+        SaltClient::new(acceptor::req_client(master), tracker),
+        firer.clone(),
+        cancel.clone(),
+    ));
+    let pool = tokio::spawn(fill_key_pool(keys, settings.keys.pool_size, cancel.clone()));
     let server = tokio::spawn(serve_requests(
         requests,
         service,
@@ -89,6 +110,8 @@ pub async fn run(
     let all = async {
         let _ = server.await;
         let _ = outbox.await;
+        let _ = acceptor.await;
+        let _ = pool.await;
         bus.join().await;
     };
     if tokio::time::timeout(SHUTDOWN_GRACE, all).await.is_err() {
@@ -114,6 +137,35 @@ fn redact(url: &str) -> String {
 
 async fn fire(firer: &Firer, tag: &str, data: &Json) -> Result<(), crate::bus::FireError> {
     firer.lock().await.fire(tag, from_json(data)).await
+}
+
+/// Fires an event; a failure is logged (the components go on).
+pub async fn fire_or_warn(firer: &Firer, tag: &str, data: &Json) {
+    if let Err(error) = fire(firer, tag, data).await {
+        warn!(message = "Event not fired.", %tag, %error);
+    }
+}
+
+/// Keeps `size` pre-generated key pairs in the pool, one at a time on a
+/// blocking thread (generation is CPU-bound), checking every few seconds.
+async fn fill_key_pool(keys: KeyIssuer, size: usize, cancel: CancellationToken) {
+    loop {
+        if cancel.is_cancelled() {
+            return;
+        }
+        if keys.pool_len() < size {
+            let k = keys.clone();
+            match tokio::task::spawn_blocking(move || k.generate_into_pool()).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(error)) => warn!(message = "Key pool not refilled.", %error),
+                Err(error) => warn!(message = "Key pool not refilled.", %error),
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
 }
 
 /// Fires every unprocessed outbox entry in order, then waits for a change.

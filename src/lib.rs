@@ -12,6 +12,7 @@
 //! - [`telemetry`]: logging and the one place each occurrence is logged.
 //! - [`cli`]: the command line.
 
+pub mod acceptor;
 pub mod bus;
 pub mod cli;
 pub mod config;

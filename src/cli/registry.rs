@@ -6,6 +6,15 @@
 
 use std::io::Write as _;
 
+use std::path::{Path, PathBuf};
+
+use serde_json::Value as Json;
+
+use crate::config::AcceptMode;
+use crate::master_config::MasterConfig;
+use crate::pki::bundle::{self, BundleSpec};
+use crate::pki::{files, KeyIssuer};
+use crate::salt::{wheel, ReqClient};
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use serde::Serialize;
@@ -87,6 +96,24 @@ pub enum ServerCommand {
         /// Server id or name.
         server: String,
     },
+    /// Write the server's key bundle (tar.gz: minion.pem, minion.pub,
+    /// master_sign.pub, minion.d/steward.conf, install.sh).
+    Bundle {
+        /// Server id or name.
+        server: String,
+        /// Output file (created 0600: it holds a private key).
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Issue a new key pair for a re-provisioned machine and retire the old
+    /// key on the master (accepted, pending, rejected or denied).
+    Rekey {
+        /// Server id or name.
+        server: String,
+        /// Print the record as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `server add` options.
@@ -154,9 +181,11 @@ pub struct ServerListArgs {
 
 async fn open(ctx: &Context) -> anyhow::Result<Service<DbStore>> {
     let url = &ctx.settings.registry;
-    registry::open(url)
+    let keys = KeyIssuer::configured(&ctx.settings)?;
+    Ok(registry::open(url)
         .await
-        .with_context(|| format!("opening the registry {url}"))
+        .with_context(|| format!("opening the registry {url}"))?
+        .with_keys(keys))
 }
 
 fn print_json<T: Serialize>(v: &T) -> anyhow::Result<()> {
@@ -277,8 +306,118 @@ pub async fn run_server(
         ServerCommand::Rm { server } => {
             reg.delete_server(&parse_ref(&server)).await?;
         }
+        ServerCommand::Bundle { server, output } => {
+            let s = reg.get_server(&parse_ref(&server)).await?;
+            write_bundle(ctx, &reg, &s, &output)?;
+            out(format_args!(
+                "wrote {} for minion {} (key {})",
+                output.display(),
+                s.minion_id,
+                s.key_fingerprint.as_deref().unwrap_or("-")
+            ))?;
+        }
+        ServerCommand::Rekey { server, json } => {
+            let (old, new) = reg.rekey_server(&parse_ref(&server)).await?;
+            retire_old_key(ctx, &new.minion_id).await.with_context(|| {
+                format!(
+                    "the registry has the new key of {} but the old one ({}) is still on the \
+                     master; the daemon retires it at its next start, or run \
+                     `salt-key -d {}`",
+                    new.minion_id,
+                    old.key_fingerprint.as_deref().unwrap_or("-"),
+                    new.minion_id
+                )
+            })?;
+            if json {
+                print_json(&new)?;
+            } else {
+                out(format_args!(
+                    "{}: new key {} (old {} retired); write its bundle with `server bundle`",
+                    new.minion_id,
+                    new.key_fingerprint.as_deref().unwrap_or("-"),
+                    old.key_fingerprint.as_deref().unwrap_or("-")
+                ))?;
+            }
+        }
     }
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Writes the bundle of `server` to `output` (0600, never over an existing file).
+fn write_bundle(
+    ctx: &Context,
+    reg: &Service<DbStore>,
+    server: &Server,
+    output: &Path,
+) -> anyhow::Result<()> {
+    let keys = reg
+        .keys()
+        .context("no key issuer configured (keys.dir in the config)")?;
+    let pair = keys.private_pem(&server.minion_id).with_context(|| {
+        format!(
+            "the private key of {} (issued on another master?)",
+            server.minion_id
+        )
+    })?;
+    let master = ctx.master()?;
+    let sign_pub = master
+        .pki_dir
+        .join(format!("{}.pub", master.master_sign_key_name));
+    let sign_text = std::fs::read_to_string(&sign_pub).with_context(|| {
+        format!(
+            "reading the signing key {} (create it with `salt-steward pki init`)",
+            sign_pub.display()
+        )
+    })?;
+    let masters = if ctx.settings.masters.is_empty() {
+        vec![this_master(&master)]
+    } else {
+        ctx.settings.masters.clone()
+    };
+    let bytes = bundle::build(&BundleSpec {
+        minion_id: &server.minion_id,
+        pair: &pair,
+        master_sign_pub: &sign_text,
+        masters: &masters,
+    })
+    .context("building the bundle")?;
+    files::create_new(output, &bytes, 0o600)?;
+    Ok(())
+}
+
+/// How a minion reaches this master when the config lists no `masters`.
+fn this_master(master: &MasterConfig) -> String {
+    let host = match master.interface.as_str() {
+        "0.0.0.0" | "::" | "" => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "salt".to_owned()),
+        other => other.to_owned(),
+    };
+    if master.ret_port == 4506 {
+        host
+    } else {
+        format!("{host}:{}", master.ret_port)
+    }
+}
+
+/// Removes every key the master holds for `minion_id` except, in preseed
+/// mode, the accepted one (just replaced by the new key).
+async fn retire_old_key(ctx: &Context, minion_id: &str) -> anyhow::Result<()> {
+    let master = ctx.master()?;
+    let mut dirs = vec!["minions_pre", "minions_rejected", "minions_denied"];
+    if ctx.settings.keys.accept_mode != AcceptMode::Preseed {
+        dirs.push("minions");
+    }
+    let m: serde_json::Map<String, Json> = dirs
+        .into_iter()
+        .map(|d| (d.to_owned(), Json::from(vec![minion_id])))
+        .collect();
+    let mut kwarg = serde_json::Map::new();
+    kwarg.insert("match".into(), Json::Object(m));
+    let req = ReqClient::new(&master, std::time::Duration::from_secs(30));
+    let r = wheel(&req, "key.delete_dict", Vec::new(), kwarg).await?;
+    anyhow::ensure!(r.success, "key.delete_dict failed: {}", r.ret);
+    Ok(())
 }
 
 fn parse_ref(s: &str) -> ServerRef {

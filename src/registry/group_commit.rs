@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 
 use super::{Error, Server, Store};
 
-/// Most servers written by one statement (17 binds each: under SQLite's
+/// Most servers written by one statement (18 binds each: under SQLite's
 /// 32,766 and PostgreSQL's 65,535 bind limits).
 pub const MAX_BATCH: usize = 256;
 

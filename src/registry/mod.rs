@@ -148,6 +148,10 @@ pub struct Server {
     pub samba_base_folder: Option<String>,
     /// System users of this server.
     pub users: Vec<String>,
+    /// The minion public key issued for this server: SPKI PEM, clean_key'd
+    /// (as the master stores it), compared as text with what a minion presents.
+    #[serde(default)]
+    pub public_key: Option<String>,
     /// Creation time, Unix milliseconds.
     pub created_at: i64,
     /// Last change, Unix milliseconds.
@@ -237,6 +241,14 @@ pub enum Error {
         /// How it was named.
         key: String,
     },
+    /// A minion key pair could not be issued, stored or installed.
+    #[error("minion key for {minion_id}: {reason}")]
+    Keys {
+        /// The minion the key is for.
+        minion_id: String,
+        /// What failed (names the file).
+        reason: String,
+    },
     /// The database failed (not a constraint the registry knows about).
     #[error("registry database, {op}: {source}")]
     Database {
@@ -258,6 +270,7 @@ impl Error {
             Error::InvalidHostname { .. } => "invalid_hostname",
             Error::InvalidValue { .. } => "invalid_value",
             Error::NotFound { .. } => "not_found",
+            Error::Keys { .. } => "key_issue",
             Error::Database { .. } => "database",
         }
     }

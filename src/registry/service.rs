@@ -14,6 +14,7 @@ use serde_json::Value as Json;
 use super::group_commit::GroupCommit;
 use super::store::{Filter, ServerKey};
 use super::{Error, OutboxEntry, Server, ServerModel, ServerRef, Status, Store};
+use crate::pki::KeyIssuer;
 
 /// Longest hostname (RFC 1123 with RFC 1035's limit).
 const MAX_HOSTNAME: usize = 253;
@@ -213,6 +214,7 @@ pub struct ServerFilter {
 pub struct Service<S> {
     store: S,
     creates: Arc<GroupCommit>,
+    keys: Option<Arc<KeyIssuer>>,
 }
 
 impl<S: Store> Service<S> {
@@ -221,7 +223,20 @@ impl<S: Store> Service<S> {
         Self {
             store,
             creates: Arc::default(),
+            keys: None,
         }
+    }
+
+    /// Issues a minion key pair for every server created (status
+    /// `keys-issued`); without an issuer servers are created without keys.
+    pub fn with_keys(mut self, issuer: KeyIssuer) -> Self {
+        self.keys = Some(Arc::new(issuer));
+        self
+    }
+
+    /// The key issuer, if servers get keys.
+    pub fn keys(&self) -> Option<&KeyIssuer> {
+        self.keys.as_deref()
     }
 
     /// The store underneath (tests and tools).
@@ -316,11 +331,77 @@ impl<S: Store> Service<S> {
             samba_managed: false,
             samba_base_folder: None,
             users: Vec::new(),
+            public_key: None,
             created_at: 0,
             updated_at: 0,
         };
         self.apply(&mut server, patch).await?;
-        self.creates.insert(&self.store, server).await
+        let Some(keys) = &self.keys else {
+            return self.creates.insert(&self.store, server).await;
+        };
+        let minion_id = server.minion_id.clone();
+        let issued = keys.issue(&minion_id).await.map_err(|e| Error::Keys {
+            minion_id: minion_id.clone(),
+            reason: e.to_string(),
+        })?;
+        server.public_key = Some(issued.public_clean);
+        server.key_fingerprint = Some(issued.fingerprint);
+        server.status = Status::KeysIssued;
+        let created = self.creates.insert(&self.store, server).await;
+        match &created {
+            Ok(s) => self.preseed(keys, s),
+            Err(_) => keys.discard(&minion_id, false),
+        }
+        created
+    }
+
+    /// Issues a new key pair for a re-provisioned machine: the registry gets
+    /// the new public key (status `keys-issued`), the new private key replaces
+    /// the old one for the bundle. Returns the server before and after; the
+    /// caller retires the old key on the master (`key.delete`).
+    pub async fn rekey_server(&self, server: &ServerRef) -> Result<(Server, Server), Error> {
+        let keys = self.keys.as_ref().ok_or_else(|| {
+            Error::invalid("keys", "no key issuer configured (keys_dir in the config)")
+        })?;
+        let old = self.get_server(server).await?;
+        let minion_id = old.minion_id.clone();
+        let key_error = |e: crate::pki::issuer::IssueError| Error::Keys {
+            minion_id: minion_id.clone(),
+            reason: e.to_string(),
+        };
+        let issued = keys.reissue(&minion_id).await.map_err(key_error)?;
+        let mut next = old.clone();
+        next.public_key = Some(issued.public_clean);
+        next.key_fingerprint = Some(issued.fingerprint);
+        next.status = Status::KeysIssued;
+        match self.store.update_server(&next).await {
+            Ok(updated) => {
+                keys.commit_reissue(&minion_id).map_err(key_error)?;
+                self.preseed(keys, &updated);
+                Ok((old, updated))
+            }
+            Err(e) => {
+                keys.discard(&minion_id, true);
+                Err(e)
+            }
+        }
+    }
+
+    /// Sets a server's status (the key acceptor and presence use this).
+    pub async fn set_status(&self, server: &Server, status: Status) -> Result<Server, Error> {
+        let mut next = server.clone();
+        next.status = status;
+        self.store.update_server(&next).await
+    }
+
+    /// Preseed mode: the master gets the key now. A failure is logged, not
+    /// returned: the server and its key exist; `server rekey` reinstalls.
+    fn preseed(&self, keys: &KeyIssuer, server: &Server) {
+        if let Some(public) = &server.public_key {
+            if let Err(error) = keys.preseed(&server.minion_id, public) {
+                tracing::warn!(message = "Key not preseeded on the master.", minion_id = %server.minion_id, %error);
+            }
+        }
     }
 
     /// One server by id or name.

@@ -116,7 +116,7 @@ macro_rules! select_server {
             "SELECT s.id, s.name, m.name AS model, s.minion_id, s.key_fingerprint, s.status, ",
             "s.is_vm, s.vm_host, s.external_ip, s.internal_ip, s.is_proxmox_host, ",
             "s.proxmox_node, s.external_interface, s.nginx_proxy, s.samba_managed, ",
-            "s.samba_base_folder, s.users, s.created_at, s.updated_at ",
+            "s.samba_base_folder, s.users, s.public_key, s.created_at, s.updated_at ",
             "FROM servers s JOIN models m ON m.id = s.model_id ",
             $where
         )
@@ -139,30 +139,33 @@ mod sql {
     pub const INSERT_SERVER: &str = "INSERT INTO servers (name, model_id, minion_id, \
          key_fingerprint, status, is_vm, vm_host, external_ip, internal_ip, is_proxmox_host, \
          proxmox_node, external_interface, nginx_proxy, samba_managed, samba_base_folder, users, \
-         created_at, updated_at) VALUES ($1, (SELECT id FROM models WHERE name = $2), $3, $4, $5, \
-         $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $17) RETURNING id";
-    /// Binds like `INSERT_SERVER` (`$1`–`$16` fields, `$17` time), then `$18` the id.
-    /// `INSERT_SERVER` for `rows` servers at once: 17 binds per row, in the
-    /// order of `bind_server_fields!`; returns `id, name` of each.
+         public_key, created_at, updated_at) VALUES ($1, (SELECT id FROM models WHERE name = $2), \
+         $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $18) RETURNING id";
+
+    /// Binds per server row: 17 fields and the time.
+    pub const PER_ROW: usize = 18;
+
+    /// `INSERT_SERVER` for `rows` servers at once: `PER_ROW` binds per row,
+    /// in the order of `bind_server_fields!`; returns `id, name` of each.
     pub fn insert_servers(rows: usize) -> String {
         let mut sql = String::from(
             "INSERT INTO servers (name, model_id, minion_id, key_fingerprint, status, is_vm, \
              vm_host, external_ip, internal_ip, is_proxmox_host, proxmox_node, \
              external_interface, nginx_proxy, samba_managed, samba_base_folder, users, \
-             created_at, updated_at) VALUES ",
+             public_key, created_at, updated_at) VALUES ",
         );
         for r in 0..rows {
-            let b = r * 17;
+            let b = r * PER_ROW;
             let p = |i: usize| format!("${}", b + i);
             sql.push_str(if r == 0 { "(" } else { ", (" });
             sql.push_str(&p(1));
             sql.push_str(&format!(", (SELECT id FROM models WHERE name = {})", p(2)));
-            for i in 3..=17 {
+            for i in 3..=PER_ROW {
                 sql.push_str(", ");
                 sql.push_str(&p(i));
             }
             sql.push_str(", ");
-            sql.push_str(&p(17));
+            sql.push_str(&p(PER_ROW));
             sql.push(')');
         }
         sql.push_str(" RETURNING id, name");
@@ -183,12 +186,14 @@ mod sql {
         sql
     }
 
+    /// Binds like `INSERT_SERVER` (`$1`–`$17` fields, `$18` time), then `$19` the id.
     pub const UPDATE_SERVER: &str = "UPDATE servers SET name = $1, \
          model_id = (SELECT id FROM models WHERE name = $2), minion_id = $3, \
          key_fingerprint = $4, status = $5, is_vm = $6, vm_host = $7, external_ip = $8, \
          internal_ip = $9, is_proxmox_host = $10, proxmox_node = $11, \
          external_interface = $12, nginx_proxy = $13, samba_managed = $14, \
-         samba_base_folder = $15, users = $16, updated_at = $17 WHERE id = $18";
+         samba_base_folder = $15, users = $16, public_key = $17, updated_at = $18 \
+         WHERE id = $19";
     pub const DELETE_SERVER: &str = "DELETE FROM servers WHERE id = $1";
     pub const SERVER_BY_ID: &str = select_server!("WHERE s.id = $1");
     pub const SERVER_BY_NAME: &str = select_server!("WHERE s.name = $1");
@@ -313,6 +318,7 @@ struct ServerRow {
     samba_managed: bool,
     samba_base_folder: Option<String>,
     users: String,
+    public_key: Option<String>,
     created_at: i64,
     updated_at: i64,
 }
@@ -337,6 +343,7 @@ impl ServerRow {
             nginx_proxy: self.nginx_proxy,
             samba_managed: self.samba_managed,
             samba_base_folder: self.samba_base_folder,
+            public_key: self.public_key,
             created_at: self.created_at,
             updated_at: self.updated_at,
         })
@@ -449,8 +456,8 @@ macro_rules! append_and_commit {
     };
 }
 
-/// Binds a server's 16 stored fields and the time, in the order
-/// `sql::INSERT_SERVER` and `sql::UPDATE_SERVER` both use (`$1`–`$17`).
+/// Binds a server's 17 stored fields and the time, in the order
+/// `sql::INSERT_SERVER` and `sql::UPDATE_SERVER` both use (`$1`–`$18`).
 macro_rules! bind_server_fields {
     ($q:expr, $server:expr, $now:expr) => {
         $q.bind(&$server.name)
@@ -469,6 +476,7 @@ macro_rules! bind_server_fields {
             .bind($server.samba_managed)
             .bind(&$server.samba_base_folder)
             .bind(json_list(&$server.users)?)
+            .bind(&$server.public_key)
             .bind($now)
     };
 }
@@ -519,6 +527,7 @@ macro_rules! store_impl {
                     samba_managed: r.try_get("samba_managed")?,
                     samba_base_folder: r.try_get("samba_base_folder")?,
                     users: r.try_get("users")?,
+                    public_key: r.try_get("public_key")?,
                     created_at: r.try_get("created_at")?,
                     updated_at: r.try_get("updated_at")?,
                 })

@@ -15,10 +15,12 @@ const T: Duration = Duration::from_secs(60);
 fn steward_config(h: &SaltHarness, trusted: &[&str]) -> PathBuf {
     let path = h.root().join("steward.yaml");
     let text = format!(
-        "master_config: {}\nregistry: sqlite://{}/registry.db\ntrusted_minions: {}\n",
+        "master_config: {}\nregistry: sqlite://{}/registry.db\ntrusted_minions: {}\n\
+         keys: {{dir: {}/keys, pool_size: 1}}\n",
         h.master_config().display(),
         h.root().display(),
-        serde_json::to_string(trusted).unwrap()
+        serde_json::to_string(trusted).unwrap(),
+        h.root().display()
     );
     std::fs::write(&path, text).unwrap();
     path

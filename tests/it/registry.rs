@@ -621,7 +621,15 @@ fn registry_cli_adds_shows_sets_and_removes() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("config.yaml");
     let db = dir.path().join("state/registry.db");
-    std::fs::write(&cfg, format!("registry: sqlite://{}\n", db.display())).unwrap();
+    std::fs::write(
+        &cfg,
+        format!(
+            "registry: sqlite://{}\nkeys: {{dir: {}}}\n",
+            db.display(),
+            dir.path().join("keys").display()
+        ),
+    )
+    .unwrap();
     let run = |args: &[&str]| {
         let o = steward()
             .arg("--config")

@@ -1,0 +1,489 @@
+//! Verified auto-accept: a pending minion key is accepted only when it is,
+//! as text, the key the registry issued for that minion id.
+//!
+//! Pending keys are noticed three ways, because any one can miss: the
+//! master's `salt/auth` `act: pend` event (repeated at every retry, so
+//! decisions are de-duplicated), a file appearing in `<pki_dir>/minions_pre/`
+//! (watched with notify), and a scan of that directory at start-up and after
+//! every bus reconnect. What is compared is the pending *file* (what
+//! `key.accept` would accept), never the event's copy.
+//!
+//! - identical → `key.accept_dict` (one wheel call for a whole burst),
+//!   status `registered`, `steward/v1/minion/registered`;
+//! - different → `key.reject_dict`, `steward/v1/alert/key-mismatch`;
+//! - unknown id → left pending (or rejected, `unknown_minions: reject`),
+//!   `steward/v1/alert/unknown-minion` once per id.
+//!
+//! The master's own `salt/auth` `act: denied` (a key differing from the
+//! accepted one; in preseed mode the master decides itself) becomes the same
+//! key-mismatch alert; `act: accept` of a preseeded key marks the server
+//! registered. `salt/minion/<id>/start` marks it `online`; the first start
+//! after registration applies the states of the server's model.
+//! Only events the master fired count: [`EventKind`] never takes a
+//! minion-fired event for `salt/auth` or a start event of another minion.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Map, Value as Json};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::bus::event::{AuthAct, EventKind};
+use crate::bus::{BusItem, Subscription};
+use crate::config::{AcceptMode, UnknownMinions};
+use crate::daemon::Firer;
+use crate::pki::{clean_key, fingerprint};
+use crate::registry::{DbStore, Server, Service, Status};
+use crate::salt::{wheel, Publish, ReqClient, SaltClient, TargetType};
+
+/// Tag prefix of the acceptor's events.
+pub const MINION_REGISTERED: &str = "steward/v1/minion/registered";
+/// A minion presented a key other than the one issued for its id.
+pub const ALERT_KEY_MISMATCH: &str = "steward/v1/alert/key-mismatch";
+/// A pending key's minion id is not in the registry.
+pub const ALERT_UNKNOWN_MINION: &str = "steward/v1/alert/unknown-minion";
+/// The states of a server's model were applied at its first start.
+pub const MINION_PROVISIONED: &str = "steward/v1/minion/provisioned";
+
+/// How long triggers are gathered into one batch.
+const BATCH_WINDOW: Duration = Duration::from_millis(50);
+/// Queue of triggers (the watcher and the bus feed it; overflow is harmless:
+/// a missed pending key is found by the next `salt/auth` retry or scan).
+const TRIGGER_QUEUE: usize = 65_536;
+/// How long a model's state run may take at a server's first start.
+const STATES_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Something that may need a decision.
+#[derive(Debug)]
+enum Trigger {
+    /// A key may be pending for this id.
+    Pending(String),
+    /// Scan `minions_pre/` (start-up, bus reconnect).
+    Scan,
+    /// The master denied a key differing from the accepted one.
+    Denied { id: String, presented: String },
+    /// The master accepted this key at first contact (preseeded).
+    Accepted { id: String, presented: String },
+    /// The minion started.
+    Started(String),
+}
+
+/// The acceptor's settings.
+#[derive(Debug, Clone)]
+pub struct AcceptorConfig {
+    /// The master's `pki_dir`.
+    pub pki_dir: PathBuf,
+    /// `verify` or `preseed`.
+    pub mode: AcceptMode,
+    /// What to do with unknown ids.
+    pub unknown: UnknownMinions,
+}
+
+/// Runs the acceptor until `cancel`: reads `sub`, watches `minions_pre/`.
+pub async fn run(
+    config: AcceptorConfig,
+    mut sub: Subscription,
+    service: Arc<Service<DbStore>>,
+    salt: SaltClient,
+    firer: Firer,
+    cancel: CancellationToken,
+) {
+    let (tx, mut rx) = mpsc::channel(TRIGGER_QUEUE);
+    let pre_dir = config.pki_dir.join("minions_pre");
+    let _watcher = watch_pending(&pre_dir, tx.clone());
+    let mut state = Acceptor {
+        config,
+        service,
+        salt,
+        firer,
+        alerted_unknown: HashSet::new(),
+        alerted_mismatch: HashMap::new(),
+    };
+    let _ = tx.try_send(Trigger::Scan);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            item = sub.recv() => match item {
+                None => return,
+                Some(BusItem::Connected { .. }) => { let _ = tx.try_send(Trigger::Scan); }
+                Some(BusItem::Event(event)) => {
+                    if let Some(t) = trigger_of(&event) {
+                        let _ = tx.try_send(t);
+                    }
+                }
+                Some(_) => {}
+            },
+            Some(first) = rx.recv() => {
+                let mut batch = vec![first];
+                let deadline = tokio::time::Instant::now() + BATCH_WINDOW;
+                while let Ok(Some(t)) = tokio::time::timeout_at(deadline, rx.recv()).await {
+                    batch.push(t);
+                }
+                state.handle(batch).await;
+            }
+        }
+    }
+}
+
+fn trigger_of(event: &crate::bus::Event) -> Option<Trigger> {
+    match event.kind() {
+        EventKind::Auth(a) => {
+            let presented = a.pub_key.unwrap_or_default().to_owned();
+            let id = a.id.to_owned();
+            match a.act {
+                AuthAct::Pend => Some(Trigger::Pending(id)),
+                AuthAct::Denied => Some(Trigger::Denied { id, presented }),
+                AuthAct::Accept => Some(Trigger::Accepted { id, presented }),
+                _ => None,
+            }
+        }
+        EventKind::MinionStart { id } => Some(Trigger::Started(id.to_owned())),
+        _ => None,
+    }
+}
+
+/// Watches `dir` for new pending keys. `None` (logged) when it cannot: the
+/// bus events and scans still work.
+fn watch_pending(dir: &Path, tx: mpsc::Sender<Trigger>) -> Option<notify::RecommendedWatcher> {
+    use notify::{EventKind as Fs, RecursiveMode, Watcher as _};
+    let handler = move |res: notify::Result<notify::Event>| {
+        let Ok(ev) = res else { return };
+        if matches!(ev.kind, Fs::Create(_) | Fs::Modify(_)) {
+            for p in ev.paths {
+                if let Some(id) = p.file_name().and_then(|n| n.to_str()) {
+                    let _ = tx.try_send(Trigger::Pending(id.to_owned()));
+                }
+            }
+        }
+    };
+    let watched = notify::recommended_watcher(handler).and_then(|mut w| {
+        w.watch(dir, RecursiveMode::NonRecursive)?;
+        Ok(w)
+    });
+    match watched {
+        Ok(w) => Some(w),
+        Err(error) => {
+            warn!(message = "Not watching pending keys; relying on bus events and scans.", dir = %dir.display(), %error);
+            None
+        }
+    }
+}
+
+/// A minion id usable as a file name in the master's key directories
+/// (Salt's own `valid_id` refuses the same).
+fn safe_id(id: &str) -> bool {
+    !id.is_empty()
+        && id != "."
+        && id != ".."
+        && !id.starts_with('.')
+        && !id.contains(['/', '\\', '\0'])
+}
+
+struct Acceptor {
+    config: AcceptorConfig,
+    service: Arc<Service<DbStore>>,
+    salt: SaltClient,
+    firer: Firer,
+    alerted_unknown: HashSet<String>,
+    /// id → presented key already alerted about (one alert per key).
+    alerted_mismatch: HashMap<String, String>,
+}
+
+/// What to do with one pending key.
+enum Decision {
+    Accept(Server),
+    Reject { server: Server, presented: String },
+    Unknown,
+    Nothing,
+}
+
+impl Acceptor {
+    async fn handle(&mut self, batch: Vec<Trigger>) {
+        let mut pending = BTreeSet::new();
+        for t in batch {
+            match t {
+                Trigger::Pending(id) => {
+                    pending.insert(id);
+                }
+                Trigger::Scan => pending.extend(self.scan()),
+                Trigger::Denied { id, presented } => self.denied(&id, &presented).await,
+                Trigger::Accepted { id, presented } => self.accepted(&id, &presented).await,
+                Trigger::Started(id) => self.started(&id).await,
+            }
+        }
+        if !pending.is_empty() {
+            self.decide(pending).await;
+        }
+    }
+
+    fn scan(&self) -> Vec<String> {
+        let dir = self.config.pki_dir.join("minions_pre");
+        match std::fs::read_dir(&dir) {
+            Ok(d) => d
+                .filter_map(Result::ok)
+                .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+                .collect(),
+            Err(error) => {
+                warn!(message = "Cannot scan pending keys.", dir = %dir.display(), %error);
+                Vec::new()
+            }
+        }
+    }
+
+    async fn decide(&mut self, ids: BTreeSet<String>) {
+        let mut accept = Vec::new();
+        let mut reject = Vec::new();
+        for id in ids.into_iter().filter(|id| safe_id(id)) {
+            match self.decision(&id).await {
+                Decision::Accept(s) => accept.push(s),
+                Decision::Reject { server, presented } => {
+                    self.mismatch(&server, &presented).await;
+                    reject.push(id);
+                }
+                Decision::Unknown => {
+                    if self.alerted_unknown.insert(id.clone()) {
+                        warn!(message = "Pending key of a minion id the registry does not know.", minion_id = %id);
+                        self.fire(ALERT_UNKNOWN_MINION, json!({"minion_id": id}))
+                            .await;
+                    }
+                    if self.config.unknown == UnknownMinions::Reject {
+                        reject.push(id);
+                    }
+                }
+                Decision::Nothing => {}
+            }
+        }
+        if !reject.is_empty() {
+            self.wheel_dict("key.reject_dict", &reject).await;
+        }
+        if accept.is_empty() {
+            return;
+        }
+        let ids: Vec<String> = accept.iter().map(|s| s.minion_id.clone()).collect();
+        let Some(accepted) = self.wheel_dict("key.accept_dict", &ids).await else {
+            return;
+        };
+        for server in accept {
+            if !accepted.contains(&server.minion_id) {
+                warn!(message = "The master did not accept the key.", minion_id = %server.minion_id);
+                continue;
+            }
+            info!(message = "Minion key verified and accepted.", minion_id = %server.minion_id, server = %server.name);
+            self.registered(&server).await;
+        }
+    }
+
+    async fn decision(&self, id: &str) -> Decision {
+        let path = self.config.pki_dir.join("minions_pre").join(id);
+        // Gone: already decided (by us or by hand).
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return Decision::Nothing;
+        };
+        let server = match self.service.server_by_minion_id(id).await {
+            Ok(Some(s)) => s,
+            Ok(None) => return Decision::Unknown,
+            Err(error) => {
+                warn!(message = "Registry lookup failed; the key stays pending.", minion_id = %id, %error);
+                return Decision::Nothing;
+            }
+        };
+        let presented = clean_key(&text);
+        match &server.public_key {
+            Some(issued) if clean_key(issued) == presented => Decision::Accept(server),
+            Some(_) => Decision::Reject { server, presented },
+            None => {
+                warn!(message = "No key was issued for this server; its pending key stays pending.", minion_id = %id);
+                Decision::Nothing
+            }
+        }
+    }
+
+    /// Calls `fun` with `{"minions_pre": ids}` (exact ids, no globbing);
+    /// returns the ids the master reports it moved.
+    async fn wheel_dict(&self, fun: &str, ids: &[String]) -> Option<HashSet<String>> {
+        let mut kwarg = Map::new();
+        kwarg.insert("match".into(), json!({ "minions_pre": ids }));
+        match wheel(self.salt.req(), fun, Vec::new(), kwarg).await {
+            Ok(r) if r.success => {
+                // {"minions": [...]} for accept, {"minions_rejected": [...]} for reject.
+                let moved = r
+                    .ret
+                    .as_object()
+                    .into_iter()
+                    .flat_map(|m| m.values())
+                    .filter_map(Json::as_array)
+                    .flatten()
+                    .filter_map(Json::as_str)
+                    .map(str::to_owned)
+                    .collect();
+                Some(moved)
+            }
+            Ok(r) => {
+                warn!(message = "Wheel call failed; will retry at the next attempt.", %fun, ret = %r.ret);
+                None
+            }
+            Err(error) => {
+                warn!(message = "Wheel call failed; will retry at the next attempt.", %fun, %error);
+                None
+            }
+        }
+    }
+
+    async fn registered(&self, server: &Server) {
+        if let Err(error) = self.service.set_status(server, Status::Registered).await {
+            warn!(message = "Status not recorded.", minion_id = %server.minion_id, %error);
+        }
+        self.fire(
+            MINION_REGISTERED,
+            json!({"server_id": server.id, "minion_id": server.minion_id, "name": server.name}),
+        )
+        .await;
+    }
+
+    async fn mismatch(&mut self, server: &Server, presented: &str) {
+        let presented = clean_key(presented);
+        if self.alerted_mismatch.get(&server.minion_id) == Some(&presented) {
+            return;
+        }
+        let expected = server.public_key.as_deref().map(fingerprint);
+        let got = fingerprint(&presented);
+        warn!(message = "A minion presented a key other than the one issued for it.",
+            minion_id = %server.minion_id, expected = ?expected, presented = %got);
+        self.fire(
+            ALERT_KEY_MISMATCH,
+            json!({
+                "minion_id": server.minion_id,
+                "server_id": server.id,
+                "expected_fingerprint": expected,
+                "presented_fingerprint": got,
+            }),
+        )
+        .await;
+        self.alerted_mismatch
+            .insert(server.minion_id.clone(), presented);
+    }
+
+    async fn denied(&mut self, id: &str, presented: &str) {
+        match self.service.server_by_minion_id(id).await {
+            Ok(Some(server)) => self.mismatch(&server, presented).await,
+            Ok(None) => {
+                if self.alerted_unknown.insert(id.to_owned()) {
+                    self.fire(ALERT_UNKNOWN_MINION, json!({"minion_id": id}))
+                        .await;
+                }
+            }
+            Err(error) => warn!(message = "Registry lookup failed.", minion_id = %id, %error),
+        }
+    }
+
+    /// The master accepted a key at first contact: a preseeded one.
+    async fn accepted(&self, id: &str, presented: &str) {
+        if self.config.mode != AcceptMode::Preseed {
+            return;
+        }
+        if let Ok(Some(server)) = self.service.server_by_minion_id(id).await {
+            let issued = server.public_key.as_deref().map(clean_key);
+            if server.status == Status::KeysIssued
+                && issued.as_deref() == Some(&clean_key(presented))
+            {
+                info!(message = "Preseeded minion key accepted by the master.", minion_id = %id);
+                self.registered(&server).await;
+            }
+        }
+    }
+
+    async fn started(&self, id: &str) {
+        let server = match self.service.server_by_minion_id(id).await {
+            Ok(Some(s)) => s,
+            Ok(None) => return,
+            Err(error) => {
+                warn!(message = "Registry lookup failed.", minion_id = %id, %error);
+                return;
+            }
+        };
+        let first = matches!(server.status, Status::Registered | Status::KeysIssued);
+        if server.status == Status::Online {
+            return;
+        }
+        if let Err(error) = self.service.set_status(&server, Status::Online).await {
+            warn!(message = "Status not recorded.", minion_id = %id, %error);
+            return;
+        }
+        info!(message = "Server online.", minion_id = %id, server = %server.name);
+        if first {
+            self.provision(server);
+        }
+    }
+
+    /// Applies the states of the server's model (first start), in the
+    /// background; the result is fired as `steward/v1/minion/provisioned`.
+    fn provision(&self, server: Server) {
+        let (service, salt, firer) = (self.service.clone(), self.salt.clone(), self.firer.clone());
+        tokio::spawn(async move {
+            let states = match service.get_model(&server.model).await {
+                Ok(m) => m.states,
+                Err(error) => {
+                    warn!(message = "Model not read; states not applied.", minion_id = %server.minion_id, %error);
+                    return;
+                }
+            };
+            if states.is_empty() {
+                return;
+            }
+            let mut kwarg = Map::new();
+            kwarg.insert("mods".into(), Json::from(states.join(",")));
+            let publish = Publish {
+                target: server.minion_id.clone(),
+                tgt_type: TargetType::List,
+                fun: "state.apply".into(),
+                arg: Vec::new(),
+                kwarg,
+                correlation: Some(format!("provision:{}", server.minion_id)),
+            };
+            let data = match salt.run_job(&publish, STATES_TIMEOUT).await {
+                Ok((_, outcome)) => json!({
+                    "minion_id": server.minion_id,
+                    "server_id": server.id,
+                    "states": states,
+                    "jid": outcome.jid,
+                    "success": outcome.all_ok(),
+                }),
+                Err(error) => json!({
+                    "minion_id": server.minion_id,
+                    "server_id": server.id,
+                    "states": states,
+                    "success": false,
+                    "error": error.to_string(),
+                }),
+            };
+            info!(message = "Model states applied at first start.", minion_id = %server.minion_id, result = %data);
+            crate::daemon::fire_or_warn(&firer, MINION_PROVISIONED, &data).await;
+        });
+    }
+
+    async fn fire(&self, tag: &str, data: Json) {
+        crate::daemon::fire_or_warn(&self.firer, tag, &data).await;
+    }
+}
+
+/// A request client for the acceptor (wheel calls need no bus).
+pub fn req_client(master: &crate::master_config::MasterConfig) -> ReqClient {
+    ReqClient::new(master, Duration::from_secs(30))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::safe_id;
+
+    #[test]
+    fn ids_that_would_escape_the_key_directory_are_never_used() {
+        for bad in ["", ".", "..", "../x", "a/b", ".hidden", "a\0b"] {
+            assert!(!safe_id(bad), "{bad:?}");
+        }
+        assert!(safe_id("web01.example.org-0a1b2c3d"));
+    }
+}
