@@ -63,7 +63,13 @@ set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 conf=${{SALT_CONFIG_DIR:-/etc/salt}}
 pki=${{SALT_PKI_DIR:-$conf/pki/minion}}
-command -v systemctl >/dev/null 2>&1 && systemctl stop salt-minion 2>/dev/null || true
+# The service is managed only for the system's own minion (no SALT_CONFIG_DIR).
+service() {{
+    if [ -z "${{SALT_CONFIG_DIR:-}}" ] && command -v systemctl >/dev/null 2>&1; then
+        systemctl "$1" salt-minion
+    fi
+}}
+service stop || true
 install -d -m 0700 "$pki"
 install -m 0400 "$here/minion.pem" "$pki/minion.pem"
 install -m 0644 "$here/minion.pub" "$pki/minion.pub"
@@ -72,7 +78,7 @@ install -m 0644 "$here/master_sign.pub" "$pki/master_sign.pub"
 rm -f "$pki/minion_master.pub"
 install -d -m 0755 "$conf/minion.d"
 install -m 0644 "$here/minion.d/steward.conf" "$conf/minion.d/steward.conf"
-command -v systemctl >/dev/null 2>&1 && systemctl start salt-minion 2>/dev/null || true
+service start
 echo "minion {minion_id} installed"
 "#
     )

@@ -1,56 +1,15 @@
 //! The daemon against a real master: registry requests on the bus, who may
 //! make them, and notifications of changes from the outbox.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::support::{assert_ok, json_line, run_ok, steward, LineChild, SaltHarness};
-
-const T: Duration = Duration::from_secs(60);
-
-/// A salt-steward config for the harness's master, with its registry in the temp root.
-fn steward_config(h: &SaltHarness, trusted: &[&str]) -> PathBuf {
-    let path = h.root().join("steward.yaml");
-    let text = format!(
-        "master_config: {}\nregistry: sqlite://{}/registry.db\ntrusted_minions: {}\n\
-         keys: {{dir: {}/keys, pool_size: 1}}\n",
-        h.master_config().display(),
-        h.root().display(),
-        serde_json::to_string(trusted).unwrap(),
-        h.root().display()
-    );
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-fn cli(config: &Path, args: &[&str]) -> Command {
-    let mut cmd = steward();
-    cmd.arg("--config").arg(config).args(args);
-    cmd
-}
-
-fn start_daemon(config: &Path) -> LineChild {
-    let mut d = LineChild::spawn(cli(config, &["daemon"]));
-    d.wait_err_line("daemon started", T, |l| l.contains("Daemon started"));
-    d.wait_err_line("daemon on the bus", T, |l| {
-        l.contains("Connected to the master event bus")
-    });
-    d
-}
-
-fn watch_steward(config: &Path) -> LineChild {
-    let mut w = LineChild::spawn(cli(
-        config,
-        &["events", "watch", "--json", "--tag", "steward/v1/*"],
-    ));
-    w.wait_err_line("watch connected", T, |l| {
-        l.contains("Connected to the master event bus")
-    });
-    w
-}
+use crate::support::{
+    assert_ok, cli, json_line, run_ok, start_daemon, steward_config, watch_steward, LineChild,
+    SaltHarness, T,
+};
 
 fn tag_is(line: &str, tag: &str) -> bool {
     json_line(line)["tag"] == tag
@@ -105,7 +64,7 @@ fn registry_requests_on_the_bus_with_trust_rules() {
     let mut h = SaltHarness::start();
     h.wait_req_ready();
     h.start_minions_and_wait(&["d-trusted", "d-untrusted"]);
-    let cfg = steward_config(&h, &["d-trusted"]);
+    let cfg = steward_config(&h, &["d-trusted"], "");
     run_ok(cli(&cfg, &["model", "add", "web"]));
     let mut daemon = start_daemon(&cfg);
     let mut w = watch_steward(&cfg);
@@ -217,7 +176,7 @@ fn registry_requests_on_the_bus_with_trust_rules() {
 #[test]
 fn a_change_made_while_the_daemon_is_down_is_notified_once() {
     let h = SaltHarness::start();
-    let cfg = steward_config(&h, &[]);
+    let cfg = steward_config(&h, &[], "");
     run_ok(cli(&cfg, &["model", "add", "web"]));
     run_ok(cli(
         &cfg,

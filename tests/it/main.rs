@@ -4,6 +4,7 @@
 // Test code fails by panicking; the lints against it guard the daemon.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod accept;
 mod bus_fake_publisher;
 mod bus_salt;
 mod cli;

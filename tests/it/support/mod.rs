@@ -6,7 +6,7 @@
 pub mod salt;
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -195,4 +195,55 @@ fn lines(r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
 /// Parses a `--json` line of `events watch`.
 pub fn json_line(line: &str) -> serde_json::Value {
     serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"))
+}
+
+/// Timeout of the daemon tests' waits.
+pub const T: Duration = Duration::from_secs(60);
+
+/// A salt-steward config for the harness's master, with its registry and
+/// keys in the temp root, `trusted_minions`, and `extra` YAML lines (which
+/// may replace the `keys:` section).
+pub fn steward_config(h: &SaltHarness, trusted: &[&str], extra: &str) -> PathBuf {
+    let path = h.root().join("steward.yaml");
+    let mut text = format!(
+        "master_config: {}\nregistry: sqlite://{}/registry.db\ntrusted_minions: {}\n{extra}",
+        h.master_config().display(),
+        h.root().display(),
+        serde_json::to_string(trusted).unwrap(),
+    );
+    // Keys under the root unless `extra` has its own `keys:` section.
+    if !extra.lines().any(|l| l.starts_with("keys:")) {
+        text.push_str(&format!(
+            "keys: {{dir: {}/keys, pool_size: 1}}\n",
+            h.root().display()
+        ));
+    }
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+pub fn cli(config: &Path, args: &[&str]) -> Command {
+    let mut cmd = steward();
+    cmd.arg("--config").arg(config).args(args);
+    cmd
+}
+
+pub fn start_daemon(config: &Path) -> LineChild {
+    let mut d = LineChild::spawn(cli(config, &["daemon"]));
+    d.wait_err_line("daemon started", T, |l| l.contains("Daemon started"));
+    d.wait_err_line("daemon on the bus", T, |l| {
+        l.contains("Connected to the master event bus")
+    });
+    d
+}
+
+pub fn watch_steward(config: &Path) -> LineChild {
+    let mut w = LineChild::spawn(cli(
+        config,
+        &["events", "watch", "--json", "--tag", "steward/v1/*"],
+    ));
+    w.wait_err_line("watch connected", T, |l| {
+        l.contains("Connected to the master event bus")
+    });
+    w
 }

@@ -318,8 +318,45 @@ impl SaltHarness {
 
     /// Starts a minion with `id` pointed at this master.
     pub fn start_minion(&mut self, id: &str) -> &Minion {
-        let dir = self.root().join(format!("n-{id}"));
+        self.start_minion_with(id, id, "", |_| {})
+    }
+
+    /// Starts a minion with `id` that verifies the master's signed public key
+    /// (it has the master's `master_sign.pub`), as a bundle's would, but
+    /// with a key pair of its own.
+    pub fn start_minion_verifying(&mut self, label: &str, id: &str) -> &Minion {
+        let sign = self.pki_dir.join("master_sign.pub");
+        self.start_minion_with(label, id, "verify_master_pubkey_sign: True\n", move |dir| {
+            fs::create_dir_all(dir.join("pki")).expect("minion pki dir");
+            fs::copy(&sign, dir.join("pki/master_sign.pub")).expect("copying master_sign.pub");
+        })
+    }
+
+    /// Starts a minion installed from a salt-steward bundle (tar.gz): the
+    /// bundle's `install.sh` puts keys and `minion.d/steward.conf` (id,
+    /// masters) into the minion's config dir `n-<label>`; `id` is what the
+    /// harness calls it.
+    pub fn start_minion_from_bundle(&mut self, label: &str, id: &str, bundle: &Path) -> &Minion {
+        let bundle = bundle.to_owned();
+        self.start_minion_with(label, id, "", move |dir| {
+            install_bundle(&bundle, dir);
+        })
+    }
+
+    /// Starts a minion in `n-<label>` with the harness's base config plus
+    /// `extra`; `prepare` runs on the config dir first. Unless `extra`'s
+    /// preparation installs a `minion.d/` config naming them, the minion's
+    /// id is `id` and its master this one.
+    pub fn start_minion_with(
+        &mut self,
+        label: &str,
+        id: &str,
+        extra: &str,
+        prepare: impl FnOnce(&Path),
+    ) -> &Minion {
+        let dir = self.root().join(format!("n-{label}"));
         fs::create_dir_all(&dir).expect("minion dir");
+        prepare(&dir);
         let d = dir.display();
         let text = format!(
             "id: {id}\n\
@@ -337,7 +374,8 @@ impl SaltHarness {
              publish_port: {pub_port}\n\
              acceptance_wait_time: 1\n\
              random_reauth_delay: 0\n\
-             file_client: remote\n",
+             file_client: remote\n\
+             {extra}",
             user = current_user(),
             ret = self.ret_port,
             pub_port = self.publish_port,
@@ -428,9 +466,9 @@ impl SaltHarness {
         });
     }
 
-    /// Stops the minion `id` (it stays known to the master).
+    /// Stops the minion(s) called `id` (they stay known to the master).
     pub fn stop_minion(&mut self, id: &str) {
-        if let Some(m) = self.minions.iter_mut().find(|m| m.id == id) {
+        for m in self.minions.iter_mut().filter(|m| m.id == id) {
             if let Some(mut p) = m.process.take() {
                 p.stop();
             }
@@ -478,4 +516,30 @@ fn current_user() -> String {
         .output()
         .expect("running id -un");
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Unpacks a salt-steward bundle and runs its `install.sh` with the
+/// minion's config dir `dir` (its pki dir `dir/pki`).
+pub fn install_bundle(bundle: &Path, dir: &Path) {
+    let unpacked = dir.join("bundle");
+    fs::create_dir_all(&unpacked).expect("bundle dir");
+    let st = Command::new("tar")
+        .arg("xzf")
+        .arg(bundle)
+        .arg("-C")
+        .arg(&unpacked)
+        .status()
+        .expect("running tar");
+    assert!(st.success(), "tar xzf {}", bundle.display());
+    let out = Command::new("sh")
+        .arg(unpacked.join("install.sh"))
+        .env("SALT_CONFIG_DIR", dir)
+        .env("SALT_PKI_DIR", dir.join("pki"))
+        .output()
+        .expect("running install.sh");
+    assert!(
+        out.status.success(),
+        "install.sh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
