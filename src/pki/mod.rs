@@ -1,6 +1,9 @@
 //! Salt's PKI as salt-steward manages it: key pairs in Salt's text forms
-//! (`keys`) and key files created with safe modes (`files`).
+//! (`keys`), key files created with safe modes (`files`), and the master's
+//! own keys and pre-made key signature (`master`).
 pub mod files;
 pub mod keys;
+pub mod master;
 
 pub use keys::{clean_key, fingerprint, KeyError, KeyPair};
+pub use master::{Covers, PkiError};
