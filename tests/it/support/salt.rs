@@ -60,6 +60,15 @@ impl Default for MasterOptions {
     }
 }
 
+/// What a minion gets beyond the harness defaults.
+#[derive(Debug, Clone, Default)]
+pub struct MinionOptions {
+    /// Extra lines appended to the minion config.
+    pub extra: String,
+    /// Files put into the minion's pki_dir before it starts: (file name, content).
+    pub pki_files: Vec<(String, Vec<u8>)>,
+}
+
 /// A Salt process stopped by PID (and its process group) on drop.
 #[derive(Debug)]
 struct SaltProcess {
@@ -273,6 +282,13 @@ impl SaltHarness {
         self.wait_master_bus(Duration::from_secs(60));
     }
 
+    /// Appends `lines` to the master config (kept in `options.extra`); takes
+    /// effect at the next (re)start.
+    pub fn append_master_config(&mut self, lines: &str) {
+        self.options.extra.push_str(lines);
+        self.write_master_config();
+    }
+
     /// Stops the master (TERM, then KILL) and starts it again with the same config.
     pub fn restart_master(&mut self) {
         self.stop_master();
@@ -318,8 +334,21 @@ impl SaltHarness {
 
     /// Starts a minion with `id` pointed at this master.
     pub fn start_minion(&mut self, id: &str) -> &Minion {
+        self.start_minion_with(id, &MinionOptions::default())
+    }
+
+    /// Starts a minion with `id` pointed at this master, with extra config
+    /// lines and files pre-placed in its pki_dir.
+    pub fn start_minion_with(&mut self, id: &str, opts: &MinionOptions) -> &Minion {
         let dir = self.root().join(format!("n-{id}"));
         fs::create_dir_all(&dir).expect("minion dir");
+        if !opts.pki_files.is_empty() {
+            let pki = dir.join("pki");
+            fs::create_dir_all(&pki).expect("minion pki dir");
+            for (name, content) in &opts.pki_files {
+                fs::write(pki.join(name), content).expect("writing a minion pki file");
+            }
+        }
         let d = dir.display();
         let text = format!(
             "id: {id}\n\
@@ -337,10 +366,11 @@ impl SaltHarness {
              publish_port: {pub_port}\n\
              acceptance_wait_time: 1\n\
              random_reauth_delay: 0\n\
-             file_client: remote\n",
+             file_client: remote\n{extra}",
             user = current_user(),
             ret = self.ret_port,
             pub_port = self.publish_port,
+            extra = opts.extra,
         );
         fs::write(dir.join("minion"), text).expect("writing minion config");
         let mut cmd = Command::new(self.bin("salt-minion"));
