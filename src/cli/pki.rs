@@ -95,6 +95,9 @@ fn print_pair(label: &str, p: &PairReport) {
         p.public.display()
     );
     println!("{:<12} {:<8} fingerprint {}", "", "", p.fingerprint);
+    if let Some(note) = p.note {
+        println!("{:<12} {:<8} {note}", "", "");
+    }
 }
 
 fn print_init(m: &MasterConfig, r: &InitReport) {

@@ -121,6 +121,9 @@ pub struct PairReport {
     pub action: Action,
     /// `salt-key -F` fingerprint of the public key.
     pub fingerprint: String,
+    /// Anything unusual, e.g. a signing private key kept off this master.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<&'static str>,
 }
 
 /// Which text a signature file covers.
@@ -341,6 +344,7 @@ impl Pair {
             public: self.public.clone(),
             action,
             fingerprint: fingerprint(public_text),
+            note: None,
         }
     }
 }
@@ -412,13 +416,64 @@ pub fn init(master: &MasterConfig) -> Result<InitReport, PkiError> {
     files::private_dir(&master.pki_dir)?;
     let (master_keys, master_report) = Pair::master(master).ensure(master.keysize)?;
     let signing = Pair::signing(master);
-    let (sign_keys, signing_report) = signing.ensure(master.keysize)?;
+    let (sign_keys, signing_report) = match signing.ensure(master.keysize) {
+        Ok(found) => found,
+        Err(e @ PkiError::HalfPair { .. }) => {
+            return match offline_signing(master, &signing, &master_keys.public_text)? {
+                Some((signing, signature)) => Ok(InitReport {
+                    master: master_report,
+                    signing,
+                    signature,
+                }),
+                None => Err(e),
+            }
+        }
+        Err(e) => return Err(e),
+    };
     let signature = ensure_signature(master, &signing, &sign_keys, &master_keys.public_text)?;
     Ok(InitReport {
         master: master_report,
         signing: signing_report,
         signature,
     })
+}
+
+/// A master whose signing private key is kept elsewhere (Salt's advice for
+/// pre-made signatures): only the public key is here. Fine, and nothing to
+/// do, if the signature there already covers the clean text; `None` otherwise
+/// (we cannot sign without the private key).
+fn offline_signing(
+    master: &MasterConfig,
+    signing: &Pair,
+    master_pub_text: &str,
+) -> Result<Option<(PairReport, SignatureReport)>, PkiError> {
+    let path = master.pki_dir.join(&master.master_pubkey_signature);
+    if exists(&signing.private)? || !exists(&signing.public)? || !exists(&path)? {
+        return Ok(None);
+    }
+    let sign_pub = read(&signing.public)?;
+    let sig = String::from_utf8_lossy(
+        &std::fs::read(&path)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?,
+    )
+    .into_owned();
+    let found = covers(&sign_pub, master_pub_text, &sig).map_err(|source| PkiError::Key {
+        path: signing.public.clone(),
+        source,
+    })?;
+    if found != Covers::Clean {
+        return Ok(None);
+    }
+    let mut pair = signing.report(Action::Kept, &sign_pub);
+    pair.note = Some("public key only: the signing private key is kept off this master");
+    Ok(Some((
+        pair,
+        SignatureReport {
+            path,
+            action: Action::Kept,
+            previous: None,
+        },
+    )))
 }
 
 fn ensure_signature(
@@ -776,7 +831,7 @@ mod tests {
     }
 
     #[test]
-    fn verify_checks_the_signing_pair_and_allows_a_missing_private_key() {
+    fn signing_pair_checked_and_its_private_key_may_be_kept_off_the_master() {
         let tmp = tempfile::tempdir().unwrap();
         let m = master_in(tmp.path());
         init(&m).unwrap();
@@ -786,6 +841,16 @@ mod tests {
         let v = verify(&m).unwrap();
         assert_eq!(v.signing_pair, SigningPair::NoPrivateKey);
         assert!(v.ok(), "a pre-made signature needs no signing private key");
+        // init has nothing to do then, and says why.
+        let r = init(&m).unwrap();
+        assert!(!r.changed(), "{r:?}");
+        assert!(r.signing.note.is_some(), "{r:?}");
+        // But it cannot re-sign without the private key: half a pair.
+        let sig_path = m.pki_dir.join("master_pubkey_signature");
+        let good_sig = std::fs::read(&sig_path).unwrap();
+        std::fs::write(&sig_path, "garbage\n").unwrap();
+        assert!(matches!(init(&m), Err(PkiError::HalfPair { .. })));
+        std::fs::write(&sig_path, good_sig).unwrap();
 
         let other = KeyPair::generate(2048).unwrap();
         files::create_private(&pem, other.private_pem()).unwrap();
