@@ -2,6 +2,7 @@
 //! 1 anything else, with a one-line message). One file per command family.
 
 mod events;
+mod pki;
 mod registry;
 mod salt;
 
@@ -48,6 +49,9 @@ enum Command {
     /// Servers in the registry: add, list, show, set, rm.
     #[command(subcommand)]
     Server(registry::ServerCommand),
+    /// The master's keys and its signed public key: init, verify, export/import the signing pair.
+    #[command(subcommand)]
+    Pki(pki::PkiCommand),
 }
 
 /// Loaded once per invocation and handed to the command.
@@ -111,6 +115,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Command::Model(cmd) => registry::run_model(&ctx, cmd).await,
             Command::Server(cmd) => registry::run_server(&ctx, cmd).await,
+            Command::Pki(cmd) => pki::run(&ctx, cmd),
         }
     })
 }

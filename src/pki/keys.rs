@@ -111,6 +111,12 @@ impl KeyPair {
         fingerprint(&self.public_pem)
     }
 
+    /// Whether `public_pem` (SPKI, or PKCS#1 `BEGIN RSA PUBLIC KEY`) is this
+    /// pair's public key, compared as numbers, not as text.
+    pub fn matches_public(&self, public_pem: &str) -> Result<bool, KeyError> {
+        Ok(parse_public(public_pem)? == parse_public(&self.public_pem)?)
+    }
+
     /// RSASSA-PKCS1-v1_5 over SHA-1 of `message` (the only algorithm Salt's
     /// pre-made master key signature can use).
     pub fn sign_sha1(&self, message: &[u8]) -> Result<Vec<u8>, KeyError> {
@@ -134,13 +140,20 @@ fn parse_private(pem: &str) -> Result<RsaPrivateKey, KeyError> {
         })
 }
 
+fn parse_public(pem: &str) -> Result<RsaPublicKey, KeyError> {
+    use rsa::pkcs1::DecodeRsaPublicKey as _;
+    RsaPublicKey::from_public_key_pem(pem.trim())
+        .or_else(|_| RsaPublicKey::from_pkcs1_pem(pem.trim()))
+        .map_err(|e| KeyError::Pem {
+            what: "public key",
+            reason: e.to_string(),
+        })
+}
+
 /// Checks an RSASSA-PKCS1-v1_5/SHA-1 `signature` of `message` by the SPKI
 /// `public_pem`.
 pub fn verify_sha1(public_pem: &str, message: &[u8], signature: &[u8]) -> Result<bool, KeyError> {
-    let key = RsaPublicKey::from_public_key_pem(public_pem.trim()).map_err(|e| KeyError::Pem {
-        what: "public key",
-        reason: e.to_string(),
-    })?;
+    let key = parse_public(public_pem)?;
     let Ok(sig) = Signature::try_from(signature) else {
         return Ok(false);
     };
@@ -203,6 +216,11 @@ mod tests {
         let again = KeyPair::from_private_pem(kp.private_pem()).unwrap();
         assert_eq!(again.public_pem(), kp.public_pem());
         assert!(!format!("{kp:?}").contains("PRIVATE"));
+        assert!(kp.matches_public(&kp.public_clean()).unwrap());
+        assert!(!KeyPair::generate(2048)
+            .unwrap()
+            .matches_public(kp.public_pem())
+            .unwrap());
         assert!(matches!(KeyPair::generate(1024), Err(KeyError::Size(1024))));
     }
 

@@ -273,6 +273,13 @@ impl SaltHarness {
         self.wait_master_bus(Duration::from_secs(60));
     }
 
+    /// Appends `lines` to the master config (kept in `options.extra`); takes
+    /// effect at the next (re)start.
+    pub fn append_master_config(&mut self, lines: &str) {
+        self.options.extra.push_str(lines);
+        self.write_master_config();
+    }
+
     /// Stops the master (TERM, then KILL) and starts it again with the same config.
     pub fn restart_master(&mut self) {
         self.stop_master();
