@@ -19,6 +19,13 @@
 //! key-mismatch alert; `act: accept` of a preseeded key marks the server
 //! registered. `salt/minion/<id>/start` marks it `online`; the first start
 //! after registration applies the states of the server's model.
+//!
+//! Several masters (config `masters`), one registry (seed 004): a key
+//! verified on any master is installed on the others (`sync`, every [`SYNC_INTERVAL`]): a minion
+//! failing over must find its key accepted, because Salt 3007 minions check
+//! a pending answer's signature against the key of the master they knew,
+//! and give up. Only keys the registry issued are ever written.
+//!
 //! Only events the master fired count: [`EventKind`] never takes a
 //! minion-fired event for `salt/auth` or a start event of another minion.
 
@@ -37,7 +44,7 @@ use crate::bus::{BusItem, Subscription};
 use crate::config::{AcceptMode, UnknownMinions};
 use crate::daemon::Firer;
 use crate::pki::{clean_key, fingerprint};
-use crate::registry::{DbStore, Server, Service, Status};
+use crate::registry::{DbStore, Server, ServerFilter, Service, Status};
 use crate::salt::{wheel, Publish, ReqClient, SaltClient, TargetType};
 
 /// Tag prefix of the acceptor's events.
@@ -54,6 +61,8 @@ const BATCH_WINDOW: Duration = Duration::from_millis(50);
 /// Queue of triggers (the watcher and the bus feed it; overflow is harmless:
 /// a missed pending key is found by the next `salt/auth` retry or scan).
 const TRIGGER_QUEUE: usize = 65_536;
+/// How often keys accepted elsewhere are installed on this master.
+pub const SYNC_INTERVAL: Duration = Duration::from_secs(5);
 /// How long a model's state run may take at a server's first start.
 const STATES_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -70,6 +79,8 @@ enum Trigger {
     Accepted { id: String, presented: String },
     /// The minion started.
     Started(String),
+    /// Install keys accepted on other masters.
+    Sync,
 }
 
 /// The acceptor's settings.
@@ -81,6 +92,10 @@ pub struct AcceptorConfig {
     pub mode: AcceptMode,
     /// What to do with unknown ids.
     pub unknown: UnknownMinions,
+    /// Install keys accepted on the other masters (config `masters` lists
+    /// several). Off with one master, so that a key an administrator
+    /// deletes by hand stays deleted.
+    pub sync_keys: bool,
 }
 
 /// Runs the acceptor until `cancel`: reads `sub`, watches `minions_pre/`.
@@ -104,9 +119,11 @@ pub async fn run(
         alerted_mismatch: HashMap::new(),
     };
     let _ = tx.try_send(Trigger::Scan);
+    let mut sync = tokio::time::interval(SYNC_INTERVAL);
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
+            _ = sync.tick(), if state.config.sync_keys => { let _ = tx.try_send(Trigger::Sync); }
             item = sub.recv() => match item {
                 None => return,
                 Some(BusItem::Connected { .. }) => { let _ = tx.try_send(Trigger::Scan); }
@@ -213,10 +230,62 @@ impl Acceptor {
                 Trigger::Denied { id, presented } => self.denied(&id, &presented).await,
                 Trigger::Accepted { id, presented } => self.accepted(&id, &presented).await,
                 Trigger::Started(id) => self.started(&id).await,
+                Trigger::Sync => self.sync().await,
             }
         }
         if !pending.is_empty() {
             self.decide(pending).await;
+        }
+    }
+
+    /// Installs on this master the keys of servers accepted on another
+    /// (status registered/online/offline; in preseed mode also keys-issued),
+    /// unless this master already holds a key of any kind for that id.
+    async fn sync(&self) {
+        let mut statuses = vec![Status::Registered, Status::Online, Status::Offline];
+        if self.config.mode == AcceptMode::Preseed {
+            statuses.push(Status::KeysIssued);
+        }
+        for status in statuses {
+            let filter = ServerFilter {
+                status: Some(status),
+                ..ServerFilter::default()
+            };
+            let servers = match self.service.find_servers(&filter).await {
+                Ok(s) => s,
+                Err(error) => {
+                    warn!(message = "Registry read failed; keys not synced.", %error);
+                    return;
+                }
+            };
+            for server in servers {
+                let Some(key) = &server.public_key else {
+                    continue;
+                };
+                if !safe_id(&server.minion_id) {
+                    continue;
+                }
+                let held = [
+                    "minions",
+                    "minions_pre",
+                    "minions_rejected",
+                    "minions_denied",
+                ]
+                .iter()
+                .any(|d| self.config.pki_dir.join(d).join(&server.minion_id).exists());
+                if held {
+                    continue;
+                }
+                let path = self.config.pki_dir.join("minions").join(&server.minion_id);
+                match crate::pki::files::create_public(&path, &clean_key(key)) {
+                    Ok(()) => {
+                        info!(message = "Key accepted on another master installed here.", minion_id = %server.minion_id)
+                    }
+                    Err(error) => {
+                        warn!(message = "Key not installed.", minion_id = %server.minion_id, %error)
+                    }
+                }
+            }
         }
     }
 

@@ -87,6 +87,7 @@ pub async fn run(
             pki_dir: master.pki_dir.clone(),
             mode: settings.keys.accept_mode,
             unknown: settings.keys.unknown_minions,
+            sync_keys: settings.masters.len() > 1,
         },
         acceptor_events,
         service.clone(),

@@ -19,7 +19,7 @@ use crate::support::{
 
 /// A master that signs its public key (bundles make minions verify it) and
 /// does not auto-accept; the provisioning state in its file roots.
-fn signing_master() -> SaltHarness {
+pub fn signing_master() -> SaltHarness {
     let h = SaltHarness::start_with(MasterOptions {
         auto_accept: false,
         extra: "master_sign_pubkey: True\n".into(),
@@ -43,7 +43,7 @@ fn config(h: &SaltHarness, mode: &str) -> PathBuf {
     )
 }
 
-fn add_server(cfg: &Path, name: &str) -> Value {
+pub fn add_server(cfg: &Path, name: &str) -> Value {
     let out = run_ok(cli(
         cfg,
         &["server", "add", name, "--model", "web", "--json"],
@@ -56,7 +56,7 @@ fn show(cfg: &Path, name: &str) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-fn bundle(h: &SaltHarness, cfg: &Path, name: &str, file: &str) -> PathBuf {
+pub fn bundle(h: &SaltHarness, cfg: &Path, name: &str, file: &str) -> PathBuf {
     let path = h.root().join(file);
     run_ok(cli(
         cfg,
@@ -99,7 +99,7 @@ fn ping(cfg: &Path, minion_id: &str) -> bool {
     out.status.success() && String::from_utf8_lossy(&out.stdout).contains("true")
 }
 
-fn wait_ping(cfg: &Path, minion_id: &str) {
+pub fn wait_ping(cfg: &Path, minion_id: &str) {
     let deadline = Instant::now() + T;
     while !ping(cfg, minion_id) {
         assert!(
@@ -116,13 +116,13 @@ fn keys(h: &SaltHarness) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-fn listed(h: &SaltHarness, state: &str, id: &str) -> bool {
+pub fn listed(h: &SaltHarness, state: &str, id: &str) -> bool {
     keys(h)[state]
         .as_array()
         .is_some_and(|a| a.iter().any(|x| x == id))
 }
 
-fn wait_listed(h: &SaltHarness, state: &str, id: &str) {
+pub fn wait_listed(h: &SaltHarness, state: &str, id: &str) {
     let deadline = Instant::now() + T;
     while !listed(h, state, id) {
         assert!(

@@ -202,16 +202,21 @@ pub const T: Duration = Duration::from_secs(60);
 
 /// A salt-steward config for the harness's master, with its registry and
 /// keys in the temp root, `trusted_minions`, and `extra` YAML lines (which
-/// may replace the `keys:` section).
+/// may replace the `registry:` and `keys:` settings).
 pub fn steward_config(h: &SaltHarness, trusted: &[&str], extra: &str) -> PathBuf {
     let path = h.root().join("steward.yaml");
     let mut text = format!(
-        "master_config: {}\nregistry: sqlite://{}/registry.db\ntrusted_minions: {}\n{extra}",
+        "master_config: {}\ntrusted_minions: {}\n{extra}",
         h.master_config().display(),
-        h.root().display(),
         serde_json::to_string(trusted).unwrap(),
     );
-    // Keys under the root unless `extra` has its own `keys:` section.
+    // Registry and keys under the root unless `extra` has its own.
+    if !extra.lines().any(|l| l.starts_with("registry:")) {
+        text.push_str(&format!(
+            "registry: sqlite://{}/registry.db\n",
+            h.root().display()
+        ));
+    }
     if !extra.lines().any(|l| l.starts_with("keys:")) {
         text.push_str(&format!(
             "keys: {{dir: {}/keys, pool_size: 1}}\n",
