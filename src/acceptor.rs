@@ -77,6 +77,8 @@ enum Trigger {
     Denied { id: String, presented: String },
     /// The master accepted this key at first contact (preseeded).
     Accepted { id: String, presented: String },
+    /// The master refused this key because a key for the id is rejected.
+    RefusedRejected { id: String, presented: String },
     /// The minion started.
     Started(String),
     /// Install keys accepted on other masters.
@@ -155,6 +157,7 @@ fn trigger_of(event: &crate::bus::Event) -> Option<Trigger> {
                 AuthAct::Pend => Some(Trigger::Pending(id)),
                 AuthAct::Denied => Some(Trigger::Denied { id, presented }),
                 AuthAct::Accept => Some(Trigger::Accepted { id, presented }),
+                AuthAct::Rejected => Some(Trigger::RefusedRejected { id, presented }),
                 _ => None,
             }
         }
@@ -229,6 +232,7 @@ impl Acceptor {
                 Trigger::Scan => pending.extend(self.scan()),
                 Trigger::Denied { id, presented } => self.denied(&id, &presented).await,
                 Trigger::Accepted { id, presented } => self.accepted(&id, &presented).await,
+                Trigger::RefusedRejected { id, presented } => self.unblock(&id, &presented).await,
                 Trigger::Started(id) => self.started(&id).await,
                 Trigger::Sync => self.sync().await,
             }
@@ -446,6 +450,36 @@ impl Acceptor {
                 }
             }
             Err(error) => warn!(message = "Registry lookup failed.", minion_id = %id, %error),
+        }
+    }
+
+    /// The issued key was refused because an impostor's key for the same id
+    /// was rejected: that rejected key goes, so the machine's next attempt
+    /// (bundles set `rejected_retry: True`) is pending and then verified.
+    async fn unblock(&self, id: &str, presented: &str) {
+        if !safe_id(id) {
+            return;
+        }
+        let Ok(Some(server)) = self.service.server_by_minion_id(id).await else {
+            return;
+        };
+        let issued = server.public_key.as_deref().map(clean_key);
+        if issued.as_deref() != Some(&clean_key(presented)) {
+            return;
+        }
+        let rejected = self.config.pki_dir.join("minions_rejected").join(id);
+        match std::fs::read_to_string(&rejected) {
+            Ok(held) if Some(clean_key(&held)) != issued => {
+                info!(message = "The issued key was blocked by a rejected impostor key; removing that key.", minion_id = %id);
+                let mut kwarg = Map::new();
+                kwarg.insert("match".into(), json!({ "minions_rejected": [id] }));
+                if let Err(error) =
+                    wheel(self.salt.req(), "key.delete_dict", Vec::new(), kwarg).await
+                {
+                    warn!(message = "Rejected key not removed.", minion_id = %id, %error);
+                }
+            }
+            _ => {}
         }
     }
 

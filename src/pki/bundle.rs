@@ -49,6 +49,9 @@ pub fn minion_conf(spec: &BundleSpec<'_>) -> String {
         }
     }
     c.push_str("verify_master_pubkey_sign: True\n");
+    // Keep trying while an impostor's rejected key blocks this id: the
+    // daemon removes that key when it sees the issued one refused.
+    c.push_str("rejected_retry: True\n");
     c
 }
 
