@@ -91,7 +91,7 @@ fn ping(cfg: &Path, minion_id: &str) -> bool {
             "test.ping",
             "--json",
             "--timeout",
-            "10",
+            "5",
         ],
     )
     .output()
