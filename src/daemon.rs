@@ -8,7 +8,8 @@
 //!   (by the bus or by the CLI, daemon running or not) is fired as
 //!   `steward/v1/<server|model>/<created|updated|deleted>`, then marked
 //!   processed. Fire-then-mark: at least once, and a crash in between fires
-//!   again on restart.
+//!   again on restart;
+//! - the rules engine (`rules`): reactor rules from `rules_dir`, hot-reloaded.
 //!
 //! Shutdown (SIGTERM/SIGINT): stop taking requests, let the dispatcher finish
 //! the entry in hand, exit 0 within [`SHUTDOWN_GRACE`].
@@ -60,6 +61,7 @@ pub async fn run(
         },
     );
     let requests = bus.subscribe();
+    let rules = crate::rules::RulesComponent::new(&bus, settings, master);
     bus.spawn(cancel.clone());
     let firer: Firer = Arc::new(Mutex::new(EventFirer::new(master.event_pull())));
     let changed = Arc::new(Notify::new());
@@ -79,6 +81,7 @@ pub async fn run(
         settings.trusted_minions.iter().cloned().collect(),
         cancel.clone(),
     ));
+    let rules = rules.spawn(cancel.clone());
 
     shutdown.await;
     info!(message = "Shutting down.");
@@ -86,6 +89,7 @@ pub async fn run(
     let all = async {
         let _ = server.await;
         let _ = outbox.await;
+        let _ = rules.await;
         bus.join().await;
     };
     if tokio::time::timeout(SHUTDOWN_GRACE, all).await.is_err() {
