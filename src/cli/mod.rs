@@ -3,6 +3,7 @@
 
 mod events;
 mod registry;
+mod rules;
 mod salt;
 
 use std::path::{Path, PathBuf};
@@ -48,6 +49,9 @@ enum Command {
     /// Servers in the registry: add, list, show, set, rm.
     #[command(subcommand)]
     Server(registry::ServerCommand),
+    /// Reactor rules: check files, test which rules an event triggers.
+    #[command(subcommand)]
+    Rules(rules::RulesCommand),
 }
 
 /// Loaded once per invocation and handed to the command.
@@ -111,6 +115,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Command::Model(cmd) => registry::run_model(&ctx, cmd).await,
             Command::Server(cmd) => registry::run_server(&ctx, cmd).await,
+            Command::Rules(cmd) => rules::run(&ctx, cmd).await,
         }
     })
 }
