@@ -283,18 +283,55 @@ impl RuleSet {
     /// Fills in every action of `rule` from the event; the first error stops
     /// (no action of the rule runs for that event).
     pub fn render(&self, rule: &Rule, ev: &EventView<'_>) -> Result<Vec<Rendered>, String> {
-        let ctx = context(ev.tag, &to_json(ev.data), ev.sender, &to_json(ev.payload));
-        rule.actions
-            .iter()
-            .enumerate()
-            .map(|(i, a)| {
-                self.render_action(a, &ctx)
-                    .map_err(|e| format!("action {} ({}): {e}", i + 1, a.kind().as_str()))
-            })
+        let ctx = Self::context(ev);
+        (0..rule.actions.len())
+            .map(|i| self.render_action(rule, i, &ctx))
             .collect()
     }
 
-    fn render_action(&self, a: &Action, ctx: &minijinja::Value) -> Result<Rendered, String> {
+    /// The template context of an event (build it once per event).
+    pub fn context(ev: &EventView<'_>) -> minijinja::Value {
+        context(ev.tag, &to_json(ev.data), ev.sender, &to_json(ev.payload))
+    }
+
+    /// The target of action `idx` (0-based) of `rule` alone: what debounce
+    /// and rate limits count by, cheaper than the whole action.
+    pub fn render_target(
+        &self,
+        rule: &Rule,
+        idx: usize,
+        ctx: &minijinja::Value,
+    ) -> Result<String, String> {
+        match rule.actions.get(idx) {
+            Some(Action::Publish { target, kind, .. }) => {
+                match self.templates.render(target, ctx) {
+                    Ok(Json::String(s)) if !s.trim().is_empty() => Ok(s),
+                    Ok(other) => Err(format!("target rendered to {other}, not a target")),
+                    Err(e) => Err(e),
+                }
+                .map_err(|e| format!("action {} ({}): {e}", idx + 1, kind.as_str()))
+            }
+            Some(_) => Ok(MASTER_TARGET.to_owned()),
+            None => Err(format!("no action {}", idx + 1)),
+        }
+    }
+
+    /// Fills in action `idx` (0-based) of `rule`.
+    pub fn render_action(
+        &self,
+        rule: &Rule,
+        idx: usize,
+        ctx: &minijinja::Value,
+    ) -> Result<Rendered, String> {
+        let a = rule
+            .actions
+            .get(idx)
+            .ok_or_else(|| format!("no action {}", idx + 1))?;
+        self.fill(a, ctx)
+            .map_err(|e| format!("action {} ({}): {e}", idx + 1, a.kind().as_str()))
+    }
+
+    fn fill(&self, a: &Action, ctx: &minijinja::Value) -> Result<Rendered, String> {
         let t = &self.templates;
         let list = |v: Json, what: &str| match v {
             Json::Array(a) => Ok(a),
@@ -599,7 +636,15 @@ impl Compiler<'_> {
                     file: path.to_owned(),
                     line: loc.as_ref().map(|l| l.line()),
                     column: loc.as_ref().map(|l| l.column()),
-                    rule: rule_named_in(&msg, text),
+                    rule: rule_named_in(&msg, text).or_else(|| {
+                        // A syntax error: the rule whose `name:` comes last before it.
+                        let upto = loc.as_ref().map_or(0, |l| l.line());
+                        text.lines()
+                            .take(upto)
+                            .filter_map(name_on_line)
+                            .last()
+                            .map(str::to_owned)
+                    }),
                     message: without_position(&msg).to_owned(),
                 });
                 return;
@@ -1075,7 +1120,7 @@ mod tests {
             ),
         ]);
         assert_eq!(errs.len(), 5, "{errs:#?}");
-        assert!(errs[0].starts_with("a.yaml:4:1: "), "{}", errs[0]);
+        assert!(errs[0].starts_with("a.yaml:4:1: rule x: "), "{}", errs[0]);
         assert!(
             errs[1].starts_with("b.yaml:5:9: rule b1: rules[0].do[0]: unknown variant `reboot`"),
             "{}",

@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::compile::RuleSet;
+use super::compile::{Rendered, Rule, RuleSet};
 use super::exec::{Executor, Job, SubmitError};
 use super::matcher::EventView;
 use super::stats::{worth_logging, RuleStats};
@@ -97,18 +97,27 @@ pub async fn run_intake(
     info!(message = "Rules engine stopped.", counters = %intake.stats.snapshot());
 }
 
+/// A debounced action: filled in from the last event of the burst when due,
+/// with the rule set that matched it.
+struct Deferred {
+    set: Arc<RuleSet>,
+    rule: usize,
+    action: usize,
+    event: Arc<Event>,
+}
+
 struct Intake {
     rules: watch::Receiver<Arc<RuleSet>>,
     exec: Executor,
     stats: Arc<RuleStats>,
     opts: IntakeOptions,
-    throttle: Throttle<Job>,
+    throttle: Throttle<Deferred>,
     scratch: Scratch,
     hits: Vec<usize>,
 }
 
 impl Intake {
-    fn event(&mut self, e: &Event) {
+    fn event(&mut self, e: &Arc<Event>) {
         self.stats.events.fetch_add(1, Ordering::Relaxed);
         let set = self.rules.borrow().clone();
         let view = EventView::of(e);
@@ -117,40 +126,36 @@ impl Intake {
             return;
         }
         let now = tokio::time::Instant::now();
+        let ctx = RuleSet::context(&view);
         let hits = std::mem::take(&mut self.hits);
-        for &i in &hits {
+        'rules: for &i in &hits {
             let Some(rule) = set.rules().get(i) else {
                 continue;
             };
             self.stats.matched.fetch_add(1, Ordering::Relaxed);
-            let actions = match set.render(rule, &view) {
-                Ok(a) => a,
-                Err(error) => {
-                    let n = self.stats.render_errors.fetch_add(1, Ordering::Relaxed) + 1;
-                    if worth_logging(n) {
-                        warn!(message = "Rule not run: its actions could not be filled from the event.", rule = %rule.name, file = %rule.file.display(), line = rule.line, tag = %e.tag, %error, render_errors_total = n);
+            let mut ready = Vec::with_capacity(rule.actions.len());
+            for idx in 0..rule.actions.len() {
+                // The target first: it is what debounce and limits count by.
+                let target = match set.render_target(rule, idx, &ctx) {
+                    Ok(t) => t,
+                    Err(error) => {
+                        self.render_failed(rule, &e.tag, &error);
+                        continue 'rules;
                     }
-                    continue;
-                }
-            };
-            for (idx, rendered) in actions.into_iter().enumerate() {
-                let job = Job {
-                    rule: rule.name.clone(),
-                    action: idx + 1,
-                    event_tag: e.tag.clone(),
-                    sender: view.sender.map(str::to_owned),
-                    timeout: rule.timeout.unwrap_or(self.opts.job_timeout),
-                    rate_limit: rule.rate_limit,
-                    rendered,
                 };
                 let key = Key {
                     rule: rule.name.clone(),
                     action: idx + 1,
-                    target: job.rendered.target().to_owned(),
+                    target,
                 };
-                match rule.debounce {
-                    None => self.release(key, job),
-                    Some(wait) => match self.throttle.offer(key, wait, job, now) {
+                if let Some(wait) = rule.debounce {
+                    let d = Deferred {
+                        set: set.clone(),
+                        rule: i,
+                        action: idx,
+                        event: e.clone(),
+                    };
+                    match self.throttle.offer(key, wait, d, now) {
                         Offer::Waiting => {}
                         Offer::Coalesced => {
                             self.stats.coalesced.fetch_add(1, Ordering::Relaxed);
@@ -162,17 +167,72 @@ impl Intake {
                                 warn!(message = "Rule action dropped: too many debounced actions waiting.", rule = %rule.name, action = idx + 1, max_waiting = self.opts.max_waiting, dropped_total = n);
                             }
                         }
-                    },
+                    }
+                    continue;
                 }
+                // Over its limit: dropped before the cost of filling it in.
+                if !self.throttle.would_admit(&key, rule.rate_limit, now) {
+                    self.rate_limited(&key);
+                    continue;
+                }
+                match set.render_action(rule, idx, &ctx) {
+                    Ok(rendered) => ready.push((key, self.job(rule, idx, rendered, &view))),
+                    Err(error) => {
+                        // No action of the rule runs for this event.
+                        self.render_failed(rule, &e.tag, &error);
+                        continue 'rules;
+                    }
+                }
+            }
+            for (key, job) in ready {
+                self.release(key, job);
             }
         }
         self.hits = hits;
     }
 
+    fn job(&self, rule: &Rule, idx: usize, rendered: Rendered, view: &EventView<'_>) -> Job {
+        Job {
+            rule: rule.name.clone(),
+            action: idx + 1,
+            event_tag: view.tag.to_owned(),
+            sender: view.sender.map(str::to_owned),
+            timeout: rule.timeout.unwrap_or(self.opts.job_timeout),
+            rate_limit: rule.rate_limit,
+            rendered,
+        }
+    }
+
+    fn render_failed(&self, rule: &Rule, tag: &str, error: &str) {
+        let n = self.stats.render_errors.fetch_add(1, Ordering::Relaxed) + 1;
+        if worth_logging(n) {
+            warn!(message = "Rule not run: its actions could not be filled from the event.", rule = %rule.name, file = %rule.file.display(), line = rule.line, %tag, %error, render_errors_total = n);
+        }
+    }
+
+    fn rate_limited(&self, key: &Key) {
+        let n = self.stats.rate_limited.fetch_add(1, Ordering::Relaxed) + 1;
+        if worth_logging(n) {
+            warn!(message = "Rule action dropped by its rate limit.", rule = %key.rule, action = key.action, target = %key.target, dropped_total = n);
+        }
+    }
+
+    /// Debounced actions whose burst is over: filled in from their last event.
     fn release_due(&mut self) {
         let now = tokio::time::Instant::now();
-        for (key, job) in self.throttle.due(now) {
-            self.release(key, job);
+        for (key, d) in self.throttle.due(now) {
+            let Some(rule) = d.set.rules().get(d.rule) else {
+                continue;
+            };
+            let view = EventView::of(&d.event);
+            let ctx = RuleSet::context(&view);
+            match d.set.render_action(rule, d.action, &ctx) {
+                Ok(rendered) => {
+                    let job = self.job(rule, d.action, rendered, &view);
+                    self.release(key, job);
+                }
+                Err(error) => self.render_failed(rule, &d.event.tag, &error),
+            }
         }
     }
 
@@ -180,10 +240,7 @@ impl Intake {
     fn release(&mut self, key: Key, job: Job) {
         let now = tokio::time::Instant::now();
         if !self.throttle.admit(&key, job.rate_limit, now) {
-            let n = self.stats.rate_limited.fetch_add(1, Ordering::Relaxed) + 1;
-            if worth_logging(n) {
-                warn!(message = "Rule action dropped by its rate limit.", rule = %key.rule, action = key.action, target = %key.target, dropped_total = n);
-            }
+            self.rate_limited(&key);
             return;
         }
         match self.exec.submit(job) {

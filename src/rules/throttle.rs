@@ -126,6 +126,24 @@ impl<T> Throttle<T> {
         self.pending.drain().map(|(k, p)| (k, p.item)).collect()
     }
 
+    /// Whether [`admit`](Self::admit) would allow a run now, without recording one.
+    pub fn would_admit(&self, key: &Key, limit: Option<RateLimit>, now: Instant) -> bool {
+        let Some(limit) = limit else {
+            return true;
+        };
+        match self.windows.get(key) {
+            // A new window: `admit` decides (it may have to make room).
+            None => true,
+            Some(w) => {
+                w.runs
+                    .iter()
+                    .filter(|t| now.saturating_duration_since(**t) < limit.per)
+                    .count()
+                    < limit.max as usize
+            }
+        }
+    }
+
     /// Whether a run for `key` is allowed now under `limit` (and records it).
     pub fn admit(&mut self, key: &Key, limit: Option<RateLimit>, now: Instant) -> bool {
         let Some(limit) = limit else {
