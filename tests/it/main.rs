@@ -9,5 +9,6 @@ mod bus_salt;
 mod cli;
 mod daemon;
 mod registry;
+mod rules;
 mod salt_client;
 mod support;
