@@ -253,7 +253,9 @@ impl RuleSet {
 
     /// The rules an event triggers (indices into [`rules`](Self::rules), in
     /// order): a tag glob matches, the sender is allowed, every condition
-    /// holds. A rule's own result events never trigger it.
+    /// holds. Result events (`steward/v1/rule/…`) only trigger rules with a
+    /// glob written for them (starting with that prefix), and never the rule
+    /// they report on, so a catch-all rule cannot feed on results.
     pub fn matching(&self, ev: &EventView<'_>, scratch: &mut Scratch, out: &mut Vec<usize>) {
         out.clear();
         self.matcher
@@ -269,9 +271,10 @@ impl RuleSet {
                 continue;
             }
             if let Some(rest) = ev.tag.strip_prefix(RESULT_PREFIX) {
-                if rest
-                    .strip_prefix(&*rule.name)
-                    .is_some_and(|r| r.starts_with('/'))
+                if !rule.on.iter().any(|g| g.starts_with(RESULT_PREFIX))
+                    || rest
+                        .strip_prefix(&*rule.name)
+                        .is_some_and(|r| r.starts_with('/'))
                 {
                     continue;
                 }
@@ -408,6 +411,9 @@ impl RuleSet {
                     other => return Err(format!("tag rendered to {other}, not a string")),
                 };
                 crate::bus::publisher::check_tag(&tag).map_err(|e| e.to_string())?;
+                if let Some(why) = reserved_tag(&tag) {
+                    return Err(format!("tag {tag:?} refused: {why}"));
+                }
                 Rendered::Fire {
                     tag,
                     data: t.render(data, ctx)?,
@@ -943,6 +949,9 @@ impl Compiler<'_> {
                 if let Tmpl::Literal(Json::String(t)) = &tag {
                     crate::bus::publisher::check_tag(t)
                         .map_err(|e| (Some(s.tag.clone()), e.to_string()))?;
+                    if let Some(why) = reserved_tag(t) {
+                        return Err((Some(s.tag.clone()), format!("tag {t:?} refused: {why}")));
+                    }
                 }
                 let data = s.data.clone().unwrap_or_else(|| Json::Object(Map::new()));
                 Action::Fire {
@@ -951,6 +960,26 @@ impl Compiler<'_> {
                 }
             }
         })
+    }
+}
+
+/// Why a `fire` action may not use `tag`, if it may not. Events the daemon
+/// fires look fired on the master, which other consumers trust: Salt's own
+/// tags and the tags this daemon acts on or announces are not for rules
+/// (a minion could otherwise steer a templated tag into one of them).
+pub fn reserved_tag(tag: &str) -> Option<&'static str> {
+    const STEWARD: [&str; 5] = ["server/", "model/", "reply/", "rule/", "minion/"];
+    if tag.starts_with("salt/") || tag.starts_with("minion/") || tag == "minion_start" {
+        Some("Salt's own events are not fired by rules")
+    } else if !tag.is_empty() && tag.bytes().all(|b| b.is_ascii_digit()) {
+        Some("a bare jid is Salt's own event")
+    } else if tag
+        .strip_prefix("steward/v1/")
+        .is_some_and(|rest| STEWARD.iter().any(|p| rest.starts_with(p)))
+    {
+        Some("salt-steward's own requests, replies and notifications are not fired by rules")
+    } else {
+        None
     }
 }
 
@@ -1198,10 +1227,60 @@ mod tests {
         assert_eq!(s.rules().len(), 2);
         let e = minion_event("anything", "web1", json!({}));
         assert_eq!(matches(&s, &e), ["all"]);
-        let own = minion_event("steward/v1/rule/all/done", "web1", json!({}));
+        // a catch-all rule does not see results
+        let res = minion_event("steward/v1/rule/other/done", "web1", json!({}));
+        assert!(matches(&s, &res).is_empty());
+        // a rule written for results sees other rules' results, not its own
+        let s = set(&[(
+            "x.yaml",
+            "rules:\n  - name: watcher\n    on: 'steward/v1/rule/*/failed'\n    do: [{fire: {tag: ops/rule-failed}}]\n",
+        )])
+        .unwrap();
+        let other = Event::new(
+            "steward/v1/rule/deploy/failed".into(),
+            from_json(&json!({})),
+        );
+        assert_eq!(matches(&s, &other), ["watcher"]);
+        let own = Event::new(
+            "steward/v1/rule/watcher/failed".into(),
+            from_json(&json!({})),
+        );
         assert!(matches(&s, &own).is_empty());
-        let other = minion_event("steward/v1/rule/allx/done", "web1", json!({}));
-        assert_eq!(matches(&s, &other), ["all"]);
+    }
+
+    #[test]
+    fn fire_may_not_use_salts_or_stewards_own_tags() {
+        for tag in [
+            "salt/auth",
+            "salt/run/20261123000000000001/new",
+            "20261123000000000001",
+            "minion_start",
+            "steward/v1/server/create",
+            "steward/v1/reply/r1",
+            "steward/v1/rule/x/done",
+        ] {
+            assert!(reserved_tag(tag).is_some(), "{tag}");
+        }
+        for tag in ["myapp/deployed", "steward/v1/alert/key-denied", "ops/x"] {
+            assert!(reserved_tag(tag).is_none(), "{tag}");
+        }
+        let errs = errors(&[(
+            "f.yaml",
+            "rules:\n  - name: f\n    on: a\n    do: [{fire: {tag: salt/auth}}]\n",
+        )]);
+        assert!(
+            errs[0].contains("rule f: action 1 (fire): tag \"salt/auth\" refused"),
+            "{errs:?}"
+        );
+        // a templated tag is checked when filled in
+        let s = set(&[(
+            "t.yaml",
+            "rules:\n  - name: t\n    on: a\n    do: [{fire: {tag: \"{{ payload.t }}\"}}]\n",
+        )])
+        .unwrap();
+        let e = minion_event("a", "evil", json!({"t": "salt/run/1/new"}));
+        let err = s.render(&s.rules()[0], &EventView::of(&e)).unwrap_err();
+        assert!(err.contains("refused"), "{err}");
     }
 
     #[test]

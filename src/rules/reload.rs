@@ -37,6 +37,10 @@ enum Change {
 /// Loads the rules once, for the start of the daemon: the set, or an empty
 /// set when the directory is missing or invalid (logged).
 pub async fn initial(dir: &Path, stats: &RuleStats) -> RuleSet {
+    if !dir.is_dir() {
+        info!(message = "No rules directory: no rules until it appears.", dir = %dir.display());
+        return RuleSet::empty();
+    }
     match load(dir).await {
         Ok(set) => {
             stats.reloads.fetch_add(1, Ordering::Relaxed);
