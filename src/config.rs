@@ -56,6 +56,9 @@ pub struct ConfigFile {
     /// Event bus reader tuning.
     #[serde(default)]
     pub bus: BusConfig,
+    /// The rules engine (the rule files are in `rules_dir`).
+    #[serde(default)]
+    pub rules: RulesConfig,
     /// Minion keys: where they are kept, their size, how they are accepted.
     #[serde(default)]
     pub keys: KeysConfig,
@@ -186,6 +189,53 @@ fn default_max_event() -> usize {
     DEFAULT_MAX_FRAME
 }
 
+/// `rules:` section: the rules engine.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RulesConfig {
+    /// Rule actions (jobs) running at once, all senders together. Default 8.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+    /// Actions waiting per sender (a minion, or the master) before more are
+    /// dropped (counted). Default 1000.
+    #[serde(default = "default_queue_per_sender")]
+    pub queue_per_sender: usize,
+    /// Seconds a job's returns are waited for, unless the rule sets `timeout`. Default 300.
+    #[serde(default = "default_job_timeout")]
+    pub job_timeout: u64,
+    /// Debounced actions waiting at once (and rate-limit windows kept) before
+    /// more are dropped (counted). Default 10000.
+    #[serde(default = "default_max_waiting")]
+    pub max_waiting: usize,
+}
+
+impl Default for RulesConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: default_concurrency(),
+            queue_per_sender: default_queue_per_sender(),
+            job_timeout: default_job_timeout(),
+            max_waiting: default_max_waiting(),
+        }
+    }
+}
+
+fn default_concurrency() -> usize {
+    8
+}
+
+fn default_queue_per_sender() -> usize {
+    1000
+}
+
+fn default_job_timeout() -> u64 {
+    300
+}
+
+fn default_max_waiting() -> usize {
+    10_000
+}
+
 /// The resolved settings the program runs with.
 #[derive(Debug)]
 pub struct Settings {
@@ -195,6 +245,7 @@ pub struct Settings {
     pub trusted_minions: Vec<String>,
     pub log: LogConfig,
     pub bus: BusConfig,
+    pub rules: RulesConfig,
     pub keys: KeysConfig,
     pub masters: Vec<String>,
 }
@@ -231,6 +282,7 @@ impl Settings {
             trusted_minions: f.trusted_minions,
             log: f.log,
             bus: f.bus,
+            rules: f.rules,
             keys: f.keys,
             masters: f.masters,
         }
@@ -276,6 +328,10 @@ mod tests {
         assert_eq!(s.log.format, d.log.format);
         assert_eq!(s.bus.queue_capacity, d.bus.queue_capacity);
         assert_eq!(s.bus.max_event_size, d.bus.max_event_size);
+        assert_eq!(s.rules.concurrency, d.rules.concurrency);
+        assert_eq!(s.rules.queue_per_sender, d.rules.queue_per_sender);
+        assert_eq!(s.rules.job_timeout, d.rules.job_timeout);
+        assert_eq!(s.rules.max_waiting, d.rules.max_waiting);
         assert_eq!(s.keys.dir, d.keys.dir);
         assert_eq!(s.keys.bits, d.keys.bits);
         assert_eq!(s.keys.pool_size, d.keys.pool_size);

@@ -8,7 +8,10 @@
 //!   (by the bus or by the CLI, daemon running or not) is fired as
 //!   `steward/v1/<server|model>/<created|updated|deleted>`, then marked
 //!   processed. Fire-then-mark: at least once, and a crash in between fires
-//!   again on restart.
+//!   again on restart;
+//! - the rules engine (`rules`): reactor rules from `rules_dir`, hot-reloaded;
+//! - the acceptor (`acceptor`): verified auto-accept of minion keys,
+//!   presence, first-start states; and the key-pool filler.
 //!
 //! Shutdown (SIGTERM/SIGINT): stop taking requests, let the dispatcher finish
 //! the entry in hand, exit 0 within [`SHUTDOWN_GRACE`].
@@ -69,6 +72,7 @@ pub async fn run(
         },
     );
     let requests = bus.subscribe();
+    let rules = crate::rules::RulesComponent::new(&bus, settings, master);
     let acceptor_events = bus.subscribe();
     let tracker = JobTracker::start(bus.subscribe(), cancel.clone());
     bus.spawn(cancel.clone());
@@ -104,6 +108,7 @@ pub async fn run(
         settings.trusted_minions.iter().cloned().collect(),
         cancel.clone(),
     ));
+    let rules = rules.spawn(cancel.clone());
 
     shutdown.await;
     info!(message = "Shutting down.");
@@ -111,6 +116,7 @@ pub async fn run(
     let all = async {
         let _ = server.await;
         let _ = outbox.await;
+        let _ = rules.await;
         let _ = acceptor.await;
         let _ = pool.await;
         bus.join().await;

@@ -7,6 +7,7 @@
 //! - [`bus`]: the master's event bus — decode, subscribe, fire.
 //! - [`salt`]: the master's request server (publish, wheel, runner) and job tracking.
 //! - [`registry`]: server models, servers and the outbox of their changes (SQLite or PostgreSQL).
+//! - [`rules`]: reactor rules from YAML files, hot-reloaded (match, render, run, report).
 //! - [`service_bus`]: registry requests on the bus (parse, trust, serve).
 //! - [`daemon`]: the long-running process (request server, outbox dispatcher).
 //! - [`telemetry`]: logging and the one place each occurrence is logged.
@@ -20,6 +21,7 @@ pub mod daemon;
 pub mod master_config;
 pub mod pki;
 pub mod registry;
+pub mod rules;
 pub mod salt;
 pub mod service_bus;
 pub mod telemetry;

@@ -4,6 +4,7 @@
 mod events;
 mod pki;
 mod registry;
+mod rules;
 mod salt;
 
 use std::path::{Path, PathBuf};
@@ -49,6 +50,9 @@ enum Command {
     /// Servers in the registry: add, list, show, set, rm.
     #[command(subcommand)]
     Server(registry::ServerCommand),
+    /// Reactor rules: check files, test which rules an event triggers.
+    #[command(subcommand)]
+    Rules(rules::RulesCommand),
     /// The master's keys and its signed public key: init, verify, export/import the signing pair.
     #[command(subcommand)]
     Pki(pki::PkiCommand),
@@ -115,6 +119,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Command::Model(cmd) => registry::run_model(&ctx, cmd).await,
             Command::Server(cmd) => registry::run_server(&ctx, cmd).await,
+            Command::Rules(cmd) => rules::run(&ctx, cmd).await,
             Command::Pki(cmd) => pki::run(&ctx, cmd),
         }
     })

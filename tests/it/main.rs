@@ -12,5 +12,6 @@ mod daemon;
 mod failover;
 mod pki;
 mod registry;
+mod rules;
 mod salt_client;
 mod support;

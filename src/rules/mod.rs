@@ -1,0 +1,122 @@
+//! Reactor rules in YAML files, hot-reloaded (capability 7).
+//!
+//! A rule is a tag glob (or several), optional conditions on the sender and
+//! the event's data, and actions (`state.apply`, `local`, `wheel`, `runner`,
+//! `fire`) whose values are Jinja templates filled from the event.
+//!
+//! - [`format`]: the file as written (serde, unknown fields refused).
+//! - [`compile`]: files → one [`RuleSet`], every problem with file:line:column
+//!   and rule; used by the daemon and by `salt-steward rules check`.
+//! - [`matcher`]: one glob automaton for every rule's tags; sender and
+//!   conditions.
+//! - [`template`]: minijinja with strict undefined.
+//! - [`throttle`]: debounce and rate limits per rule, action and target.
+//! - [`engine`]: the intake task (bus → matches → throttle → queues).
+//! - [`exec`]: per-sender ordered queues, bounded concurrency, jobs followed
+//!   to their results and reported as `steward/v1/rule/<rule>/done|failed`.
+//! - [`reload`]: notify watcher and SIGHUP → validated, atomic swap.
+//!
+//! [`RulesComponent`] wires them into the daemon.
+
+pub mod compile;
+pub mod engine;
+pub mod exec;
+pub mod format;
+pub mod matcher;
+pub mod reload;
+pub mod stats;
+pub mod template;
+pub mod throttle;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use compile::{
+    compile, load_dir, Action, ActionKind, Rendered, Rule, RuleError, RuleSet, Scratch,
+    RESULT_PREFIX,
+};
+pub use matcher::EventView;
+pub use stats::RuleStats;
+
+use crate::bus::{BusEndpoint, BusHandle, EventFirer, Subscription};
+use crate::config::Settings;
+use crate::master_config::MasterConfig;
+use crate::salt::{JobTracker, ReqClient, SaltClient};
+
+/// Timeout of one request to the master's request server.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The rules engine as a daemon component: create it (it subscribes to the
+/// bus) before the bus reader starts, then [`spawn`](Self::spawn) it.
+pub struct RulesComponent {
+    dir: PathBuf,
+    intake: Subscription,
+    jobs: Subscription,
+    req: ReqClient,
+    pull: BusEndpoint,
+    concurrency: usize,
+    queue_per_sender: usize,
+    intake_opts: engine::IntakeOptions,
+}
+
+impl RulesComponent {
+    /// Subscribes to `bus` (one subscription for events, one for job returns).
+    pub fn new(bus: &BusHandle, settings: &Settings, master: &MasterConfig) -> Self {
+        let cfg = &settings.rules;
+        Self {
+            dir: settings.rules_dir.clone(),
+            intake: bus.subscribe(),
+            jobs: bus.subscribe(),
+            req: ReqClient::new(master, REQUEST_TIMEOUT),
+            pull: master.event_pull(),
+            concurrency: cfg.concurrency,
+            queue_per_sender: cfg.queue_per_sender,
+            intake_opts: engine::IntakeOptions {
+                job_timeout: Duration::from_secs(cfg.job_timeout),
+                max_waiting: cfg.max_waiting,
+            },
+        }
+    }
+
+    /// Loads the rules, starts watching them and serving events; the handle
+    /// ends once `cancel` fired and every part stopped.
+    pub fn spawn(self, cancel: CancellationToken) -> JoinHandle<()> {
+        tokio::spawn(async move {
+            let stats = Arc::new(RuleStats::default());
+            let tracker = JobTracker::start(self.jobs, cancel.clone());
+            let client = SaltClient::new(self.req, tracker);
+            let runner = Arc::new(exec::SaltRunner::new(client, EventFirer::new(self.pull)));
+            let executor = exec::Executor::new(
+                runner,
+                self.concurrency,
+                self.queue_per_sender,
+                stats.clone(),
+                cancel.clone(),
+            );
+            let set = reload::initial(&self.dir, &stats).await;
+            let (tx, rx) = watch::channel(Arc::new(set));
+            let watcher = tokio::spawn(reload::watch_dir(
+                self.dir,
+                tx,
+                stats.clone(),
+                cancel.clone(),
+            ));
+            engine::run_intake(
+                self.intake,
+                rx,
+                executor.clone(),
+                stats,
+                self.intake_opts,
+                cancel,
+            )
+            .await;
+            let _ = watcher.await;
+            executor.join().await;
+        })
+    }
+}

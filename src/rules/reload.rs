@@ -1,0 +1,213 @@
+//! Hot reload: the rules directory is watched (notify, inotify on Linux) and
+//! SIGHUP asks for a reload too. Both lead to the same step: parse and
+//! compile every file; if all are valid, the new set replaces the old one
+//! atomically (a `watch` channel of `Arc<RuleSet>`); otherwise every problem
+//! is logged with file:line:column and rule, and the previous set stays.
+//!
+//! Changes are debounced ([`SETTLE`]) so an editor's save (temp file,
+//! rename) is one reload. A reload that finds the same files and contents
+//! changes nothing. A missing directory is retried every [`RETRY`].
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::{RecommendedWatcher, RecursiveMode, Watcher as _};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::compile::{load_dir, RuleSet};
+use super::stats::RuleStats;
+
+/// Quiet time after a change before reloading.
+pub const SETTLE: Duration = Duration::from_millis(150);
+
+/// How often a missing or lost directory is looked for again.
+pub const RETRY: Duration = Duration::from_secs(2);
+
+/// What the watcher thread reports.
+enum Change {
+    Files,
+    /// The directory itself went away: the watch must be set up again.
+    DirGone,
+}
+
+/// Loads the rules once, for the start of the daemon: the set, or an empty
+/// set when the directory is missing or invalid (logged).
+pub async fn initial(dir: &Path, stats: &RuleStats) -> RuleSet {
+    if !dir.is_dir() {
+        info!(message = "No rules directory: no rules until it appears.", dir = %dir.display());
+        return RuleSet::empty();
+    }
+    match load(dir).await {
+        Ok(set) => {
+            stats.reloads.fetch_add(1, Ordering::Relaxed);
+            info!(message = "Rules loaded.", dir = %dir.display(), rules = set.rules().len(), files = set.files().len());
+            set
+        }
+        Err(errors) => {
+            stats.reload_failures.fetch_add(1, Ordering::Relaxed);
+            log_refused(dir, &errors, "no rule is active until they are fixed");
+            RuleSet::empty()
+        }
+    }
+}
+
+async fn load(dir: &Path) -> Result<RuleSet, Vec<super::RuleError>> {
+    let dir = dir.to_owned();
+    match tokio::task::spawn_blocking(move || load_dir(&dir)).await {
+        Ok(r) => r,
+        Err(e) => Err(vec![super::RuleError {
+            file: PathBuf::from("<reload>"),
+            line: None,
+            column: None,
+            rule: None,
+            message: format!("the reload task failed: {e}"),
+        }]),
+    }
+}
+
+fn log_refused(dir: &Path, errors: &[super::RuleError], consequence: &str) {
+    warn!(message = "Rules refused: invalid rule files.", dir = %dir.display(), problems = errors.len(), consequence);
+    for error in errors {
+        warn!(message = "Invalid rule file.", %error);
+    }
+}
+
+/// Watches `dir` and publishes each valid new rule set on `tx`, until `cancel`.
+pub async fn watch_dir(
+    dir: PathBuf,
+    tx: watch::Sender<Arc<RuleSet>>,
+    stats: Arc<RuleStats>,
+    cancel: CancellationToken,
+) {
+    let (changes_tx, mut changes) = mpsc::channel::<Change>(64);
+    let mut watcher = attach(&dir, &changes_tx);
+    if watcher.is_none() {
+        warn!(message = "Rules directory not watched (missing?); looking again periodically.", dir = %dir.display(), every = ?RETRY);
+    }
+    let mut retry = tokio::time::interval(RETRY);
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        let hup_recv = async {
+            match hup.as_mut() {
+                Some(s) => s.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            change = changes.recv() => {
+                let mut gone = matches!(change, Some(Change::DirGone));
+                // Let a burst of writes settle into one reload.
+                tokio::time::sleep(SETTLE).await;
+                while let Ok(c) = changes.try_recv() {
+                    gone |= matches!(c, Change::DirGone);
+                }
+                if gone {
+                    watcher = None;
+                }
+                reload(&dir, &tx, &stats).await;
+            }
+            _ = retry.tick(), if watcher.is_none() => {
+                watcher = attach(&dir, &changes_tx);
+                if watcher.is_some() {
+                    info!(message = "Watching the rules directory.", dir = %dir.display());
+                    reload(&dir, &tx, &stats).await;
+                }
+            }
+            _ = hup_recv => {
+                info!(message = "SIGHUP: reloading the rules.");
+                reload(&dir, &tx, &stats).await;
+            }
+        }
+    }
+}
+
+fn attach(dir: &Path, tx: &mpsc::Sender<Change>) -> Option<RecommendedWatcher> {
+    let tx = tx.clone();
+    let root = dir.to_owned();
+    let handler = move |res: notify::Result<notify::Event>| {
+        let change = match res {
+            Ok(ev) if ev.kind.is_remove() && ev.paths.iter().any(|p| p == &root) => Change::DirGone,
+            Ok(ev) if ev.kind.is_access() => return,
+            Ok(_) => Change::Files,
+            Err(_) => Change::DirGone,
+        };
+        // A full channel already holds a pending reload.
+        let _ = tx.try_send(change);
+    };
+    let mut w = notify::recommended_watcher(handler).ok()?;
+    w.watch(dir, RecursiveMode::NonRecursive).ok()?;
+    Some(w)
+}
+
+/// Loads the directory; swaps the set in if valid and different.
+pub async fn reload(dir: &Path, tx: &watch::Sender<Arc<RuleSet>>, stats: &RuleStats) {
+    match load(dir).await {
+        Ok(set) => {
+            if set.fingerprint() == tx.borrow().fingerprint() {
+                tracing::debug!(message = "Rules unchanged.", dir = %dir.display());
+                return;
+            }
+            stats.reloads.fetch_add(1, Ordering::Relaxed);
+            info!(message = "Rules reloaded.", dir = %dir.display(), rules = set.rules().len(), files = set.files().len());
+            tx.send_replace(Arc::new(set));
+        }
+        Err(errors) => {
+            stats.reload_failures.fetch_add(1, Ordering::Relaxed);
+            log_refused(dir, &errors, "the previous rules stay active");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_valid_change_swaps_an_invalid_one_keeps_the_old_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("a.yaml");
+        let rule = |tag: &str| {
+            format!("rules:\n  - name: r\n    on: {tag}\n    do: [{{fire: {{tag: out}}}}]\n")
+        };
+        std::fs::write(&f, rule("one")).unwrap();
+        let stats = Arc::new(RuleStats::default());
+        let (tx, mut rx) = watch::channel(Arc::new(initial(dir.path(), &stats).await));
+        assert_eq!(rx.borrow().rules()[0].on, ["one"]);
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(watch_dir(
+            dir.path().to_owned(),
+            tx,
+            stats.clone(),
+            cancel.clone(),
+        ));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+
+        std::fs::write(&f, rule("two")).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), rx.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(rx.borrow_and_update().rules()[0].on, ["two"]);
+
+        std::fs::write(dir.path().join("b.yaml"), "rules: [oops\n").unwrap();
+        tokio::time::sleep(SETTLE * 4).await;
+        assert!(!rx.has_changed().unwrap());
+        assert_eq!(rx.borrow().rules()[0].on, ["two"]);
+        assert!(stats.reload_failures.load(Ordering::Relaxed) >= 1);
+
+        std::fs::remove_file(dir.path().join("b.yaml")).unwrap();
+        std::fs::write(&f, rule("three")).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), rx.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(rx.borrow().rules()[0].on, ["three"]);
+        cancel.cancel();
+        task.await.unwrap();
+    }
+}
