@@ -1049,18 +1049,7 @@ mod tests {
             .collect()
     }
 
-    const DEPLOY: &str = r#"rules:
-  - name: deploy-on-request
-    on: ["myapp/deploy"]
-    from: "web*"
-    when:
-      - { field: payload.version, present: true }
-      - { field: payload.env, in: [prod, staging] }
-    do:
-      - state.apply: { target: "{{ sender }}", mods: myapp, pillar: { version: "{{ payload.version }}" } }
-      - local: { target: "web*", fun: cmd.run, arg: ["systemctl reload nginx"] }
-      - fire: { tag: "myapp/deployed", data: { minion: "{{ sender }}" } }
-"#;
+    const DEPLOY: &str = crate::rules::format::ISSUE_EXAMPLE;
 
     fn minion_event(tag: &str, id: &str, payload: Json) -> Event {
         Event::new(

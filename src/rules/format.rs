@@ -286,6 +286,21 @@ pub fn parse(text: &str) -> Result<RuleFile, serde_yaml_ng::Error> {
     serde_yaml_ng::from_str(text)
 }
 
+/// The rule of issue #6, as written there (tests of several modules use it).
+#[cfg(test)]
+pub(crate) const ISSUE_EXAMPLE: &str = r#"rules:
+  - name: deploy-on-request
+    on: ["myapp/deploy"]
+    from: "web*"
+    when:
+      - { field: payload.version, present: true }
+      - { field: payload.env, in: [prod, staging] }
+    do:
+      - state.apply: { target: "{{ sender }}", mods: myapp, pillar: { version: "{{ payload.version }}" } }
+      - local: { target: "web*", fun: cmd.run, arg: ["systemctl reload nginx"] }
+      - fire: { tag: "myapp/deployed", data: { minion: "{{ sender }}" } }
+"#;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -304,22 +319,7 @@ mod tests {
 
     #[test]
     fn the_issue_example_parses() {
-        let f = parse(
-            r#"
-rules:
-  - name: deploy-on-request
-    on: ["myapp/deploy"]
-    from: "web*"
-    when:
-      - { field: payload.version, present: true }
-      - { field: payload.env, in: [prod, staging] }
-    do:
-      - state.apply: { target: "{{ sender }}", mods: myapp, pillar: { version: "{{ payload.version }}" } }
-      - local: { target: "web*", fun: cmd.run, arg: ["systemctl reload nginx"] }
-      - fire: { tag: "myapp/deployed", data: { minion: "{{ sender }}" } }
-"#,
-        )
-        .unwrap();
+        let f = parse(ISSUE_EXAMPLE).unwrap();
         let r = &f.rules[0];
         assert_eq!(r.on.0, ["myapp/deploy"]);
         assert_eq!(r.when.len(), 2);

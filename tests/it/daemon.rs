@@ -7,8 +7,8 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::support::{
-    assert_ok, cli, json_line, run_ok, start_daemon, steward_config, watch_steward, LineChild,
-    SaltHarness, T,
+    assert_ok, cli, json_line, run_ok, start_daemon, steward_config, wait_event_data,
+    watch_steward, LineChild, SaltHarness, T,
 };
 
 fn tag_is(line: &str, tag: &str) -> bool {
@@ -17,18 +17,9 @@ fn tag_is(line: &str, tag: &str) -> bool {
 
 /// Waits for the reply to `request_id`; on a timeout, shows what the daemon said.
 fn reply(w: &mut LineChild, daemon: &mut LineChild, request_id: &str) -> Value {
-    let tag = format!("steward/v1/reply/{request_id}");
-    match w.try_wait_line(T, |l| tag_is(l, &tag)) {
-        Ok(line) => json_line(&line)["data"].clone(),
-        Err(why) => {
-            daemon.drain_err();
-            panic!(
-                "{tag}: {why}\nbus:\n{}\ndaemon:\n{}",
-                w.seen.join("\n"),
-                daemon.seen_err.join("\n")
-            )
-        }
-    }
+    wait_event_data(w, daemon, &format!("steward/v1/reply/{request_id}"), |_| {
+        true
+    })
 }
 
 fn salt_run_send(h: &SaltHarness, tag: &str, data: Value) {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::support::{steward_for, MasterOptions, SaltHarness};
+use crate::support::{steward_for, text, MasterOptions, SaltHarness};
 
 const SIGNING_ON: &str = "master_sign_pubkey: True\nmaster_use_pubkey_signature: True\n";
 /// What the minion logs (error level) when the master's signature fails.
@@ -16,15 +16,6 @@ const VERIFY_FAILED: &str = "signature verification failed";
 
 fn steward(h: &SaltHarness, args: &[&str]) -> Output {
     steward_for(&h.master_config(), args).output().unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 fn json_ok(o: &Output) -> Value {

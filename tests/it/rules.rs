@@ -8,9 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::support::{assert_ok, json_line, steward, LineChild, SaltHarness};
-
-const T: Duration = Duration::from_secs(60);
+use crate::support::{assert_ok, json_line, steward, wait_event_data, LineChild, SaltHarness, T};
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -207,20 +205,7 @@ fn result(
     pred: impl Fn(&Value) -> bool,
 ) -> Value {
     let tag = format!("steward/v1/rule/{rule}/{outcome}");
-    match w.try_wait_line(T, |l| {
-        let v = json_line(l);
-        v["tag"] == tag && pred(&v["data"])
-    }) {
-        Ok(line) => json_line(&line)["data"].clone(),
-        Err(why) => {
-            daemon.drain_err();
-            panic!(
-                "{tag}: {why}\nbus:\n{}\ndaemon:\n{}",
-                w.seen.join("\n"),
-                daemon.seen_err.join("\n")
-            )
-        }
-    }
+    wait_event_data(w, daemon, &tag, pred)
 }
 
 fn send(h: &SaltHarness, minion: &str, tag: &str, data: Value) {

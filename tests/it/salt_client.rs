@@ -7,21 +7,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::support::{steward_for, MasterOptions, SaltHarness};
+use crate::support::{steward_for, text, MasterOptions, SaltHarness};
 
 fn salt(h: &SaltHarness, args: &[&str]) -> Output {
     let mut full = vec!["salt"];
     full.extend_from_slice(args);
     steward_for(&h.master_config(), &full).output().unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 fn json_out(o: &Output) -> Value {

@@ -252,3 +252,38 @@ pub fn watch_steward(config: &Path) -> LineChild {
     });
     w
 }
+
+/// A command's exit code, stdout and stderr, for assertion messages.
+pub fn text(o: &std::process::Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Waits on the `events watch --json` child `w` for an event `tag` whose
+/// data satisfies `pred` and returns the data; on a timeout, panics showing
+/// the bus and what `daemon` logged.
+pub fn wait_event_data(
+    w: &mut LineChild,
+    daemon: &mut LineChild,
+    tag: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    match w.try_wait_line(T, |l| {
+        let v = json_line(l);
+        v["tag"] == tag && pred(&v["data"])
+    }) {
+        Ok(line) => json_line(&line)["data"].clone(),
+        Err(why) => {
+            daemon.drain_err();
+            panic!(
+                "{tag}: {why}\nbus:\n{}\ndaemon:\n{}",
+                w.seen.join("\n"),
+                daemon.seen_err.join("\n")
+            )
+        }
+    }
+}
