@@ -69,6 +69,16 @@ fn registry_requests_on_the_bus_with_trust_rules() {
     let r = reply(&mut w, &mut daemon, "r1");
     assert_eq!(r["ok"], true, "{r}");
     assert_eq!(r["result"]["name"], "web01.example.org");
+    // A server created over the bus gets its key pair too (issue #5); the
+    // private key stays on disk, never in the reply.
+    assert_eq!(r["result"]["status"], "keys-issued", "{r}");
+    let minion_id = r["result"]["minion_id"].as_str().unwrap();
+    assert!(h
+        .root()
+        .join("keys")
+        .join(format!("{minion_id}.pem"))
+        .exists());
+    assert!(!r.to_string().contains("PRIVATE KEY"), "{r}");
     let created = json_line(&w.wait_line("created", T, |l| tag_is(l, "steward/v1/server/created")));
     assert_eq!(created["data"]["name"], "web01.example.org");
 
