@@ -63,6 +63,11 @@ const BATCH_WINDOW: Duration = Duration::from_millis(50);
 const TRIGGER_QUEUE: usize = 65_536;
 /// How often keys accepted elsewhere are installed on this master.
 pub const SYNC_INTERVAL: Duration = Duration::from_secs(5);
+/// A sync reads only servers changed since the last one, minus this margin
+/// (other masters' clocks write `updated_at` into a shared registry).
+const SYNC_OVERLAP_MS: i64 = 5 * 60 * 1000;
+/// Every this many syncs, all servers are read again (a safety net).
+const FULL_SYNC_EVERY: u32 = 120;
 /// How long a model's state run may take at a server's first start.
 const STATES_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -119,6 +124,8 @@ pub async fn run(
         firer,
         alerted_unknown: HashSet::new(),
         alerted_mismatch: HashMap::new(),
+        synced_until: None,
+        syncs: 0,
     };
     let _ = tx.try_send(Trigger::Scan);
     let mut sync = tokio::time::interval(SYNC_INTERVAL);
@@ -211,6 +218,10 @@ struct Acceptor {
     alerted_unknown: HashSet<String>,
     /// id → presented key already alerted about (one alert per key).
     alerted_mismatch: HashMap<String, String>,
+    /// When the last sync started (Unix ms); `None`: read everything.
+    synced_until: Option<i64>,
+    /// Syncs done (every [`FULL_SYNC_EVERY`]th reads everything).
+    syncs: u32,
 }
 
 /// What to do with one pending key.
@@ -245,7 +256,14 @@ impl Acceptor {
     /// Installs on this master the keys of servers accepted on another
     /// (status registered/online/offline; in preseed mode also keys-issued),
     /// unless this master already holds a key of any kind for that id.
-    async fn sync(&self) {
+    async fn sync(&mut self) {
+        let started = crate::registry::store::now_ms();
+        let changed_since = if self.syncs % FULL_SYNC_EVERY == 0 {
+            None
+        } else {
+            self.synced_until.map(|t| t - SYNC_OVERLAP_MS)
+        };
+        self.syncs = self.syncs.wrapping_add(1);
         let mut statuses = vec![Status::Registered, Status::Online, Status::Offline];
         if self.config.mode == AcceptMode::Preseed {
             statuses.push(Status::KeysIssued);
@@ -253,6 +271,7 @@ impl Acceptor {
         for status in statuses {
             let filter = ServerFilter {
                 status: Some(status),
+                changed_since,
                 ..ServerFilter::default()
             };
             let servers = match self.service.find_servers(&filter).await {
@@ -291,6 +310,7 @@ impl Acceptor {
                 }
             }
         }
+        self.synced_until = Some(started);
     }
 
     fn scan(&self) -> Vec<String> {

@@ -298,6 +298,7 @@ async fn execute<S: Store>(
                 model: opt_text("model"),
                 minion_id: opt_text("minion_id"),
                 status,
+                changed_since: None,
             };
             encode(&service.find_servers(&filter).await?)
         }

@@ -207,6 +207,8 @@ pub struct ServerFilter {
     pub minion_id: Option<String>,
     /// Status.
     pub status: Option<Status>,
+    /// Changed at or after this time (Unix ms): what moved since a last look.
+    pub changed_since: Option<i64>,
 }
 
 /// The registry's operations over a [`Store`].
@@ -434,6 +436,7 @@ impl<S: Store> Service<S> {
                 model: filter.model.as_deref(),
                 minion_id: filter.minion_id.as_deref(),
                 status: filter.status,
+                changed_since: filter.changed_since,
             })
             .await
     }

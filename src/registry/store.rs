@@ -105,6 +105,8 @@ pub struct Filter<'a> {
     pub minion_id: Option<&'a str>,
     /// Status.
     pub status: Option<Status>,
+    /// Changed at or after this time (Unix ms, `updated_at`).
+    pub changed_since: Option<i64>,
 }
 
 // ---------------------------------------------------------------- the SQL
@@ -199,21 +201,30 @@ mod sql {
     pub const SERVER_BY_NAME: &str = select_server!("WHERE s.name = $1");
     pub const SERVER_BY_MINION_ID: &str = select_server!("WHERE s.minion_id = $1");
 
+    /// A value bound by `find`.
+    #[derive(Debug, PartialEq, Eq)]
+    pub enum Arg {
+        Text(String),
+        Int(i64),
+    }
+
     /// `find_servers`: fixed fragments only; the values are bound.
-    pub fn find(filter: &super::Filter<'_>) -> (String, Vec<String>) {
+    pub fn find(filter: &super::Filter<'_>) -> (String, Vec<Arg>) {
         let mut sql = String::from(select_server!(""));
-        let mut args: Vec<String> = Vec::new();
+        let mut args: Vec<Arg> = Vec::new();
+        let text = |v: Option<&str>| v.map(|v| Arg::Text(v.to_owned()));
         let conds = [
-            ("s.name", filter.name.map(str::to_owned)),
-            ("m.name", filter.model.map(str::to_owned)),
-            ("s.minion_id", filter.minion_id.map(str::to_owned)),
-            ("s.status", filter.status.map(|s| s.as_str().to_owned())),
+            ("s.name =", text(filter.name)),
+            ("m.name =", text(filter.model)),
+            ("s.minion_id =", text(filter.minion_id)),
+            ("s.status =", text(filter.status.map(|s| s.as_str()))),
+            ("s.updated_at >=", filter.changed_since.map(Arg::Int)),
         ];
         for (column, value) in conds {
             if let Some(v) = value {
                 sql.push_str(if args.is_empty() { "WHERE " } else { "AND " });
                 args.push(v);
-                sql.push_str(&format!("{column} = ${} ", args.len()));
+                sql.push_str(&format!("{column} ${} ", args.len()));
             }
         }
         sql.push_str("ORDER BY s.id");
@@ -762,7 +773,10 @@ macro_rules! store_impl {
                 let (text, args) = sql::find(filter);
                 let mut q = sqlx::query(&text);
                 for a in args {
-                    q = q.bind(a);
+                    q = match a {
+                        sql::Arg::Text(t) => q.bind(t),
+                        sql::Arg::Int(i) => q.bind(i),
+                    };
                 }
                 q.fetch_all(&self.pool)
                     .await
@@ -1002,7 +1016,22 @@ mod tests {
             text.ends_with("WHERE m.name = $1 AND s.status = $2 ORDER BY s.id"),
             "{text}"
         );
-        assert_eq!(args, ["web", "online"]);
+        assert_eq!(
+            args,
+            [
+                sql::Arg::Text("web".into()),
+                sql::Arg::Text("online".into())
+            ]
+        );
+        let (text, args) = sql::find(&Filter {
+            changed_since: Some(42),
+            ..Filter::default()
+        });
+        assert!(
+            text.ends_with("WHERE s.updated_at >= $1 ORDER BY s.id"),
+            "{text}"
+        );
+        assert_eq!(args, [sql::Arg::Int(42)]);
         let (text, args) = sql::find(&Filter::default());
         assert!(!text.contains("WHERE"), "{text}");
         assert!(args.is_empty());

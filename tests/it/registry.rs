@@ -228,6 +228,13 @@ async fn story(svc: Service<DbStore>) {
         ids(svc.find_servers(&ServerFilter::default()).await.unwrap()),
         [pve.id, proxy.id, web01.id]
     );
+    // changed_since binds an integer (PostgreSQL is strict about it).
+    let since = |t: i64| ServerFilter {
+        changed_since: Some(t),
+        ..ServerFilter::default()
+    };
+    assert_eq!(svc.find_servers(&since(0)).await.unwrap().len(), 3);
+    assert!(svc.find_servers(&since(i64::MAX)).await.unwrap().is_empty());
     let f = ServerFilter {
         model: Some("web".into()),
         ..ServerFilter::default()
