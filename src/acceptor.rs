@@ -45,7 +45,7 @@ use crate::config::{AcceptMode, UnknownMinions};
 use crate::daemon::Firer;
 use crate::pki::{clean_key, fingerprint};
 use crate::registry::{DbStore, Server, ServerFilter, Service, Status};
-use crate::salt::{wheel, Publish, ReqClient, SaltClient, TargetType};
+use crate::salt::{wheel, Publish, SaltClient, TargetType};
 
 /// Tag prefix of the acceptor's events.
 pub const MINION_REGISTERED: &str = "steward/v1/minion/registered";
@@ -591,11 +591,6 @@ impl Acceptor {
     async fn fire(&self, tag: &str, data: Json) {
         crate::daemon::fire_or_warn(&self.firer, tag, &data).await;
     }
-}
-
-/// A request client for the acceptor (wheel calls need no bus).
-pub fn req_client(master: &crate::master_config::MasterConfig) -> ReqClient {
-    ReqClient::new(master, Duration::from_secs(30))
 }
 
 #[cfg(test)]

@@ -34,11 +34,14 @@ use crate::config::Settings;
 use crate::master_config::MasterConfig;
 use crate::pki::KeyIssuer;
 use crate::registry::{self, DbStore, Service};
-use crate::salt::{JobTracker, SaltClient};
+use crate::salt::{JobTracker, ReqClient, SaltClient};
 use crate::service_bus::{self, Corroborations, Request, Sender, CORROBORATION_WAIT};
 
 /// How long shutdown waits for the components.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Timeout of one request to the master's request server.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Registry requests answered at the same time.
 const MAX_REQUESTS_IN_FLIGHT: usize = 64;
@@ -72,7 +75,7 @@ pub async fn run(
         },
     );
     let requests = bus.subscribe();
-    let rules = crate::rules::RulesComponent::new(&bus, settings, master);
+    let rules = crate::rules::RulesComponent::new(&bus, settings);
     let acceptor_events = bus.subscribe();
     let tracker = JobTracker::start(bus.subscribe(), cancel.clone());
     bus.spawn(cancel.clone());
@@ -86,6 +89,9 @@ pub async fn run(
         changed.clone(),
         cancel.clone(),
     ));
+    // One Salt client (one request connection, one job tracker) for the
+    // acceptor and the rules engine.
+    let salt = SaltClient::new(ReqClient::new(master, REQUEST_TIMEOUT), tracker);
     let acceptor = tokio::spawn(acceptor::run(
         AcceptorConfig {
             pki_dir: master.pki_dir.clone(),
@@ -95,11 +101,12 @@ pub async fn run(
         },
         acceptor_events,
         service.clone(),
-        SaltClient::new(acceptor::req_client(master), tracker),
+        salt.clone(),
         firer.clone(),
         cancel.clone(),
     ));
     let pool = tokio::spawn(fill_key_pool(keys, settings.keys.pool_size, cancel.clone()));
+    let rules = rules.spawn(salt, firer.clone(), cancel.clone());
     let server = tokio::spawn(serve_requests(
         requests,
         service,
@@ -108,7 +115,6 @@ pub async fn run(
         settings.trusted_minions.iter().cloned().collect(),
         cancel.clone(),
     ));
-    let rules = rules.spawn(cancel.clone());
 
     shutdown.await;
     info!(message = "Shutting down.");

@@ -21,7 +21,6 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use rmpv::Value;
 use serde_json::{json, Map, Value as Json};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinHandle;
@@ -31,9 +30,9 @@ use tracing::{info, warn};
 
 use super::compile::{RateLimit, Rendered, RESULT_PREFIX};
 use super::stats::RuleStats;
-use crate::bus::event::{as_str, from_json, map_get, to_json};
-use crate::bus::EventFirer;
-use crate::salt::{Publish, RequestError, SaltClient, StateSummary};
+use crate::bus::event::from_json;
+use crate::daemon::Firer;
+use crate::salt::{Publish, RequestError, SaltClient, StateSummary, WheelResult};
 
 /// How long a sender's queue task waits for more work before it ends.
 const IDLE: Duration = Duration::from_secs(30);
@@ -260,16 +259,13 @@ async fn run_one(inner: &Inner, job: &Job) -> bool {
 /// Runs jobs on the real master and fires their results.
 pub struct SaltRunner {
     client: SaltClient,
-    firer: tokio::sync::Mutex<EventFirer>,
+    firer: Firer,
 }
 
 impl SaltRunner {
     /// A runner with its own connection to the master's pull socket.
-    pub fn new(client: SaltClient, firer: EventFirer) -> Self {
-        Self {
-            client,
-            firer: tokio::sync::Mutex::new(firer),
-        }
+    pub fn new(client: SaltClient, firer: Firer) -> Self {
+        Self { client, firer }
     }
 
     async fn execute(&self, job: &Job) -> Outcome {
@@ -297,11 +293,15 @@ impl SaltRunner {
             }
             Rendered::Wheel { fun, arg, kwarg } => {
                 report.insert("fun".into(), json!(fun));
-                self.wheel(fun, arg, kwarg, &mut report).await
+                let r = self.client.wheel(fun, arg.clone(), kwarg.clone()).await;
+                Self::call_report(r, &mut report)
             }
             Rendered::Runner { fun, arg, kwarg } => {
                 report.insert("fun".into(), json!(fun));
-                self.runner(fun, arg, kwarg, job.timeout, &mut report).await
+                let r = (self.client)
+                    .runner(fun, arg.clone(), kwarg.clone(), job.timeout)
+                    .await;
+                Self::call_report(r, &mut report)
             }
             Rendered::Fire { tag, data } => {
                 report.insert("fired".into(), json!(tag));
@@ -416,91 +416,14 @@ impl SaltRunner {
         Ok((all_ok, Some(jid)))
     }
 
-    async fn wheel(
-        &self,
-        fun: &str,
-        arg: &[Json],
-        kwarg: &Map<String, Json>,
+    /// A wheel or runner call's result into the report: `(success, jid)`.
+    fn call_report(
+        result: Result<WheelResult, RequestError>,
         report: &mut Map<String, Json>,
     ) -> Result<(bool, Option<String>), String> {
-        let load = vec![
-            (Value::from("cmd"), Value::from("wheel")),
-            (Value::from("fun"), Value::from(fun)),
-            (
-                Value::from("arg"),
-                Value::Array(arg.iter().map(from_json).collect()),
-            ),
-            (
-                Value::from("kwarg"),
-                from_json(&Json::Object(kwarg.clone())),
-            ),
-        ];
-        let reply = self
-            .client
-            .req()
-            .request(load, true)
-            .await
-            .map_err(|e| e.to_string())?;
-        let data = map_get(&reply, "data")
-            .ok_or_else(|| format!("wheel {fun}: no data in {}", to_json(&reply)))?;
-        let jid = map_get(data, "jid").and_then(as_str).map(str::to_owned);
-        let success = map_get(data, "success")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
-        report.insert(
-            "return".into(),
-            map_get(data, "return").map(to_json).unwrap_or(Json::Null),
-        );
-        Ok((success, jid))
-    }
-
-    async fn runner(
-        &self,
-        fun: &str,
-        arg: &[Json],
-        kwarg: &Map<String, Json>,
-        timeout: Duration,
-        report: &mut Map<String, Json>,
-    ) -> Result<(bool, Option<String>), String> {
-        // The master passes only `kwarg` on as the runner's low data
-        // (salt-protocol.md §3.5).
-        let low = json!({"arg": arg, "kwarg": kwarg});
-        let load = vec![
-            (Value::from("cmd"), Value::from("runner")),
-            (Value::from("fun"), Value::from(fun)),
-            (Value::from("kwarg"), from_json(&low)),
-        ];
-        let reply = self
-            .client
-            .req()
-            .request(load, true)
-            .await
-            .map_err(|e| e.to_string())?;
-        let jid = map_get(&reply, "jid")
-            .and_then(as_str)
-            .ok_or_else(|| format!("runner {fun}: no jid in {}", to_json(&reply)))?
-            .to_owned();
-        let data = self
-            .client
-            .tracker()
-            .watch(&jid)
-            .runner_result(timeout)
-            .await
-            .ok_or_else(|| {
-                RequestError::Timeout {
-                    uri: format!("runner {fun} (jid {jid}) result on the event bus"),
-                    timeout,
-                }
-                .to_string()
-            })?;
-        report.insert(
-            "return".into(),
-            data.get("return").cloned().unwrap_or(Json::Null),
-        );
-        Ok((
-            data.get("success").and_then(Json::as_bool).unwrap_or(false),
-            Some(jid),
-        ))
+        let r = result.map_err(|e| e.to_string())?;
+        report.insert("return".into(), r.ret);
+        Ok((r.success, r.jid))
     }
 }
 

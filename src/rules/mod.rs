@@ -43,37 +43,28 @@ pub use compile::{
 pub use matcher::EventView;
 pub use stats::RuleStats;
 
-use crate::bus::{BusEndpoint, BusHandle, EventFirer, Subscription};
+use crate::bus::{BusHandle, Subscription};
 use crate::config::Settings;
-use crate::master_config::MasterConfig;
-use crate::salt::{JobTracker, ReqClient, SaltClient};
-
-/// Timeout of one request to the master's request server.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+use crate::daemon::Firer;
+use crate::salt::SaltClient;
 
 /// The rules engine as a daemon component: create it (it subscribes to the
 /// bus) before the bus reader starts, then [`spawn`](Self::spawn) it.
 pub struct RulesComponent {
     dir: PathBuf,
     intake: Subscription,
-    jobs: Subscription,
-    req: ReqClient,
-    pull: BusEndpoint,
     concurrency: usize,
     queue_per_sender: usize,
     intake_opts: engine::IntakeOptions,
 }
 
 impl RulesComponent {
-    /// Subscribes to `bus` (one subscription for events, one for job returns).
-    pub fn new(bus: &BusHandle, settings: &Settings, master: &MasterConfig) -> Self {
+    /// Subscribes to `bus` for the events rules match.
+    pub fn new(bus: &BusHandle, settings: &Settings) -> Self {
         let cfg = &settings.rules;
         Self {
             dir: settings.rules_dir.clone(),
             intake: bus.subscribe(),
-            jobs: bus.subscribe(),
-            req: ReqClient::new(master, REQUEST_TIMEOUT),
-            pull: master.event_pull(),
             concurrency: cfg.concurrency,
             queue_per_sender: cfg.queue_per_sender,
             intake_opts: engine::IntakeOptions {
@@ -83,14 +74,18 @@ impl RulesComponent {
         }
     }
 
-    /// Loads the rules, starts watching them and serving events; the handle
+    /// Loads the rules, starts watching them and serving events, running
+    /// actions through the daemon's Salt client and event firer; the handle
     /// ends once `cancel` fired and every part stopped.
-    pub fn spawn(self, cancel: CancellationToken) -> JoinHandle<()> {
+    pub fn spawn(
+        self,
+        salt: SaltClient,
+        firer: Firer,
+        cancel: CancellationToken,
+    ) -> JoinHandle<()> {
         tokio::spawn(async move {
             let stats = Arc::new(RuleStats::default());
-            let tracker = JobTracker::start(self.jobs, cancel.clone());
-            let client = SaltClient::new(self.req, tracker);
-            let runner = Arc::new(exec::SaltRunner::new(client, EventFirer::new(self.pull)));
+            let runner = Arc::new(exec::SaltRunner::new(salt, firer));
             let executor = exec::Executor::new(
                 runner,
                 self.concurrency,

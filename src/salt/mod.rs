@@ -83,6 +83,9 @@ pub struct WheelResult {
     pub success: bool,
     #[serde(rename = "return")]
     pub ret: Json,
+    /// The job id the master gave the call (reported by rules, not printed).
+    #[serde(skip)]
+    pub jid: Option<String>,
 }
 
 impl SaltClient {
@@ -221,6 +224,7 @@ impl SaltClient {
         Ok(WheelResult {
             success: data.get("success").and_then(Json::as_bool).unwrap_or(false),
             ret: data.get("return").cloned().unwrap_or(Json::Null),
+            jid: Some(jid.to_owned()),
         })
     }
 }
@@ -251,6 +255,7 @@ pub async fn wheel(
             .and_then(Value::as_bool)
             .unwrap_or(false),
         ret: map_get(data, "return").map(to_json).unwrap_or(Json::Null),
+        jid: map_get(data, "jid").and_then(as_str).map(str::to_owned),
     })
 }
 
