@@ -49,8 +49,18 @@ pub trait Store: Send + Sync + Clone + 'static {
     fn delete_model(&self, name: &str) -> impl Future<Output = Result<ServerModel, Error>> + Send;
 
     /// Inserts a server (its `id` is ignored; `model` is a model name) and
-    /// returns it with its id.
-    fn insert_server(&self, server: &Server) -> impl Future<Output = Result<Server, Error>> + Send;
+    /// returns it with its id: [`Store::insert_servers`] with one.
+    fn insert_server(&self, server: &Server) -> impl Future<Output = Result<Server, Error>> + Send {
+        async move {
+            self.insert_servers(std::slice::from_ref(server))
+                .await?
+                .pop()
+                .ok_or_else(|| Error::Database {
+                    op: format!("creating server {}: no row returned", server.name),
+                    source: sqlx::Error::RowNotFound,
+                })
+        }
+    }
     /// Inserts several servers in one transaction, with one multi-row
     /// statement per table (group commit): all are written or none. Returned
     /// in the order given.
@@ -136,19 +146,13 @@ mod sql {
     pub const MODEL_USERS: &str = "SELECT COUNT(*) FROM servers WHERE model_id = $1";
     pub const DELETE_MODEL: &str = "DELETE FROM models WHERE id = $1";
 
-    // The model is named, not numbered: an unknown one makes model_id NULL,
-    // which the NOT NULL constraint refuses (mapped to UnknownModel).
-    pub const INSERT_SERVER: &str = "INSERT INTO servers (name, model_id, minion_id, \
-         key_fingerprint, status, is_vm, vm_host, external_ip, internal_ip, is_proxmox_host, \
-         proxmox_node, external_interface, nginx_proxy, samba_managed, samba_base_folder, users, \
-         public_key, created_at, updated_at) VALUES ($1, (SELECT id FROM models WHERE name = $2), \
-         $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $18) RETURNING id";
-
     /// Binds per server row: 17 fields and the time.
     pub const PER_ROW: usize = 18;
 
-    /// `INSERT_SERVER` for `rows` servers at once: `PER_ROW` binds per row,
-    /// in the order of `bind_server_fields!`; returns `id, name` of each.
+    /// Inserts `rows` servers: `PER_ROW` binds per row, in the order of
+    /// `bind_server_fields!`; returns `id, name` of each. The model is named,
+    /// not numbered: an unknown one makes model_id NULL, which the NOT NULL
+    /// constraint refuses (mapped to UnknownModel).
     pub fn insert_servers(rows: usize) -> String {
         let mut sql = String::from(
             "INSERT INTO servers (name, model_id, minion_id, key_fingerprint, status, is_vm, \
@@ -188,7 +192,7 @@ mod sql {
         sql
     }
 
-    /// Binds like `INSERT_SERVER` (`$1`–`$17` fields, `$18` time), then `$19` the id.
+    /// Binds like `insert_servers` (`$1`–`$17` fields, `$18` time), then `$19` the id.
     pub const UPDATE_SERVER: &str = "UPDATE servers SET name = $1, \
          model_id = (SELECT id FROM models WHERE name = $2), minion_id = $3, \
          key_fingerprint = $4, status = $5, is_vm = $6, vm_host = $7, external_ip = $8, \
@@ -279,6 +283,17 @@ fn violation(e: &sqlx::Error) -> Option<(ErrorKind, String)> {
         k => k,
     };
     Some((kind, what))
+}
+
+/// Maps a failed insert/update of `model`: its name taken, or the database.
+fn model_write_error(op: String, model: &ServerModel, e: sqlx::Error) -> Error {
+    match violation(&e) {
+        Some((ErrorKind::UniqueViolation, _)) => Error::DuplicateName {
+            kind: "model",
+            name: model.name.clone(),
+        },
+        _ => db(op)(e),
+    }
 }
 
 /// Maps a failed insert/update of `server` to the error the caller can act on.
@@ -468,7 +483,7 @@ macro_rules! append_and_commit {
 }
 
 /// Binds a server's 17 stored fields and the time, in the order
-/// `sql::INSERT_SERVER` and `sql::UPDATE_SERVER` both use (`$1`–`$18`).
+/// `sql::insert_servers` (per row) and `sql::UPDATE_SERVER` use (`$1`–`$18`).
 macro_rules! bind_server_fields {
     ($q:expr, $server:expr, $now:expr) => {
         $q.bind(&$server.name)
@@ -557,13 +572,7 @@ macro_rules! store_impl {
                     .bind(now)
                     .fetch_one(&mut *tx)
                     .await
-                    .map_err(|e| match violation(&e) {
-                        Some((ErrorKind::UniqueViolation, _)) => Error::DuplicateName {
-                            kind: "model",
-                            name: model.name.clone(),
-                        },
-                        _ => db(op())(e),
-                    })?;
+                    .map_err(|e| model_write_error(op(), model, e))?;
                 let created = ServerModel {
                     id: row.try_get(0).map_err(db(op()))?,
                     ..model.clone()
@@ -611,13 +620,7 @@ macro_rules! store_impl {
                     .bind(now)
                     .execute(&mut *tx)
                     .await
-                    .map_err(|e| match violation(&e) {
-                        Some((ErrorKind::UniqueViolation, _)) => Error::DuplicateName {
-                            kind: "model",
-                            name: model.name.clone(),
-                        },
-                        _ => db(op())(e),
-                    })?;
+                    .map_err(|e| model_write_error(op(), model, e))?;
                 if done.rows_affected() == 0 {
                     return Err(Error::NotFound {
                         kind: "model",
@@ -675,32 +678,6 @@ macro_rules! store_impl {
                     op()
                 );
                 Ok(model)
-            }
-
-            async fn insert_server(&self, server: &Server) -> Result<Server, Error> {
-                let op = "creating server";
-                let opn = || format!("{op} {}", server.name);
-                let mut tx = self.pool.begin_with($begin).await.map_err(db(opn()))?;
-                let now = now_ms();
-                let row = bind_server_fields!(sqlx::query(sql::INSERT_SERVER), server, now)
-                    .fetch_one(&mut *tx)
-                    .await
-                    .map_err(|e| server_write_error(op, server, e))?;
-                let created = Server {
-                    id: row.try_get(0).map_err(db(opn()))?,
-                    created_at: now,
-                    updated_at: now,
-                    ..server.clone()
-                };
-                append_and_commit!(
-                    tx,
-                    OutboxKind::ServerCreated,
-                    Some(created.id),
-                    &created,
-                    now,
-                    opn()
-                );
-                Ok(created)
             }
 
             async fn insert_servers(&self, servers: &[Server]) -> Result<Vec<Server>, Error> {
@@ -974,9 +951,6 @@ impl Store for DbStore {
     }
     async fn delete_model(&self, name: &str) -> Result<ServerModel, Error> {
         dispatch!(self, s => s.delete_model(name))
-    }
-    async fn insert_server(&self, server: &Server) -> Result<Server, Error> {
-        dispatch!(self, s => s.insert_server(server))
     }
     async fn insert_servers(&self, servers: &[Server]) -> Result<Vec<Server>, Error> {
         dispatch!(self, s => s.insert_servers(servers))
