@@ -45,7 +45,7 @@ use crate::config::{AcceptMode, UnknownMinions};
 use crate::daemon::Firer;
 use crate::pki::{clean_key, fingerprint};
 use crate::registry::{DbStore, Server, ServerFilter, Service, Status};
-use crate::salt::{wheel, Publish, SaltClient, TargetType};
+use crate::salt::{key_dict, Publish, SaltClient, TargetType};
 
 /// Tag prefix of the acceptor's events.
 pub const MINION_REGISTERED: &str = "steward/v1/minion/registered";
@@ -398,9 +398,7 @@ impl Acceptor {
     /// Calls `fun` with `{"minions_pre": ids}` (exact ids, no globbing);
     /// returns the ids the master reports it moved.
     async fn wheel_dict(&self, fun: &str, ids: &[String]) -> Option<HashSet<String>> {
-        let mut kwarg = Map::new();
-        kwarg.insert("match".into(), json!({ "minions_pre": ids }));
-        match wheel(self.salt.req(), fun, Vec::new(), kwarg).await {
+        match key_dict(self.salt.req(), fun, json!({ "minions_pre": ids })).await {
             Ok(r) if r.success => {
                 // {"minions": [...]} for accept, {"minions_rejected": [...]} for reject.
                 let moved = r
@@ -491,11 +489,8 @@ impl Acceptor {
         match std::fs::read_to_string(&rejected) {
             Ok(held) if Some(clean_key(&held)) != issued => {
                 info!(message = "The issued key was blocked by a rejected impostor key; removing that key.", minion_id = %id);
-                let mut kwarg = Map::new();
-                kwarg.insert("match".into(), json!({ "minions_rejected": [id] }));
-                if let Err(error) =
-                    wheel(self.salt.req(), "key.delete_dict", Vec::new(), kwarg).await
-                {
+                let rejected = json!({ "minions_rejected": [id] });
+                if let Err(error) = key_dict(self.salt.req(), "key.delete_dict", rejected).await {
                     warn!(message = "Rejected key not removed.", minion_id = %id, %error);
                 }
             }

@@ -14,7 +14,7 @@ use crate::config::AcceptMode;
 use crate::master_config::MasterConfig;
 use crate::pki::bundle::{self, BundleSpec};
 use crate::pki::{files, KeyIssuer};
-use crate::salt::{wheel, ReqClient};
+use crate::salt::{key_dict, ReqClient};
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use serde::Serialize;
@@ -412,10 +412,8 @@ async fn retire_old_key(ctx: &Context, minion_id: &str) -> anyhow::Result<()> {
         .into_iter()
         .map(|d| (d.to_owned(), Json::from(vec![minion_id])))
         .collect();
-    let mut kwarg = serde_json::Map::new();
-    kwarg.insert("match".into(), Json::Object(m));
     let req = ReqClient::new(&master, std::time::Duration::from_secs(30));
-    let r = wheel(&req, "key.delete_dict", Vec::new(), kwarg).await?;
+    let r = key_dict(&req, "key.delete_dict", Json::Object(m)).await?;
     anyhow::ensure!(r.success, "key.delete_dict failed: {}", r.ret);
     Ok(())
 }

@@ -259,6 +259,20 @@ pub async fn wheel(
     })
 }
 
+/// Calls one of the wheel's `key.*_dict` functions (`key.accept_dict`,
+/// `key.reject_dict`, `key.delete_dict`): `matches` maps key directories
+/// (`minions`, `minions_pre`, `minions_rejected`, `minions_denied`) to exact
+/// minion ids, so no id is ever taken as a glob.
+pub async fn key_dict(
+    req: &ReqClient,
+    fun: &str,
+    matches: Json,
+) -> Result<WheelResult, RequestError> {
+    let mut kwarg = Map::new();
+    kwarg.insert("match".into(), matches);
+    wheel(req, fun, Vec::new(), kwarg).await
+}
+
 /// Splits command-line arguments as Salt's CLI does for wheel and runner
 /// calls: `key=value` is a keyword argument (value parsed as JSON when it is
 /// JSON, else kept as text); anything else is positional.
