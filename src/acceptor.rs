@@ -264,49 +264,47 @@ impl Acceptor {
             self.synced_until.map(|t| t - SYNC_OVERLAP_MS)
         };
         self.syncs = self.syncs.wrapping_add(1);
-        let mut statuses = vec![Status::Registered, Status::Online, Status::Offline];
-        if self.config.mode == AcceptMode::Preseed {
-            statuses.push(Status::KeysIssued);
-        }
-        for status in statuses {
-            let filter = ServerFilter {
-                status: Some(status),
-                changed_since,
-                ..ServerFilter::default()
+        // Keys accepted somewhere (and, in preseed mode, issued ones).
+        let wanted = |st: Status| {
+            matches!(st, Status::Registered | Status::Online | Status::Offline)
+                || (st == Status::KeysIssued && self.config.mode == AcceptMode::Preseed)
+        };
+        let filter = ServerFilter {
+            changed_since,
+            ..ServerFilter::default()
+        };
+        let servers = match self.service.find_servers(&filter).await {
+            Ok(s) => s,
+            Err(error) => {
+                warn!(message = "Registry read failed; keys not synced.", %error);
+                return;
+            }
+        };
+        for server in servers.into_iter().filter(|s| wanted(s.status)) {
+            let Some(key) = &server.public_key else {
+                continue;
             };
-            let servers = match self.service.find_servers(&filter).await {
-                Ok(s) => s,
+            if !safe_id(&server.minion_id) {
+                continue;
+            }
+            let held = [
+                "minions",
+                "minions_pre",
+                "minions_rejected",
+                "minions_denied",
+            ]
+            .iter()
+            .any(|d| self.config.pki_dir.join(d).join(&server.minion_id).exists());
+            if held {
+                continue;
+            }
+            let path = self.config.pki_dir.join("minions").join(&server.minion_id);
+            match crate::pki::files::create_public(&path, &clean_key(key)) {
+                Ok(()) => {
+                    info!(message = "Key accepted on another master installed here.", minion_id = %server.minion_id)
+                }
                 Err(error) => {
-                    warn!(message = "Registry read failed; keys not synced.", %error);
-                    return;
-                }
-            };
-            for server in servers {
-                let Some(key) = &server.public_key else {
-                    continue;
-                };
-                if !safe_id(&server.minion_id) {
-                    continue;
-                }
-                let held = [
-                    "minions",
-                    "minions_pre",
-                    "minions_rejected",
-                    "minions_denied",
-                ]
-                .iter()
-                .any(|d| self.config.pki_dir.join(d).join(&server.minion_id).exists());
-                if held {
-                    continue;
-                }
-                let path = self.config.pki_dir.join("minions").join(&server.minion_id);
-                match crate::pki::files::create_public(&path, &clean_key(key)) {
-                    Ok(()) => {
-                        info!(message = "Key accepted on another master installed here.", minion_id = %server.minion_id)
-                    }
-                    Err(error) => {
-                        warn!(message = "Key not installed.", minion_id = %server.minion_id, %error)
-                    }
+                    warn!(message = "Key not installed.", minion_id = %server.minion_id, %error)
                 }
             }
         }

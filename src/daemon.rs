@@ -359,10 +359,7 @@ impl Answering {
 }
 
 async fn reply(firer: &Firer, request_id: &str, data: &Json) {
-    let tag = service_bus::reply_tag(request_id);
-    if let Err(error) = fire(firer, &tag, data).await {
-        warn!(message = "Reply not fired.", %tag, %error);
-    }
+    fire_or_warn(firer, &service_bus::reply_tag(request_id), data).await;
 }
 
 #[cfg(test)]
