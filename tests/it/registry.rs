@@ -62,6 +62,20 @@ impl TestDb {
     }
 }
 
+impl TestDb {
+    /// A PostgreSQL database; never a silent skip: scripts/test always
+    /// provides the server.
+    async fn postgres_required() -> Self {
+        match Self::postgres().await {
+            Some(db) => db,
+            None => panic!(
+                "{PG_ENV} is not set: run the tests with `scripts/test`, or start the test \
+                 PostgreSQL first with `eval \"$(scripts/pg-test-env)\"`"
+            ),
+        }
+    }
+}
+
 impl Drop for TestDb {
     fn drop(&mut self) {
         let Some((admin, name)) = self.pg.take() else {
@@ -510,49 +524,33 @@ async fn registry_group_commit_on_sqlite() {
 
 #[tokio::test]
 async fn registry_group_commit_on_postgres() {
-    let Some(db) = TestDb::postgres().await else {
-        panic!("{PG_ENV} is not set: run the tests with `scripts/test`");
-    };
+    let db = TestDb::postgres_required().await;
     group_commit_story(registry::open(&db.url).await.unwrap()).await;
+}
+
+/// The story on `db`, then a reopen: migrations run once, the data stays.
+async fn story_and_reopen(db: &TestDb, backend: &str) {
+    let svc = registry::open(&db.url).await.unwrap();
+    assert_eq!(svc.store().backend(), backend);
+    story(svc).await;
+    let svc = registry::open(&db.url).await.unwrap();
+    assert_eq!(
+        svc.find_servers(&ServerFilter::default())
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
 }
 
 #[tokio::test]
 async fn registry_story_on_sqlite() {
-    let db = TestDb::sqlite();
-    let svc = registry::open(&db.url).await.unwrap();
-    assert_eq!(svc.store().backend(), "sqlite");
-    story(svc).await;
-    // Reopening migrates nothing twice and keeps the data.
-    let svc = registry::open(&db.url).await.unwrap();
-    assert_eq!(
-        svc.find_servers(&ServerFilter::default())
-            .await
-            .unwrap()
-            .len(),
-        2
-    );
+    story_and_reopen(&TestDb::sqlite(), "sqlite").await;
 }
 
 #[tokio::test]
 async fn registry_story_on_postgres() {
-    // Never a silent skip: scripts/test always provides the server.
-    let Some(db) = TestDb::postgres().await else {
-        panic!(
-            "{PG_ENV} is not set: run the tests with `scripts/test`, or start the test \
-             PostgreSQL first with `eval \"$(scripts/pg-test-env)\"`"
-        );
-    };
-    let svc = registry::open(&db.url).await.unwrap();
-    assert_eq!(svc.store().backend(), "postgres");
-    story(svc).await;
-    let svc = registry::open(&db.url).await.unwrap();
-    assert_eq!(
-        svc.find_servers(&ServerFilter::default())
-            .await
-            .unwrap()
-            .len(),
-        2
-    );
+    story_and_reopen(&TestDb::postgres_required().await, "postgres").await;
 }
 
 #[tokio::test]
