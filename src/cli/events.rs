@@ -74,7 +74,7 @@ pub(crate) async fn run(
 async fn fire(ctx: &Context, args: FireArgs) -> anyhow::Result<std::process::ExitCode> {
     let master = ctx.master()?;
     let data = from_json(&args.data.unwrap_or_else(|| serde_json::json!({})));
-    let mut firer = EventFirer::new(master.event_pull());
+    let mut firer = EventFirer::new(master.event_pull(), master.event_pub());
     firer
         .fire(&args.tag, data)
         .await

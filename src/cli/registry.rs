@@ -412,7 +412,7 @@ async fn retire_old_key(ctx: &Context, minion_id: &str) -> anyhow::Result<()> {
         .into_iter()
         .map(|d| (d.to_owned(), Json::from(vec![minion_id])))
         .collect();
-    let req = ReqClient::new(&master, std::time::Duration::from_secs(30));
+    let req = ReqClient::new(&master, std::time::Duration::from_secs(30))?;
     let r = key_dict(&req, "key.delete_dict", Json::Object(m)).await?;
     anyhow::ensure!(r.success, "key.delete_dict failed: {}", r.ret);
     Ok(())
