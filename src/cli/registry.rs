@@ -379,6 +379,7 @@ fn write_bundle(
         pair: &pair,
         master_sign_pub: &sign_text,
         masters: &masters,
+        transport: &master.transport,
     })
     .context("building the bundle")?;
     files::create_new(output, &bytes, 0o600)?;

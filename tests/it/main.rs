@@ -15,3 +15,4 @@ mod registry;
 mod rules;
 mod salt_client;
 mod support;
+mod transport_tcp;

@@ -10,9 +10,12 @@ use serde_json::Value;
 
 use crate::support::{steward_for, text, MasterOptions, SaltHarness};
 
-// Salt 3008's default signature file is `<id>_pubkey_signature`: name it, so
-// every release reads the one `pki init` writes.
-const SIGNING_ON: &str = "master_sign_pubkey: True\nmaster_use_pubkey_signature: True\nmaster_pubkey_signature: master_pubkey_signature\n";
+const SIGNING_ON: &str = "master_sign_pubkey: True\nmaster_use_pubkey_signature: True\n";
+
+/// Salt 3008's default signature file is `<master id>_pubkey_signature`
+/// (3006 and 3007: `master_pubkey_signature`): named, every release (and
+/// `salt-key --gen-signature`) uses the file `pki init` writes.
+const SIGNATURE_NAMED: &str = "master_pubkey_signature: master_pubkey_signature\n";
 /// What the minion logs (error level) when the master's signature fails.
 const VERIFY_FAILED: &str = "signature verification failed";
 
@@ -27,10 +30,12 @@ fn json_ok(o: &Output) -> Value {
 
 /// A master that does not auto-accept: keys are accepted through the wheel.
 fn master() -> SaltHarness {
-    SaltHarness::start_with(MasterOptions {
+    let mut h = SaltHarness::start_with(MasterOptions {
         auto_accept: false,
         ..MasterOptions::default()
-    })
+    });
+    h.append_master_config(SIGNATURE_NAMED);
+    h
 }
 
 /// Turns on the pre-made signature in the master config and restarts it.

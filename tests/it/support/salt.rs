@@ -62,6 +62,9 @@ pub struct MasterOptions {
     pub auto_accept: bool,
     /// `ipc_mode: tcp`: the event bus on loopback TCP ports instead of unix sockets.
     pub ipc_tcp: bool,
+    /// `transport: tcp` (master and minions): Salt's plain TCP transport
+    /// instead of ZeroMQ for requests and publishes.
+    pub transport_tcp: bool,
     /// Extra lines appended to the master config.
     pub extra: String,
 }
@@ -71,6 +74,7 @@ impl Default for MasterOptions {
         Self {
             auto_accept: true,
             ipc_tcp: false,
+            transport_tcp: false,
             extra: String::new(),
         }
     }
@@ -261,6 +265,9 @@ impl SaltHarness {
             },
             srv = self.file_roots.display(),
         );
+        if self.options.transport_tcp {
+            text.push_str("transport: tcp\n");
+        }
         if self.options.ipc_tcp {
             text.push_str(&format!(
                 "ipc_mode: tcp\n\
@@ -398,7 +405,13 @@ impl SaltHarness {
              acceptance_wait_time: 1\n\
              random_reauth_delay: 0\n\
              file_client: remote\n\
+             {transport}\
              {extra}",
+            transport = if self.options.transport_tcp {
+                "transport: tcp\n"
+            } else {
+                ""
+            },
             user = current_user(),
             ret = self.ret_port,
             pub_port = self.publish_port,
