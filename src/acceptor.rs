@@ -145,7 +145,7 @@ pub async fn run(
             },
             Some(first) = rx.recv() => {
                 let mut batch = vec![first];
-                let deadline = tokio::time::Instant::now() + BATCH_WINDOW;
+                let deadline = crate::clock::deadline_in(BATCH_WINDOW);
                 while let Ok(Some(t)) = tokio::time::timeout_at(deadline, rx.recv()).await {
                     batch.push(t);
                 }

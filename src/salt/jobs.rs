@@ -201,7 +201,7 @@ impl JobWatch {
     /// `timeout` passed; unexpected minions' returns are kept too.
     pub async fn collect(mut self, expected: &[String], timeout: Duration) -> JobOutcome {
         let mut returns = BTreeMap::new();
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = crate::clock::deadline_in(timeout);
         while !expected.iter().all(|m| returns.contains_key(m)) {
             let Ok(Some(event)) = tokio::time::timeout_at(deadline, self.rx.recv()).await else {
                 break;
@@ -236,7 +236,7 @@ impl JobWatch {
 
     /// Waits for a runner's `salt/run/<jid>/ret` event and returns its data.
     pub async fn runner_result(mut self, timeout: Duration) -> Option<Json> {
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = crate::clock::deadline_in(timeout);
         while let Ok(Some(event)) = tokio::time::timeout_at(deadline, self.rx.recv()).await {
             if run_jid(&event.tag).is_some() {
                 return Some(event.data_json());
