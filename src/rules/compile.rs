@@ -119,13 +119,13 @@ pub fn show_duration(d: Duration) -> String {
     let (secs, nanos) = (d.as_secs(), d.subsec_nanos());
     if nanos == 0 {
         for (unit, n) in [("d", 86_400), ("h", 3600), ("m", 60)] {
-            if secs >= n && secs % n == 0 {
+            if secs >= n && secs.is_multiple_of(n) {
                 return format!("{}{unit}", secs / n);
             }
         }
         return format!("{secs}s");
     }
-    if secs == 0 && nanos % 1_000_000 == 0 {
+    if secs == 0 && nanos.is_multiple_of(1_000_000) {
         return format!("{}ms", nanos / 1_000_000);
     }
     format!("{}s", d.as_secs_f64())
