@@ -299,7 +299,9 @@ async fn serve_requests(
                     (Sender::Unwrapped, _) if corroborations.take(&req) => {
                         answering.start(req).await
                     }
-                    (Sender::Unwrapped, _) => waiting.push((now + CORROBORATION_WAIT, req)),
+                    (Sender::Unwrapped, _) => {
+                        waiting.push((crate::clock::deadline(now, CORROBORATION_WAIT), req))
+                    }
                 },
             }
         }

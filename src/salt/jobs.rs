@@ -229,7 +229,7 @@ impl JobWatch {
     /// `timeout` passed; unexpected minions' returns are kept too.
     pub async fn collect(mut self, expected: &[String], timeout: Duration) -> JobOutcome {
         let mut returns = BTreeMap::new();
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = crate::clock::deadline_in(timeout);
         // The master fires a return's event before it writes the return to
         // its job cache: a lookup right after a gap can come too early, so a
         // second one follows once, a little later.
@@ -251,7 +251,7 @@ impl JobWatch {
                 e = tokio::time::timeout_at(deadline, self.rx.recv()) => e,
                 true = gap => {
                     self.reconcile(expected, &mut returns, deadline).await;
-                    recheck = Some(tokio::time::Instant::now() + RECHECK_AFTER);
+                    recheck = Some(crate::clock::deadline_in(RECHECK_AFTER));
                     continue;
                 }
                 () = later => {
@@ -333,7 +333,7 @@ impl JobWatch {
 
     /// Waits for a runner's `salt/run/<jid>/ret` event and returns its data.
     pub async fn runner_result(mut self, timeout: Duration) -> Option<Json> {
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = crate::clock::deadline_in(timeout);
         while let Ok(Some(event)) = tokio::time::timeout_at(deadline, self.rx.recv()).await {
             if run_jid(&event.tag).is_some() {
                 return Some(event.data_json());
