@@ -10,6 +10,7 @@ mod bus_salt;
 mod cli;
 mod daemon;
 mod failover;
+mod job_reconcile;
 mod pki;
 mod registry;
 mod rules;

@@ -30,7 +30,8 @@ fn a_tcp_transport_master_serves_publish_wheel_runner_and_auto_accept() {
     h.wait_req_ready();
 
     // wheel: a plain minion's pending key accepted through the TCP request channel.
-    h.start_minion("tcp-plain");
+    // (A signing master: 3008 refuses minions that do not verify its signature.)
+    h.start_minion_verifying("tcp-plain", "tcp-plain");
     let deadline = std::time::Instant::now() + T;
     while !listed(&h, "minions_pre", "tcp-plain") {
         assert!(
