@@ -41,7 +41,13 @@ fn watch_sees_a_minions_auth_and_start_events() {
     wait_connected(&mut all);
     let mut w = watch(
         &salt.master_config(),
-        &["--tag", "salt/minion/m-auth-1/start", "--count", "1", "--stats"],
+        &[
+            "--tag",
+            "salt/minion/m-auth-1/start",
+            "--count",
+            "1",
+            "--stats",
+        ],
     );
     wait_connected(&mut w);
     salt.start_minion("m-auth-1");
@@ -169,7 +175,12 @@ fn assert_no_decode_errors(w: &mut LineChild) {
         .find(|l| l.contains("\"decode_errors\""))
         .map(|l| json_line(l))
         .unwrap();
-    assert_eq!(stats["decode_errors"], json!(0), "{stats}; stderr: {:?}", w.seen_err);
+    assert_eq!(
+        stats["decode_errors"],
+        json!(0),
+        "{stats}; stderr: {:?}",
+        w.seen_err
+    );
     assert!(
         !w.seen_err.iter().any(|l| l.contains("cannot decode")),
         "{:?}",

@@ -47,7 +47,11 @@ async fn lossy_proxy(listen: PathBuf, upstream: PathBuf, dropped: Arc<AtomicU64>
                         // The reader loses the connection right after.
                         return;
                     }
-                    if down.write_all(&encode_frame(&e.tag, &e.data)).await.is_err() {
+                    if down
+                        .write_all(&encode_frame(&e.tag, &e.data))
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -90,7 +94,11 @@ fn a_return_whose_event_was_lost_is_collected_from_the_job_cache() {
         };
         let (published, outcome) = client.run_job(&job, Duration::from_secs(60)).await.unwrap();
         assert_eq!(published.minions, ["jr-1"]);
-        assert_eq!(dropped.load(Ordering::SeqCst), 1, "the return event was dropped");
+        assert_eq!(
+            dropped.load(Ordering::SeqCst),
+            1,
+            "the return event was dropped"
+        );
         assert!(tracker.gaps() >= 1, "the reader reconnected");
         let ret = outcome
             .returns
