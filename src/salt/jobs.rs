@@ -313,8 +313,8 @@ impl JobWatch {
             Ok(found) => {
                 let mut added = 0usize;
                 for (minion, ret) in found {
-                    if !returns.contains_key(&minion) {
-                        returns.insert(minion, ret);
+                    if let std::collections::btree_map::Entry::Vacant(e) = returns.entry(minion) {
+                        e.insert(ret);
                         added += 1;
                     }
                 }
