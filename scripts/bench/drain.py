@@ -16,6 +16,8 @@ import uuid
 
 import msgpack
 
+from busframe import PubReader, pull_frame
+
 
 def main():
     sock_dir = sys.argv[1]
@@ -25,13 +27,12 @@ def main():
     sub.settimeout(1)
     time.sleep(0.2)  # let the publisher register this subscriber
     tag = f"sync/bench/{uuid.uuid4().hex}".encode()
-    body = tag + b"\n\n" + msgpack.packb({}, use_bin_type=True)
     pull = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     pull.connect(os.path.join(sock_dir, "master_event_pull.ipc"))
-    pull.sendall(msgpack.packb({"head": {}, "body": body}, use_bin_type=True))
+    pull.sendall(pull_frame(tag.decode(), {}))
     pull.close()
     t0 = time.time()
-    unp = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=0)
+    unp = PubReader()
     before = 0
     while time.time() - t0 < timeout:
         try:

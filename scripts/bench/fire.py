@@ -18,10 +18,11 @@ import time
 
 import msgpack
 
+from busframe import pull_frame
+
 
 def frame(tag, data):
-    body = tag.encode() + b"\n\n" + msgpack.packb(data, use_bin_type=True)
-    return msgpack.packb({"head": {}, "body": body}, use_bin_type=True)
+    return pull_frame(tag, data)
 
 
 def main():

@@ -4,8 +4,8 @@
 (clean_key'd SPKI PEM, no trailing newline) is written to
 <pki_dir>/minions_pre/<id> and then the master's `salt/auth`
 {result: true, act: "pend", id, pub, _stamp} event is fired into
-<sock_dir>/master_event_pull.ipc (raw msgpack frames, salt-protocol.md 1.3,
-as fire.py writes them). T0 is just before the first file. Then
+<sock_dir>/master_event_pull.ipc (in the framing the installed Salt reads there,
+as fire.py writes them: busframe.py). T0 is just before the first file. Then
 <pki_dir>/minions/ is polled every 10 ms until every id is there.
 
 A raw subscriber on master_event_pub.ipc records the wheel calls the
@@ -25,19 +25,20 @@ import time
 
 import msgpack
 
+from busframe import PubReader, pull_frame
+
 from accept_common import AcceptedPoller, minion_pubs
 
 
 def frame(tag, data):
-    body = tag.encode() + b"\n\n" + msgpack.packb(data, use_bin_type=True)
-    return msgpack.packb({"head": {}, "body": body}, use_bin_type=True)
+    return pull_frame(tag, data)
 
 
 def watch_wheel(sock_dir, calls, stop):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(os.path.join(sock_dir, "master_event_pub.ipc"))
     s.settimeout(0.2)
-    unp = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=0)
+    unp = PubReader()
     while not stop.is_set():
         try:
             b = s.recv(1 << 20)

@@ -18,6 +18,8 @@ from sub_common import cpu_now, report
 
 import msgpack
 
+from busframe import PubReader
+
 
 def main():
     sock_dir, n_want, idle = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
@@ -26,7 +28,7 @@ def main():
     s.settimeout(idle)
     print("READY", flush=True)
     cpu0 = cpu_now()
-    unp = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=0)
+    unp = PubReader()
     n = nbytes = 0
     t_first = t_last = None
     while n < n_want:

@@ -46,41 +46,6 @@ fn a_tcp_transport_master_serves_publish_wheel_runner_and_auto_accept() {
     assert_eq!(all["minions"], json!(["tcp-plain"]), "{all}");
 
     // publish: test.ping answered over the TCP publisher.
-    let cfg = h.master_config();
-    let deadline = std::time::Instant::now() + T;
-    loop {
-        let o = steward_for(
-            &cfg,
-            &[
-                "salt",
-                "publish",
-                "tcp-plain",
-                "test.ping",
-                "--json",
-                "--timeout",
-                "5",
-            ],
-        )
-        .output()
-        .unwrap();
-        if o.status.success() {
-            let v: Value = serde_json::from_slice(&o.stdout).unwrap();
-            assert_eq!(v["minions"]["tcp-plain"]["return"], json!(true), "{v}");
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "tcp-plain never answered: {}",
-            text(&o)
-        );
-    }
-
-    // runner: result followed on the bus.
-    let v = salt_json(&h, &["runner", "test.arg", "a1", "k=v"]);
-    assert_eq!(v["args"], json!(["a1"]), "{v}");
-
-    // auto-accept: the daemon verifies a bundle-installed minion's key and
-    // accepts it through the TCP request channel; the bundle says tcp.
     let steward = steward_config(
         &h,
         &[],
@@ -90,6 +55,14 @@ fn a_tcp_transport_master_serves_publish_wheel_runner_and_auto_accept() {
             h.root().display()
         ),
     );
+    wait_ping(&steward, "tcp-plain");
+
+    // runner: result followed on the bus.
+    let v = salt_json(&h, &["runner", "test.arg", "a1", "k=v"]);
+    assert_eq!(v["args"], json!(["a1"]), "{v}");
+
+    // auto-accept: the daemon verifies a bundle-installed minion's key and
+    // accepts it through the TCP request channel; the bundle says tcp.
     run_ok(cli(&steward, &["model", "add", "web"]));
     let _daemon = start_daemon(&steward);
     let server = add_server(&steward, "tcp01.example.org");

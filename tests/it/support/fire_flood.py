@@ -8,7 +8,9 @@ connection, as fast as a raw writer can, each wrapped exactly as the master
 wraps a minion's `event.send` ({cmd: _minion_event, id, tag, data: {seq}}),
 the sender cycling through the minion ids; then one unwrapped END_TAG event
 (as fired on the master). Frames are {"head": {}, "body": bin(tag "\\n\\n"
-msgpack(data))} (salt-protocol.md 1.3); the master never acknowledges.
+msgpack(data))} (salt-protocol.md 1.3), framed by the installed Salt's own
+`frame_msg_ipc` (length-prefixed since 3006.30/3007.17; run this with the
+master's Python); the master never acknowledges.
 Prints one JSON line: fired, seconds, rate_per_s.
 """
 import datetime
@@ -19,11 +21,13 @@ import sys
 import time
 
 import msgpack
+import salt.transport.frame
 
 
 def frame(tag, data):
     body = tag.encode() + b"\n\n" + msgpack.packb(data, use_bin_type=True)
-    return msgpack.packb({"head": {}, "body": body}, use_bin_type=True)
+    # What the master's pull socket reads, whichever release this is.
+    return salt.transport.frame.frame_msg_ipc(body)
 
 
 def main():
