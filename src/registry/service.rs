@@ -12,9 +12,9 @@ use std::sync::Arc;
 use serde_json::Value as Json;
 
 use super::group_commit::GroupCommit;
-use super::store::{Filter, ServerKey};
+use super::store::{Filter, KeyColumns, ServerKey};
 use super::{Error, OutboxEntry, Server, ServerModel, ServerRef, Status, Store};
-use crate::pki::KeyIssuer;
+use crate::pki::{fingerprint, IssueError, KeyIssuer};
 
 /// Longest hostname (RFC 1123 with RFC 1035's limit).
 const MAX_HOSTNAME: usize = 253;
@@ -24,6 +24,13 @@ const MAX_LABEL: usize = 63;
 const MAX_IFNAME: usize = 15;
 /// Longest user name `useradd` accepts by default.
 const MAX_USER: usize = 32;
+/// Minion ids tried for one new server before giving up: with 32 random
+/// bits per id, a second collision in a row already means something else
+/// is wrong (a broken random source, a directory full of stray key files).
+const MINION_ID_TRIES: usize = 8;
+/// Times a patch without an expected revision is reapplied to a re-read row
+/// when another writer got in between read and write.
+const UPDATE_TRIES: usize = 5;
 
 /// Changes to a model; `None` leaves a field as it is.
 #[derive(Debug, Clone, Default)]
@@ -43,8 +50,10 @@ pub struct ServerPatch {
     pub name: Option<String>,
     /// Model name.
     pub model: Option<String>,
-    /// Key fingerprint.
-    pub key_fingerprint: Option<Option<String>>,
+    /// The revision the change was made from (`revision=N`): when given, the
+    /// update is refused with `conflict` if the row moved on since. Without
+    /// it the patch is applied to the row as it is when written.
+    pub revision: Option<i64>,
     /// Status.
     pub status: Option<Status>,
     /// Is a VM.
@@ -75,7 +84,7 @@ pub struct ServerPatch {
 pub const SERVER_KEYS: &[&str] = &[
     "name",
     "model",
-    "key_fingerprint",
+    "revision",
     "status",
     "is_vm",
     "vm_host",
@@ -125,7 +134,19 @@ impl ServerPatch {
         match key {
             "name" => self.name = Some(v.to_owned()),
             "model" => self.model = Some(v.to_owned()),
-            "key_fingerprint" => self.key_fingerprint = Some(opt_text(v)),
+            "revision" => {
+                self.revision =
+                    Some(v.parse().map_err(|_| {
+                        Error::invalid(key, format!("{v:?} is not a revision number"))
+                    })?)
+            }
+            "key_fingerprint" | "public_key" | "minion_id" => {
+                return Err(Error::invalid(
+                    key,
+                    "set by the registry, never patched (the fingerprint is the public \
+                     key's; `server rekey` issues a new key)",
+                ))
+            }
             "status" => self.status = Some(v.parse()?),
             "is_vm" => self.is_vm = Some(parse_bool(key, v)?),
             "vm_host" => self.vm_host = Some(parse_ref(v)),
@@ -211,12 +232,26 @@ pub struct ServerFilter {
     pub changed_since: Option<i64>,
 }
 
+/// Makes a minion id for a hostname.
+type MinionIdFn = dyn Fn(&str) -> Result<String, Error> + Send + Sync;
+
+/// Where new minion ids come from: [`new_minion_id`], or a script in tests.
+#[derive(Clone)]
+struct MinionIds(Arc<MinionIdFn>);
+
+impl std::fmt::Debug for MinionIds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MinionIds")
+    }
+}
+
 /// The registry's operations over a [`Store`].
 #[derive(Debug, Clone)]
 pub struct Service<S> {
     store: S,
     creates: Arc<GroupCommit>,
     keys: Option<Arc<KeyIssuer>>,
+    minion_ids: MinionIds,
 }
 
 impl<S: Store> Service<S> {
@@ -226,6 +261,7 @@ impl<S: Store> Service<S> {
             store,
             creates: Arc::default(),
             keys: None,
+            minion_ids: MinionIds(Arc::new(new_minion_id)),
         }
     }
 
@@ -305,6 +341,9 @@ impl<S: Store> Service<S> {
     /// Creates a server: `patch.name` and `patch.model` are required, the
     /// rest optional. The minion id is generated (see the module docs of
     /// [`crate::registry`]); the status starts at `created` unless given.
+    /// A generated minion id that is taken (by a server, or by a key file
+    /// in `keys.dir`) is replaced by a new one, [`MINION_ID_TRIES`] times
+    /// at most; a key file that is there is never touched.
     pub async fn create_server(&self, patch: ServerPatch) -> Result<Server, Error> {
         let name = patch
             .name
@@ -315,9 +354,12 @@ impl<S: Store> Service<S> {
             .model
             .clone()
             .ok_or_else(|| Error::invalid("model", "required"))?;
+        if patch.revision.is_some() {
+            return Err(Error::invalid("revision", "a new server starts at 1"));
+        }
         let mut server = Server {
             id: 0,
-            minion_id: new_minion_id(&name)?,
+            minion_id: String::new(),
             name,
             model,
             key_fingerprint: None,
@@ -334,66 +376,128 @@ impl<S: Store> Service<S> {
             samba_base_folder: None,
             users: Vec::new(),
             public_key: None,
+            revision: 1,
             created_at: 0,
             updated_at: 0,
         };
         self.apply(&mut server, patch).await?;
+        let mut taken = None;
+        for _ in 0..MINION_ID_TRIES {
+            server.minion_id = (self.minion_ids.0)(&server.name)?;
+            match self.create_as(server.clone()).await {
+                Err(e @ Error::MinionIdTaken { .. }) => {
+                    tracing::info!(message = "Generated minion id taken; trying another.", %e);
+                    taken = Some(e);
+                }
+                done => return done,
+            }
+        }
+        Err(taken.unwrap_or_else(|| Error::invalid("minion_id", "no minion id tried")))
+    }
+
+    /// One try of [`Self::create_server`] with the minion id chosen: the key
+    /// (if servers get keys), then the row. If the row is not written, only
+    /// the key file this try created is removed.
+    async fn create_as(&self, mut server: Server) -> Result<Server, Error> {
         let Some(keys) = &self.keys else {
             return self.creates.insert(&self.store, server).await;
         };
         let minion_id = server.minion_id.clone();
-        let issued = keys.issue(&minion_id).await.map_err(|e| Error::Keys {
-            minion_id: minion_id.clone(),
-            reason: e.to_string(),
-        })?;
-        server.public_key = Some(issued.public_clean);
-        server.key_fingerprint = Some(issued.fingerprint);
+        let claim = match keys.issue(&minion_id).await {
+            Ok(claim) => claim,
+            Err(IssueError::Exists(path)) => {
+                return Err(Error::MinionIdTaken {
+                    minion_id,
+                    by: format!("the key file {}", path.display()),
+                })
+            }
+            Err(e) => {
+                return Err(Error::Keys {
+                    minion_id,
+                    reason: e.to_string(),
+                })
+            }
+        };
+        let public = claim.issued().public_clean.clone();
+        server.key_fingerprint = Some(fingerprint(&public));
+        server.public_key = Some(public);
         server.status = Status::KeysIssued;
-        let created = self.creates.insert(&self.store, server).await;
-        match &created {
-            Ok(s) => self.preseed(keys, s),
-            Err(_) => keys.discard(&minion_id, false),
+        match self.creates.insert(&self.store, server).await {
+            Ok(created) => {
+                let _ = claim.keep();
+                self.preseed(keys, &created);
+                Ok(created)
+            }
+            Err(e) => {
+                if let Err(error) = keys.discard(claim) {
+                    tracing::warn!(message = "Key of a server not created left behind.", %minion_id, %error);
+                }
+                Err(e)
+            }
         }
-        created
     }
 
     /// Issues a new key pair for a re-provisioned machine: the registry gets
     /// the new public key (status `keys-issued`), the new private key replaces
     /// the old one for the bundle. Returns the server before and after; the
-    /// caller retires the old key on the master (`key.delete`).
+    /// caller retires the old key on the master ([`crate::lifecycle`]).
+    /// Refused with `conflict` if the row changed while the key was made.
     pub async fn rekey_server(&self, server: &ServerRef) -> Result<(Server, Server), Error> {
         let keys = self.keys.as_ref().ok_or_else(|| {
             Error::invalid("keys", "no key issuer configured (keys_dir in the config)")
         })?;
         let old = self.get_server(server).await?;
         let minion_id = old.minion_id.clone();
-        let key_error = |e: crate::pki::issuer::IssueError| Error::Keys {
+        let key_error = |e: IssueError| Error::Keys {
             minion_id: minion_id.clone(),
             reason: e.to_string(),
         };
-        let issued = keys.reissue(&minion_id).await.map_err(key_error)?;
-        let mut next = old.clone();
-        next.public_key = Some(issued.public_clean);
-        next.key_fingerprint = Some(issued.fingerprint);
-        next.status = Status::KeysIssued;
-        match self.store.update_server(&next).await {
+        let claim = keys.reissue(&minion_id).await.map_err(key_error)?;
+        let public = claim.issued().public_clean.clone();
+        let columns = KeyColumns {
+            public_key: &public,
+            fingerprint: &fingerprint(&public),
+        };
+        match self
+            .store
+            .set_server_key(old.id, old.revision, &columns, Status::KeysIssued)
+            .await
+        {
             Ok(updated) => {
-                keys.commit_reissue(&minion_id).map_err(key_error)?;
+                keys.commit_reissue(claim).map_err(key_error)?;
                 self.preseed(keys, &updated);
                 Ok((old, updated))
             }
             Err(e) => {
-                keys.discard(&minion_id, true);
+                if let Err(error) = keys.discard(claim) {
+                    tracing::warn!(message = "Unused replacement key left behind.", %minion_id, %error);
+                }
                 Err(e)
             }
         }
     }
 
-    /// Sets a server's status (the key acceptor and presence use this).
-    pub async fn set_status(&self, server: &Server, status: Status) -> Result<Server, Error> {
-        let mut next = server.clone();
-        next.status = status;
-        self.store.update_server(&next).await
+    /// Moves `server` to `status` if it is still in the status the caller
+    /// read (`server.status`): only the status is written, so a change made
+    /// meanwhile (a rekey, a patch) is kept. `None` when the status had moved
+    /// on and nothing was written.
+    pub async fn set_status(
+        &self,
+        server: &Server,
+        status: Status,
+    ) -> Result<Option<Server>, Error> {
+        self.transition(server.id, &[server.status], status).await
+    }
+
+    /// Moves server `id` to `to` if its status is one of `from`; `None` if
+    /// it is not (nothing written).
+    pub async fn transition(
+        &self,
+        id: i64,
+        from: &[Status],
+        to: Status,
+    ) -> Result<Option<Server>, Error> {
+        self.store.set_server_status(id, from, to).await
     }
 
     /// Preseed mode: the master gets the key now. A failure is logged, not
@@ -441,18 +545,45 @@ impl<S: Store> Service<S> {
             .await
     }
 
-    /// Changes a server. The id and minion id never change.
+    /// Changes a server. The id, minion id and key never change here.
+    /// With `patch.revision` the change is made from that revision and
+    /// refused with `conflict` if the row moved on; without it, the patch is
+    /// applied to the row as read and written only if the row is still that
+    /// revision (re-read and reapplied otherwise), so no column is ever
+    /// written back from a stale copy.
     pub async fn update_server(
         &self,
         server: &ServerRef,
         patch: ServerPatch,
     ) -> Result<Server, Error> {
-        let mut s = self.get_server(server).await?;
-        if let Some(n) = &patch.name {
-            s.name = validate_hostname(n)?;
+        let tries = if patch.revision.is_some() {
+            1
+        } else {
+            UPDATE_TRIES
+        };
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut s = self.get_server(server).await?;
+            if let Some(expected) = patch.revision {
+                if expected != s.revision {
+                    return Err(Error::Conflict {
+                        kind: "server",
+                        key: server.to_string(),
+                        expected,
+                        current: s.revision,
+                    });
+                }
+            }
+            if let Some(n) = &patch.name {
+                s.name = validate_hostname(n)?;
+            }
+            self.apply(&mut s, patch.clone()).await?;
+            match self.store.update_server(&s).await {
+                Err(Error::Conflict { .. }) if attempt < tries => continue,
+                done => return done,
+            }
         }
-        self.apply(&mut s, patch).await?;
-        self.store.update_server(&s).await
     }
 
     /// Deletes a server that is no other server's VM host or proxy.
@@ -481,9 +612,6 @@ impl<S: Store> Service<S> {
                 return Err(Error::invalid("model", "required"));
             }
             s.model = m;
-        }
-        if let Some(k) = p.key_fingerprint {
-            s.key_fingerprint = k;
         }
         if let Some(st) = p.status {
             s.status = st;
@@ -670,11 +798,6 @@ fn validate_server(s: &Server) -> Result<(), Error> {
             "samba_base_folder",
             "required when samba_managed=true",
         ));
-    }
-    if let Some(k) = &s.key_fingerprint {
-        if k.is_empty() || k.bytes().any(|b| b.is_ascii_whitespace()) {
-            return Err(Error::invalid("key_fingerprint", format!("{k:?}")));
-        }
     }
     let mut seen = std::collections::HashSet::new();
     for u in &s.users {
