@@ -830,6 +830,132 @@ fn new_minion_id(hostname: &str) -> Result<String, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
+
+    /// A service on a fresh in-memory registry whose minion ids come from
+    /// `ids` in order, issuing keys into `keys`.
+    async fn scripted(
+        keys: &std::path::Path,
+        ids: &[&str],
+    ) -> (Service<crate::registry::DbStore>, Arc<Mutex<usize>>) {
+        let svc = crate::registry::open("sqlite::memory:")
+            .await
+            .unwrap()
+            .with_keys(KeyIssuer::new(keys, 2048).unwrap());
+        svc.create_model("web", "", &[]).await.unwrap();
+        let script: Vec<String> = ids.iter().map(|s| (*s).to_owned()).collect();
+        let used = Arc::new(Mutex::new(0));
+        let counter = used.clone();
+        let svc = Service {
+            minion_ids: MinionIds(Arc::new(move |_| {
+                let mut n = counter.lock().unwrap();
+                let id = script[(*n).min(script.len() - 1)].clone();
+                *n += 1;
+                Ok(id)
+            })),
+            ..svc
+        };
+        (svc, used)
+    }
+
+    fn named(name: &str) -> ServerPatch {
+        ServerPatch {
+            name: Some(name.into()),
+            model: Some("web".into()),
+            ..ServerPatch::default()
+        }
+    }
+
+    /// A minion id held by a key file (a server of another master whose row
+    /// is not here, a stray file): a new id is drawn, the file is untouched.
+    #[tokio::test]
+    async fn a_minion_id_held_by_a_key_file_is_regenerated_and_the_file_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let (svc, used) = scripted(dir.path(), &["a-00000001", "a-00000002"]).await;
+        let held = svc.keys().unwrap().private_path("a-00000001");
+        std::fs::write(&held, "precious").unwrap();
+        let s = svc.create_server(named("a")).await.unwrap();
+        assert_eq!(s.minion_id, "a-00000002");
+        assert_eq!(*used.lock().unwrap(), 2);
+        assert_eq!(std::fs::read_to_string(&held).unwrap(), "precious");
+        let issued = svc.keys().unwrap().private_pem("a-00000002").unwrap();
+        assert_eq!(
+            s.public_key.as_deref(),
+            Some(issued.public_clean().as_str())
+        );
+        assert_eq!(
+            s.key_fingerprint.as_deref(),
+            Some(issued.fingerprint().as_str())
+        );
+    }
+
+    /// A minion id held by a server (unique constraint): the failed insert
+    /// removes only the key file it created, never the existing server's.
+    #[tokio::test]
+    async fn a_minion_id_held_by_a_server_is_regenerated_and_its_key_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let (svc, _) = scripted(dir.path(), &["b-00000001", "b-00000001", "b-00000002"]).await;
+        let first = svc.create_server(named("b")).await.unwrap();
+        let keys = svc.keys().unwrap();
+        let first_key = std::fs::read_to_string(keys.private_path("b-00000001")).unwrap();
+        // The row exists, its key file is elsewhere (issued on another master):
+        // the claim succeeds, the insert is refused, the claim is discarded.
+        let moved = dir.path().join("elsewhere.pem");
+        std::fs::rename(keys.private_path("b-00000001"), &moved).unwrap();
+        let second = svc.create_server(named("b2")).await.unwrap();
+        assert_eq!(second.minion_id, "b-00000002");
+        assert!(
+            !keys.private_path("b-00000001").exists(),
+            "the key of the refused try is discarded"
+        );
+        std::fs::rename(&moved, keys.private_path("b-00000001")).unwrap();
+        // Now with the key file in place: refused at the claim, nothing touched.
+        let (svc, _) = scripted(dir.path(), &["b-00000001", "b-00000003"]).await;
+        let third = svc.create_server(named("b3")).await.unwrap();
+        assert_eq!(third.minion_id, "b-00000003");
+        assert_eq!(
+            std::fs::read_to_string(keys.private_path("b-00000001")).unwrap(),
+            first_key,
+            "the existing server's key is intact"
+        );
+        assert_eq!(
+            svc.keys()
+                .unwrap()
+                .private_pem("b-00000001")
+                .unwrap()
+                .public_clean(),
+            first.public_key.unwrap()
+        );
+    }
+
+    #[tokio::test]
+    async fn minion_id_tries_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let (svc, used) = scripted(dir.path(), &["c-00000001"]).await;
+        svc.create_server(named("c")).await.unwrap();
+        let e = svc.create_server(named("c2")).await.unwrap_err();
+        assert_eq!(e.code(), "minion_id_taken", "{e}");
+        assert_eq!(*used.lock().unwrap(), 1 + MINION_ID_TRIES);
+        assert_eq!(
+            svc.find_servers(&ServerFilter::default())
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn key_columns_are_never_patched() {
+        let mut p = ServerPatch::default();
+        for k in ["key_fingerprint", "public_key", "minion_id"] {
+            let e = p.set(k, "x").unwrap_err();
+            assert_eq!(e.code(), "invalid_value", "{k}");
+        }
+        p.set("revision", "7").unwrap();
+        assert_eq!(p.revision, Some(7));
+        assert!(p.set("revision", "seven").is_err());
+    }
 
     #[test]
     fn hostnames_follow_rfc_1123() {
@@ -903,13 +1029,15 @@ mod tests {
     fn patches_parse_json_maps() {
         let v = serde_json::json!({
             "request_id": "r1", "name": "web01", "model": "web",
-            "is_vm": true, "vm_host": 4, "users": ["alice"], "proxmox_node": null
+            "is_vm": true, "vm_host": 4, "users": ["alice"], "proxmox_node": null,
+            "revision": 3
         });
         let p = ServerPatch::from_json(v.as_object().unwrap(), &["request_id"]).unwrap();
         assert_eq!(p.name.as_deref(), Some("web01"));
         assert_eq!(p.vm_host, Some(Some(ServerRef::Id(4))));
         assert_eq!(p.users, Some(vec!["alice".to_owned()]));
         assert_eq!(p.proxmox_node, Some(None));
+        assert_eq!(p.revision, Some(3), "a bus update may name its revision");
         let v = serde_json::json!({"request_id": "r1"});
         assert_eq!(
             ServerPatch::from_json(v.as_object().unwrap(), &[])
