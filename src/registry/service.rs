@@ -342,7 +342,7 @@ impl<S: Store> Service<S> {
     /// rest optional. The minion id is generated (see the module docs of
     /// [`crate::registry`]); the status starts at `created` unless given.
     /// A generated minion id that is taken (by a server, or by a key file
-    /// in `keys.dir`) is replaced by a new one, [`MINION_ID_TRIES`] times
+    /// in `keys.dir`) is replaced by a new one, eight times
     /// at most; a key file that is there is never touched.
     pub async fn create_server(&self, patch: ServerPatch) -> Result<Server, Error> {
         let name = patch
