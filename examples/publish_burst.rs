@@ -46,7 +46,7 @@ async fn main() -> anyhow::Result<()> {
         tracker.wait_connected(Duration::from_secs(10)).await,
         "event bus not reachable"
     );
-    let client = Arc::new(SaltClient::new(ReqClient::new(&master, timeout), tracker));
+    let client = Arc::new(SaltClient::new(ReqClient::new(&master, timeout)?, tracker));
 
     let start = Instant::now();
     let mut tasks = Vec::with_capacity(n);

@@ -145,7 +145,7 @@ pub async fn run(
             },
             Some(first) = rx.recv() => {
                 let mut batch = vec![first];
-                let deadline = tokio::time::Instant::now() + BATCH_WINDOW;
+                let deadline = crate::clock::deadline_in(BATCH_WINDOW);
                 while let Ok(Some(t)) = tokio::time::timeout_at(deadline, rx.recv()).await {
                     batch.push(t);
                 }
@@ -258,7 +258,7 @@ impl Acceptor {
     /// unless this master already holds a key of any kind for that id.
     async fn sync(&mut self) {
         let started = crate::registry::store::now_ms();
-        let changed_since = if self.syncs % FULL_SYNC_EVERY == 0 {
+        let changed_since = if self.syncs.is_multiple_of(FULL_SYNC_EVERY) {
             None
         } else {
             self.synced_until.map(|t| t - SYNC_OVERLAP_MS)

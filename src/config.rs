@@ -2,7 +2,9 @@
 //!
 //! Every key is optional; the defaults are documented on [`ConfigFile`] and in
 //! `contrib/config.yaml`. Unknown keys are an error naming the key, the file
-//! and the line, so a typo never passes silently. Everything about Salt is
+//! and the line, so a typo never passes silently. Every number has a range
+//! (the [`Limit`] constants); a value outside it is an error naming the file,
+//! the key, the line and the range, so nothing downstream sees it. Everything about Salt is
 //! read from the master's own config, found through `master_config`.
 //! YAML is parsed with `serde_yaml_ng`, the maintained continuation of the
 //! archived `serde_yaml`.
@@ -12,7 +14,9 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::bus::codec::DEFAULT_MAX_FRAME;
+use crate::bus::subscriber::MAX_QUEUE_CAPACITY;
 use crate::master_config::DEFAULT_MASTER_CONFIG;
+use crate::pki::keys::{MAX_BITS, MIN_BITS};
 use crate::telemetry::LogFormat;
 
 /// Where the config is read from when `--config` is not given.
@@ -34,7 +38,79 @@ pub enum ConfigError {
         path: PathBuf,
         source: serde_yaml_ng::Error,
     },
+    /// Numbers outside their allowed range, each with its key and range.
+    #[error("config {path}: {}", problems.join("; "))]
+    OutOfRange {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
 }
+
+/// The inclusive range a number of the config must lie in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    /// The key, dotted (`keys.bits`).
+    pub key: &'static str,
+    /// Smallest value allowed.
+    pub min: u64,
+    /// Largest value allowed.
+    pub max: u64,
+}
+
+/// `bus.queue_capacity`: the queue is allocated whole, one slot per event.
+pub const BUS_QUEUE_CAPACITY: Limit = Limit {
+    key: "bus.queue_capacity",
+    min: 16,
+    max: MAX_QUEUE_CAPACITY as u64,
+};
+/// `bus.max_event_size`: 4 KiB to 1 GiB (an event is buffered whole).
+pub const BUS_MAX_EVENT_SIZE: Limit = Limit {
+    key: "bus.max_event_size",
+    min: 4096,
+    max: 1 << 30,
+};
+/// `rules.concurrency`: jobs in flight at once.
+pub const RULES_CONCURRENCY: Limit = Limit {
+    key: "rules.concurrency",
+    min: 1,
+    max: 1024,
+};
+/// `rules.queue_per_sender`: actions waiting per sender.
+pub const RULES_QUEUE_PER_SENDER: Limit = Limit {
+    key: "rules.queue_per_sender",
+    min: 1,
+    max: 1_000_000,
+};
+/// `rules.job_timeout`, seconds: 1 s to 1 day (as a rule's `timeout`).
+pub const RULES_JOB_TIMEOUT: Limit = Limit {
+    key: "rules.job_timeout",
+    min: 1,
+    max: 86_400,
+};
+/// `rules.max_waiting`: debounced actions and rate-limit windows kept.
+pub const RULES_MAX_WAITING: Limit = Limit {
+    key: "rules.max_waiting",
+    min: 1,
+    max: 1_000_000,
+};
+/// `keys.bits`: what [`crate::pki::keys::KeyPair::generate`] accepts.
+pub const KEYS_BITS: Limit = Limit {
+    key: "keys.bits",
+    min: MIN_BITS as u64,
+    max: MAX_BITS as u64,
+};
+/// `keys.pool_size`: pairs kept generated (0: none).
+pub const KEYS_POOL_SIZE: Limit = Limit {
+    key: "keys.pool_size",
+    min: 0,
+    max: 1024,
+};
+/// The port of a `masters` entry written `host:port`.
+pub const MASTERS_PORT: Limit = Limit {
+    key: "masters",
+    min: 1,
+    max: 65_535,
+};
 
 /// The file as written. Field docs are the user documentation.
 #[derive(Debug, Default, Deserialize)]
@@ -62,7 +138,8 @@ pub struct ConfigFile {
     /// Minion keys: where they are kept, their size, how they are accepted.
     #[serde(default)]
     pub keys: KeysConfig,
-    /// The masters a server's bundle lists (`host` or `host:port`); empty: this master.
+    /// The masters a server's bundle lists (`host` or `host:port`, port 1 to
+    /// 65535); empty: this master.
     #[serde(default)]
     pub masters: Vec<String>,
 }
@@ -97,10 +174,10 @@ pub struct KeysConfig {
     /// Private keys of issued pairs (0700 dir, 0600 files) and the pool.
     #[serde(default = "default_keys_dir")]
     pub dir: PathBuf,
-    /// RSA size of issued minion keys.
+    /// RSA size of issued minion keys. Default 2048; 2048 to 8192.
     #[serde(default = "default_bits")]
     pub bits: usize,
-    /// Pre-generated pairs the daemon keeps ready.
+    /// Pre-generated pairs the daemon keeps ready. Default 8; 0 to 1024.
     #[serde(default = "default_pool")]
     pub pool_size: usize,
     /// `verify` or `preseed`.
@@ -164,10 +241,12 @@ fn default_level() -> String {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BusConfig {
-    /// Events buffered per consumer before the oldest are dropped (counted). Default 16384.
+    /// Events buffered per consumer before the oldest are dropped (counted).
+    /// Default 16384; 16 to 1048576.
     #[serde(default = "default_queue")]
     pub queue_capacity: usize,
-    /// Largest event accepted, in bytes; bigger ones are dropped. Default 64 MiB.
+    /// Largest event accepted, in bytes; bigger ones are dropped. Default
+    /// 64 MiB; 4096 (4 KiB) to 1073741824 (1 GiB).
     #[serde(default = "default_max_event")]
     pub max_event_size: usize,
 }
@@ -193,18 +272,19 @@ fn default_max_event() -> usize {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RulesConfig {
-    /// Rule actions (jobs) running at once, all senders together. Default 8.
+    /// Rule actions (jobs) running at once, all senders together. Default 8; 1 to 1024.
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
     /// Actions waiting per sender (a minion, or the master) before more are
-    /// dropped (counted). Default 1000.
+    /// dropped (counted). Default 1000; 1 to 1000000.
     #[serde(default = "default_queue_per_sender")]
     pub queue_per_sender: usize,
-    /// Seconds a job's returns are waited for, unless the rule sets `timeout`. Default 300.
+    /// Seconds a job's returns are waited for, unless the rule sets `timeout`.
+    /// Default 300; 1 to 86400 (a day).
     #[serde(default = "default_job_timeout")]
     pub job_timeout: u64,
     /// Debounced actions waiting at once (and rate-limit windows kept) before
-    /// more are dropped (counted). Default 10000.
+    /// more are dropped (counted). Default 10000; 1 to 1000000.
     #[serde(default = "default_max_waiting")]
     pub max_waiting: usize,
 }
@@ -294,10 +374,111 @@ fn read(path: &Path) -> Result<ConfigFile, ConfigError> {
         path: path.to_owned(),
         source,
     })?;
-    parse(&text).map_err(|source| ConfigError::Invalid {
+    let file = parse(&text).map_err(|source| ConfigError::Invalid {
         path: path.to_owned(),
         source,
-    })
+    })?;
+    let problems = check(&file, &text);
+    if problems.is_empty() {
+        Ok(file)
+    } else {
+        Err(ConfigError::OutOfRange {
+            path: path.to_owned(),
+            problems,
+        })
+    }
+}
+
+/// Every number of `f` outside its range, as `key: value is out of range
+/// (allowed MIN to MAX) at line N` (the line looked up in `text`).
+fn check(f: &ConfigFile, text: &str) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut number = |limit: Limit, value: u64| {
+        if !(limit.min..=limit.max).contains(&value) {
+            let (section, name) = limit.key.split_once('.').unwrap_or(("", limit.key));
+            problems.push(format!(
+                "{}: {value} is out of range (allowed {} to {}){}",
+                limit.key,
+                limit.min,
+                limit.max,
+                at_line(line_of(text, section, &format!("{name}:")))
+            ));
+        }
+    };
+    let wide = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+    number(BUS_QUEUE_CAPACITY, wide(f.bus.queue_capacity));
+    number(BUS_MAX_EVENT_SIZE, wide(f.bus.max_event_size));
+    number(RULES_CONCURRENCY, wide(f.rules.concurrency));
+    number(RULES_QUEUE_PER_SENDER, wide(f.rules.queue_per_sender));
+    number(RULES_JOB_TIMEOUT, f.rules.job_timeout);
+    number(RULES_MAX_WAITING, wide(f.rules.max_waiting));
+    number(KEYS_BITS, wide(f.keys.bits));
+    number(KEYS_POOL_SIZE, wide(f.keys.pool_size));
+    for (i, master) in f.masters.iter().enumerate() {
+        let Some(port) = master_port(master) else {
+            continue;
+        };
+        let ok = port
+            .parse::<u64>()
+            .is_ok_and(|p| (MASTERS_PORT.min..=MASTERS_PORT.max).contains(&p));
+        if !ok {
+            problems.push(format!(
+                "{}[{i}]: port {port:?} of {master:?} is out of range (allowed {} to {}){}",
+                MASTERS_PORT.key,
+                MASTERS_PORT.min,
+                MASTERS_PORT.max,
+                at_line(line_of(text, "masters", master))
+            ));
+        }
+    }
+    problems
+}
+
+/// The port of `host:port` or `[v6]:port`; `None` for a bare host or IPv6 address.
+fn master_port(master: &str) -> Option<&str> {
+    if let Some(rest) = master.strip_prefix('[') {
+        return rest.split_once("]:").map(|(_, port)| port);
+    }
+    match master.split_once(':') {
+        Some((_, port)) if !port.contains(':') => Some(port),
+        _ => None,
+    }
+}
+
+fn at_line(line: Option<usize>) -> String {
+    line.map(|l| format!(" at line {l}")).unwrap_or_default()
+}
+
+/// The 1-based line where `needle` (`bits:`, or a list entry) is written in
+/// the top-level `section` (block or flow style), or `None` if not found.
+fn line_of(text: &str, section: &str, needle: &str) -> Option<usize> {
+    let header = format!("{section}:");
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.iter().position(|l| l.starts_with(&header))?;
+    let found = |line: &str| {
+        line.match_indices(needle).any(|(at, _)| {
+            line[..at]
+                .chars()
+                .next_back()
+                .is_none_or(|c| c.is_whitespace() || matches!(c, '{' | '[' | ',' | '"' | '\''))
+        })
+    };
+    if found(&lines[start][header.len()..]) {
+        return Some(start + 1);
+    }
+    for (i, line) in lines.iter().enumerate().skip(start + 1) {
+        let trimmed = line.trim_start();
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            continue;
+        }
+        if !line.starts_with(char::is_whitespace) && !line.starts_with('-') {
+            return None; // the next top-level key
+        }
+        if found(line) {
+            return Some(i + 1);
+        }
+    }
+    None
 }
 
 fn parse(text: &str) -> Result<ConfigFile, serde_yaml_ng::Error> {
@@ -365,6 +546,92 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("/nonexistent/steward.yaml"), "{err}");
+    }
+
+    #[test]
+    fn the_defaults_are_inside_their_ranges() {
+        let f = parse(EXAMPLE_CONFIG).unwrap();
+        assert_eq!(check(&f, EXAMPLE_CONFIG), Vec::<String>::new());
+        assert!(check(&ConfigFile::default(), "").is_empty());
+    }
+
+    #[test]
+    fn out_of_range_numbers_name_the_file_key_line_and_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("config.yaml");
+        std::fs::write(
+            &p,
+            "log:\n  level: debug\nkeys:\n  dir: /tmp/k\n  bits: 1000\nrules: {job_timeout: 0, concurrency: 2305843009213693952}\n",
+        )
+        .unwrap();
+        let err = Settings::load(Some(&p)).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!("config {}: ", p.display())),
+            "{err}"
+        );
+        for want in [
+            "keys.bits: 1000 is out of range (allowed 2048 to 8192) at line 5",
+            "rules.job_timeout: 0 is out of range (allowed 1 to 86400) at line 6",
+            "rules.concurrency: 2305843009213693952 is out of range (allowed 1 to 1024) at line 6",
+        ] {
+            assert!(err.contains(want), "missing {want:?} in {err}");
+        }
+    }
+
+    #[test]
+    fn every_number_is_checked() {
+        let cases = [
+            (
+                "bus: {queue_capacity: 4294967296}",
+                "bus.queue_capacity: 4294967296",
+            ),
+            ("bus: {queue_capacity: 0}", "bus.queue_capacity: 0"),
+            ("bus: {max_event_size: 100}", "bus.max_event_size: 100"),
+            ("rules: {concurrency: 0}", "rules.concurrency: 0"),
+            ("rules: {queue_per_sender: 0}", "rules.queue_per_sender: 0"),
+            (
+                "rules: {job_timeout: 18446744073709551615}",
+                "rules.job_timeout: 18446744073709551615",
+            ),
+            ("rules: {max_waiting: 0}", "rules.max_waiting: 0"),
+            ("keys: {bits: 16384}", "keys.bits: 16384"),
+            ("keys: {pool_size: 100000}", "keys.pool_size: 100000"),
+            (
+                "masters: [\"m1:99999\"]",
+                "masters[0]: port \"99999\" of \"m1:99999\"",
+            ),
+            (
+                "masters:\n  - m1\n  - \"[::1]:0\"",
+                "masters[1]: port \"0\"",
+            ),
+            ("masters: [\"m1:x\"]", "masters[0]: port \"x\""),
+        ];
+        for (text, want) in cases {
+            let f = parse(text).unwrap();
+            let problems = check(&f, text);
+            assert_eq!(problems.len(), 1, "{text}: {problems:?}");
+            assert!(problems[0].starts_with(want), "{text}: {problems:?}");
+            assert!(problems[0].contains("(allowed "), "{text}: {problems:?}");
+            assert!(
+                problems[0].ends_with(" at line 1") || problems[0].ends_with(" at line 3"),
+                "{text}: {problems:?}"
+            );
+        }
+        // Numbers that do not fit the field are serde's errors, with the key.
+        let err = parse("keys: {bits: -1}").unwrap_err().to_string();
+        assert!(err.contains("keys.bits"), "{err}");
+        // Ports that are not written, and bare IPv6 addresses, are fine.
+        let text = "masters: [m1, \"m2:4506\", \"::1\", \"[::1]:4506\"]";
+        assert!(check(&parse(text).unwrap(), text).is_empty());
+    }
+
+    #[test]
+    fn lines_are_found_in_block_and_flow_style() {
+        let text = "# bits: 1\nkeys:\n  # bits: 2\n  dir: /k\n  bits: 3\nbus: {max_event_size: 9, queue_capacity: 1}\n";
+        assert_eq!(line_of(text, "keys", "bits:"), Some(5));
+        assert_eq!(line_of(text, "bus", "queue_capacity:"), Some(6));
+        assert_eq!(line_of(text, "keys", "pool_size:"), None);
+        assert_eq!(line_of(text, "rules", "concurrency:"), None);
     }
 
     #[test]

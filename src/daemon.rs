@@ -79,7 +79,10 @@ pub async fn run(
     let acceptor_events = bus.subscribe();
     let tracker = JobTracker::start(bus.subscribe(), cancel.clone());
     bus.spawn(cancel.clone());
-    let firer: Firer = Arc::new(Mutex::new(EventFirer::new(master.event_pull())));
+    let firer: Firer = Arc::new(Mutex::new(EventFirer::new(
+        master.event_pull(),
+        master.event_pub(),
+    )));
     let changed = Arc::new(Notify::new());
 
     info!(message = "Daemon started.", master_config = %master.path.display(), registry_backend = service.store().backend());
@@ -91,7 +94,7 @@ pub async fn run(
     ));
     // One Salt client (one request connection, one job tracker) for the
     // acceptor and the rules engine.
-    let salt = SaltClient::new(ReqClient::new(master, REQUEST_TIMEOUT), tracker);
+    let salt = SaltClient::new(ReqClient::new(master, REQUEST_TIMEOUT)?, tracker);
     let acceptor = tokio::spawn(acceptor::run(
         AcceptorConfig {
             pki_dir: master.pki_dir.clone(),
@@ -296,7 +299,9 @@ async fn serve_requests(
                     (Sender::Unwrapped, _) if corroborations.take(&req) => {
                         answering.start(req).await
                     }
-                    (Sender::Unwrapped, _) => waiting.push((now + CORROBORATION_WAIT, req)),
+                    (Sender::Unwrapped, _) => {
+                        waiting.push((crate::clock::deadline(now, CORROBORATION_WAIT), req))
+                    }
                 },
             }
         }

@@ -3,7 +3,8 @@
 //!
 //! Layout:
 //! - [`master_config`]: reads the salt-master's own config (paths, ports, ipc mode).
-//! - [`config`]: the daemon's config file.
+//! - [`config`]: the daemon's config file (every number range-checked).
+//! - [`clock`]: deadline arithmetic that saturates instead of panicking.
 //! - [`bus`]: the master's event bus — decode, subscribe, fire.
 //! - [`salt`]: the master's request server (publish, wheel, runner) and job tracking.
 //! - [`registry`]: server models, servers and the outbox of their changes (SQLite or PostgreSQL).
@@ -17,6 +18,7 @@
 pub mod acceptor;
 pub mod bus;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod lifecycle;

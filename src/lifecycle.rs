@@ -195,6 +195,7 @@ pub fn bundle(
         pair: &pair,
         master_sign_pub: &sign_text,
         masters: &masters,
+        transport: &master.transport,
     })
     .map_err(|e| LifecycleError::Bundle {
         minion_id: server.minion_id.clone(),

@@ -72,6 +72,10 @@ pub struct MasterConfig {
     pub master_sign_key_name: String,
     /// File name, in `pki_dir`, of the pre-made signature of `master.pub`.
     pub master_pubkey_signature: String,
+    /// Whether the config names `master_pubkey_signature` itself: Salt 3008's
+    /// default is `<master id>_pubkey_signature`, not the file name 3006 and
+    /// 3007 use, so a signing master must name it to be read by every release.
+    pub master_pubkey_signature_set: bool,
     /// The master signs its public key for minions (`master_sign_pubkey`).
     pub master_sign_pubkey: bool,
     /// The master sends the pre-made signature file (`master_use_pubkey_signature`).
@@ -195,6 +199,9 @@ impl MasterConfig {
             },
             keysize,
             master_sign_key_name: get_str("master_sign_key_name", "master_sign")?,
+            master_pubkey_signature_set: opts
+                .get("master_pubkey_signature")
+                .is_some_and(|v| !v.is_null()),
             master_pubkey_signature: get_str("master_pubkey_signature", "master_pubkey_signature")?,
             master_sign_pubkey: get_bool("master_sign_pubkey", false)?,
             master_use_pubkey_signature: get_bool("master_use_pubkey_signature", false)?,

@@ -38,7 +38,7 @@ pub fn init(level: &str, format: LogFormat) {
 /// A frame that could not be decoded. Logged with its tag (if readable) and
 /// length; after the first 100 only every 1000th is logged, all are counted.
 pub fn event_decode_failed(bad: &BadFrame, total: u64) {
-    if total <= 100 || total % 1000 == 0 {
+    if total <= 100 || total.is_multiple_of(1000) {
         warn!(
             message = "Event dropped: cannot decode.",
             tag = bad.tag.as_deref().unwrap_or("<unreadable>"),
@@ -73,7 +73,7 @@ pub fn bus_disconnected(endpoint: &BusEndpoint, reason: &str) {
 
 /// A connection attempt failed; the first and then every 20th is a warning.
 pub fn bus_connect_failed(endpoint: &BusEndpoint, attempt: u32, error: &std::io::Error) {
-    if attempt == 1 || attempt % 20 == 0 {
+    if attempt == 1 || attempt.is_multiple_of(20) {
         warn!(message = "Master event bus not reachable; retrying.", %endpoint, attempt, %error);
     } else {
         debug!(message = "Master event bus not reachable; retrying.", %endpoint, attempt, %error);

@@ -1,14 +1,24 @@
 //! The wire format of the master's event bus (salt-protocol.md §1.2).
 //!
-//! The stream is msgpack objects back to back with no length prefix; each is
-//! `{"head": {}, "body": <bin>}` and `body = tag + "\n\n" + msgpack(data)`.
-//! Decoding is check-then-parse: [`object_len`] walks the msgpack headers of
-//! the next object without allocating and says how long it is (or that more
-//! bytes are needed), checking the size limit *before* anything is buffered.
+//! A frame is the msgpack map `{"head": {}, "body": <bin>}` with
+//! `body = tag + "\n\n" + msgpack(data)`. Two ways of delimiting frames are
+//! in use ([`Framing`]):
+//! - **raw**: frames back to back with no length prefix (Salt ≤ 3006.9 and
+//!   ≤ 3007.8 on both bus sockets; 3007.17 and 3008.5 on the publish socket);
+//! - **prefixed**: each frame preceded by its length as 4 bytes big-endian
+//!   (`frame_msg_ipc` of 3006.30 on both sockets; of 3007.17 and 3008.5 on
+//!   the pull socket, which reads the length first).
+//!
+//! A reader detects the framing of its connection from the first bytes
+//! (`{"head"` at offset 0 or at offset 4). Decoding is check-then-parse:
+//! [`object_len`] walks the msgpack headers of the next object without
+//! allocating and says how long it is (or that more bytes are needed),
+//! checking the size limit *before* anything is buffered.
 //!
 //! Errors are classified by whether the stream can go on:
 //! - a frame whose boundaries are known but whose content is wrong (not a map,
-//!   no `body`, no `\n\n`, bad data) is skipped and reported;
+//!   no `body`, no `\n\n`, bad data, a length prefix that disagrees with the
+//!   frame) is skipped and reported;
 //! - a byte that cannot start a msgpack object, or a declared length beyond the
 //!   limit, means the stream is out of step: the decoder then discards bytes
 //!   up to the next `{"head"` signature and carries on from there, so a single
@@ -55,6 +65,9 @@ pub enum DecodeError {
     /// The data after the separator is not one valid msgpack object.
     #[error("event data is not valid msgpack: {0}")]
     BadData(String),
+    /// A length prefix announced this many bytes, which are not one frame.
+    #[error("length prefix of {0} bytes does not match one msgpack frame")]
+    PrefixMismatch(usize),
 }
 
 impl DecodeError {
@@ -81,10 +94,40 @@ pub enum Decoded {
     Bad(BadFrame),
 }
 
+/// How frames are delimited on one bus connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// Frames back to back, no length prefix.
+    Raw,
+    /// Each frame preceded by its length (4 bytes, big-endian).
+    Prefixed,
+}
+
+impl Framing {
+    /// Bytes in front of each frame.
+    fn prefix_len(self) -> usize {
+        match self {
+            Self::Raw => 0,
+            Self::Prefixed => 4,
+        }
+    }
+}
+
+impl std::fmt::Display for Framing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Raw => "raw msgpack",
+            Self::Prefixed => "length-prefixed msgpack",
+        })
+    }
+}
+
 /// Incremental decoder for the event bus byte stream.
 #[derive(Debug)]
 pub struct FrameDecoder {
     max_frame: usize,
+    /// `None` until the first bytes tell.
+    framing: Option<Framing>,
     resyncing: bool,
     discarded: u64,
 }
@@ -100,9 +143,23 @@ impl FrameDecoder {
     pub fn new(max_frame: usize) -> Self {
         Self {
             max_frame,
+            framing: None,
             resyncing: false,
             discarded: 0,
         }
+    }
+
+    /// A decoder for a stream whose framing is known in advance.
+    pub fn with_framing(max_frame: usize, framing: Framing) -> Self {
+        Self {
+            framing: Some(framing),
+            ..Self::new(max_frame)
+        }
+    }
+
+    /// The framing of this stream, once its first bytes have told it.
+    pub fn framing(&self) -> Option<Framing> {
+        self.framing
     }
 
     /// Bytes thrown away while resynchronising, in total.
@@ -110,27 +167,43 @@ impl FrameDecoder {
         self.discarded
     }
 
-    /// How many bytes the caller may let the buffer grow to before a frame is
-    /// known to be oversized (the read loop uses it to bound its buffer).
-    pub fn max_frame(&self) -> usize {
-        self.max_frame
-    }
-
     /// Takes the next frame off `buf`. `None` means more bytes are needed.
     pub fn decode(&mut self, buf: &mut BytesMut) -> Option<Decoded> {
-        if self.resyncing && !self.resync(buf) {
+        let framing = match self.framing {
+            Some(f) => f,
+            None => match detect(buf) {
+                Detected::Known(f) => {
+                    self.framing = Some(f);
+                    f
+                }
+                Detected::NeedMore => return None,
+                // Not a frame start at all (a healthy master's stream starts
+                // with a frame): read it as raw, which reports the junk and
+                // resynchronises on the next signature, as before prefixes.
+                Detected::Neither => {
+                    self.framing = Some(Framing::Raw);
+                    Framing::Raw
+                }
+            },
+        };
+        if self.resyncing && !self.resync(buf, framing) {
             return None;
         }
-        match object_len(buf, self.max_frame) {
+        let result = match framing {
+            Framing::Raw => object_len(buf, self.max_frame).map(|len| len.map(|l| (0, l))),
+            Framing::Prefixed => self.prefixed_len(buf),
+        };
+        match result {
             Ok(None) => None,
-            Ok(Some(len)) => {
+            Ok(Some((skip, len))) => {
+                buf.advance(skip);
                 let frame = buf.split_to(len);
-                Some(match parse_frame(&frame) {
+                Some(match parse_prefixed_frame(&frame, skip > 0) {
                     Ok(event) => Decoded::Event(event),
                     Err((error, tag)) => Decoded::Bad(BadFrame {
                         error,
                         tag,
-                        len: len as u64,
+                        len: (skip + len) as u64,
                     }),
                 })
             }
@@ -152,20 +225,78 @@ impl FrameDecoder {
         }
     }
 
-    /// Discards bytes up to the next frame signature. Returns true once found.
-    fn resync(&mut self, buf: &mut BytesMut) -> bool {
-        if let Some(at) = find(buf, &FRAME_MAGIC) {
-            buf.advance(at);
-            self.discarded += at as u64;
+    /// For a prefixed stream: `(4, frame length)` once the whole frame is here.
+    fn prefixed_len(&self, buf: &[u8]) -> Result<Option<(usize, usize)>, DecodeError> {
+        let Some(prefix) = buf.get(..4) else {
+            return Ok(None);
+        };
+        let len = u64::from(u32::from_be_bytes([
+            prefix[0], prefix[1], prefix[2], prefix[3],
+        ]));
+        if len > self.max_frame as u64 {
+            return Err(DecodeError::Oversized {
+                len,
+                max: self.max_frame,
+            });
+        }
+        // `len <= max_frame <= usize::MAX`.
+        let len = len as usize;
+        if buf.len() < 4 + len {
+            return Ok(None);
+        }
+        Ok(Some((4, len)))
+    }
+
+    /// Discards bytes up to the next frame signature (and the length prefix
+    /// in front of it, for a prefixed stream). Returns true once found.
+    fn resync(&mut self, buf: &mut BytesMut, framing: Framing) -> bool {
+        let prefix = framing.prefix_len();
+        let from = prefix.min(buf.len());
+        if let Some(at) = find(&buf[from..], &FRAME_MAGIC) {
+            let start = from + at - prefix;
+            buf.advance(start);
+            self.discarded += start as u64;
             self.resyncing = false;
             return true;
         }
         // Keep a tail that could be the start of a signature cut by the read.
-        let keep = (FRAME_MAGIC.len() - 1).min(buf.len());
+        let keep = (FRAME_MAGIC.len() - 1 + prefix).min(buf.len());
         let drop = buf.len() - keep;
         buf.advance(drop);
         self.discarded += drop as u64;
         false
+    }
+}
+
+/// What the first bytes of a connection say about its framing.
+enum Detected {
+    Known(Framing),
+    NeedMore,
+    Neither,
+}
+
+/// A raw stream starts with the signature, a prefixed one with 4 length
+/// bytes and then the signature.
+fn detect(buf: &[u8]) -> Detected {
+    let starts = |at: usize| {
+        let have = buf.len().saturating_sub(at).min(FRAME_MAGIC.len());
+        (
+            buf.get(at..at + have) == Some(&FRAME_MAGIC[..have]),
+            have == FRAME_MAGIC.len(),
+        )
+    };
+    match starts(0) {
+        (true, true) => return Detected::Known(Framing::Raw),
+        (true, false) => return Detected::NeedMore,
+        (false, _) => {}
+    }
+    if buf.len() < 4 {
+        return Detected::NeedMore;
+    }
+    match starts(4) {
+        (true, true) => Detected::Known(Framing::Prefixed),
+        (true, false) => Detected::NeedMore,
+        (false, _) => Detected::Neither,
     }
 }
 
@@ -246,6 +377,21 @@ fn read_be(buf: &[u8], at: usize, width: usize) -> Result<u64, DecodeError> {
     Ok(bytes.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b)))
 }
 
+/// Decodes one frame; for a prefixed one, the frame must be exactly one
+/// msgpack object (a prefix that disagrees with the frame is reported).
+fn parse_prefixed_frame(
+    frame: &[u8],
+    prefixed: bool,
+) -> Result<Event, (DecodeError, Option<String>)> {
+    if prefixed {
+        match object_len(frame, frame.len()) {
+            Ok(Some(len)) if len == frame.len() => {}
+            _ => return Err((DecodeError::PrefixMismatch(frame.len()), None)),
+        }
+    }
+    parse_frame(frame)
+}
+
 /// Decodes one complete frame. On failure, returns the tag too when known.
 fn parse_frame(frame: &[u8]) -> Result<Event, (DecodeError, Option<String>)> {
     let body = frame_body(frame).map_err(|e| (e, None))?;
@@ -309,7 +455,28 @@ fn read_str_or_bin<'a>(rd: &mut &'a [u8]) -> Option<&'a [u8]> {
     Some(out)
 }
 
-/// Encodes one event as a frame, exactly as Salt writes it (body as bin).
+/// Encodes one event with the given framing, as Salt's `frame_msg` (raw) or
+/// `frame_msg_ipc` (prefixed) writes it.
+pub fn encode_framed(framing: Framing, tag: &str, data: &Value) -> Vec<u8> {
+    let frame = encode_frame(tag, data);
+    match framing {
+        Framing::Raw => frame,
+        Framing::Prefixed => prefix_frame(&frame),
+    }
+}
+
+/// Puts the 4-byte length in front of a frame. A frame is bounded far below
+/// 4 GiB by the firer's size limit; a longer one gets a saturated length that
+/// the master refuses.
+pub fn prefix_frame(frame: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(frame.len()).unwrap_or(u32::MAX);
+    let mut out = Vec::with_capacity(frame.len() + 4);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(frame);
+    out
+}
+
+/// Encodes one event as a raw frame, exactly as Salt writes it (body as bin).
 pub fn encode_frame(tag: &str, data: &Value) -> Vec<u8> {
     let mut body = Vec::with_capacity(tag.len() + 64);
     body.extend_from_slice(tag.as_bytes());
@@ -384,6 +551,106 @@ mod tests {
             }
             assert_eq!(got, whole, "chunk size {chunk}");
         }
+    }
+
+    /// Sessions captured from real masters by `scripts/capture-bus`: the
+    /// release and the framing its publish socket uses.
+    const CAPTURES: [(&str, &[u8], Framing); 4] = [
+        (
+            "3006.30",
+            include_bytes!("../../tests/fixtures/bus-3006.30.raw"),
+            Framing::Prefixed,
+        ),
+        (
+            "3007.8",
+            include_bytes!("../../tests/fixtures/bus-3007.8.raw"),
+            Framing::Raw,
+        ),
+        (
+            "3007.17",
+            include_bytes!("../../tests/fixtures/bus-3007.17.raw"),
+            Framing::Raw,
+        ),
+        (
+            "3008.5",
+            include_bytes!("../../tests/fixtures/bus-3008.5.raw"),
+            Framing::Raw,
+        ),
+    ];
+
+    #[test]
+    fn captures_of_every_release_decode_without_a_single_error() {
+        for (release, bytes, framing) in CAPTURES {
+            for chunk in [1usize, 3, 4, 5, 1000, 65536] {
+                let mut dec = FrameDecoder::default();
+                let mut buf = BytesMut::new();
+                let mut out = Vec::new();
+                for piece in bytes.chunks(chunk) {
+                    buf.extend_from_slice(piece);
+                    while let Some(d) = dec.decode(&mut buf) {
+                        out.push(d);
+                    }
+                }
+                assert!(buf.is_empty(), "{release}: {} bytes left", buf.len());
+                let bad: Vec<_> = out
+                    .iter()
+                    .filter(|d| matches!(d, Decoded::Bad(_)))
+                    .collect();
+                assert!(bad.is_empty(), "{release} (reads of {chunk}): {bad:?}");
+                assert_eq!(dec.framing(), Some(framing), "{release}");
+                assert_eq!(dec.discarded(), 0, "{release}");
+                let evs = events(&out);
+                let tag = |t: &str| evs.iter().find(|e| e.tag == t).copied();
+                let auth = tag("salt/auth").unwrap_or_else(|| panic!("{release}: no salt/auth"));
+                assert_eq!(auth.str_field("act"), Some("pend"), "{release}");
+                assert!(
+                    evs.iter().any(|e| e.tag.starts_with("salt/job/")),
+                    "{release}: no job event"
+                );
+                assert!(
+                    tag("capture/runner").is_some(),
+                    "{release}: no salt-run event.send"
+                );
+                assert!(
+                    tag("capture/minion").is_some(),
+                    "{release}: no salt-call event.send"
+                );
+                let large =
+                    tag("capture/large").unwrap_or_else(|| panic!("{release}: no large event"));
+                assert_eq!(
+                    large.str_field("big").map(str::len),
+                    Some(70_000),
+                    "{release}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_prefixed_stream_round_trips_and_survives_a_lying_prefix() {
+        let data = Value::Map(vec![(Value::from("k"), Value::from("v"))]);
+        let mut stream = encode_framed(Framing::Prefixed, "a/1", &data);
+        // A prefix one byte short of its frame: the frame is reported, and the
+        // stream finds its feet again at the next signature.
+        let mut lying = encode_framed(Framing::Prefixed, "bad/1", &data);
+        let len = u32::from_be_bytes([lying[0], lying[1], lying[2], lying[3]]) - 1;
+        lying[..4].copy_from_slice(&len.to_be_bytes());
+        stream.extend(lying);
+        stream.extend(encode_framed(Framing::Prefixed, "a/2", &data));
+        // An absurd prefix.
+        stream.extend([0xff, 0xff, 0xff, 0xf0, 1, 2, 3]);
+        stream.extend(encode_framed(Framing::Prefixed, "a/3", &data));
+        let mut dec = FrameDecoder::new(1 << 20);
+        let out = decode_all(&mut dec, &stream);
+        let tags: Vec<_> = events(&out).iter().map(|e| e.tag.clone()).collect();
+        assert_eq!(tags, ["a/1", "a/2", "a/3"]);
+        assert_eq!(dec.framing(), Some(Framing::Prefixed));
+        assert!(out.iter().any(
+            |d| matches!(d, Decoded::Bad(b) if b.error == DecodeError::PrefixMismatch(len as usize))
+        ));
+        assert!(out.iter().any(
+            |d| matches!(d, Decoded::Bad(b) if matches!(b.error, DecodeError::Oversized { .. }))
+        ));
     }
 
     #[test]
@@ -579,6 +846,51 @@ mod tests {
                 steps += 1;
                 prop_assert!(steps <= bytes.len() + 1, "decoder made no progress");
             }
+        }
+
+        #[test]
+        fn prefixed_frames_round_trip_at_any_read_size(
+            tags in proptest::collection::vec("[a-z]{1,8}/[a-z0-9/]{0,20}", 1..20),
+            chunk in 1usize..64,
+        ) {
+            let mut stream = Vec::new();
+            for t in &tags {
+                stream.extend(encode_framed(
+                    Framing::Prefixed,
+                    t,
+                    &Value::Map(vec![(Value::from("t"), Value::from(t.as_str()))]),
+                ));
+            }
+            let mut dec = FrameDecoder::default();
+            let mut buf = BytesMut::new();
+            let mut got = Vec::new();
+            for piece in stream.chunks(chunk) {
+                buf.extend_from_slice(piece);
+                while let Some(d) = dec.decode(&mut buf) {
+                    match d {
+                        Decoded::Event(e) => got.push(e.tag),
+                        Decoded::Bad(b) => prop_assert!(false, "bad frame {:?}", b),
+                    }
+                }
+            }
+            prop_assert_eq!(got, tags);
+            prop_assert_eq!(dec.framing(), Some(Framing::Prefixed));
+        }
+
+        #[test]
+        fn arbitrary_bytes_after_a_prefixed_frame_never_panic_and_always_progress(
+            bytes in proptest::collection::vec(any::<u8>(), 0..2048),
+        ) {
+            let mut stream = encode_framed(Framing::Prefixed, "first/frame", &Value::Nil);
+            stream.extend(&bytes);
+            let mut dec = FrameDecoder::new(1 << 16);
+            let mut buf = BytesMut::from(&stream[..]);
+            let mut steps = 0usize;
+            while dec.decode(&mut buf).is_some() {
+                steps += 1;
+                prop_assert!(steps <= stream.len() + 1, "decoder made no progress");
+            }
+            prop_assert_eq!(dec.framing(), Some(Framing::Prefixed));
         }
 
         #[test]

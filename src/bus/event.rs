@@ -69,8 +69,13 @@ impl Event {
                     .and_then(Value::as_bool)
                     .unwrap_or(false);
                 let act = match self.str_field("act") {
+                    // 3008 says `reject` with `result: false` for a key found
+                    // in `minions_rejected/` (`reject` with `result: true` is
+                    // autoreject_file putting it there).
+                    Some("reject") if !result => AuthAct::Rejected,
                     Some(a) => AuthAct::from_str(a),
-                    // A rejected key's event carries no `act` (salt-protocol.md §2).
+                    // Before 3008 a rejected key's event carries no `act`
+                    // (salt-protocol.md §2).
                     None if !result => AuthAct::Rejected,
                     None => AuthAct::Other(String::new()),
                 };
@@ -203,10 +208,12 @@ pub enum KeyAct {
 }
 
 impl KeyAct {
+    /// 3006 and 3007 say `accept`/`reject`; 3008 names the state the key
+    /// moved to (`accepted`/`rejected`, `Key.DIR_MAP`).
     fn from_str(s: &str) -> Self {
         match s {
-            "accept" => Self::Accept,
-            "reject" => Self::Reject,
+            "accept" | "accepted" => Self::Accept,
+            "reject" | "rejected" => Self::Reject,
             "delete" => Self::Delete,
             other => Self::Other(other.to_owned()),
         }

@@ -4,14 +4,34 @@
 //! everything that could make it drop one is refused here, before writing:
 //! the body is always msgpack bin, the tag is non-empty and has no `\n\n`.
 //! Like Salt's own `fire_event`, a map gets a `_stamp` when it has none.
+//!
+//! The pull socket's framing differs between releases (raw msgpack up to
+//! 3006.9/3007.8, length-prefixed since 3006.30/3007.17 and in 3008) and a
+//! frame in the wrong one is dropped without a word, so it cannot be learnt
+//! from the pull socket, nor from the publish socket (3007.17 and 3008
+//! publish raw frames but pull prefixed ones). Each new pull connection is
+//! therefore probed: a probe event is fired in the prefixed framing on a
+//! throwaway connection and looked for on the publish socket; if it does not
+//! come through, the same in the raw framing. The prefixed probe is padded
+//! so that its length prefix ends in 0xc1, a byte msgpack never uses: a raw
+//! reader fails on it instead of publishing what follows.
 
 use std::time::{Duration, SystemTime};
 
 use rmpv::Value;
 use tokio::io::AsyncWriteExt;
 
-use super::codec::{encode_frame, DEFAULT_MAX_FRAME};
+use bytes::BytesMut;
+use tokio::io::AsyncReadExt;
+
+use super::codec::{encode_framed, Decoded, FrameDecoder, Framing, DEFAULT_MAX_FRAME};
 use super::{BusEndpoint, BusStream};
+
+/// The tag of the framing probe (data: `{"probe": <nonce>, "pad": …}`).
+pub const PROBE_TAG: &str = "steward/bus/probe";
+
+/// How long one probe waits to see its event published.
+const PROBE_WAIT: Duration = Duration::from_secs(2);
 
 /// Why an event was not fired.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +55,22 @@ pub enum FireError {
         endpoint: BusEndpoint,
         timeout: Duration,
     },
+    /// Neither framing's probe event came back on the publish socket.
+    #[error("cannot tell the framing of master event bus {pull}: a probe event fired into it did not appear on {publish} within {wait:?} (raw or length-prefixed)")]
+    Framing {
+        pull: BusEndpoint,
+        publish: BusEndpoint,
+        wait: Duration,
+    },
+}
+
+/// Where the framing of a new pull connection comes from.
+#[derive(Debug, Clone)]
+enum FramingSource {
+    /// Probed through this publish socket for each new connection.
+    Probe(BusEndpoint),
+    /// Given (tests, or a caller that knows).
+    Fixed(Framing),
 }
 
 /// A connection to the pull socket, opened on first use and reopened once
@@ -42,18 +78,37 @@ pub enum FireError {
 #[derive(Debug)]
 pub struct EventFirer {
     endpoint: BusEndpoint,
-    conn: Option<BusStream>,
+    conn: Option<(BusStream, Framing)>,
+    source: FramingSource,
     timeout: Duration,
 }
 
 impl EventFirer {
-    /// A firer for `endpoint` (see `MasterConfig::event_pull`).
-    pub fn new(endpoint: BusEndpoint) -> Self {
+    /// A firer for the pull socket `endpoint` (see `MasterConfig::event_pull`)
+    /// that probes its framing through the publish socket `publish`
+    /// (`MasterConfig::event_pub`).
+    pub fn new(endpoint: BusEndpoint, publish: BusEndpoint) -> Self {
         Self {
             endpoint,
             conn: None,
+            source: FramingSource::Probe(publish),
             timeout: Duration::from_secs(5),
         }
+    }
+
+    /// A firer that writes `framing` without probing.
+    pub fn with_framing(endpoint: BusEndpoint, framing: Framing) -> Self {
+        Self {
+            endpoint,
+            conn: None,
+            source: FramingSource::Fixed(framing),
+            timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// The framing of the current connection, if one is open.
+    pub fn framing(&self) -> Option<Framing> {
+        self.conn.as_ref().map(|(_, f)| *f)
     }
 
     /// Fires one event. `Ok` means the master's socket took the bytes; the
@@ -61,7 +116,35 @@ impl EventFirer {
     pub async fn fire(&mut self, tag: &str, mut data: Value) -> Result<(), FireError> {
         check_tag(tag)?;
         add_stamp(&mut data, SystemTime::now());
-        let frame = encode_frame(tag, &data);
+        match self.write(tag, &data).await {
+            Ok(()) => Ok(()),
+            // A connection kept from before a master restart fails on first
+            // write: reconnect once (probing again: the master may have been
+            // upgraded) and retry.
+            Err(FireError::Write { .. }) => {
+                self.conn = None;
+                self.write(tag, &data).await
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn write(&mut self, tag: &str, data: &Value) -> Result<(), FireError> {
+        let (conn, framing) = match self.conn.as_mut() {
+            Some((c, f)) => (c, *f),
+            None => {
+                let framing = match &self.source {
+                    FramingSource::Fixed(f) => *f,
+                    FramingSource::Probe(publish) => {
+                        probe_framing(&self.endpoint, publish, self.timeout).await?
+                    }
+                };
+                let c = self.connect().await?;
+                let (c, f) = self.conn.insert((c, framing));
+                (c, *f)
+            }
+        };
+        let frame = encode_framed(framing, tag, data);
         if frame.len() > DEFAULT_MAX_FRAME {
             return Err(FireError::TooLarge {
                 tag: tag.to_owned(),
@@ -69,35 +152,8 @@ impl EventFirer {
                 max: DEFAULT_MAX_FRAME,
             });
         }
-        match self.write(&frame).await {
-            Ok(()) => Ok(()),
-            // A connection kept from before a master restart fails on first
-            // write: reconnect once and retry.
-            Err(FireError::Write { .. }) => {
-                self.conn = None;
-                self.write(&frame).await
-            }
-            Err(e) => Err(e),
-        }
-    }
-
-    async fn write(&mut self, frame: &[u8]) -> Result<(), FireError> {
-        let conn = match self.conn.as_mut() {
-            Some(c) => c,
-            None => {
-                let c = self
-                    .endpoint
-                    .connect()
-                    .await
-                    .map_err(|source| FireError::Connect {
-                        endpoint: self.endpoint.clone(),
-                        source,
-                    })?;
-                self.conn.insert(c)
-            }
-        };
         let write = async {
-            conn.write_all(frame).await?;
+            conn.write_all(&frame).await?;
             conn.flush().await
         };
         match tokio::time::timeout(self.timeout, write).await {
@@ -116,6 +172,133 @@ impl EventFirer {
                     timeout: self.timeout,
                 })
             }
+        }
+    }
+}
+
+impl EventFirer {
+    async fn connect(&self) -> Result<BusStream, FireError> {
+        self.endpoint
+            .connect()
+            .await
+            .map_err(|source| FireError::Connect {
+                endpoint: self.endpoint.clone(),
+                source,
+            })
+    }
+}
+
+/// Finds the framing the master's pull socket reads: fires a probe event in
+/// each framing (prefixed first, the current releases' one) on a throwaway
+/// connection and waits for it on the publish socket.
+pub async fn probe_framing(
+    pull: &BusEndpoint,
+    publish: &BusEndpoint,
+    timeout: Duration,
+) -> Result<Framing, FireError> {
+    let connect = |endpoint: &BusEndpoint| {
+        let endpoint = endpoint.clone();
+        async move {
+            match tokio::time::timeout(timeout, endpoint.connect()).await {
+                Ok(Ok(s)) => Ok(s),
+                Ok(Err(source)) => Err(FireError::Connect { endpoint, source }),
+                Err(_) => Err(FireError::Timeout { endpoint, timeout }),
+            }
+        }
+    };
+    let mut sub = connect(publish).await?;
+    let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME);
+    let mut buf = BytesMut::with_capacity(16 * 1024);
+    for framing in [Framing::Prefixed, Framing::Raw] {
+        let nonce = probe_nonce();
+        let frame = probe_frame(framing, &nonce);
+        let mut conn = connect(pull).await?;
+        let written = tokio::time::timeout(timeout, async {
+            conn.write_all(&frame).await?;
+            conn.flush().await
+        })
+        .await;
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(source)) => {
+                return Err(FireError::Write {
+                    endpoint: pull.clone(),
+                    source,
+                })
+            }
+            Err(_) => {
+                return Err(FireError::Timeout {
+                    endpoint: pull.clone(),
+                    timeout,
+                })
+            }
+        }
+        let seen = tokio::time::timeout(PROBE_WAIT, async {
+            loop {
+                while let Some(decoded) = decoder.decode(&mut buf) {
+                    if let Decoded::Event(e) = decoded {
+                        if e.tag == PROBE_TAG && e.str_field("probe") == Some(nonce.as_str()) {
+                            return true;
+                        }
+                    }
+                }
+                match sub.read_buf(&mut buf).await {
+                    Ok(0) | Err(_) => return false,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        // The throwaway connection goes: a master that could not read the
+        // probe may have lost its place in that stream.
+        drop(conn);
+        if seen == Ok(true) {
+            tracing::debug!(message = "Event bus framing probed.", pull = %pull, %framing);
+            return Ok(framing);
+        }
+    }
+    Err(FireError::Framing {
+        pull: pull.clone(),
+        publish: publish.clone(),
+        wait: PROBE_WAIT,
+    })
+}
+
+fn probe_nonce() -> String {
+    let mut bytes = [0u8; 8];
+    // Uniqueness only: a failed read of the system's randomness falls back to the clock.
+    if getrandom::fill(&mut bytes).is_err() {
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        bytes = (nanos as u64).to_be_bytes();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The probe event in `framing`; prefixed, padded until its length prefix
+/// ends in 0xc1 (see the module's doc).
+fn probe_frame(framing: Framing, nonce: &str) -> Vec<u8> {
+    let data = |pad: usize| {
+        Value::Map(vec![
+            (Value::from("probe"), Value::from(nonce)),
+            (Value::from("pad"), Value::from("-".repeat(pad))),
+        ])
+    };
+    match framing {
+        Framing::Raw => encode_framed(Framing::Raw, PROBE_TAG, &data(0)),
+        Framing::Prefixed => {
+            // Header sizes move with the lengths: search the pad that gives a
+            // frame of exactly 0x1c1 bytes (there is one for any short nonce).
+            let mut frame = Vec::new();
+            for pad in 0..0x1c1 {
+                frame = encode_framed(Framing::Prefixed, PROBE_TAG, &data(pad));
+                if frame.len() >= 4 + 0x1c1 {
+                    break;
+                }
+            }
+            frame
         }
     }
 }
@@ -204,6 +387,23 @@ mod tests {
         let mut list = Value::Array(vec![]);
         add_stamp(&mut list, t);
         assert_eq!(list, Value::Array(vec![]));
+    }
+
+    #[test]
+    fn the_prefixed_probe_length_ends_in_a_byte_msgpack_never_uses() {
+        let frame = probe_frame(Framing::Prefixed, "0123456789abcdef");
+        assert_eq!(&frame[..4], &[0, 0, 0x01, 0xc1]);
+        assert_eq!(frame.len(), 4 + 0x1c1);
+        let mut buf = BytesMut::from(&frame[..]);
+        let mut dec = FrameDecoder::new(DEFAULT_MAX_FRAME);
+        match dec.decode(&mut buf) {
+            Some(Decoded::Event(e)) => {
+                assert_eq!(e.tag, PROBE_TAG);
+                assert_eq!(e.str_field("probe"), Some("0123456789abcdef"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(dec.framing(), Some(Framing::Prefixed));
     }
 
     #[test]

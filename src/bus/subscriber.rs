@@ -25,6 +25,10 @@ use super::codec::{BadFrame, Decoded, FrameDecoder, DEFAULT_MAX_FRAME};
 use super::{BusEndpoint, Event};
 use crate::telemetry;
 
+/// The largest `queue_capacity`: the broadcast queue is allocated whole
+/// (one slot per event), so a huge value would exhaust memory at start-up.
+pub const MAX_QUEUE_CAPACITY: usize = 1 << 20;
+
 /// Tuning of the reader; every field has a default.
 #[derive(Debug, Clone)]
 pub struct SubscriberOptions {
@@ -96,7 +100,9 @@ impl BusHandle {
     /// Prepares a reader; call [`subscribe`](Self::subscribe) for the first
     /// consumers, then [`spawn`](Self::spawn), so nothing is missed.
     pub fn new(endpoint: BusEndpoint, opts: SubscriberOptions) -> Self {
-        let (tx, _) = broadcast::channel(opts.queue_capacity.max(1));
+        // The queue is allocated whole: bounded (the config is checked
+        // against the same bound).
+        let (tx, _) = broadcast::channel(opts.queue_capacity.clamp(1, MAX_QUEUE_CAPACITY));
         Self {
             endpoint,
             tx,
@@ -186,7 +192,7 @@ impl Reader {
                         _ = cancel.cancelled() => return,
                         _ = tokio::time::sleep(delay) => {}
                     }
-                    delay = (delay * 2).min(self.opts.backoff_max);
+                    delay = delay.saturating_mul(2).min(self.opts.backoff_max);
                     continue;
                 }
             };

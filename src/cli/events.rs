@@ -74,7 +74,7 @@ pub(crate) async fn run(
 async fn fire(ctx: &Context, args: FireArgs) -> anyhow::Result<std::process::ExitCode> {
     let master = ctx.master()?;
     let data = from_json(&args.data.unwrap_or_else(|| serde_json::json!({})));
-    let mut firer = EventFirer::new(master.event_pull());
+    let mut firer = EventFirer::new(master.event_pull(), master.event_pub());
     firer
         .fire(&args.tag, data)
         .await
@@ -92,6 +92,13 @@ async fn watch(ctx: &Context, args: WatchArgs) -> anyhow::Result<std::process::E
         ),
         None => None,
     };
+    let idle = args
+        .idle_timeout
+        .map(|s| {
+            Duration::try_from_secs_f64(s)
+                .with_context(|| format!("--idle-timeout {s} is not a duration"))
+        })
+        .transpose()?;
     let opts = SubscriberOptions {
         queue_capacity: ctx.settings.bus.queue_capacity,
         max_frame: ctx.settings.bus.max_event_size,
@@ -102,9 +109,8 @@ async fn watch(ctx: &Context, args: WatchArgs) -> anyhow::Result<std::process::E
     let cancel = CancellationToken::new();
     bus.spawn(cancel.clone());
 
-    let idle = args.idle_timeout.map(Duration::from_secs_f64);
     // The idle clock restarts only on a matching event.
-    let mut idle_deadline = idle.map(|d| tokio::time::Instant::now() + d);
+    let mut idle_deadline = idle.map(crate::clock::deadline_in);
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let mut received: u64 = 0;
     let (mut first, mut last) = (None::<Instant>, None::<Instant>);
@@ -133,7 +139,7 @@ async fn watch(ctx: &Context, args: WatchArgs) -> anyhow::Result<std::process::E
                 first.get_or_insert(now);
                 last = Some(now);
                 received += 1;
-                idle_deadline = idle.map(|d| tokio::time::Instant::now() + d);
+                idle_deadline = idle.map(crate::clock::deadline_in);
                 if !args.quiet {
                     print_event(&mut out, &event, args.json).context("writing to stdout")?;
                 }

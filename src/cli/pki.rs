@@ -128,6 +128,14 @@ fn hints(m: &MasterConfig, changed: bool) {
              True, so the master does not send this signature yet",
             m.path.display()
         );
+    } else if !m.master_pubkey_signature_set {
+        println!(
+            "note: {} does not set master_pubkey_signature: Salt 3008 would then look for \
+             <master id>_pubkey_signature instead of {}; add `master_pubkey_signature: {}`",
+            m.path.display(),
+            m.master_pubkey_signature,
+            m.master_pubkey_signature
+        );
     } else if changed {
         println!("note: restart the salt-master: it reads the signature at start-up");
     }

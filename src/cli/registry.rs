@@ -317,7 +317,7 @@ pub async fn run_server(
         }
         ServerCommand::Rekey { server, json } => {
             let master = ctx.master()?;
-            let req = ReqClient::new(&master, std::time::Duration::from_secs(30));
+            let req = ReqClient::new(&master, std::time::Duration::from_secs(30))?;
             let done = lifecycle::rekey(&reg, &req, &master.pki_dir, &parse_ref(&server)).await?;
             let (old, new) = (&done.old, &done.new);
             done.retired.with_context(|| {

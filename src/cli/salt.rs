@@ -80,7 +80,7 @@ pub(crate) async fn run(ctx: &Context, cmd: SaltCommand) -> anyhow::Result<ExitC
     let master = ctx.master()?;
     match cmd {
         SaltCommand::Wheel(a) => {
-            let req = ReqClient::new(&master, secs(a.timeout)?);
+            let req = ReqClient::new(&master, secs(a.timeout)?)?;
             let (arg, kwarg) = split_cli_args(&a.args);
             let result = wheel(&req, &a.fun, arg, kwarg)
                 .await
@@ -135,7 +135,7 @@ async fn connect(
         );
     }
     Ok((
-        SaltClient::new(ReqClient::new(master, timeout), tracker),
+        SaltClient::new(ReqClient::new(master, timeout)?, tracker),
         cancel,
     ))
 }

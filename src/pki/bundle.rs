@@ -27,6 +27,9 @@ pub struct BundleSpec<'a> {
     pub master_sign_pub: &'a str,
     /// `host` or `host:port` of each master; several means failover.
     pub masters: &'a [String],
+    /// The masters' `transport` (`zeromq`, Salt's default, or `tcp`): a
+    /// minion must speak the same one.
+    pub transport: &'a str,
 }
 
 /// The minion config the bundle installs as `minion.d/steward.conf`.
@@ -47,6 +50,9 @@ pub fn minion_conf(spec: &BundleSpec<'_>) -> String {
             c.push_str("master_alive_interval: 10\n");
             c.push_str("retry_dns: 0\n");
         }
+    }
+    if !spec.transport.is_empty() && spec.transport != "zeromq" {
+        c.push_str(&format!("transport: {}\n", q(spec.transport)));
     }
     c.push_str("verify_master_pubkey_sign: True\n");
     // Keep trying while an impostor's rejected key blocks this id: the
@@ -127,6 +133,7 @@ mod tests {
             pair: &pair,
             master_sign_pub: "-----BEGIN PUBLIC KEY-----\nX\n-----END PUBLIC KEY-----\n",
             masters: &masters,
+            transport: "zeromq",
         };
         let bytes = build(&spec).unwrap();
         let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(&bytes[..]));
@@ -153,5 +160,14 @@ mod tests {
             ..spec
         });
         assert!(conf.contains("master: \"salt.example.org\"\n") && !conf.contains("failover"));
+        assert!(
+            !conf.contains("transport"),
+            "Salt's default is left implicit"
+        );
+        let tcp = minion_conf(&BundleSpec {
+            transport: "tcp",
+            ..spec
+        });
+        assert!(tcp.contains("transport: \"tcp\"\n"), "{tcp}");
     }
 }

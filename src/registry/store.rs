@@ -13,14 +13,16 @@
 //! with `BEGIN IMMEDIATE` so a writer waits for the lock (busy timeout) instead
 //! of failing when another process wrote in between.
 //! PostgreSQL: the server's defaults (READ COMMITTED); the unique and foreign
-//! keys settle races.
+//! keys settle races. TLS is rustls (sqlx `tls-rustls-ring-native-roots`):
+//! the URL's `sslmode` (`require`, `verify-ca`, `verify-full`) and
+//! `sslrootcert` are honoured, roots from the system's store plus that file.
 
 use std::future::Future;
 use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sqlx::error::ErrorKind;
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
@@ -499,7 +501,7 @@ impl PgStore {
     pub async fn open(url: &str) -> Result<Self, Error> {
         let pool = PgPoolOptions::new()
             .max_connections(8)
-            .connect(url)
+            .connect_with(pg_options(url)?)
             .await
             .map_err(db("connecting to PostgreSQL"))?;
         sqlx::migrate!("./migrations/postgres")
@@ -516,6 +518,11 @@ impl PgStore {
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
+}
+
+/// The connect options of a `postgres://` URL (`sslmode`, `sslrootcert` …).
+fn pg_options(url: &str) -> Result<PgConnectOptions, Error> {
+    PgConnectOptions::from_str(url).map_err(db("reading the PostgreSQL URL"))
 }
 
 /// Appends the outbox row of a change to `$tx`, then commits: every write
@@ -1204,5 +1211,62 @@ mod tests {
         let (text, args) = sql::find(&Filter::default());
         assert!(!text.contains("WHERE"), "{text}");
         assert!(args.is_empty());
+    }
+
+    #[test]
+    fn postgres_urls_carry_their_tls_settings() {
+        use sqlx::postgres::PgSslMode;
+        for (query, mode) in [
+            ("sslmode=require", PgSslMode::Require),
+            (
+                "sslmode=verify-full&sslrootcert=/etc/salt-steward/pg-ca.pem",
+                PgSslMode::VerifyFull,
+            ),
+            ("sslmode=verify-ca&sslrootcert=ca.pem", PgSslMode::VerifyCa),
+        ] {
+            let url = format!("postgres://steward:pw@db.example.org:5433/registry?{query}");
+            let o = pg_options(&url).unwrap();
+            // PgSslMode has no PartialEq.
+            assert_eq!(
+                format!("{:?}", o.get_ssl_mode()),
+                format!("{mode:?}"),
+                "{query}"
+            );
+            assert_eq!(o.get_host(), "db.example.org");
+            assert_eq!(o.get_port(), 5433);
+        }
+        assert!(pg_options("postgres://db/x?sslmode=sometimes").is_err());
+    }
+
+    /// `sslmode=require` really starts TLS: after the server's `S`, the
+    /// client's next bytes are a TLS ClientHello. (Built without a TLS
+    /// feature, sqlx refuses before sending anything.)
+    #[tokio::test]
+    async fn sslmode_require_starts_a_tls_handshake() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            // SSLRequest: length 8, code 80877103.
+            let mut req = [0u8; 8];
+            conn.read_exact(&mut req).await.unwrap();
+            assert_eq!(req, [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]);
+            conn.write_all(b"S").await.unwrap();
+            // A TLS record: handshake (22), then the ClientHello (1).
+            let mut head = [0u8; 6];
+            conn.read_exact(&mut head).await.unwrap();
+            head
+        });
+        let url = format!("postgres://steward:pw@127.0.0.1:{port}/registry?sslmode=require");
+        let err = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(pg_options(&url).unwrap())
+            .await
+            .unwrap_err();
+        let head = server.await.unwrap();
+        assert_eq!(head[0], 22, "not a TLS handshake record: {head:?} ({err})");
+        assert_eq!(head[5], 1, "not a ClientHello: {head:?} ({err})");
     }
 }

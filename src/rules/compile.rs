@@ -62,6 +62,75 @@ pub struct RateLimit {
     pub per: Duration,
 }
 
+/// The inclusive range a duration of a rule file must lie in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DurationLimit {
+    /// The key, as written (`debounce`, `rate_limit.per`).
+    pub key: &'static str,
+    /// Shortest allowed.
+    pub min: Duration,
+    /// Longest allowed.
+    pub max: Duration,
+}
+
+impl DurationLimit {
+    /// Whether `d` is inside the range.
+    pub fn contains(&self, d: Duration) -> bool {
+        (self.min..=self.max).contains(&d)
+    }
+
+    /// The message refusing `d`: key, value and range.
+    pub fn refusal(&self, d: Duration) -> String {
+        format!(
+            "{}: {} is out of range (allowed {} to {})",
+            self.key,
+            show_duration(d),
+            show_duration(self.min),
+            show_duration(self.max)
+        )
+    }
+}
+
+const DAY: Duration = Duration::from_secs(86_400);
+
+/// `debounce`: 1 ms to a day (the action waits in memory that long).
+pub const DEBOUNCE: DurationLimit = DurationLimit {
+    key: "debounce",
+    min: Duration::from_millis(1),
+    max: DAY,
+};
+/// `timeout`: 1 s to a day, as the config's `rules.job_timeout`.
+pub const TIMEOUT: DurationLimit = DurationLimit {
+    key: "timeout",
+    min: Duration::from_secs(1),
+    max: DAY,
+};
+/// `rate_limit.per`: 1 ms to 30 days.
+pub const RATE_LIMIT_PER: DurationLimit = DurationLimit {
+    key: "rate_limit.per",
+    min: Duration::from_millis(1),
+    max: Duration::from_secs(30 * 86_400),
+};
+/// `rate_limit.max`, inclusive: each window remembers up to this many runs.
+pub const RATE_LIMIT_MAX: (u32, u32) = (1, 10_000);
+
+/// A duration as a rule file would write it: `1d`, `5m`, `250ms`, `1.5s`.
+pub fn show_duration(d: Duration) -> String {
+    let (secs, nanos) = (d.as_secs(), d.subsec_nanos());
+    if nanos == 0 {
+        for (unit, n) in [("d", 86_400), ("h", 3600), ("m", 60)] {
+            if secs >= n && secs.is_multiple_of(n) {
+                return format!("{}{unit}", secs / n);
+            }
+        }
+        return format!("{secs}s");
+    }
+    if secs == 0 && nanos.is_multiple_of(1_000_000) {
+        return format!("{}ms", nanos / 1_000_000);
+    }
+    format!("{}s", d.as_secs_f64())
+}
+
 /// The kind of an action, as written in the file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ActionKind {
@@ -787,46 +856,41 @@ impl Compiler<'_> {
             }
         }
 
-        // Options
-        let rate_limit = match &spec.rate_limit {
-            None => None,
-            Some(r) if r.max == 0 => {
+        // Options, each inside its range (a huge one would overflow a deadline).
+        let ranged =
+            |errors: &mut Vec<RuleError>, needle: &str, d: Duration, limit: DurationLimit| {
+                let ok = limit.contains(d);
+                if !ok {
+                    err(errors, Some(needle), limit.refusal(d));
+                }
+                ok
+            };
+        let rate_limit = spec.rate_limit.as_ref().and_then(|r| {
+            let per_ok = ranged(self.errors, "per:", r.per.0, RATE_LIMIT_PER);
+            let max_ok = (RATE_LIMIT_MAX.0..=RATE_LIMIT_MAX.1).contains(&r.max);
+            if !max_ok {
                 err(
                     self.errors,
-                    Some("rate_limit"),
-                    "rate_limit.max must be at least 1".to_owned(),
+                    Some("max:"),
+                    format!(
+                        "rate_limit.max: {} is out of range (allowed {} to {})",
+                        r.max, RATE_LIMIT_MAX.0, RATE_LIMIT_MAX.1
+                    ),
                 );
-                None
             }
-            Some(r) if r.per.0.is_zero() => {
-                err(
-                    self.errors,
-                    Some("rate_limit"),
-                    "rate_limit.per must be more than 0".to_owned(),
-                );
-                None
-            }
-            Some(r) => Some(RateLimit {
+            (per_ok && max_ok).then_some(RateLimit {
                 max: r.max,
                 per: r.per.0,
-            }),
-        };
-        let debounce = spec.debounce.map(|d| d.0);
-        if debounce.is_some_and(|d| d.is_zero()) {
-            err(
-                self.errors,
-                Some("debounce"),
-                "debounce must be more than 0".to_owned(),
-            );
-        }
-        let timeout = spec.timeout.map(|d| d.0);
-        if timeout.is_some_and(|d| d.is_zero()) {
-            err(
-                self.errors,
-                Some("timeout"),
-                "timeout must be more than 0".to_owned(),
-            );
-        }
+            })
+        });
+        let debounce = spec
+            .debounce
+            .map(|d| d.0)
+            .filter(|d| ranged(self.errors, "debounce:", *d, DEBOUNCE));
+        let timeout = spec
+            .timeout
+            .map(|d| d.0)
+            .filter(|d| ranged(self.errors, "timeout:", *d, TIMEOUT));
 
         if self.errors.len() > before {
             return;
@@ -1199,11 +1263,62 @@ mod tests {
             "rule cond: condition on \"payload.x\" must have exactly one",
             "rule cond: field \"nope\" must start with",
             "rule cond: action 1 (state.apply): tgt_type \"nodegroup\"",
-            "rule limits: rate_limit.max must be at least 1",
-            "rule limits: debounce must be more than 0",
+            "x.yaml:20:19: rule limits: rate_limit.max: 0 is out of range (allowed 1 to 10000)",
+            "x.yaml:21:5: rule limits: debounce: 0s is out of range (allowed 1ms to 1d)",
         ] {
             assert!(all.contains(want), "missing {want:?} in\n{all}");
         }
+    }
+
+    #[test]
+    fn durations_and_counts_are_range_checked() {
+        let errs = errors(&[(
+            "r.yaml",
+            r#"rules:
+  - name: huge
+    on: a
+    debounce: 10000000000000000000s
+    do: [{ fire: { tag: b } }]
+  - name: timeouts
+    on: a
+    timeout: 500ms
+    do: [{ fire: { tag: b } }]
+  - name: long
+    on: a
+    timeout: 2d
+    rate_limit:
+      max: 10001
+      per: 31d
+    do: [{ fire: { tag: b } }]
+"#,
+        )]);
+        for want in [
+            "r.yaml:4:5: rule huge: debounce: 10000000000000000000s is out of range (allowed 1ms to 1d)",
+            "r.yaml:8:5: rule timeouts: timeout: 500ms is out of range (allowed 1s to 1d)",
+            "r.yaml:12:5: rule long: timeout: 2d is out of range (allowed 1s to 1d)",
+            "r.yaml:15:7: rule long: rate_limit.per: 31d is out of range (allowed 1ms to 30d)",
+            "r.yaml:14:7: rule long: rate_limit.max: 10001 is out of range (allowed 1 to 10000)",
+        ] {
+            assert!(errs.iter().any(|e| e == want), "missing {want:?} in {errs:#?}");
+        }
+        assert_eq!(errs.len(), 5, "{errs:#?}");
+        // The edges are allowed.
+        set(&[(
+            "ok.yaml",
+            "rules:\n  - name: edges\n    on: a\n    debounce: 1d\n    timeout: 1s\n    rate_limit: {max: 10000, per: 30d}\n    do: [{fire: {tag: b}}]\n",
+        )])
+        .unwrap();
+    }
+
+    #[test]
+    fn durations_are_shown_as_written() {
+        assert_eq!(show_duration(Duration::from_secs(86_400)), "1d");
+        assert_eq!(show_duration(Duration::from_secs(7200)), "2h");
+        assert_eq!(show_duration(Duration::from_secs(300)), "5m");
+        assert_eq!(show_duration(Duration::from_secs(90)), "90s");
+        assert_eq!(show_duration(Duration::ZERO), "0s");
+        assert_eq!(show_duration(Duration::from_millis(250)), "250ms");
+        assert_eq!(show_duration(Duration::from_millis(1500)), "1.5s");
     }
 
     #[test]

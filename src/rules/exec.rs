@@ -124,8 +124,10 @@ impl Executor {
         Self {
             inner: Arc::new(Inner {
                 queues: Mutex::new(HashMap::new()),
-                capacity: capacity.max(1),
-                semaphore: Arc::new(Semaphore::new(concurrency.max(1))),
+                // Both panic outside these bounds (the config is range-checked
+                // far inside them; this keeps a missed check from panicking).
+                capacity: capacity.clamp(1, Semaphore::MAX_PERMITS),
+                semaphore: Arc::new(Semaphore::new(concurrency.clamp(1, Semaphore::MAX_PERMITS))),
                 runner,
                 stats,
                 cancel,

@@ -240,7 +240,7 @@ impl<'de> Deserialize<'de> for DurationSpec {
             fn visit_f64<E: de::Error>(self, n: f64) -> Result<Self::Value, E> {
                 Duration::try_from_secs_f64(n)
                     .map(DurationSpec)
-                    .map_err(|_| E::custom(format!("invalid duration {n}")))
+                    .map_err(|_| E::custom(format!("invalid duration {n} (negative or too long)")))
             }
             fn visit_str<E: de::Error>(self, s: &str) -> Result<Self::Value, E> {
                 parse_duration(s).map(DurationSpec).map_err(E::custom)
@@ -272,7 +272,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             ))
         }
     };
-    Duration::try_from_secs_f64(n * factor).map_err(|_| format!("invalid duration {s:?}"))
+    Duration::try_from_secs_f64(n * factor)
+        .map_err(|_| format!("invalid duration {s:?} (too long)"))
 }
 
 /// Parses a rule file's text. An empty or all-comment file is no rules.

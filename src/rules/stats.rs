@@ -63,5 +63,5 @@ impl RuleStats {
 /// Whether the `n`th occurrence of something frequent is logged: the first
 /// ten, then every 10,000th (all are counted).
 pub fn worth_logging(n: u64) -> bool {
-    n <= 10 || n % 10_000 == 0
+    n <= 10 || n.is_multiple_of(10_000)
 }

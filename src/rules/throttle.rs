@@ -69,7 +69,7 @@ impl<T> Throttle<T> {
     /// Debounces `item`: it will be due `wait` after the last offer for
     /// `key`, replacing any earlier one waiting.
     pub fn offer(&mut self, key: Key, wait: Duration, item: T, now: Instant) -> Offer {
-        let deadline = now + wait;
+        let deadline = crate::clock::deadline(now, wait);
         if let Some(p) = self.pending.get_mut(&key) {
             // The heap entry keeps its old deadline; `due` re-queues it.
             p.deadline = deadline;
@@ -224,6 +224,16 @@ mod tests {
         assert_eq!(due, vec![(key("a"), 99_998), (key("b"), 99_999)]);
         assert_eq!(th.waiting(), 0);
         assert_eq!(th.next_deadline(), None);
+    }
+
+    #[test]
+    fn a_wait_too_long_for_the_clock_never_comes_and_does_not_panic() {
+        let now = Instant::now();
+        let mut th = Throttle::new(10);
+        assert_eq!(th.offer(key("a"), Duration::MAX, 1, now), Offer::Waiting);
+        assert_eq!(th.offer(key("a"), Duration::MAX, 2, now), Offer::Coalesced);
+        assert!(th.due(now + Duration::from_secs(86_400 * 365)).is_empty());
+        assert_eq!(th.waiting(), 1);
     }
 
     #[test]

@@ -7,6 +7,12 @@
 //! publishing (we choose jids ourselves), so a fast minion's return is never
 //! missed. Runner jids are chosen by the master and only known from the reply,
 //! so recent runner returns are kept briefly for a caller that registers late.
+//!
+//! Return events can be missed: the bus reader reconnects after a master
+//! restart, or a consumer lags behind a flood. The tracker counts such gaps;
+//! a watch made through [`crate::salt::SaltClient`] then asks the master's job
+//! cache (`jobs.list_job`, by the jid we chose) for the returns it has not
+//! seen, so a job never waits for its timeout because an event was lost.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,6 +26,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::event::{Event, EventKind};
 use crate::bus::{BusItem, Subscription};
+
+/// After a bus gap, when the job cache is asked a second time.
+const RECHECK_AFTER: Duration = Duration::from_secs(2);
 
 /// How many runner returns are kept for callers that register after them.
 const RECENT_RUNS: usize = 1024;
@@ -65,6 +74,8 @@ pub struct JobTracker {
     waiters: Waiters,
     recent_runs: Arc<Mutex<VecDeque<Arc<Event>>>>,
     connected: watch::Receiver<bool>,
+    /// Bumped at each reconnect or lag: events may have been missed.
+    gaps: watch::Receiver<u64>,
 }
 
 impl JobTracker {
@@ -73,6 +84,7 @@ impl JobTracker {
         let waiters: Waiters = Arc::default();
         let recent_runs: Arc<Mutex<VecDeque<Arc<Event>>>> = Arc::default();
         let (connected_tx, connected) = watch::channel(false);
+        let (gaps_tx, gaps) = watch::channel(0u64);
         let (w, r) = (waiters.clone(), recent_runs.clone());
         tokio::spawn(async move {
             loop {
@@ -82,13 +94,16 @@ impl JobTracker {
                 };
                 match item {
                     None => break,
-                    Some(BusItem::Connected { .. }) => {
+                    Some(BusItem::Connected { reconnect }) => {
                         let _ = connected_tx.send(true);
+                        if reconnect {
+                            gaps_tx.send_modify(|g| *g += 1);
+                        }
                     }
                     Some(BusItem::Disconnected { .. }) => {
                         let _ = connected_tx.send(false);
                     }
-                    Some(BusItem::Lagged(_)) => {}
+                    Some(BusItem::Lagged(_)) => gaps_tx.send_modify(|g| *g += 1),
                     Some(BusItem::Event(event)) => route(&w, &r, event),
                 }
             }
@@ -97,7 +112,13 @@ impl JobTracker {
             waiters,
             recent_runs,
             connected,
+            gaps,
         }
+    }
+
+    /// How many gaps (reconnects, lags) the tracker has seen so far.
+    pub fn gaps(&self) -> u64 {
+        *self.gaps.borrow()
     }
 
     /// Waits until the bus is connected, so that what is published next is
@@ -126,10 +147,14 @@ impl JobTracker {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(jid.to_owned(), tx);
+        let mut gaps = self.gaps.clone();
+        gaps.mark_unchanged();
         JobWatch {
             jid: jid.to_owned(),
             rx,
             waiters: self.waiters.clone(),
+            gaps,
+            lookup: None,
         }
     }
 }
@@ -164,6 +189,9 @@ pub struct JobWatch {
     jid: String,
     rx: mpsc::UnboundedReceiver<Arc<Event>>,
     waiters: Waiters,
+    gaps: watch::Receiver<u64>,
+    /// Asks the job cache after a gap (set by `SaltClient::publish`).
+    lookup: Option<super::SaltClient>,
 }
 
 impl Drop for JobWatch {
@@ -201,9 +229,38 @@ impl JobWatch {
     /// `timeout` passed; unexpected minions' returns are kept too.
     pub async fn collect(mut self, expected: &[String], timeout: Duration) -> JobOutcome {
         let mut returns = BTreeMap::new();
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = crate::clock::deadline_in(timeout);
+        // The master fires a return's event before it writes the return to
+        // its job cache: a lookup right after a gap can come too early, so a
+        // second one follows once, a little later.
+        let mut recheck: Option<tokio::time::Instant> = None;
         while !expected.iter().all(|m| returns.contains_key(m)) {
-            let Ok(Some(event)) = tokio::time::timeout_at(deadline, self.rx.recv()).await else {
+            let gap = async {
+                match self.lookup {
+                    Some(_) => self.gaps.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
+            let later = async {
+                match recheck {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let event = tokio::select! {
+                e = tokio::time::timeout_at(deadline, self.rx.recv()) => e,
+                true = gap => {
+                    self.reconcile(expected, &mut returns, deadline).await;
+                    recheck = Some(crate::clock::deadline_in(RECHECK_AFTER));
+                    continue;
+                }
+                () = later => {
+                    recheck = None;
+                    self.reconcile(expected, &mut returns, deadline).await;
+                    continue;
+                }
+            };
+            let Ok(Some(event)) = event else {
                 break;
             };
             if let EventKind::JobReturn(r) = event.kind() {
@@ -234,9 +291,49 @@ impl JobWatch {
         }
     }
 
+    /// Makes the job cache fill in what the bus may have lost.
+    pub(crate) fn with_lookup(mut self, client: super::SaltClient) -> Self {
+        self.lookup = Some(client);
+        self
+    }
+
+    /// After a gap: the returns the master has stored for this jid that were
+    /// not seen on the bus are taken from its job cache.
+    async fn reconcile(
+        &mut self,
+        expected: &[String],
+        returns: &mut BTreeMap<String, MinionReturn>,
+        deadline: tokio::time::Instant,
+    ) {
+        let Some(client) = &self.lookup else {
+            return;
+        };
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match client.job_cache_returns(&self.jid, left).await {
+            Ok(found) => {
+                let mut added = 0usize;
+                for (minion, ret) in found {
+                    if let std::collections::btree_map::Entry::Vacant(e) = returns.entry(minion) {
+                        e.insert(ret);
+                        added += 1;
+                    }
+                }
+                tracing::info!(
+                    message = "Job returns reconciled from the master's job cache after a bus gap.",
+                    jid = %self.jid,
+                    added,
+                    still_missing = expected.iter().filter(|m| !returns.contains_key(*m)).count()
+                );
+            }
+            Err(error) => {
+                tracing::warn!(message = "Job cache lookup after a bus gap failed.", jid = %self.jid, %error);
+            }
+        }
+    }
+
     /// Waits for a runner's `salt/run/<jid>/ret` event and returns its data.
     pub async fn runner_result(mut self, timeout: Duration) -> Option<Json> {
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = crate::clock::deadline_in(timeout);
         while let Ok(Some(event)) = tokio::time::timeout_at(deadline, self.rx.recv()).await {
             if run_jid(&event.tag).is_some() {
                 return Some(event.data_json());

@@ -10,6 +10,7 @@
 pub mod jobs;
 pub mod request;
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rmpv::Value;
@@ -108,7 +109,7 @@ impl SaltClient {
     /// before the request goes out.
     pub async fn publish(&self, p: &Publish) -> Result<(Published, JobWatch), RequestError> {
         let jid = jobs::new_jid();
-        let watch = self.tracker.watch(&jid);
+        let watch = self.tracker.watch(&jid).with_lookup(self.clone());
         let mut arg: Vec<Value> = p.arg.iter().map(from_json).collect();
         if !p.kwarg.is_empty() {
             // kwargs travel as a trailing map flagged __kwarg__, as the salt CLI sends them.
@@ -180,6 +181,38 @@ impl SaltClient {
         let (published, watch) = self.publish(p).await?;
         let outcome = watch.collect(&published.minions, timeout).await;
         Ok((published, outcome))
+    }
+
+    /// The returns the master's job cache holds for `jid` (`jobs.list_job`,
+    /// the cache named by `master_job_cache`), by minion.
+    pub async fn job_cache_returns(
+        &self,
+        jid: &str,
+        timeout: Duration,
+    ) -> Result<BTreeMap<String, MinionReturn>, RequestError> {
+        let mut kwarg = Map::new();
+        kwarg.insert("jid".into(), Json::from(jid));
+        let r = self
+            .runner("jobs.list_job", Vec::new(), kwarg, timeout)
+            .await?;
+        let mut out = BTreeMap::new();
+        if let Some(Json::Object(result)) = r.ret.get("Result") {
+            for (minion, entry) in result {
+                let retcode = entry.get("retcode").and_then(Json::as_i64);
+                // Stored as the minion sent them (`return`, `retcode`, `success`).
+                let success = entry.get("success").and_then(Json::as_bool).unwrap_or(true);
+                out.insert(
+                    minion.clone(),
+                    MinionReturn {
+                        success: success && retcode.unwrap_or(0) == 0,
+                        correlation: None,
+                        retcode,
+                        ret: entry.get("return").cloned().unwrap_or(Json::Null),
+                    },
+                );
+            }
+        }
+        Ok(out)
     }
 
     /// Calls a wheel function (see [`wheel`]).

@@ -1,17 +1,26 @@
-//! The master's request server (`ret_port`), spoken natively over ZeroMQ.
+//! The master's request server (`ret_port`), spoken natively.
 //!
 //! Clear requests `{"enc": "clear", "load": {...}}` authenticated with the
 //! master's own key file `<cachedir>/.<user>_key`, as Salt's `LocalClient`,
-//! `WheelClient` and `RunnerClient` send them (salt-protocol.md §3). One
-//! DEALER socket carries many requests at once: each goes out as
-//! `[corr_id, "", payload]`, the master's REP workers echo the envelope, and a
-//! reader task hands each reply to its caller. The master's `worker_threads`
-//! caps how many run in parallel.
+//! `WheelClient` and `RunnerClient` send them (salt-protocol.md §3). Two
+//! transports, as the master's `transport` setting says:
 //!
-//! The pure-Rust `zeromq` crate does not reconnect on its own, so a
-//! connection that fails or goes silent is dropped and the next request opens
-//! a new one. Errors are distinct: master down, authentication refused,
-//! request refused by the master, timeout.
+//! - **ZeroMQ** (the default): Salt's own clients send exactly `["",
+//!   payload]` on a REQ-like socket and get `["", reply]` back. Salt 3008's
+//!   pooled request device reads the payload from frame 2 of what its ROUTER
+//!   receives, so nothing may go in front of it: there is no room for a
+//!   correlation frame. Many requests are kept in flight by a pool of DEALER
+//!   sockets with one request on each; a socket whose request timed out is
+//!   dropped (its late reply must not be taken for the next request's), and
+//!   every socket older than the timeout with it (a master restart leaves
+//!   them all silent: the `zeromq` crate does not reconnect on its own).
+//! - **TCP** (`transport: tcp`): one connection carrying msgpack frames
+//!   `{"head": {"mid": N}, "body": envelope}`; the reply echoes the head, so
+//!   `mid` correlates and many requests share the connection.
+//!
+//! The master's `worker_threads` caps how many requests run in parallel.
+//! Errors are distinct: master down, authentication refused, request refused
+//! by the master, timeout.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -19,14 +28,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use rmpv::Value;
-use tokio::sync::{oneshot, Mutex};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{oneshot, Mutex, Semaphore};
 use zeromq::{Socket as _, SocketRecv as _, SocketSend as _, ZmqMessage};
 
+use crate::bus::codec::object_len;
 use crate::bus::event::{as_str, map_get};
 use crate::master_config::MasterConfig;
-
 /// Why a request did not get an answer.
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
@@ -55,21 +65,43 @@ pub enum RequestError {
     /// The reply was not msgpack, or not the shape expected.
     #[error("unexpected reply from salt-master: {0}")]
     BadReply(String),
+    /// The master is configured in a way we do not speak.
+    #[error("unsupported salt-master configuration: {0}")]
+    Unsupported(String),
 }
 
-type Pending = Arc<std::sync::Mutex<HashMap<u64, oneshot::Sender<Result<Value, String>>>>>;
+/// Most ZeroMQ sockets kept open to the master (each carries one request at a
+/// time). More than the master's `worker_threads` only queues at the master.
+pub const DEFAULT_MAX_SOCKETS: usize = 32;
 
-struct Conn {
-    send: zeromq::DealerSendHalf,
-    pending: Pending,
-    reader: tokio::task::JoinHandle<()>,
-    generation: u64,
+/// Which request channel the master speaks (its `transport` setting).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// `transport: zeromq`, the default.
+    Zeromq,
+    /// `transport: tcp`: Salt's plain TCP framing.
+    Tcp,
 }
 
-impl Drop for Conn {
-    fn drop(&mut self) {
-        self.reader.abort();
+impl Transport {
+    /// From the master config's `transport` value; `None` for one we do not speak.
+    pub fn from_master(name: &str) -> Option<Self> {
+        match name {
+            "zeromq" | "" => Some(Self::Zeromq),
+            "tcp" => Some(Self::Tcp),
+            _ => None,
+        }
     }
+}
+
+/// How one round trip failed, before it is told apart as down/timeout.
+enum Failure {
+    /// The connection could not be made or broke.
+    Down(String),
+    /// Nothing came back within the timeout.
+    Silent,
+    /// Something came back that is not a reply.
+    Bad(String),
 }
 
 /// A client of the master's request server; cheap to clone, safe to share.
@@ -85,9 +117,12 @@ struct Inner {
     user: String,
     timeout: Duration,
     key: std::sync::Mutex<Option<String>>,
-    conn: Mutex<Option<Conn>>,
-    next_id: AtomicU64,
-    generation: AtomicU64,
+    channel: Channel,
+}
+
+enum Channel {
+    Zmq(ZmqPool),
+    Tcp(TcpChannel),
 }
 
 impl std::fmt::Debug for ReqClient {
@@ -101,8 +136,16 @@ impl std::fmt::Debug for ReqClient {
 }
 
 impl ReqClient {
-    /// A client for the master described by `master`, with a per-request timeout.
-    pub fn new(master: &MasterConfig, timeout: Duration) -> Self {
+    /// A client for the master described by `master`, with a per-request
+    /// timeout. A `transport` we do not speak is an error naming it.
+    pub fn new(master: &MasterConfig, timeout: Duration) -> Result<Self, RequestError> {
+        let transport = Transport::from_master(&master.transport).ok_or_else(|| {
+            RequestError::Unsupported(format!(
+                "{}: transport {:?} (salt-steward speaks zeromq and tcp)",
+                master.path.display(),
+                master.transport
+            ))
+        })?;
         let host = match master.interface.as_str() {
             "0.0.0.0" | "" => "127.0.0.1".to_owned(),
             "::" => "::1".to_owned(),
@@ -113,27 +156,37 @@ impl ReqClient {
         } else {
             format!("{host}:{}", master.ret_port)
         };
-        Self::with_key_file(
+        Ok(Self::with_key_file(
             addr,
+            transport,
             master.cachedir.join(format!(".{}_key", master.user)),
             master.user.clone(),
             timeout,
-        )
+        ))
     }
 
     /// A client for `addr` (host:port) using an explicit key file.
-    pub fn with_key_file(addr: String, key_file: PathBuf, user: String, timeout: Duration) -> Self {
+    pub fn with_key_file(
+        addr: String,
+        transport: Transport,
+        key_file: PathBuf,
+        user: String,
+        timeout: Duration,
+    ) -> Self {
+        let uri = format!("tcp://{addr}");
+        let channel = match transport {
+            Transport::Zeromq => Channel::Zmq(ZmqPool::new(uri.clone(), DEFAULT_MAX_SOCKETS)),
+            Transport::Tcp => Channel::Tcp(TcpChannel::new(addr.clone())),
+        };
         Self {
             inner: Arc::new(Inner {
-                uri: format!("tcp://{addr}"),
+                uri,
                 addr,
                 key_file,
                 user,
                 timeout,
                 key: std::sync::Mutex::new(None),
-                conn: Mutex::new(None),
-                next_id: AtomicU64::new(1),
-                generation: AtomicU64::new(0),
+                channel,
             }),
         }
     }
@@ -214,76 +267,16 @@ impl ReqClient {
             (Value::from("load"), load),
             (Value::from("version"), Value::from(3)),
         ]);
-        let mut payload = Vec::with_capacity(256);
-        // Writing into a Vec cannot fail.
-        let _ = rmpv::encode::write_value(&mut payload, &envelope);
-
-        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        let generation = {
-            let mut guard = self.inner.conn.lock().await;
-            if guard.is_none() {
-                *guard = Some(self.connect().await?);
-            }
-            let Some(conn) = guard.as_mut() else {
-                return Err(self.down("no connection"));
-            };
-            conn.pending
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .insert(id, tx);
-            let frames = vec![
-                Bytes::copy_from_slice(&id.to_be_bytes()),
-                Bytes::new(),
-                Bytes::from(payload),
-            ];
-            let msg = ZmqMessage::try_from(frames)
-                .map_err(|e| RequestError::BadReply(format!("building request: {e}")))?;
-            let sent = tokio::time::timeout(self.inner.timeout, conn.send.send(msg)).await;
-            match sent {
-                Ok(Ok(())) => conn.generation,
-                Ok(Err(e)) => {
-                    *guard = None;
-                    return Err(self.down(&format!("send failed: {e}")));
-                }
-                Err(_) => {
-                    *guard = None;
-                    return Err(self.down_or_timeout().await);
-                }
-            }
+        let timeout = self.inner.timeout;
+        let outcome = match &self.inner.channel {
+            Channel::Zmq(pool) => pool.round_trip(&envelope, timeout).await,
+            Channel::Tcp(tcp) => tcp.round_trip(envelope, timeout).await,
         };
-
-        match tokio::time::timeout(self.inner.timeout, rx).await {
-            Ok(Ok(Ok(reply))) => Ok(reply),
-            Ok(Ok(Err(reason))) => Err(RequestError::BadReply(reason)),
-            // The reader ended: the connection is gone.
-            Ok(Err(_)) => {
-                self.drop_conn(generation).await;
-                Err(self.down("connection lost"))
-            }
-            Err(_) => {
-                self.forget(id).await;
-                // A silent connection may be one to a master that restarted
-                // (the zeromq crate does not notice): start afresh next time.
-                self.drop_conn(generation).await;
-                Err(self.down_or_timeout().await)
-            }
-        }
-    }
-
-    async fn forget(&self, id: u64) {
-        if let Some(conn) = self.inner.conn.lock().await.as_ref() {
-            conn.pending
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .remove(&id);
-        }
-    }
-
-    async fn drop_conn(&self, generation: u64) {
-        let mut guard = self.inner.conn.lock().await;
-        if guard.as_ref().is_some_and(|c| c.generation == generation) {
-            *guard = None;
+        match outcome {
+            Ok(reply) => Ok(reply),
+            Err(Failure::Down(reason)) => Err(self.down(&reason)),
+            Err(Failure::Bad(reason)) => Err(RequestError::BadReply(reason)),
+            Err(Failure::Silent) => Err(self.down_or_timeout().await),
         }
     }
 
@@ -311,23 +304,241 @@ impl ReqClient {
             Err(_) => self.down("TCP connect timed out"),
         }
     }
+}
 
-    async fn connect(&self) -> Result<Conn, RequestError> {
-        let mut socket = zeromq::DealerSocket::new();
-        match tokio::time::timeout(self.inner.timeout, socket.connect(&self.inner.uri)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(self.down(&e.to_string())),
-            Err(_) => return Err(self.down("connect timed out")),
+/// ZeroMQ sockets to the master, one request on each at a time.
+struct ZmqPool {
+    uri: String,
+    /// Connected sockets waiting for a request, with the epoch they were made in.
+    idle: std::sync::Mutex<Vec<(u64, zeromq::DealerSocket)>>,
+    /// Bounds the sockets (idle or busy).
+    slots: Semaphore,
+    /// Bumped when a request goes unanswered: sockets from an older epoch may
+    /// be connections to a master that is gone, and are not reused.
+    epoch: AtomicU64,
+}
+
+impl ZmqPool {
+    fn new(uri: String, max_sockets: usize) -> Self {
+        Self {
+            uri,
+            idle: std::sync::Mutex::new(Vec::new()),
+            slots: Semaphore::new(max_sockets.clamp(1, Semaphore::MAX_PERMITS)),
+            epoch: AtomicU64::new(0),
         }
-        let (send, mut recv) = socket.split();
+    }
+
+    fn take_idle(&self) -> Option<(u64, zeromq::DealerSocket)> {
+        let current = self.epoch.load(Ordering::Acquire);
+        let mut idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Older sockets are dropped (closed) here.
+        idle.retain(|(epoch, _)| *epoch == current);
+        idle.pop()
+    }
+
+    fn put_back(&self, epoch: u64, socket: zeromq::DealerSocket) {
+        if epoch == self.epoch.load(Ordering::Acquire) {
+            self.idle
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push((epoch, socket));
+        }
+    }
+
+    async fn connect(&self, timeout: Duration) -> Result<zeromq::DealerSocket, Failure> {
+        let mut socket = zeromq::DealerSocket::new();
+        match tokio::time::timeout(timeout, socket.connect(&self.uri)).await {
+            Ok(Ok(())) => Ok(socket),
+            Ok(Err(e)) => Err(Failure::Down(e.to_string())),
+            Err(_) => Err(Failure::Down("connect timed out".to_owned())),
+        }
+    }
+
+    /// One request on one socket: `["", payload]` out, `["", reply]` back.
+    async fn round_trip(&self, envelope: &Value, timeout: Duration) -> Result<Value, Failure> {
+        let mut payload = Vec::with_capacity(256);
+        // Writing into a Vec cannot fail.
+        let _ = rmpv::encode::write_value(&mut payload, envelope);
+        // The wait for a free socket is local queueing, not the master's time.
+        let _slot = self
+            .slots
+            .acquire()
+            .await
+            .map_err(|_| Failure::Down("client closed".to_owned()))?;
+        let (epoch, mut socket) = match self.take_idle() {
+            Some(s) => s,
+            None => {
+                let epoch = self.epoch.load(Ordering::Acquire);
+                (epoch, self.connect(timeout).await?)
+            }
+        };
+        let msg = ZmqMessage::try_from(vec![Bytes::new(), Bytes::from(payload)])
+            .map_err(|e| Failure::Bad(format!("building request: {e}")))?;
+        let exchange = async {
+            socket
+                .send(msg)
+                .await
+                .map_err(|e| Failure::Down(format!("send failed: {e}")))?;
+            socket
+                .recv()
+                .await
+                .map_err(|e| Failure::Down(format!("connection lost: {e}")))
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(Ok(reply)) => {
+                let frames = reply.into_vec();
+                let body = frames.last().cloned().unwrap_or_default();
+                self.put_back(epoch, socket);
+                decode_reply(&body).map_err(Failure::Bad)
+            }
+            // A broken socket is dropped; the others may be fine.
+            Ok(Err(failure)) => Err(failure),
+            Err(_) => {
+                // Its late reply must not reach another request, and a silent
+                // master may have restarted: start afresh with every socket.
+                self.epoch.fetch_add(1, Ordering::AcqRel);
+                Err(Failure::Silent)
+            }
+        }
+    }
+}
+
+type Pending = Arc<std::sync::Mutex<HashMap<u64, oneshot::Sender<Result<Value, String>>>>>;
+
+/// `transport: tcp`: one connection, requests correlated by `head.mid`.
+struct TcpChannel {
+    addr: String,
+    conn: Mutex<Option<TcpConn>>,
+    next_mid: AtomicU64,
+    generation: AtomicU64,
+}
+
+struct TcpConn {
+    write: tokio::net::tcp::OwnedWriteHalf,
+    pending: Pending,
+    reader: tokio::task::JoinHandle<()>,
+    generation: u64,
+}
+
+impl Drop for TcpConn {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// Largest reply frame taken from a TCP master (a `key.list_all` of many
+/// thousands of keys fits easily).
+const MAX_TCP_REPLY: usize = 256 * 1024 * 1024;
+
+impl TcpChannel {
+    fn new(addr: String) -> Self {
+        Self {
+            addr,
+            conn: Mutex::new(None),
+            next_mid: AtomicU64::new(1),
+            generation: AtomicU64::new(0),
+        }
+    }
+
+    async fn round_trip(&self, envelope: Value, timeout: Duration) -> Result<Value, Failure> {
+        let mid = self.next_mid.fetch_add(1, Ordering::Relaxed);
+        let frame = Value::Map(vec![
+            (
+                Value::from("head"),
+                Value::Map(vec![(Value::from("mid"), Value::from(mid))]),
+            ),
+            (Value::from("body"), envelope),
+        ]);
+        let mut bytes = Vec::with_capacity(256);
+        let _ = rmpv::encode::write_value(&mut bytes, &frame);
+        let (tx, rx) = oneshot::channel();
+        let generation = {
+            let mut guard = self.conn.lock().await;
+            if guard.is_none() {
+                *guard = Some(self.connect(timeout).await?);
+            }
+            let Some(conn) = guard.as_mut() else {
+                return Err(Failure::Down("no connection".to_owned()));
+            };
+            conn.pending
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(mid, tx);
+            match tokio::time::timeout(timeout, conn.write.write_all(&bytes)).await {
+                Ok(Ok(())) => conn.generation,
+                Ok(Err(e)) => {
+                    *guard = None;
+                    return Err(Failure::Down(format!("send failed: {e}")));
+                }
+                Err(_) => {
+                    *guard = None;
+                    return Err(Failure::Silent);
+                }
+            }
+        };
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(Ok(reply))) => Ok(reply),
+            Ok(Ok(Err(reason))) => Err(Failure::Bad(reason)),
+            Ok(Err(_)) => {
+                self.drop_conn(generation).await;
+                Err(Failure::Down("connection lost".to_owned()))
+            }
+            Err(_) => {
+                self.forget(mid).await;
+                self.drop_conn(generation).await;
+                Err(Failure::Silent)
+            }
+        }
+    }
+
+    async fn forget(&self, mid: u64) {
+        if let Some(conn) = self.conn.lock().await.as_ref() {
+            conn.pending
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&mid);
+        }
+    }
+
+    async fn drop_conn(&self, generation: u64) {
+        let mut guard = self.conn.lock().await;
+        if guard.as_ref().is_some_and(|c| c.generation == generation) {
+            *guard = None;
+        }
+    }
+
+    async fn connect(&self, timeout: Duration) -> Result<TcpConn, Failure> {
+        let stream =
+            match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&self.addr)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return Err(Failure::Down(e.to_string())),
+                Err(_) => return Err(Failure::Down("connect timed out".to_owned())),
+            };
+        let _ = stream.set_nodelay(true);
+        let (mut read, write) = stream.into_split();
         let pending: Pending = Arc::default();
         let for_reader = pending.clone();
         let reader = tokio::spawn(async move {
-            loop {
-                let Ok(msg) = recv.recv().await else {
-                    break;
-                };
-                deliver(&for_reader, msg);
+            let mut buf = BytesMut::with_capacity(64 * 1024);
+            'read: loop {
+                match read.read_buf(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                loop {
+                    match object_len(&buf, MAX_TCP_REPLY) {
+                        Ok(None) => break,
+                        Ok(Some(len)) => {
+                            let frame = buf.split_to(len);
+                            deliver_tcp(&for_reader, &frame);
+                        }
+                        // Out of step: nothing after this can be trusted.
+                        Err(_) => break 'read,
+                    }
+                }
             }
             // Dropping the senders tells every waiter the connection is gone.
             for_reader
@@ -335,45 +546,54 @@ impl ReqClient {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .clear();
         });
-        Ok(Conn {
-            send,
+        Ok(TcpConn {
+            write,
             pending,
             reader,
-            generation: self.inner.generation.fetch_add(1, Ordering::Relaxed) + 1,
+            generation: self.generation.fetch_add(1, Ordering::Relaxed) + 1,
         })
     }
 }
 
-/// Hands a reply `[corr_id, "", body]` to its waiter.
-fn deliver(pending: &Pending, msg: ZmqMessage) {
-    let frames = msg.into_vec();
-    let (Some(id), Some(body)) = (frames.first(), frames.last()) else {
+/// Hands a TCP reply frame `{"head": {"mid"}, "body"}` to its waiter.
+fn deliver_tcp(pending: &Pending, frame: &[u8]) {
+    let Ok(value) = rmpv::decode::read_value_with_max_depth(&mut &frame[..], 512) else {
         return;
     };
-    let Ok(id) = <[u8; 8]>::try_from(id.as_ref()) else {
+    let Some(mid) = map_get(&value, "head")
+        .and_then(|h| map_get(h, "mid"))
+        .and_then(Value::as_u64)
+    else {
         return;
     };
-    let id = u64::from_be_bytes(id);
     let waiter = pending
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .remove(&id);
+        .remove(&mid);
     if let Some(waiter) = waiter {
-        let reply = decode_reply(body);
+        let reply = match map_get(&value, "body") {
+            Some(body) => Ok(unwrap_clear(body.clone())),
+            None => Err("reply frame has no body".to_owned()),
+        };
         let _ = waiter.send(reply);
     }
+}
+
+/// Removes the `{"enc": "clear", "load": …}` wrapper of a decoded reply.
+fn unwrap_clear(value: Value) -> Value {
+    if map_get(&value, "enc").is_some() {
+        if let Some(load) = map_get(&value, "load") {
+            return load.clone();
+        }
+    }
+    value
 }
 
 /// Decodes a reply and removes the `{"enc": "clear", "load": …}` wrapper.
 pub fn decode_reply(body: &[u8]) -> Result<Value, String> {
     let value = rmpv::decode::read_value_with_max_depth(&mut &body[..], 512)
         .map_err(|e| format!("reply is not msgpack: {e}"))?;
-    if map_get(&value, "enc").is_some() {
-        if let Some(load) = map_get(&value, "load") {
-            return Ok(load.clone());
-        }
-    }
-    Ok(value)
+    Ok(unwrap_clear(value))
 }
 
 /// `{"error": {"name", "message"}}` as the master sends it, possibly inside

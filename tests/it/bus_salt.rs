@@ -35,11 +35,24 @@ fn wait_connected(w: &mut LineChild) {
 #[test]
 fn watch_sees_a_minions_auth_and_start_events() {
     let mut salt = SaltHarness::start();
-    let mut w = watch(&salt.master_config(), &[]);
+    // One watcher shows everything; another stops at the minion's start
+    // event and reports its reader's counters.
+    let mut all = watch(&salt.master_config(), &[]);
+    wait_connected(&mut all);
+    let mut w = watch(
+        &salt.master_config(),
+        &[
+            "--tag",
+            "salt/minion/m-auth-1/start",
+            "--count",
+            "1",
+            "--stats",
+        ],
+    );
     wait_connected(&mut w);
     salt.start_minion("m-auth-1");
 
-    let auth = w.wait_line("salt/auth from m-auth-1", T, |l| {
+    let auth = all.wait_line("salt/auth from m-auth-1", T, |l| {
         let v = json_line(l);
         v["tag"] == "salt/auth" && v["data"]["id"] == "m-auth-1"
     });
@@ -50,6 +63,7 @@ fn watch_sees_a_minions_auth_and_start_events() {
     w.wait_line("minion start", T, |l| {
         tag_of(l) == "salt/minion/m-auth-1/start"
     });
+    assert_no_decode_errors(&mut w);
 }
 
 #[test]
@@ -69,7 +83,8 @@ fn pending_key_then_salt_key_accept_shows_pend_key_and_start() {
     assert_ok(&out);
     w.wait_line("salt/key accept", T, |l| {
         let v = json_line(l);
-        v["tag"] == "salt/key" && v["data"]["act"] == "accept"
+        // 3008 names the new state ("accepted"), older releases the act.
+        v["tag"] == "salt/key" && (v["data"]["act"] == "accept" || v["data"]["act"] == "accepted")
     });
     w.wait_line("minion start", T, |l| {
         tag_of(l) == "salt/minion/m-pend-1/start"
@@ -130,8 +145,11 @@ fn events_fired_by_us_reach_salts_own_subscriber_and_back() {
     );
     assert_eq!(without_stamp(got["data"].clone()), data);
 
-    // Salt's fire_event → ours
-    let mut w = watch(&salt.master_config(), &["--tag", "from/salt/*"]);
+    // Salt's fire_event → ours, with not one frame our reader could not decode.
+    let mut w = watch(
+        &salt.master_config(),
+        &["--tag", "from/salt/*", "--count", "1", "--stats"],
+    );
     wait_connected(&mut w);
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -144,6 +162,30 @@ fn events_fired_by_us_reach_salts_own_subscriber_and_back() {
     run_ok(fire);
     let got = json_line(&w.wait_line("event from salt", T, |l| tag_of(l) == "from/salt/two"));
     assert_eq!(without_stamp(got["data"].clone()), data);
+    assert_no_decode_errors(&mut w);
+}
+
+/// Waits for `events watch --stats`' summary and checks it decoded every frame.
+fn assert_no_decode_errors(w: &mut LineChild) {
+    w.wait_err_line("watch stats", T, |l| l.contains("\"decode_errors\""));
+    let stats = w
+        .seen_err
+        .iter()
+        .rev()
+        .find(|l| l.contains("\"decode_errors\""))
+        .map(|l| json_line(l))
+        .unwrap();
+    assert_eq!(
+        stats["decode_errors"],
+        json!(0),
+        "{stats}; stderr: {:?}",
+        w.seen_err
+    );
+    assert!(
+        !w.seen_err.iter().any(|l| l.contains("cannot decode")),
+        "{:?}",
+        w.seen_err
+    );
 }
 
 #[test]

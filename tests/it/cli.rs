@@ -138,3 +138,71 @@ fn idle_timeout_counts_only_matching_events() {
     );
     assert!(stderr(&o).contains("\"received\":0"), "{}", stderr(&o));
 }
+
+#[test]
+fn the_daemon_refuses_an_out_of_range_number_at_start_up_without_panicking() {
+    // `keys.bits: 1000` used to start the daemon, whose key pool then logged
+    // a failure every 2 s forever.
+    let dir = tempfile::tempdir().unwrap();
+    let master = fake_master(dir.path());
+    let cfg = dir.path().join("steward.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "master_config: {}\nregistry: sqlite://{}/registry.db\nkeys:\n  dir: {}/keys\n  bits: 1000\n",
+            master.display(),
+            dir.path().display(),
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let mut child = steward()
+        .arg("--config")
+        .arg(&cfg)
+        .arg("daemon")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A daemon that started would never exit by itself: bound the wait.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the daemon started with keys.bits: 1000");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let o = child.wait_with_output().unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let want = format!(
+        "config {}: keys.bits: 1000 is out of range (allowed 2048 to 8192) at line 5",
+        cfg.display()
+    );
+    assert!(err.contains(&want), "want {want:?}, got {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        !dir.path().join("registry.db").exists(),
+        "nothing was started"
+    );
+}
+
+#[test]
+fn an_impossible_idle_timeout_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = fake_master(dir.path());
+    for value in ["-1", "1e300", "NaN"] {
+        let o = steward_for(
+            &master,
+            &["events", "watch", &format!("--idle-timeout={value}")],
+        )
+        .output()
+        .unwrap();
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{value}: {err}");
+        assert!(err.contains("--idle-timeout"), "{value}: {err}");
+        assert!(!err.contains("panicked"), "{value}: {err}");
+    }
+}

@@ -11,6 +11,11 @@ use serde_json::Value;
 use crate::support::{steward_for, text, MasterOptions, SaltHarness};
 
 const SIGNING_ON: &str = "master_sign_pubkey: True\nmaster_use_pubkey_signature: True\n";
+
+/// Salt 3008's default signature file is `<master id>_pubkey_signature`
+/// (3006 and 3007: `master_pubkey_signature`): named, every release (and
+/// `salt-key --gen-signature`) uses the file `pki init` writes.
+const SIGNATURE_NAMED: &str = "master_pubkey_signature: master_pubkey_signature\n";
 /// What the minion logs (error level) when the master's signature fails.
 const VERIFY_FAILED: &str = "signature verification failed";
 
@@ -25,10 +30,12 @@ fn json_ok(o: &Output) -> Value {
 
 /// A master that does not auto-accept: keys are accepted through the wheel.
 fn master() -> SaltHarness {
-    SaltHarness::start_with(MasterOptions {
+    let mut h = SaltHarness::start_with(MasterOptions {
         auto_accept: false,
         ..MasterOptions::default()
-    })
+    });
+    h.append_master_config(SIGNATURE_NAMED);
+    h
 }
 
 /// Turns on the pre-made signature in the master config and restarts it.
@@ -113,13 +120,28 @@ fn pki_init_signature_lets_a_verifying_minion_in() {
     assert!(!log.contains(VERIFY_FAILED), "{log}");
 }
 
-/// Documents upstream bug saltstack/salt#68930 (3006.x) / #66259 (3007.x):
-/// `salt-key --gen-signature` signs master.pub with its trailing newline, the
-/// master sends it stripped, so every verifying minion refuses the master.
-/// When Salt fixes it, this test fails and says so. Then `pki init` repairs
-/// the setup: it replaces the signature and a new minion gets in.
+/// Whether `salt-key --gen-signature` of this release still signs master.pub
+/// with its trailing newline (upstream saltstack/salt#68930 on 3006.x, #66259
+/// on 3007.x), which every verifying minion refuses. Fixed (it signs
+/// `clean_key(master.pub)`, as `pki init` does) in 3006.30, 3007.17 and 3008;
+/// wrong in 3006.9 and 3007.8.
+fn gen_signature_is_buggy((major, minor): (u32, u32)) -> bool {
+    match major {
+        3006 => minor < 30,
+        3007 => minor < 17,
+        _ => false,
+    }
+}
+
+/// Per release: `salt-key --gen-signature`'s signature either lets a
+/// verifying minion in (fixed releases: `pki verify` agrees, `pki init` keeps
+/// it) or not (upstream bug: `pki verify` names the newline form, the minion
+/// refuses the master, and `pki init` repairs it). A release that behaves
+/// otherwise than the table above fails this test and says so.
 #[test]
-fn pki_salt_key_gen_signature_fails_on_pinned_salt_upstream_bug_68930_66259() {
+fn pki_salt_key_gen_signature_per_release_upstream_bug_68930_66259() {
+    let release = crate::support::salt::salt_version();
+    let buggy = gen_signature_is_buggy(release);
     let mut h = master();
     let o = h.master_cmd("salt-key", &["--gen-signature", "--auto-create"]);
     assert!(o.status.success(), "{}", text(&o));
@@ -130,8 +152,31 @@ fn pki_salt_key_gen_signature_fails_on_pinned_salt_upstream_bug_68930_66259() {
         text(&o)
     );
     let salt_sig = std::fs::read(&sig_path).unwrap();
+    let vj = steward(&h, &["pki", "verify", "--json"]);
+    let vj_out: Value = serde_json::from_slice(&vj.stdout).unwrap();
+
+    if !buggy {
+        assert_eq!(
+            vj_out["covers"], "clean",
+            "Salt {release:?}: salt-key --gen-signature was expected to sign clean_key(master.pub): {vj_out}"
+        );
+        assert!(vj.status.success(), "{}", text(&vj));
+        restart_signing(&mut h);
+        start_verifying_minion_and_accept(&mut h, "saltsig-1");
+        assert!(
+            answers_ping(&h, "saltsig-1", Duration::from_secs(90)),
+            "Salt {release:?}: a minion verifying salt-key --gen-signature's signature did not answer; minion log:\n{}",
+            h.log_tail("n-saltsig-1/minion.log")
+        );
+        let r = json_ok(&steward(&h, &["pki", "init", "--json"]));
+        assert_eq!(r["signature"]["action"], "kept", "{r}");
+        assert_eq!(std::fs::read(&sig_path).unwrap(), salt_sig, "untouched");
+        return;
+    }
 
     // pki verify names salt-key's form and fails.
+    assert_eq!(vj.status.code(), Some(1), "{}", text(&vj));
+    assert_eq!(vj_out["covers"], "with_newline", "{vj_out}");
     let v = steward(&h, &["pki", "verify"]);
     assert_eq!(v.status.code(), Some(1), "{}", text(&v));
     let out = String::from_utf8_lossy(&v.stdout);
@@ -141,10 +186,6 @@ fn pki_salt_key_gen_signature_fails_on_pinned_salt_upstream_bug_68930_66259() {
         "{}",
         text(&v)
     );
-    let vj = steward(&h, &["pki", "verify", "--json"]);
-    assert_eq!(vj.status.code(), Some(1), "{}", text(&vj));
-    let vj: Value = serde_json::from_slice(&vj.stdout).unwrap();
-    assert_eq!(vj["covers"], "with_newline", "{vj}");
 
     restart_signing(&mut h);
     start_verifying_minion_and_accept(&mut h, "saltsig-1");
@@ -154,8 +195,8 @@ fn pki_salt_key_gen_signature_fails_on_pinned_salt_upstream_bug_68930_66259() {
     }
     assert!(
         !answers_ping(&h, "saltsig-1", Duration::ZERO),
-        "Salt seems to have fixed the signature bug: revisit (saltstack/salt#68930, #66259): \
-         a minion verifying salt-key --gen-signature's signature answered test.ping"
+        "Salt {release:?} seems to have fixed the signature bug: revisit gen_signature_is_buggy \
+         (saltstack/salt#68930, #66259): a minion verifying salt-key --gen-signature's signature answered test.ping"
     );
     let log = minion_log(&h, "saltsig-1");
     assert!(

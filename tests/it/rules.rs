@@ -114,6 +114,27 @@ fn rules_check_names_file_line_column_and_rule_of_each_broken_file() {
 }
 
 #[test]
+fn rules_check_refuses_an_out_of_range_debounce_naming_file_key_and_range() {
+    // Accepted before, and then the rules task panicked adding it to an Instant.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("huge.yaml");
+    std::fs::write(
+        &path,
+        "rules:\n  - name: forever\n    on: x\n    debounce: 10000000000000000000s\n    do:\n      - fire: { tag: out }\n",
+    )
+    .unwrap();
+    let o = rules_cli(&["check", dir.path().to_str().unwrap()]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    let want = format!(
+        "{}:4:5: rule forever: debounce: 10000000000000000000s is out of range (allowed 1ms to 1d)",
+        path.display()
+    );
+    assert_eq!(err.lines().next(), Some(want.as_str()), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
 fn rules_test_shows_matches_and_rendered_actions_without_running() {
     let reactors = repo().join("reactors");
     let r = reactors.to_str().unwrap();

@@ -33,6 +33,22 @@ pub fn salt_bin_dir() -> PathBuf {
     dir
 }
 
+/// The Salt release the tests run against (`salt-master --version`), e.g. `(3008, 5)`.
+pub fn salt_version() -> (u32, u32) {
+    static VERSION: std::sync::OnceLock<(u32, u32)> = std::sync::OnceLock::new();
+    *VERSION.get_or_init(|| {
+        let out = Command::new(salt_bin_dir().join("salt-master"))
+            .arg("--version")
+            .output()
+            .expect("running salt-master --version");
+        // "salt-master 3008.5 (Potassium)"
+        let text = String::from_utf8_lossy(&out.stdout);
+        let v = text.split_whitespace().nth(1).unwrap_or_default();
+        let mut parts = v.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+        (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+    })
+}
+
 /// A free TCP port on 127.0.0.1 (the kernel picks it; it is released at once).
 pub fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("binding an ephemeral loopback port");
@@ -46,6 +62,9 @@ pub struct MasterOptions {
     pub auto_accept: bool,
     /// `ipc_mode: tcp`: the event bus on loopback TCP ports instead of unix sockets.
     pub ipc_tcp: bool,
+    /// `transport: tcp` (master and minions): Salt's plain TCP transport
+    /// instead of ZeroMQ for requests and publishes.
+    pub transport_tcp: bool,
     /// Extra lines appended to the master config.
     pub extra: String,
 }
@@ -55,6 +74,7 @@ impl Default for MasterOptions {
         Self {
             auto_accept: true,
             ipc_tcp: false,
+            transport_tcp: false,
             extra: String::new(),
         }
     }
@@ -245,6 +265,9 @@ impl SaltHarness {
             },
             srv = self.file_roots.display(),
         );
+        if self.options.transport_tcp {
+            text.push_str("transport: tcp\n");
+        }
         if self.options.ipc_tcp {
             text.push_str(&format!(
                 "ipc_mode: tcp\n\
@@ -382,7 +405,13 @@ impl SaltHarness {
              acceptance_wait_time: 1\n\
              random_reauth_delay: 0\n\
              file_client: remote\n\
+             {transport}\
              {extra}",
+            transport = if self.options.transport_tcp {
+                "transport: tcp\n"
+            } else {
+                ""
+            },
             user = current_user(),
             ret = self.ret_port,
             pub_port = self.publish_port,
@@ -460,7 +489,8 @@ impl SaltHarness {
             .expect("runtime");
         let cfg = salt_steward::master_config::MasterConfig::load(&self.master_config())
             .expect("harness master config");
-        let client = salt_steward::salt::ReqClient::new(&cfg, Duration::from_secs(2));
+        let client = salt_steward::salt::ReqClient::new(&cfg, Duration::from_secs(2))
+            .expect("harness master transport");
         let deadline = Instant::now() + Duration::from_secs(60);
         rt.block_on(async {
             while client.ping().await.is_err() {
