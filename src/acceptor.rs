@@ -423,8 +423,15 @@ impl Acceptor {
     }
 
     async fn registered(&self, server: &Server) {
-        if let Err(error) = self.service.set_status(server, Status::Registered).await {
-            warn!(message = "Status not recorded.", minion_id = %server.minion_id, %error);
+        match self.service.set_status(server, Status::Registered).await {
+            Ok(Some(_)) => {}
+            // Moved on meanwhile (started, rekeyed): that change stands.
+            Ok(None) => {
+                info!(message = "Status changed meanwhile; registered not recorded.", minion_id = %server.minion_id)
+            }
+            Err(error) => {
+                warn!(message = "Status not recorded.", minion_id = %server.minion_id, %error)
+            }
         }
         self.fire(
             MINION_REGISTERED,
@@ -525,9 +532,15 @@ impl Acceptor {
         if server.status == Status::Online {
             return;
         }
-        if let Err(error) = self.service.set_status(&server, Status::Online).await {
-            warn!(message = "Status not recorded.", minion_id = %id, %error);
-            return;
+        match self.service.set_status(&server, Status::Online).await {
+            Ok(Some(_)) => {}
+            // Another writer moved it first (another master's daemon saw the
+            // start too): it provisions, not this one.
+            Ok(None) => return,
+            Err(error) => {
+                warn!(message = "Status not recorded.", minion_id = %id, %error);
+                return;
+            }
         }
         info!(message = "Server online.", minion_id = %id, server = %server.name);
         if first {

@@ -9,6 +9,7 @@
 //! - [`salt`]: the master's request server (publish, wheel, runner) and job tracking.
 //! - [`registry`]: server models, servers and the outbox of their changes (SQLite or PostgreSQL).
 //! - [`rules`]: reactor rules from YAML files, hot-reloaded (match, render, run, report).
+//! - [`lifecycle`]: a server's key across registry, key files and master (rekey, retire, bundle).
 //! - [`service_bus`]: registry requests on the bus (parse, trust, serve).
 //! - [`daemon`]: the long-running process (request server, outbox dispatcher).
 //! - [`telemetry`]: logging and the one place each occurrence is logged.
@@ -20,6 +21,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod daemon;
+pub mod lifecycle;
 pub mod master_config;
 pub mod pki;
 pub mod registry;

@@ -3,7 +3,10 @@
 //! Requests are events `steward/v1/<server|model>/<create|find|update|delete>`
 //! whose data is a map with a `request_id` beside the arguments; the reply is
 //! fired as `steward/v1/reply/<request_id>`: `{ok: true, result}` or
-//! `{ok: false, error: {code, message}}`.
+//! `{ok: false, error: {code, message}}`. A server `update` may carry the
+//! `revision` it was made from: refused with `conflict` if the server moved
+//! on; without it the patch is applied to the server as it is (never a
+//! stale write-back, see [`registry::Service::update_server`]).
 //!
 //! Who may change the registry. Salt's bus carries no sender identity, and a
 //! minion can make the master fire an event with any non-blacklisted tag and

@@ -6,15 +6,11 @@
 
 use std::io::Write as _;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use serde_json::Value as Json;
-
-use crate::config::AcceptMode;
-use crate::master_config::MasterConfig;
-use crate::pki::bundle::{self, BundleSpec};
+use crate::lifecycle;
 use crate::pki::{files, KeyIssuer};
-use crate::salt::{key_dict, ReqClient};
+use crate::salt::ReqClient;
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use serde::Serialize;
@@ -78,9 +74,10 @@ pub enum ServerCommand {
         json: bool,
     },
     /// Change a server: KEY=VALUE… (an empty VALUE clears). Keys: name, model,
-    /// key_fingerprint, status, is_vm, vm_host, external_ip, internal_ip,
-    /// is_proxmox_host, proxmox_node, external_interface, nginx_proxy,
-    /// samba_managed, samba_base_folder, users (comma-separated).
+    /// status, is_vm, vm_host, external_ip, internal_ip, is_proxmox_host,
+    /// proxmox_node, external_interface, nginx_proxy, samba_managed,
+    /// samba_base_folder, users (comma-separated); revision=N refuses the
+    /// change (conflict) if the server is no longer at revision N.
     Set {
         /// Server id or name.
         server: String,
@@ -308,7 +305,9 @@ pub async fn run_server(
         }
         ServerCommand::Bundle { server, output } => {
             let s = reg.get_server(&parse_ref(&server)).await?;
-            write_bundle(ctx, &reg, &s, &output)?;
+            let keys = reg.keys().ok_or(lifecycle::LifecycleError::NoIssuer)?;
+            let bytes = lifecycle::bundle(keys, &ctx.master()?, &ctx.settings.masters, &s)?;
+            files::create_new(&output, &bytes, 0o600)?;
             out(format_args!(
                 "wrote {} for minion {} (key {})",
                 output.display(),
@@ -317,19 +316,21 @@ pub async fn run_server(
             ))?;
         }
         ServerCommand::Rekey { server, json } => {
-            let (old, new) = reg.rekey_server(&parse_ref(&server)).await?;
-            retire_old_key(ctx, &new.minion_id).await.with_context(|| {
+            let master = ctx.master()?;
+            let req = ReqClient::new(&master, std::time::Duration::from_secs(30))?;
+            let done = lifecycle::rekey(&reg, &req, &master.pki_dir, &parse_ref(&server)).await?;
+            let (old, new) = (&done.old, &done.new);
+            done.retired.with_context(|| {
                 format!(
-                    "the registry has the new key of {} but the old one ({}) is still on the \
-                     master; the daemon retires it at its next start, or run \
-                     `salt-key -d {}`",
+                    "the registry has the new key of {} but the old one ({}) may still be on \
+                     the master; run `salt-steward server rekey` again, or `salt-key -d {}`",
                     new.minion_id,
                     old.key_fingerprint.as_deref().unwrap_or("-"),
                     new.minion_id
                 )
             })?;
             if json {
-                print_json(&new)?;
+                print_json(new)?;
             } else {
                 out(format_args!(
                     "{}: new key {} (old {} retired); write its bundle with `server bundle`",
@@ -341,82 +342,6 @@ pub async fn run_server(
         }
     }
     Ok(std::process::ExitCode::SUCCESS)
-}
-
-/// Writes the bundle of `server` to `output` (0600, never over an existing file).
-fn write_bundle(
-    ctx: &Context,
-    reg: &Service<DbStore>,
-    server: &Server,
-    output: &Path,
-) -> anyhow::Result<()> {
-    let keys = reg
-        .keys()
-        .context("no key issuer configured (keys.dir in the config)")?;
-    let pair = keys.private_pem(&server.minion_id).with_context(|| {
-        format!(
-            "the private key of {} (issued on another master?)",
-            server.minion_id
-        )
-    })?;
-    let master = ctx.master()?;
-    let sign_pub = master
-        .pki_dir
-        .join(format!("{}.pub", master.master_sign_key_name));
-    let sign_text = std::fs::read_to_string(&sign_pub).with_context(|| {
-        format!(
-            "reading the signing key {} (create it with `salt-steward pki init`)",
-            sign_pub.display()
-        )
-    })?;
-    let masters = if ctx.settings.masters.is_empty() {
-        vec![this_master(&master)]
-    } else {
-        ctx.settings.masters.clone()
-    };
-    let bytes = bundle::build(&BundleSpec {
-        minion_id: &server.minion_id,
-        pair: &pair,
-        master_sign_pub: &sign_text,
-        masters: &masters,
-        transport: &master.transport,
-    })
-    .context("building the bundle")?;
-    files::create_new(output, &bytes, 0o600)?;
-    Ok(())
-}
-
-/// How a minion reaches this master when the config lists no `masters`.
-fn this_master(master: &MasterConfig) -> String {
-    let host = match master.interface.as_str() {
-        "0.0.0.0" | "::" | "" => std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_owned())
-            .unwrap_or_else(|_| "salt".to_owned()),
-        other => other.to_owned(),
-    };
-    if master.ret_port == 4506 {
-        host
-    } else {
-        format!("{host}:{}", master.ret_port)
-    }
-}
-
-/// Removes every key the master holds for `minion_id` except, in preseed
-/// mode, the accepted one (just replaced by the new key).
-async fn retire_old_key(ctx: &Context, minion_id: &str) -> anyhow::Result<()> {
-    let master = ctx.master()?;
-    let mut dirs = vec!["minions_pre", "minions_rejected", "minions_denied"];
-    if ctx.settings.keys.accept_mode != AcceptMode::Preseed {
-        dirs.push("minions");
-    }
-    let m: serde_json::Map<String, Json> = dirs
-        .into_iter()
-        .map(|d| (d.to_owned(), Json::from(vec![minion_id])))
-        .collect();
-    let req = ReqClient::new(&master, std::time::Duration::from_secs(30))?;
-    let r = key_dict(&req, "key.delete_dict", Json::Object(m)).await?;
-    anyhow::ensure!(r.success, "key.delete_dict failed: {}", r.ret);
-    Ok(())
 }
 
 fn parse_ref(s: &str) -> ServerRef {
@@ -471,7 +396,7 @@ fn show_model(m: &ServerModel) -> anyhow::Result<()> {
 
 fn show_server(s: &Server) -> anyhow::Result<()> {
     let opt = |v: Option<String>| v.unwrap_or_default();
-    let rows: [(&str, String); 19] = [
+    let rows: [(&str, String); 20] = [
         ("id", s.id.to_string()),
         ("name", s.name.clone()),
         ("model", s.model.clone()),
@@ -489,6 +414,7 @@ fn show_server(s: &Server) -> anyhow::Result<()> {
         ("samba_managed", s.samba_managed.to_string()),
         ("samba_base_folder", opt(s.samba_base_folder.clone())),
         ("users", s.users.join(",")),
+        ("revision", s.revision.to_string()),
         ("created_at", s.created_at.to_string()),
         ("updated_at", s.updated_at.to_string()),
     ];

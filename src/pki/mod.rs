@@ -8,6 +8,6 @@ pub mod issuer;
 pub mod keys;
 pub mod master;
 
-pub use issuer::{Issued, KeyIssuer};
+pub use issuer::{Claim, IssueError, Issued, KeyIssuer};
 pub use keys::{clean_key, fingerprint, KeyError, KeyPair};
 pub use master::{Covers, PkiError};

@@ -152,6 +152,11 @@ pub struct Server {
     /// (as the master stores it), compared as text with what a minion presents.
     #[serde(default)]
     pub public_key: Option<String>,
+    /// Incremented by every write of the row (starts at 1): a patch may name
+    /// the revision it was made from and is refused with [`Error::Conflict`]
+    /// when the row has moved on since.
+    #[serde(default)]
+    pub revision: i64,
     /// Creation time, Unix milliseconds.
     pub created_at: i64,
     /// Last change, Unix milliseconds.
@@ -249,6 +254,28 @@ pub enum Error {
         /// What failed (names the file).
         reason: String,
     },
+    /// The generated minion id is taken (by a server, or by a key file):
+    /// creating retries with a new one, a bounded number of times.
+    #[error("minion id {minion_id} is taken ({by})")]
+    MinionIdTaken {
+        /// The minion id.
+        minion_id: String,
+        /// What holds it: a server of the registry, or a key file.
+        by: String,
+    },
+    /// The record changed since the caller read it (optimistic concurrency):
+    /// nothing was written; read it again and reapply.
+    #[error("{kind} {key} changed meanwhile: it is at revision {current}, not {expected}")]
+    Conflict {
+        /// `server`.
+        kind: &'static str,
+        /// How it was named.
+        key: String,
+        /// The revision the caller's change was made from.
+        expected: i64,
+        /// The revision stored now.
+        current: i64,
+    },
     /// The database failed (not a constraint the registry knows about).
     #[error("registry database, {op}: {source}")]
     Database {
@@ -271,6 +298,8 @@ impl Error {
             Error::InvalidValue { .. } => "invalid_value",
             Error::NotFound { .. } => "not_found",
             Error::Keys { .. } => "key_issue",
+            Error::MinionIdTaken { .. } => "minion_id_taken",
+            Error::Conflict { .. } => "conflict",
             Error::Database { .. } => "database",
         }
     }

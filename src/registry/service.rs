@@ -12,9 +12,9 @@ use std::sync::Arc;
 use serde_json::Value as Json;
 
 use super::group_commit::GroupCommit;
-use super::store::{Filter, ServerKey};
+use super::store::{Filter, KeyColumns, ServerKey};
 use super::{Error, OutboxEntry, Server, ServerModel, ServerRef, Status, Store};
-use crate::pki::KeyIssuer;
+use crate::pki::{fingerprint, IssueError, KeyIssuer};
 
 /// Longest hostname (RFC 1123 with RFC 1035's limit).
 const MAX_HOSTNAME: usize = 253;
@@ -24,6 +24,13 @@ const MAX_LABEL: usize = 63;
 const MAX_IFNAME: usize = 15;
 /// Longest user name `useradd` accepts by default.
 const MAX_USER: usize = 32;
+/// Minion ids tried for one new server before giving up: with 32 random
+/// bits per id, a second collision in a row already means something else
+/// is wrong (a broken random source, a directory full of stray key files).
+const MINION_ID_TRIES: usize = 8;
+/// Times a patch without an expected revision is reapplied to a re-read row
+/// when another writer got in between read and write.
+const UPDATE_TRIES: usize = 5;
 
 /// Changes to a model; `None` leaves a field as it is.
 #[derive(Debug, Clone, Default)]
@@ -43,8 +50,10 @@ pub struct ServerPatch {
     pub name: Option<String>,
     /// Model name.
     pub model: Option<String>,
-    /// Key fingerprint.
-    pub key_fingerprint: Option<Option<String>>,
+    /// The revision the change was made from (`revision=N`): when given, the
+    /// update is refused with `conflict` if the row moved on since. Without
+    /// it the patch is applied to the row as it is when written.
+    pub revision: Option<i64>,
     /// Status.
     pub status: Option<Status>,
     /// Is a VM.
@@ -75,7 +84,7 @@ pub struct ServerPatch {
 pub const SERVER_KEYS: &[&str] = &[
     "name",
     "model",
-    "key_fingerprint",
+    "revision",
     "status",
     "is_vm",
     "vm_host",
@@ -125,7 +134,19 @@ impl ServerPatch {
         match key {
             "name" => self.name = Some(v.to_owned()),
             "model" => self.model = Some(v.to_owned()),
-            "key_fingerprint" => self.key_fingerprint = Some(opt_text(v)),
+            "revision" => {
+                self.revision =
+                    Some(v.parse().map_err(|_| {
+                        Error::invalid(key, format!("{v:?} is not a revision number"))
+                    })?)
+            }
+            "key_fingerprint" | "public_key" | "minion_id" => {
+                return Err(Error::invalid(
+                    key,
+                    "set by the registry, never patched (the fingerprint is the public \
+                     key's; `server rekey` issues a new key)",
+                ))
+            }
             "status" => self.status = Some(v.parse()?),
             "is_vm" => self.is_vm = Some(parse_bool(key, v)?),
             "vm_host" => self.vm_host = Some(parse_ref(v)),
@@ -211,12 +232,26 @@ pub struct ServerFilter {
     pub changed_since: Option<i64>,
 }
 
+/// Makes a minion id for a hostname.
+type MinionIdFn = dyn Fn(&str) -> Result<String, Error> + Send + Sync;
+
+/// Where new minion ids come from: [`new_minion_id`], or a script in tests.
+#[derive(Clone)]
+struct MinionIds(Arc<MinionIdFn>);
+
+impl std::fmt::Debug for MinionIds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MinionIds")
+    }
+}
+
 /// The registry's operations over a [`Store`].
 #[derive(Debug, Clone)]
 pub struct Service<S> {
     store: S,
     creates: Arc<GroupCommit>,
     keys: Option<Arc<KeyIssuer>>,
+    minion_ids: MinionIds,
 }
 
 impl<S: Store> Service<S> {
@@ -226,6 +261,7 @@ impl<S: Store> Service<S> {
             store,
             creates: Arc::default(),
             keys: None,
+            minion_ids: MinionIds(Arc::new(new_minion_id)),
         }
     }
 
@@ -305,6 +341,9 @@ impl<S: Store> Service<S> {
     /// Creates a server: `patch.name` and `patch.model` are required, the
     /// rest optional. The minion id is generated (see the module docs of
     /// [`crate::registry`]); the status starts at `created` unless given.
+    /// A generated minion id that is taken (by a server, or by a key file
+    /// in `keys.dir`) is replaced by a new one, eight times
+    /// at most; a key file that is there is never touched.
     pub async fn create_server(&self, patch: ServerPatch) -> Result<Server, Error> {
         let name = patch
             .name
@@ -315,9 +354,12 @@ impl<S: Store> Service<S> {
             .model
             .clone()
             .ok_or_else(|| Error::invalid("model", "required"))?;
+        if patch.revision.is_some() {
+            return Err(Error::invalid("revision", "a new server starts at 1"));
+        }
         let mut server = Server {
             id: 0,
-            minion_id: new_minion_id(&name)?,
+            minion_id: String::new(),
             name,
             model,
             key_fingerprint: None,
@@ -334,66 +376,128 @@ impl<S: Store> Service<S> {
             samba_base_folder: None,
             users: Vec::new(),
             public_key: None,
+            revision: 1,
             created_at: 0,
             updated_at: 0,
         };
         self.apply(&mut server, patch).await?;
+        let mut taken = None;
+        for _ in 0..MINION_ID_TRIES {
+            server.minion_id = (self.minion_ids.0)(&server.name)?;
+            match self.create_as(server.clone()).await {
+                Err(e @ Error::MinionIdTaken { .. }) => {
+                    tracing::info!(message = "Generated minion id taken; trying another.", %e);
+                    taken = Some(e);
+                }
+                done => return done,
+            }
+        }
+        Err(taken.unwrap_or_else(|| Error::invalid("minion_id", "no minion id tried")))
+    }
+
+    /// One try of [`Self::create_server`] with the minion id chosen: the key
+    /// (if servers get keys), then the row. If the row is not written, only
+    /// the key file this try created is removed.
+    async fn create_as(&self, mut server: Server) -> Result<Server, Error> {
         let Some(keys) = &self.keys else {
             return self.creates.insert(&self.store, server).await;
         };
         let minion_id = server.minion_id.clone();
-        let issued = keys.issue(&minion_id).await.map_err(|e| Error::Keys {
-            minion_id: minion_id.clone(),
-            reason: e.to_string(),
-        })?;
-        server.public_key = Some(issued.public_clean);
-        server.key_fingerprint = Some(issued.fingerprint);
+        let claim = match keys.issue(&minion_id).await {
+            Ok(claim) => claim,
+            Err(IssueError::Exists(path)) => {
+                return Err(Error::MinionIdTaken {
+                    minion_id,
+                    by: format!("the key file {}", path.display()),
+                })
+            }
+            Err(e) => {
+                return Err(Error::Keys {
+                    minion_id,
+                    reason: e.to_string(),
+                })
+            }
+        };
+        let public = claim.issued().public_clean.clone();
+        server.key_fingerprint = Some(fingerprint(&public));
+        server.public_key = Some(public);
         server.status = Status::KeysIssued;
-        let created = self.creates.insert(&self.store, server).await;
-        match &created {
-            Ok(s) => self.preseed(keys, s),
-            Err(_) => keys.discard(&minion_id, false),
+        match self.creates.insert(&self.store, server).await {
+            Ok(created) => {
+                let _ = claim.keep();
+                self.preseed(keys, &created);
+                Ok(created)
+            }
+            Err(e) => {
+                if let Err(error) = keys.discard(claim) {
+                    tracing::warn!(message = "Key of a server not created left behind.", %minion_id, %error);
+                }
+                Err(e)
+            }
         }
-        created
     }
 
     /// Issues a new key pair for a re-provisioned machine: the registry gets
     /// the new public key (status `keys-issued`), the new private key replaces
     /// the old one for the bundle. Returns the server before and after; the
-    /// caller retires the old key on the master (`key.delete`).
+    /// caller retires the old key on the master ([`crate::lifecycle`]).
+    /// Refused with `conflict` if the row changed while the key was made.
     pub async fn rekey_server(&self, server: &ServerRef) -> Result<(Server, Server), Error> {
         let keys = self.keys.as_ref().ok_or_else(|| {
             Error::invalid("keys", "no key issuer configured (keys_dir in the config)")
         })?;
         let old = self.get_server(server).await?;
         let minion_id = old.minion_id.clone();
-        let key_error = |e: crate::pki::issuer::IssueError| Error::Keys {
+        let key_error = |e: IssueError| Error::Keys {
             minion_id: minion_id.clone(),
             reason: e.to_string(),
         };
-        let issued = keys.reissue(&minion_id).await.map_err(key_error)?;
-        let mut next = old.clone();
-        next.public_key = Some(issued.public_clean);
-        next.key_fingerprint = Some(issued.fingerprint);
-        next.status = Status::KeysIssued;
-        match self.store.update_server(&next).await {
+        let claim = keys.reissue(&minion_id).await.map_err(key_error)?;
+        let public = claim.issued().public_clean.clone();
+        let columns = KeyColumns {
+            public_key: &public,
+            fingerprint: &fingerprint(&public),
+        };
+        match self
+            .store
+            .set_server_key(old.id, old.revision, &columns, Status::KeysIssued)
+            .await
+        {
             Ok(updated) => {
-                keys.commit_reissue(&minion_id).map_err(key_error)?;
+                keys.commit_reissue(claim).map_err(key_error)?;
                 self.preseed(keys, &updated);
                 Ok((old, updated))
             }
             Err(e) => {
-                keys.discard(&minion_id, true);
+                if let Err(error) = keys.discard(claim) {
+                    tracing::warn!(message = "Unused replacement key left behind.", %minion_id, %error);
+                }
                 Err(e)
             }
         }
     }
 
-    /// Sets a server's status (the key acceptor and presence use this).
-    pub async fn set_status(&self, server: &Server, status: Status) -> Result<Server, Error> {
-        let mut next = server.clone();
-        next.status = status;
-        self.store.update_server(&next).await
+    /// Moves `server` to `status` if it is still in the status the caller
+    /// read (`server.status`): only the status is written, so a change made
+    /// meanwhile (a rekey, a patch) is kept. `None` when the status had moved
+    /// on and nothing was written.
+    pub async fn set_status(
+        &self,
+        server: &Server,
+        status: Status,
+    ) -> Result<Option<Server>, Error> {
+        self.transition(server.id, &[server.status], status).await
+    }
+
+    /// Moves server `id` to `to` if its status is one of `from`; `None` if
+    /// it is not (nothing written).
+    pub async fn transition(
+        &self,
+        id: i64,
+        from: &[Status],
+        to: Status,
+    ) -> Result<Option<Server>, Error> {
+        self.store.set_server_status(id, from, to).await
     }
 
     /// Preseed mode: the master gets the key now. A failure is logged, not
@@ -441,18 +545,45 @@ impl<S: Store> Service<S> {
             .await
     }
 
-    /// Changes a server. The id and minion id never change.
+    /// Changes a server. The id, minion id and key never change here.
+    /// With `patch.revision` the change is made from that revision and
+    /// refused with `conflict` if the row moved on; without it, the patch is
+    /// applied to the row as read and written only if the row is still that
+    /// revision (re-read and reapplied otherwise), so no column is ever
+    /// written back from a stale copy.
     pub async fn update_server(
         &self,
         server: &ServerRef,
         patch: ServerPatch,
     ) -> Result<Server, Error> {
-        let mut s = self.get_server(server).await?;
-        if let Some(n) = &patch.name {
-            s.name = validate_hostname(n)?;
+        let tries = if patch.revision.is_some() {
+            1
+        } else {
+            UPDATE_TRIES
+        };
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut s = self.get_server(server).await?;
+            if let Some(expected) = patch.revision {
+                if expected != s.revision {
+                    return Err(Error::Conflict {
+                        kind: "server",
+                        key: server.to_string(),
+                        expected,
+                        current: s.revision,
+                    });
+                }
+            }
+            if let Some(n) = &patch.name {
+                s.name = validate_hostname(n)?;
+            }
+            self.apply(&mut s, patch.clone()).await?;
+            match self.store.update_server(&s).await {
+                Err(Error::Conflict { .. }) if attempt < tries => continue,
+                done => return done,
+            }
         }
-        self.apply(&mut s, patch).await?;
-        self.store.update_server(&s).await
     }
 
     /// Deletes a server that is no other server's VM host or proxy.
@@ -481,9 +612,6 @@ impl<S: Store> Service<S> {
                 return Err(Error::invalid("model", "required"));
             }
             s.model = m;
-        }
-        if let Some(k) = p.key_fingerprint {
-            s.key_fingerprint = k;
         }
         if let Some(st) = p.status {
             s.status = st;
@@ -671,11 +799,6 @@ fn validate_server(s: &Server) -> Result<(), Error> {
             "required when samba_managed=true",
         ));
     }
-    if let Some(k) = &s.key_fingerprint {
-        if k.is_empty() || k.bytes().any(|b| b.is_ascii_whitespace()) {
-            return Err(Error::invalid("key_fingerprint", format!("{k:?}")));
-        }
-    }
     let mut seen = std::collections::HashSet::new();
     for u in &s.users {
         let ok = !u.is_empty()
@@ -707,6 +830,132 @@ fn new_minion_id(hostname: &str) -> Result<String, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
+
+    /// A service on a fresh in-memory registry whose minion ids come from
+    /// `ids` in order, issuing keys into `keys`.
+    async fn scripted(
+        keys: &std::path::Path,
+        ids: &[&str],
+    ) -> (Service<crate::registry::DbStore>, Arc<Mutex<usize>>) {
+        let svc = crate::registry::open("sqlite::memory:")
+            .await
+            .unwrap()
+            .with_keys(KeyIssuer::new(keys, 2048).unwrap());
+        svc.create_model("web", "", &[]).await.unwrap();
+        let script: Vec<String> = ids.iter().map(|s| (*s).to_owned()).collect();
+        let used = Arc::new(Mutex::new(0));
+        let counter = used.clone();
+        let svc = Service {
+            minion_ids: MinionIds(Arc::new(move |_| {
+                let mut n = counter.lock().unwrap();
+                let id = script[(*n).min(script.len() - 1)].clone();
+                *n += 1;
+                Ok(id)
+            })),
+            ..svc
+        };
+        (svc, used)
+    }
+
+    fn named(name: &str) -> ServerPatch {
+        ServerPatch {
+            name: Some(name.into()),
+            model: Some("web".into()),
+            ..ServerPatch::default()
+        }
+    }
+
+    /// A minion id held by a key file (a server of another master whose row
+    /// is not here, a stray file): a new id is drawn, the file is untouched.
+    #[tokio::test]
+    async fn a_minion_id_held_by_a_key_file_is_regenerated_and_the_file_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let (svc, used) = scripted(dir.path(), &["a-00000001", "a-00000002"]).await;
+        let held = svc.keys().unwrap().private_path("a-00000001");
+        std::fs::write(&held, "precious").unwrap();
+        let s = svc.create_server(named("a")).await.unwrap();
+        assert_eq!(s.minion_id, "a-00000002");
+        assert_eq!(*used.lock().unwrap(), 2);
+        assert_eq!(std::fs::read_to_string(&held).unwrap(), "precious");
+        let issued = svc.keys().unwrap().private_pem("a-00000002").unwrap();
+        assert_eq!(
+            s.public_key.as_deref(),
+            Some(issued.public_clean().as_str())
+        );
+        assert_eq!(
+            s.key_fingerprint.as_deref(),
+            Some(issued.fingerprint().as_str())
+        );
+    }
+
+    /// A minion id held by a server (unique constraint): the failed insert
+    /// removes only the key file it created, never the existing server's.
+    #[tokio::test]
+    async fn a_minion_id_held_by_a_server_is_regenerated_and_its_key_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let (svc, _) = scripted(dir.path(), &["b-00000001", "b-00000001", "b-00000002"]).await;
+        let first = svc.create_server(named("b")).await.unwrap();
+        let keys = svc.keys().unwrap();
+        let first_key = std::fs::read_to_string(keys.private_path("b-00000001")).unwrap();
+        // The row exists, its key file is elsewhere (issued on another master):
+        // the claim succeeds, the insert is refused, the claim is discarded.
+        let moved = dir.path().join("elsewhere.pem");
+        std::fs::rename(keys.private_path("b-00000001"), &moved).unwrap();
+        let second = svc.create_server(named("b2")).await.unwrap();
+        assert_eq!(second.minion_id, "b-00000002");
+        assert!(
+            !keys.private_path("b-00000001").exists(),
+            "the key of the refused try is discarded"
+        );
+        std::fs::rename(&moved, keys.private_path("b-00000001")).unwrap();
+        // Now with the key file in place: refused at the claim, nothing touched.
+        let (svc, _) = scripted(dir.path(), &["b-00000001", "b-00000003"]).await;
+        let third = svc.create_server(named("b3")).await.unwrap();
+        assert_eq!(third.minion_id, "b-00000003");
+        assert_eq!(
+            std::fs::read_to_string(keys.private_path("b-00000001")).unwrap(),
+            first_key,
+            "the existing server's key is intact"
+        );
+        assert_eq!(
+            svc.keys()
+                .unwrap()
+                .private_pem("b-00000001")
+                .unwrap()
+                .public_clean(),
+            first.public_key.unwrap()
+        );
+    }
+
+    #[tokio::test]
+    async fn minion_id_tries_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let (svc, used) = scripted(dir.path(), &["c-00000001"]).await;
+        svc.create_server(named("c")).await.unwrap();
+        let e = svc.create_server(named("c2")).await.unwrap_err();
+        assert_eq!(e.code(), "minion_id_taken", "{e}");
+        assert_eq!(*used.lock().unwrap(), 1 + MINION_ID_TRIES);
+        assert_eq!(
+            svc.find_servers(&ServerFilter::default())
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn key_columns_are_never_patched() {
+        let mut p = ServerPatch::default();
+        for k in ["key_fingerprint", "public_key", "minion_id"] {
+            let e = p.set(k, "x").unwrap_err();
+            assert_eq!(e.code(), "invalid_value", "{k}");
+        }
+        p.set("revision", "7").unwrap();
+        assert_eq!(p.revision, Some(7));
+        assert!(p.set("revision", "seven").is_err());
+    }
 
     #[test]
     fn hostnames_follow_rfc_1123() {
@@ -780,13 +1029,15 @@ mod tests {
     fn patches_parse_json_maps() {
         let v = serde_json::json!({
             "request_id": "r1", "name": "web01", "model": "web",
-            "is_vm": true, "vm_host": 4, "users": ["alice"], "proxmox_node": null
+            "is_vm": true, "vm_host": 4, "users": ["alice"], "proxmox_node": null,
+            "revision": 3
         });
         let p = ServerPatch::from_json(v.as_object().unwrap(), &["request_id"]).unwrap();
         assert_eq!(p.name.as_deref(), Some("web01"));
         assert_eq!(p.vm_host, Some(Some(ServerRef::Id(4))));
         assert_eq!(p.users, Some(vec!["alice".to_owned()]));
         assert_eq!(p.proxmox_node, Some(None));
+        assert_eq!(p.revision, Some(3), "a bus update may name its revision");
         let v = serde_json::json!({"request_id": "r1"});
         assert_eq!(
             ServerPatch::from_json(v.as_object().unwrap(), &[])

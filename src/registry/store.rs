@@ -80,8 +80,29 @@ pub trait Store: Send + Sync + Clone + 'static {
         &self,
         filter: &Filter<'_>,
     ) -> impl Future<Output = Result<Vec<Server>, Error>> + Send;
-    /// Rewrites the server with `server.id`.
+    /// Rewrites the patchable columns of the server with `server.id` (not
+    /// its minion id, public key or fingerprint) if it is still at
+    /// `server.revision`; returns the row as stored. [`Error::Conflict`] when
+    /// the row moved on, `NotFound` when it is gone.
     fn update_server(&self, server: &Server) -> impl Future<Output = Result<Server, Error>> + Send;
+    /// Sets server `id`'s status to `to` if it is one of `from` (one narrow
+    /// `UPDATE … WHERE status IN …`, nothing else of the row is written):
+    /// the row after the change, `None` if its status is not in `from`.
+    fn set_server_status(
+        &self,
+        id: i64,
+        from: &[Status],
+        to: Status,
+    ) -> impl Future<Output = Result<Option<Server>, Error>> + Send;
+    /// Records a new key of server `id` (public key, its fingerprint and
+    /// `status`) if the row is still at `revision`: [`Error::Conflict`] if not.
+    fn set_server_key(
+        &self,
+        id: i64,
+        revision: i64,
+        key: &KeyColumns<'_>,
+        status: Status,
+    ) -> impl Future<Output = Result<Server, Error>> + Send;
     /// Deletes server `id`, refused while it is another server's VM host or proxy.
     fn delete_server(&self, id: i64) -> impl Future<Output = Result<Server, Error>> + Send;
 
@@ -93,6 +114,16 @@ pub trait Store: Send + Sync + Clone + 'static {
     /// Marks entry `id` processed: `true` if this call did, `false` if it was
     /// already (idempotent); `NotFound` if there is no such entry.
     fn outbox_mark_processed(&self, id: i64) -> impl Future<Output = Result<bool, Error>> + Send;
+}
+
+/// The key columns of a server, written together: the fingerprint is the
+/// public key's, computed by the caller from it (never patched on its own).
+#[derive(Debug, Clone, Copy)]
+pub struct KeyColumns<'a> {
+    /// clean_key'd SPKI PEM.
+    pub public_key: &'a str,
+    /// `salt-key -F` fingerprint of `public_key`.
+    pub fingerprint: &'a str,
 }
 
 /// A unique key of a server.
@@ -130,7 +161,8 @@ macro_rules! select_server {
             "SELECT s.id, s.name, m.name AS model, s.minion_id, s.key_fingerprint, s.status, ",
             "s.is_vm, s.vm_host, s.external_ip, s.internal_ip, s.is_proxmox_host, ",
             "s.proxmox_node, s.external_interface, s.nginx_proxy, s.samba_managed, ",
-            "s.samba_base_folder, s.users, s.public_key, s.created_at, s.updated_at ",
+            "s.samba_base_folder, s.users, s.public_key, s.revision, s.created_at, ",
+            "s.updated_at ",
             "FROM servers s JOIN models m ON m.id = s.model_id ",
             $where
         )
@@ -194,14 +226,31 @@ mod sql {
         sql
     }
 
-    /// Binds like `insert_servers` (`$1`–`$17` fields, `$18` time), then `$19` the id.
+    /// The patchable columns, bound by `bind_patch_fields!` (`$1`–`$14`,
+    /// `$15` time), `$16` the id, `$17` the revision the patch was made from.
+    /// The minion id and the key columns are not among them.
     pub const UPDATE_SERVER: &str = "UPDATE servers SET name = $1, \
-         model_id = (SELECT id FROM models WHERE name = $2), minion_id = $3, \
-         key_fingerprint = $4, status = $5, is_vm = $6, vm_host = $7, external_ip = $8, \
-         internal_ip = $9, is_proxmox_host = $10, proxmox_node = $11, \
-         external_interface = $12, nginx_proxy = $13, samba_managed = $14, \
-         samba_base_folder = $15, users = $16, public_key = $17, updated_at = $18 \
-         WHERE id = $19";
+         model_id = (SELECT id FROM models WHERE name = $2), status = $3, is_vm = $4, \
+         vm_host = $5, external_ip = $6, internal_ip = $7, is_proxmox_host = $8, \
+         proxmox_node = $9, external_interface = $10, nginx_proxy = $11, \
+         samba_managed = $12, samba_base_folder = $13, users = $14, updated_at = $15, \
+         revision = revision + 1 WHERE id = $16 AND revision = $17";
+    /// A new key: public key, fingerprint, status, time; id and revision.
+    pub const SET_SERVER_KEY: &str = "UPDATE servers SET public_key = $1, \
+         key_fingerprint = $2, status = $3, updated_at = $4, revision = revision + 1 \
+         WHERE id = $5 AND revision = $6";
+    pub const SERVER_REVISION: &str = "SELECT revision FROM servers WHERE id = $1";
+
+    /// A status transition: `$1` the new status, `$2` the time, `$3` the id,
+    /// `$4`… the `from` statuses allowed.
+    pub fn set_status(from: usize) -> String {
+        let list: Vec<String> = (0..from).map(|i| format!("${}", i + 4)).collect();
+        format!(
+            "UPDATE servers SET status = $1, updated_at = $2, revision = revision + 1 \
+             WHERE id = $3 AND status IN ({})",
+            list.join(", ")
+        )
+    }
     pub const DELETE_SERVER: &str = "DELETE FROM servers WHERE id = $1";
     pub const SERVER_BY_ID: &str = select_server!("WHERE s.id = $1");
     pub const SERVER_BY_NAME: &str = select_server!("WHERE s.name = $1");
@@ -301,10 +350,12 @@ fn model_write_error(op: String, model: &ServerModel, e: sqlx::Error) -> Error {
 /// Maps a failed insert/update of `server` to the error the caller can act on.
 fn server_write_error(op: &str, server: &Server, e: sqlx::Error) -> Error {
     match violation(&e) {
-        Some((ErrorKind::UniqueViolation, what)) if what.contains("minion_id") => Error::Database {
-            op: format!("{op}: minion id {} is taken", server.minion_id),
-            source: e,
-        },
+        Some((ErrorKind::UniqueViolation, what)) if what.contains("minion_id") => {
+            Error::MinionIdTaken {
+                minion_id: server.minion_id.clone(),
+                by: "another server of the registry".to_owned(),
+            }
+        }
         Some((ErrorKind::UniqueViolation, _)) => Error::DuplicateName {
             kind: "server",
             name: server.name.clone(),
@@ -347,6 +398,7 @@ struct ServerRow {
     samba_base_folder: Option<String>,
     users: String,
     public_key: Option<String>,
+    revision: i64,
     created_at: i64,
     updated_at: i64,
 }
@@ -372,6 +424,7 @@ impl ServerRow {
             samba_managed: self.samba_managed,
             samba_base_folder: self.samba_base_folder,
             public_key: self.public_key,
+            revision: self.revision,
             created_at: self.created_at,
             updated_at: self.updated_at,
         })
@@ -514,6 +567,68 @@ macro_rules! bind_server_fields {
     };
 }
 
+/// Binds the patchable fields of a server and the time, in the order of
+/// `sql::UPDATE_SERVER` (`$1`–`$15`).
+macro_rules! bind_patch_fields {
+    ($q:expr, $server:expr, $now:expr) => {
+        $q.bind(&$server.name)
+            .bind(&$server.model)
+            .bind($server.status.as_str())
+            .bind($server.is_vm)
+            .bind($server.vm_host)
+            .bind($server.external_ip.map(|ip| ip.to_string()))
+            .bind($server.internal_ip.map(|ip| ip.to_string()))
+            .bind($server.is_proxmox_host)
+            .bind(&$server.proxmox_node)
+            .bind(&$server.external_interface)
+            .bind($server.nginx_proxy)
+            .bind($server.samba_managed)
+            .bind(&$server.samba_base_folder)
+            .bind(json_list(&$server.users)?)
+            .bind($now)
+    };
+}
+
+/// Reads server `$id` back inside transaction `$tx` (after a write: the
+/// row as stored, for the answer and the outbox).
+macro_rules! server_in_tx {
+    ($tx:ident, $id:expr, $op:expr) => {
+        match sqlx::query(sql::SERVER_BY_ID)
+            .bind($id)
+            .fetch_optional(&mut *$tx)
+            .await
+            .map_err(db($op))?
+        {
+            Some(r) => Some(Self::server_row(&r)?),
+            None => None,
+        }
+    };
+}
+
+/// After a revision-checked `UPDATE` changed no row: `NotFound` if server
+/// `$id` is gone, else `Conflict` with the revision stored now.
+macro_rules! no_row_error {
+    ($tx:ident, $id:expr, $expected:expr, $op:expr) => {{
+        let current: Option<i64> = sqlx::query_scalar(sql::SERVER_REVISION)
+            .bind($id)
+            .fetch_optional(&mut *$tx)
+            .await
+            .map_err(db($op))?;
+        match current {
+            None => Error::NotFound {
+                kind: "server",
+                key: format!("#{}", $id),
+            },
+            Some(current) => Error::Conflict {
+                kind: "server",
+                key: format!("#{}", $id),
+                expected: $expected,
+                current,
+            },
+        }
+    }};
+}
+
 /// One body for both backends: `$begin` opens a write transaction.
 macro_rules! store_impl {
     ($store:ty, $row:ty, $begin:literal) => {
@@ -561,6 +676,7 @@ macro_rules! store_impl {
                     samba_base_folder: r.try_get("samba_base_folder")?,
                     users: r.try_get("users")?,
                     public_key: r.try_get("public_key")?,
+                    revision: r.try_get("revision")?,
                     created_at: r.try_get("created_at")?,
                     updated_at: r.try_get("updated_at")?,
                 })
@@ -721,6 +837,7 @@ macro_rules! store_impl {
                         })?;
                     created.push(Server {
                         id,
+                        revision: 1,
                         created_at: now,
                         updated_at: now,
                         ..server.clone()
@@ -775,21 +892,20 @@ macro_rules! store_impl {
                 let opn = || format!("{op} {}", server.name);
                 let mut tx = self.pool.begin_with($begin).await.map_err(db(opn()))?;
                 let now = now_ms();
-                let done = bind_server_fields!(sqlx::query(sql::UPDATE_SERVER), server, now)
+                let done = bind_patch_fields!(sqlx::query(sql::UPDATE_SERVER), server, now)
                     .bind(server.id)
+                    .bind(server.revision)
                     .execute(&mut *tx)
                     .await
                     .map_err(|e| server_write_error(op, server, e))?;
                 if done.rows_affected() == 0 {
-                    return Err(Error::NotFound {
+                    return Err(no_row_error!(tx, server.id, server.revision, opn()));
+                }
+                let updated =
+                    server_in_tx!(tx, server.id, opn()).ok_or_else(|| Error::NotFound {
                         kind: "server",
                         key: format!("#{}", server.id),
-                    });
-                }
-                let updated = Server {
-                    updated_at: now,
-                    ..server.clone()
-                };
+                    })?;
                 append_and_commit!(
                     tx,
                     OutboxKind::ServerUpdated,
@@ -798,6 +914,68 @@ macro_rules! store_impl {
                     now,
                     opn()
                 );
+                Ok(updated)
+            }
+
+            async fn set_server_status(
+                &self,
+                id: i64,
+                from: &[Status],
+                to: Status,
+            ) -> Result<Option<Server>, Error> {
+                let op = || format!("setting the status of server #{id} to {to}");
+                if from.is_empty() {
+                    return Ok(None);
+                }
+                let mut tx = self.pool.begin_with($begin).await.map_err(db(op()))?;
+                let now = now_ms();
+                let text = sql::set_status(from.len());
+                let mut q = sqlx::query(&text).bind(to.as_str()).bind(now).bind(id);
+                for st in from {
+                    q = q.bind(st.as_str());
+                }
+                let done = q.execute(&mut *tx).await.map_err(db(op()))?;
+                let Some(updated) = server_in_tx!(tx, id, op()) else {
+                    return Err(Error::NotFound {
+                        kind: "server",
+                        key: format!("#{id}"),
+                    });
+                };
+                if done.rows_affected() == 0 {
+                    return Ok(None);
+                }
+                append_and_commit!(tx, OutboxKind::ServerUpdated, Some(id), &updated, now, op());
+                Ok(Some(updated))
+            }
+
+            async fn set_server_key(
+                &self,
+                id: i64,
+                revision: i64,
+                key: &KeyColumns<'_>,
+                status: Status,
+            ) -> Result<Server, Error> {
+                let op = || format!("recording the new key of server #{id}");
+                let mut tx = self.pool.begin_with($begin).await.map_err(db(op()))?;
+                let now = now_ms();
+                let done = sqlx::query(sql::SET_SERVER_KEY)
+                    .bind(key.public_key)
+                    .bind(key.fingerprint)
+                    .bind(status.as_str())
+                    .bind(now)
+                    .bind(id)
+                    .bind(revision)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db(op()))?;
+                if done.rows_affected() == 0 {
+                    return Err(no_row_error!(tx, id, revision, op()));
+                }
+                let updated = server_in_tx!(tx, id, op()).ok_or_else(|| Error::NotFound {
+                    kind: "server",
+                    key: format!("#{id}"),
+                })?;
+                append_and_commit!(tx, OutboxKind::ServerUpdated, Some(id), &updated, now, op());
                 Ok(updated)
             }
 
@@ -970,6 +1148,23 @@ impl Store for DbStore {
     }
     async fn update_server(&self, server: &Server) -> Result<Server, Error> {
         dispatch!(self, s => s.update_server(server))
+    }
+    async fn set_server_status(
+        &self,
+        id: i64,
+        from: &[Status],
+        to: Status,
+    ) -> Result<Option<Server>, Error> {
+        dispatch!(self, s => s.set_server_status(id, from, to))
+    }
+    async fn set_server_key(
+        &self,
+        id: i64,
+        revision: i64,
+        key: &KeyColumns<'_>,
+        status: Status,
+    ) -> Result<Server, Error> {
+        dispatch!(self, s => s.set_server_key(id, revision, key, status))
     }
     async fn delete_server(&self, id: i64) -> Result<Server, Error> {
         dispatch!(self, s => s.delete_server(id))

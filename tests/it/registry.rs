@@ -6,6 +6,8 @@
 //! outbox processed is idempotent. Then the CLI on a SQLite file.
 
 use proptest::prelude::*;
+use salt_steward::pki::{fingerprint, KeyIssuer};
+use salt_steward::registry::store::KeyColumns;
 use salt_steward::registry::{
     self, DbStore, Error, OutboxKind, Server, ServerFilter, ServerPatch, ServerRef, Service,
     Status, Store,
@@ -383,7 +385,7 @@ async fn story(svc: Service<DbStore>) {
     refused!(svc, "invalid_value", store.insert_server(&clash));
     clash.vm_host = None;
     clash.minion_id = web01.minion_id.clone();
-    refused!(svc, "database", store.insert_server(&clash));
+    refused!(svc, "minion_id_taken", store.insert_server(&clash));
     clash.minion_id = "other-minion".into();
     clash.is_vm = false;
     clash.vm_host = Some(pve.id);
@@ -514,6 +516,187 @@ async fn group_commit_story(svc: Service<DbStore>) {
         .filter_map(|e| e.server_id)
         .collect();
     assert!(ok.iter().all(|(_, s)| created.contains(&s.id)), "{backend}");
+}
+
+/// Writers that interleave lose nothing. A copy read before a rekey is
+/// written back as a status change: the new key stays. A patch made from a
+/// stale revision is refused (`conflict`) and writes nothing. Patches
+/// without a revision, at once, each land. The key columns are never
+/// written by a patch, even through the store.
+async fn interleaving_story(svc: Service<DbStore>) {
+    let backend = svc.store().backend();
+    let keys_dir = tempfile::tempdir().unwrap();
+    let svc = svc.with_keys(KeyIssuer::new(keys_dir.path(), 2048).unwrap());
+    svc.create_model("web", "", &[]).await.unwrap();
+    let created = svc
+        .create_server(patch(&[("name", "web01.example.org"), ("model", "web")]))
+        .await
+        .unwrap();
+    assert_eq!(created.revision, 1, "{backend}");
+    assert_eq!(created.status, Status::KeysIssued);
+    let by = ServerRef::Id(created.id);
+
+    // The acceptor reads the server, then waits on a wheel call; meanwhile
+    // an operator rekeys it.
+    let stale = svc.get_server(&by).await.unwrap();
+    let (_, rekeyed) = svc.rekey_server(&by).await.unwrap();
+    assert_ne!(rekeyed.public_key, stale.public_key, "{backend}");
+    assert_eq!(rekeyed.revision, 2, "{backend}");
+    let fp = rekeyed.public_key.as_deref().map(fingerprint);
+    assert_eq!(rekeyed.key_fingerprint, fp, "derived from the public key");
+
+    // The acceptor's status change from its stale copy keeps the new key.
+    let registered = svc
+        .set_status(&stale, Status::Registered)
+        .await
+        .unwrap()
+        .expect("keys-issued → registered");
+    assert_eq!(registered.status, Status::Registered);
+    assert_eq!(
+        registered.public_key, rekeyed.public_key,
+        "{backend}: key kept"
+    );
+    assert_eq!(registered.key_fingerprint, rekeyed.key_fingerprint);
+    assert_eq!(registered.revision, 3);
+    assert_eq!(svc.get_server(&by).await.unwrap(), registered);
+
+    // A second change from the same stale copy: its status moved on, so
+    // nothing is written (no row, no outbox entry).
+    let before = counts(svc.store()).await;
+    assert_eq!(svc.set_status(&stale, Status::Online).await.unwrap(), None);
+    assert_eq!(counts(svc.store()).await, before);
+    assert_eq!(svc.get_server(&by).await.unwrap(), registered);
+    // An explicit transition from allowed statuses.
+    let online = svc
+        .transition(
+            created.id,
+            &[Status::Registered, Status::Offline],
+            Status::Online,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((online.status, online.revision), (Status::Online, 4));
+    refused!(
+        svc,
+        "not_found",
+        svc.transition(999_999, &[Status::Online], Status::Offline)
+    );
+
+    // A patch made from a stale revision: conflict, the row unchanged.
+    let mut stale_patch = patch(&[("external_ip", "192.0.2.4"), ("status", "offline")]);
+    stale_patch.revision = Some(stale.revision);
+    let e = refused!(svc, "conflict", svc.update_server(&by, stale_patch));
+    assert!(
+        matches!(
+            e,
+            Error::Conflict {
+                expected: 1,
+                current: 4,
+                ..
+            }
+        ),
+        "{backend}: {e:?}"
+    );
+    assert_eq!(svc.get_server(&by).await.unwrap(), online);
+    // Through the store too (the revision check is in the UPDATE itself),
+    // and for a key written from a stale read.
+    refused!(svc, "conflict", svc.store().update_server(&stale));
+    let other = "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----";
+    let columns = KeyColumns {
+        public_key: other,
+        fingerprint: &fingerprint(other),
+    };
+    refused!(
+        svc,
+        "conflict",
+        svc.store()
+            .set_server_key(created.id, stale.revision, &columns, Status::KeysIssued)
+    );
+    assert_eq!(svc.get_server(&by).await.unwrap(), online);
+
+    // From the current revision: applied; the key columns are not patchable.
+    let mut current = patch(&[("external_ip", "192.0.2.4")]);
+    current.revision = Some(online.revision);
+    let patched = svc.update_server(&by, current).await.unwrap();
+    assert_eq!(patched.external_ip, Some("192.0.2.4".parse().unwrap()));
+    assert_eq!((patched.status, patched.revision), (Status::Online, 5));
+    assert_eq!(patched.public_key, rekeyed.public_key);
+    refused!(svc, "invalid_value", async {
+        ServerPatch::default().set("key_fingerprint", "aa:bb")
+    });
+    // A whole row written back through the store with the right revision
+    // but an old key: every patchable column is written, the key is not.
+    let mut old_key = patched.clone();
+    old_key.public_key = stale.public_key.clone();
+    old_key.key_fingerprint = stale.key_fingerprint.clone();
+    old_key.minion_id = "someone-else".into();
+    let written = svc.store().update_server(&old_key).await.unwrap();
+    assert_eq!(written.public_key, rekeyed.public_key, "{backend}");
+    assert_eq!(written.key_fingerprint, rekeyed.key_fingerprint);
+    assert_eq!(written.minion_id, created.minion_id);
+    assert_eq!(written.revision, 6);
+
+    // Patches without a revision, all at once: each lands (re-read and
+    // reapplied when another got in first), none undoes another.
+    let changes = [
+        ("external_ip", "198.51.100.7"),
+        ("internal_ip", "10.0.0.7"),
+        ("external_interface", "eth1"),
+        ("users", "alice,bob"),
+    ];
+    let mut tasks = tokio::task::JoinSet::new();
+    for (k, v) in changes {
+        let svc = svc.clone();
+        let by = by.clone();
+        tasks.spawn(async move { svc.update_server(&by, patch(&[(k, v)])).await });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap().unwrap();
+    }
+    let last = svc.get_server(&by).await.unwrap();
+    assert_eq!(
+        last.external_ip,
+        Some("198.51.100.7".parse().unwrap()),
+        "{backend}"
+    );
+    assert_eq!(
+        last.internal_ip,
+        Some("10.0.0.7".parse().unwrap()),
+        "{backend}"
+    );
+    assert_eq!(
+        last.external_interface.as_deref(),
+        Some("eth1"),
+        "{backend}"
+    );
+    assert_eq!(last.users, ["alice", "bob"], "{backend}");
+    assert_eq!(last.revision, 10, "{backend}: one revision per write");
+    assert_eq!(last.public_key, rekeyed.public_key);
+
+    // Every write announced the row as stored, revision included.
+    let pending = svc.outbox_pending(1000).await.unwrap();
+    let announced: Server =
+        serde_json::from_value(pending.last().unwrap().payload.clone()).unwrap();
+    assert_eq!(announced, last, "{backend}");
+    let revisions: Vec<i64> = pending
+        .iter()
+        .filter(|e| e.server_id == Some(created.id))
+        .map(|e| e.payload["revision"].as_i64().unwrap())
+        .collect();
+    assert_eq!(revisions, (1..=10).collect::<Vec<_>>(), "{backend}");
+}
+
+#[tokio::test]
+async fn registry_interleaved_writes_on_sqlite() {
+    let db = TestDb::sqlite();
+    interleaving_story(registry::open(&db.url).await.unwrap()).await;
+}
+
+#[tokio::test]
+async fn registry_interleaved_writes_on_postgres() {
+    let db = TestDb::postgres_required().await;
+    interleaving_story(registry::open(&db.url).await.unwrap()).await;
 }
 
 #[tokio::test]
@@ -710,6 +893,14 @@ fn registry_cli_adds_shows_sets_and_removes() {
         ),
         (&["model", "rm", "web"][..], "used by 2 server(s)"),
         (&["server", "set", "1", "colour=red"][..], "unknown key"),
+        (
+            &["server", "set", "1", "revision=1", "users=carol"][..],
+            "changed meanwhile",
+        ),
+        (
+            &["server", "set", "1", "key_fingerprint=aa"][..],
+            "never patched",
+        ),
         (&["server", "show", "ghost"][..], "no server ghost"),
     ] {
         let (code, _, err) = run(args);
