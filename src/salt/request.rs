@@ -306,11 +306,21 @@ impl ReqClient {
     }
 }
 
+/// How long a socket may wait in the pool. Salt 3006.30 and 3008 masters
+/// send a heartbeat PING every `zmq_heartbeat_ivl` (10 s) and close a
+/// connection that answers nothing within `zmq_heartbeat_timeout` (30 s); a
+/// pooled socket answers only while a request uses it (vendor/zeromq), so
+/// one idle for longer than this is closed here first.
+const MAX_IDLE: Duration = Duration::from_secs(15);
+
+/// A pooled socket: the epoch it was made in, when it was last used.
+type IdleSocket = (u64, std::time::Instant, zeromq::DealerSocket);
+
 /// ZeroMQ sockets to the master, one request on each at a time.
 struct ZmqPool {
     uri: String,
-    /// Connected sockets waiting for a request, with the epoch they were made in.
-    idle: std::sync::Mutex<Vec<(u64, zeromq::DealerSocket)>>,
+    /// Connected sockets waiting for a request.
+    idle: std::sync::Mutex<Vec<IdleSocket>>,
     /// Bounds the sockets (idle or busy).
     slots: Semaphore,
     /// Bumped when a request goes unanswered: sockets from an older epoch may
@@ -334,9 +344,9 @@ impl ZmqPool {
             .idle
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        // Older sockets are dropped (closed) here.
-        idle.retain(|(epoch, _)| *epoch == current);
-        idle.pop()
+        // Sockets of an older epoch, or idle too long, are dropped (closed) here.
+        idle.retain(|(epoch, used, _)| *epoch == current && used.elapsed() < MAX_IDLE);
+        idle.pop().map(|(epoch, _, socket)| (epoch, socket))
     }
 
     fn put_back(&self, epoch: u64, socket: zeromq::DealerSocket) {
@@ -344,7 +354,7 @@ impl ZmqPool {
             self.idle
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .push((epoch, socket));
+                .push((epoch, std::time::Instant::now(), socket));
         }
     }
 

@@ -300,3 +300,31 @@ fn whoami() -> String {
         .unwrap();
     String::from_utf8_lossy(&o.stdout).trim().to_owned()
 }
+
+/// Salt 3006.30 and 3008 masters send ZMTP heartbeats (`zmq_heartbeat_ivl`,
+/// here every 200 ms instead of 10 s): one long-lived client keeps getting
+/// answers on the same pooled sockets while PINGs arrive between and during
+/// its requests (the released zeromq crate dropped the connection on the
+/// first PING; vendor/zeromq answers it). Releases without heartbeats ignore
+/// the options, and the test holds there too.
+#[test]
+fn a_long_lived_client_survives_the_masters_heartbeats() {
+    let h = SaltHarness::start_with(MasterOptions {
+        extra: "zmq_heartbeat_ivl: 200\nzmq_heartbeat_timeout: 3000\n".into(),
+        ..MasterOptions::default()
+    });
+    h.wait_req_ready();
+    let master = salt_steward::master_config::MasterConfig::load(&h.master_config()).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = salt_steward::salt::ReqClient::new(&master, Duration::from_secs(10)).unwrap();
+        // 30 requests over about 3 s: each socket sees many PINGs, idle and busy.
+        for i in 0..30 {
+            client
+                .ping()
+                .await
+                .unwrap_or_else(|e| panic!("request {i} failed: {e}"));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+}
