@@ -171,6 +171,14 @@ impl Drop for SaltHarness {
         if let Some(mut p) = self.master.take() {
             p.stop();
         }
+        // Salt 3008 starts some master processes (Maintenance,
+        // FileserverUpdate) outside the master's process group: anything
+        // still running with this harness's config dir goes too.
+        let _ = Command::new("pkill")
+            .arg("-KILL")
+            .arg("-f")
+            .arg(self.root.path().as_os_str())
+            .status();
         if std::thread::panicking() || std::env::var_os("KEEP_SALT_ROOT").is_some() {
             // Keep the logs of a failed test for the reader.
             self.root.disable_cleanup(true);
