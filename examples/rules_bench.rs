@@ -27,7 +27,7 @@ use std::time::Instant;
 use bytes::BytesMut;
 use salt_steward::bus::codec::{Decoded, FrameDecoder};
 use salt_steward::bus::event::from_json;
-use salt_steward::bus::Event;
+use salt_steward::bus::{Event, Origin};
 use salt_steward::rules::{compile, EventView, Scratch};
 use serde_json::json;
 
@@ -158,7 +158,9 @@ fn main() {
         matches = 0;
         let t = Instant::now();
         for e in &events {
-            let view = EventView::of(black_box(e));
+            let e = black_box(e);
+            let origin = Origin::of_bus(e);
+            let view = EventView::of(e, &origin);
             set.matching(&view, &mut scratch, &mut hits);
             matches += hits.len();
         }
@@ -168,7 +170,11 @@ fn main() {
     let sample = events.len().min(20_000);
     let mut sample_matches = 0;
     for e in &events[..sample] {
-        set.matching(&EventView::of(e), &mut scratch, &mut hits);
+        set.matching(
+            &EventView::of(e, &Origin::of_bus(e)),
+            &mut scratch,
+            &mut hits,
+        );
         sample_matches += hits.len();
     }
     println!(

@@ -29,7 +29,10 @@ use tracing::{info, warn};
 
 use crate::acceptor::{self, AcceptorConfig};
 use crate::bus::event::from_json;
-use crate::bus::{BusHandle, BusItem, EventFirer, SubscriberOptions, Subscription};
+use crate::bus::{
+    is_own_tag, BusHandle, BusItem, Event, EventFirer, FireError, LocalEvents, SubscriberOptions,
+    Subscription,
+};
 use crate::config::Settings;
 use crate::master_config::MasterConfig;
 use crate::pki::KeyIssuer;
@@ -49,8 +52,43 @@ const MAX_REQUESTS_IN_FLIGHT: usize = 64;
 /// How often the outbox is polled for changes made by other processes (the CLI).
 const OUTBOX_POLL: Duration = Duration::from_secs(1);
 
-/// The daemon's one event writer, shared by its components.
-pub type Firer = Arc<Mutex<EventFirer>>;
+/// The daemon's one event writer, shared by its components. An event with
+/// one of the daemon's own tags ([`is_own_tag`]) is also handed to the
+/// daemon's consumers in memory once it is on the bus: that copy is the
+/// only one they act on ([`Origin::Master`]); the bus copy proves nothing.
+#[derive(Clone)]
+pub struct Firer {
+    bus: Arc<Mutex<EventFirer>>,
+    local: LocalEvents,
+}
+
+impl Firer {
+    /// Fires through `bus`, delivers own tags on `local`.
+    pub fn new(bus: EventFirer, local: LocalEvents) -> Self {
+        Self {
+            bus: Arc::new(Mutex::new(bus)),
+            local,
+        }
+    }
+
+    /// Fires `data` on `tag`; an own tag fired is then delivered in memory.
+    pub async fn fire(&self, tag: &str, data: &Json) -> Result<(), FireError> {
+        self.fire_bus_only(tag, data).await?;
+        if is_own_tag(tag) {
+            let mut value = from_json(data);
+            crate::bus::publisher::add_stamp(&mut value, std::time::SystemTime::now());
+            self.local.deliver(Event::new(tag.to_owned(), value));
+        }
+        Ok(())
+    }
+
+    /// Fires on the bus only: what the daemon fires on behalf of an event
+    /// it cannot prove (a rule's `fire` answering a minion's event) must
+    /// not come back to it as the master's.
+    pub async fn fire_bus_only(&self, tag: &str, data: &Json) -> Result<(), FireError> {
+        self.bus.lock().await.fire(tag, from_json(data)).await
+    }
+}
 
 /// Runs the daemon until `shutdown` resolves.
 pub async fn run(
@@ -75,14 +113,17 @@ pub async fn run(
         },
     );
     let requests = bus.subscribe();
-    let rules = crate::rules::RulesComponent::new(&bus, settings);
+    // What the daemon itself fires under its own tags reaches the rules in
+    // memory, as the master's (the bus copies are ignored there).
+    let local = LocalEvents::new();
+    let rules = crate::rules::RulesComponent::new(&bus, &local, settings);
     let acceptor_events = bus.subscribe();
     let tracker = JobTracker::start(bus.subscribe(), cancel.clone());
     bus.spawn(cancel.clone());
-    let firer: Firer = Arc::new(Mutex::new(EventFirer::new(
-        master.event_pull(),
-        master.event_pub(),
-    )));
+    let firer = Firer::new(
+        EventFirer::new(master.event_pull(), master.event_pub()),
+        local,
+    );
     let changed = Arc::new(Notify::new());
 
     info!(message = "Daemon started.", master_config = %master.path.display(), registry_backend = service.store().backend());
@@ -151,13 +192,9 @@ fn redact(url: &str) -> String {
     }
 }
 
-async fn fire(firer: &Firer, tag: &str, data: &Json) -> Result<(), crate::bus::FireError> {
-    firer.lock().await.fire(tag, from_json(data)).await
-}
-
 /// Fires an event; a failure is logged (the components go on).
 pub async fn fire_or_warn(firer: &Firer, tag: &str, data: &Json) {
-    if let Err(error) = fire(firer, tag, data).await {
+    if let Err(error) = firer.fire(tag, data).await {
         warn!(message = "Event not fired.", %tag, %error);
     }
 }
@@ -204,7 +241,7 @@ async fn dispatch_outbox(
                         service_bus::REQUEST_PREFIX,
                         entry.kind.as_str().replace('.', "/")
                     );
-                    if let Err(error) = fire(&firer, &tag, &entry.payload).await {
+                    if let Err(error) = firer.fire(&tag, &entry.payload).await {
                         warn!(message = "Notification not fired; will retry.", %tag, outbox_id = entry.id, %error);
                         break;
                     }

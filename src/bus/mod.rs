@@ -6,9 +6,12 @@
 //!   bounded broadcast queue so the socket is never held up by a slow consumer;
 //!   reconnects with backoff and says so.
 //! - [`publisher`]: fires events into the master's pull socket.
+//! - [`origin`]: who produced an event ([`Origin`]): only what this process
+//!   made and handed over in memory ([`LocalEvents`]) is the master's.
 
 pub mod codec;
 pub mod event;
+pub mod origin;
 pub mod publisher;
 pub mod subscriber;
 
@@ -18,6 +21,7 @@ use std::path::PathBuf;
 use tokio::net::{TcpStream, UnixStream};
 
 pub use event::{Event, EventKind};
+pub use origin::{is_own_tag, Delivered, LocalEvents, Origin};
 pub use publisher::{EventFirer, FireError};
 pub use subscriber::{BusHandle, BusItem, BusStats, SubscriberOptions, Subscription};
 

@@ -9,7 +9,7 @@ use serde_json::{json, Value as Json};
 
 use super::Context;
 use crate::bus::event::from_json;
-use crate::bus::Event;
+use crate::bus::{is_own_tag, Event, Origin};
 use crate::rules::{compile, load_dir, EventView, RuleError, RuleSet, Scratch};
 
 /// `rules` subcommands.
@@ -29,8 +29,11 @@ pub enum RulesCommand {
         /// The event's data, as JSON (for a minion-fired event: the user's map). Default `{}`.
         #[arg(value_name = "JSON")]
         data: Option<String>,
-        /// Test it as fired by this minion (`salt-call event.send`), wrapped as the master does.
-        #[arg(long, value_name = "MINION")]
+        /// Who fired it: a minion id (`salt-call event.send`, wrapped as the
+        /// master does); `master` (salt-steward's own event, delivered in
+        /// memory); `unverified` (an unwrapped event off the bus: Salt's own,
+        /// `salt-run event.send`, or a forged one). Default `unverified`.
+        #[arg(long, value_name = "MINION|master|unverified")]
         from: Option<String>,
         /// A rules directory or one rule file. Default: `rules_dir` from the config.
         #[arg(long, value_name = "PATH")]
@@ -47,6 +50,9 @@ pub(crate) async fn run(ctx: &Context, cmd: RulesCommand) -> anyhow::Result<Exit
             let path = path.unwrap_or_else(|| ctx.settings.rules_dir.clone());
             match load(&path) {
                 Ok(set) => {
+                    for w in set.warnings() {
+                        eprintln!("warning: {w}");
+                    }
                     let enabled = set.rules().iter().filter(|r| r.enabled).count();
                     println!(
                         "ok: {} rules ({enabled} enabled) in {} files ({})",
@@ -123,11 +129,19 @@ fn test(
 ) -> anyhow::Result<ExitCode> {
     // A minion's event.send reaches the master's bus wrapped like this.
     let data = match from {
+        None | Some("master" | "unverified") => payload,
         Some(id) => json!({"cmd": "_minion_event", "id": id, "tag": tag, "data": payload}),
-        None => payload,
     };
     let event = Event::new(tag.to_owned(), from_json(&data));
-    let view = EventView::of(&event);
+    let origin = match from {
+        Some("master") => Origin::Master,
+        _ => Origin::of_bus(&event),
+    };
+    if origin != Origin::Master && is_own_tag(tag) {
+        println!("{tag} is salt-steward's own tag: its bus copies are never acted on (test it --from master)");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let view = EventView::of(&event, &origin);
     let mut hits = Vec::new();
     set.matching(&view, &mut Scratch::default(), &mut hits);
     let mut failed = false;

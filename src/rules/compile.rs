@@ -21,6 +21,8 @@ use super::format::{self, ActionSpec, ConditionSpec, RuleSpec};
 use super::matcher::{salt_glob, CondOp, Condition, EventView, FieldPath, FromMatcher, TagMatcher};
 use super::template::{context, Templates, Tmpl};
 use crate::bus::event::to_json;
+use crate::bus::origin::STEWARD_PREFIX;
+use crate::bus::Origin;
 use crate::salt::TargetType;
 
 /// Tags of rule results start with this; `<rule>/done|failed` follows.
@@ -297,6 +299,7 @@ pub struct RuleSet {
     templates: Templates,
     files: Vec<PathBuf>,
     fingerprint: u64,
+    warnings: Vec<RuleError>,
 }
 
 impl RuleSet {
@@ -320,6 +323,13 @@ impl RuleSet {
         self.fingerprint
     }
 
+    /// What the rules mean that their author may not expect (a rule any
+    /// minion can trigger with a forged event; a rule that can never
+    /// match): `rules check` prints them, the daemon logs them at each load.
+    pub fn warnings(&self) -> &[RuleError] {
+        &self.warnings
+    }
+
     /// The rules an event triggers (indices into [`rules`](Self::rules), in
     /// order): a tag glob matches, the sender is allowed, every condition
     /// holds. Result events (`steward/v1/rule/…`) only trigger rules with a
@@ -333,7 +343,7 @@ impl RuleSet {
             let Some(rule) = self.rules.get(i) else {
                 continue;
             };
-            if rule.from.as_ref().is_some_and(|f| !f.allows(ev.sender)) {
+            if rule.from.as_ref().is_some_and(|f| !f.allows(ev.origin)) {
                 continue;
             }
             if !rule.when.iter().all(|c| c.holds(ev)) {
@@ -545,12 +555,14 @@ pub fn load_dir(dir: &Path) -> Result<RuleSet, Vec<RuleError>> {
 /// Compiles `(path, text)` sources into one set; all problems or the set.
 pub fn compile(sources: &[(PathBuf, String)]) -> Result<RuleSet, Vec<RuleError>> {
     let mut errors = Vec::new();
+    let mut warnings = Vec::new();
     let mut c = Compiler {
         templates: Templates::new(),
         rules: Vec::new(),
         globs: Vec::new(),
         names: HashMap::new(),
         errors: &mut errors,
+        warnings: &mut warnings,
     };
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     for (path, text) in sources {
@@ -586,6 +598,7 @@ pub fn compile(sources: &[(PathBuf, String)]) -> Result<RuleSet, Vec<RuleError>>
         templates,
         files: sources.iter().map(|(p, _)| p.clone()).collect(),
         fingerprint: hasher.finish(),
+        warnings,
     })
 }
 
@@ -596,6 +609,7 @@ struct Compiler<'e> {
     /// Rule name → (file, line) of its first definition.
     names: HashMap<String, (PathBuf, usize)>,
     errors: &'e mut Vec<RuleError>,
+    warnings: &'e mut Vec<RuleError>,
 }
 
 /// Finds rules and values in a file's text, for line and column.
@@ -796,6 +810,7 @@ impl Compiler<'_> {
         let from = match spec.from.as_deref() {
             None => None,
             Some("master") => Some(FromMatcher::Master),
+            Some(FromMatcher::UNVERIFIED) => Some(FromMatcher::Unverified),
             Some(pattern) => match salt_glob(pattern) {
                 Ok(g) => Some(FromMatcher::Minion(g.compile_matcher())),
                 Err(e) => {
@@ -834,8 +849,12 @@ impl Compiler<'_> {
                         Some(own),
                     ) = (&action, &own_tags)
                     {
-                        let from_master_allowed = from.as_ref().is_none_or(|f| f.allows(None));
-                        if own.is_match(tag) && from_master_allowed {
+                        // What a rule fires comes back to it: in memory as
+                        // the master's (an own tag), or off the bus unverified.
+                        let comes_back = from.as_ref().is_none_or(|f| {
+                            f.allows(&Origin::Master) || f.allows(&Origin::Unverified)
+                        });
+                        if own.is_match(tag) && comes_back {
                             err(
                                 self.errors,
                                 Some(tag),
@@ -894,6 +913,27 @@ impl Compiler<'_> {
 
         if self.errors.len() > before {
             return;
+        }
+        if spec.enabled {
+            let (line, column) = loc.find(idx, Some("from:"));
+            let warn = |message: String| RuleError {
+                file: path.to_owned(),
+                line: Some(line),
+                column: Some(column),
+                rule: Some(name.to_owned()),
+                message,
+            };
+            match &from {
+                Some(FromMatcher::Unverified) => self.warnings.push(warn(UNVERIFIED_WARNING.to_owned())),
+                Some(FromMatcher::Master) if !spec.on.0.iter().any(|g| may_match_own_tag(g)) => {
+                    self.warnings.push(warn(format!(
+                        "`from: master` matches only what salt-steward itself fires ({STEWARD_PREFIX}…): \
+                         {} can never match; Salt's own events are `from: unverified` (any minion can forge them)",
+                        spec.on.0.join(", ")
+                    )))
+                }
+                _ => {}
+            }
         }
         let index = self.rules.len();
         if spec.enabled {
@@ -1027,6 +1067,19 @@ impl Compiler<'_> {
     }
 }
 
+/// What `rules check` and the daemon say of a rule with `from: unverified`.
+pub const UNVERIFIED_WARNING: &str = "`from: unverified`: any minion can forge this event \
+(Salt's bus does not say who fired an event without a minion's wrapping: `event.fire_master` \
+with `preload` fires any tag, Salt's own included); let it run nothing a minion must not trigger";
+
+/// Whether tag glob `glob` may match one of salt-steward's own tags: its
+/// literal beginning (up to the first wildcard) is compatible with
+/// `steward/v1/`.
+fn may_match_own_tag(glob: &str) -> bool {
+    let literal = glob.find(['*', '?', '[']).map_or(glob, |i| &glob[..i]);
+    STEWARD_PREFIX.starts_with(literal) || literal.starts_with(STEWARD_PREFIX)
+}
+
 /// Why a `fire` action may not use `tag`, if it may not. Events the daemon
 /// fires look fired on the master, which other consumers trust: Salt's own
 /// tags and the tags this daemon acts on or announces are not for rules
@@ -1124,7 +1177,11 @@ mod tests {
 
     fn matches(s: &RuleSet, e: &Event) -> Vec<String> {
         let mut out = Vec::new();
-        s.matching(&EventView::of(e), &mut Scratch::default(), &mut out);
+        s.matching(
+            &EventView::of_bus(e, &Origin::of_bus(e)),
+            &mut Scratch::default(),
+            &mut out,
+        );
         out.iter().map(|&i| s.rules()[i].name.to_string()).collect()
     }
 
@@ -1137,7 +1194,9 @@ mod tests {
             json!({"version": "1.2", "env": "prod"}),
         );
         assert_eq!(matches(&s, &e), ["deploy-on-request"]);
-        let r = s.render(&s.rules()[0], &EventView::of(&e)).unwrap();
+        let r = s
+            .render(&s.rules()[0], &EventView::of_bus(&e, &Origin::of_bus(&e)))
+            .unwrap();
         assert_eq!(
             r[0],
             Rendered::Publish {
@@ -1383,7 +1442,9 @@ mod tests {
         )])
         .unwrap();
         let e = minion_event("a", "evil", json!({"t": "salt/run/1/new"}));
-        let err = s.render(&s.rules()[0], &EventView::of(&e)).unwrap_err();
+        let err = s
+            .render(&s.rules()[0], &EventView::of_bus(&e, &Origin::of_bus(&e)))
+            .unwrap_err();
         assert!(err.contains("refused"), "{err}");
     }
 
@@ -1395,7 +1456,9 @@ mod tests {
         )])
         .unwrap();
         let e = minion_event("t", "m1", json!({"other": 1}));
-        let err = s.render(&s.rules()[0], &EventView::of(&e)).unwrap_err();
+        let err = s
+            .render(&s.rules()[0], &EventView::of_bus(&e, &Origin::of_bus(&e)))
+            .unwrap_err();
         assert!(err.starts_with("action 1 (local): "), "{err}");
         assert!(err.contains("undefined"), "{err}");
         // master event: sender is none, so "{{ sender }}" is no target
@@ -1405,7 +1468,84 @@ mod tests {
         )])
         .unwrap();
         let e = Event::new("t".into(), from_json(&json!({})));
-        assert!(s.render(&s.rules()[0], &EventView::of(&e)).is_err());
+        assert!(s
+            .render(&s.rules()[0], &EventView::of_bus(&e, &Origin::of_bus(&e)))
+            .is_err());
+    }
+
+    #[test]
+    fn from_master_is_only_what_this_process_produced() {
+        let s = set(&[(
+            "k.yaml",
+            "rules:\n  - name: del\n    on: steward/v1/server/deleted\n    from: master\n    do: [{wheel: {fun: key.delete_dict, kwarg: {match: {minions: [\"{{ payload.minion_id }}\"]}}}}]\n  - name: auth\n    on: salt/auth\n    from: unverified\n    do: [{fire: {tag: ops/auth}}]\n",
+        )])
+        .unwrap();
+        let deleted = Event::new(
+            "steward/v1/server/deleted".into(),
+            from_json(&json!({"minion_id": "web1-0a1b2c3d"})),
+        );
+        // The same event: delivered in memory, or read back off the bus.
+        let mut out = Vec::new();
+        s.matching(
+            &EventView::of_local(&deleted),
+            &mut Scratch::default(),
+            &mut out,
+        );
+        assert_eq!(out, [0]);
+        assert!(
+            matches(&s, &deleted).is_empty(),
+            "a bus copy proves nothing"
+        );
+        let r = s
+            .render(&s.rules()[0], &EventView::of_local(&deleted))
+            .unwrap();
+        assert_eq!(
+            r[0],
+            Rendered::Wheel {
+                fun: "key.delete_dict".into(),
+                arg: vec![],
+                kwarg: json!({"match": {"minions": ["web1-0a1b2c3d"]}})
+                    .as_object()
+                    .unwrap()
+                    .clone(),
+            }
+        );
+        // Salt's own event off the bus: only with the opt-in; never a minion's.
+        let auth = Event::new(
+            "salt/auth".into(),
+            from_json(&json!({"id": "m1", "act": "denied", "result": false})),
+        );
+        assert_eq!(matches(&s, &auth), ["auth"]);
+        let wrapped = minion_event("salt/auth", "m1", json!({"act": "denied"}));
+        assert!(matches(&s, &wrapped).is_empty());
+    }
+
+    #[test]
+    fn rules_any_minion_can_trigger_or_that_never_match_are_warned_about() {
+        let s = set(&[(
+            "w.yaml",
+            "rules:\n  - name: auth\n    on: salt/auth\n    from: unverified\n    do: [{fire: {tag: ops/a}}]\n  - name: never\n    on: [salt/presence/change]\n    from: master\n    do: [{fire: {tag: ops/b}}]\n  - name: ours\n    on: [\"steward/v1/server/*\", \"*/deleted\"]\n    from: master\n    do: [{fire: {tag: ops/c}}]\n  - name: off\n    enabled: false\n    on: salt/auth\n    from: unverified\n    do: [{fire: {tag: ops/d}}]\n",
+        )])
+        .unwrap();
+        let w: Vec<String> = s.warnings().iter().map(ToString::to_string).collect();
+        assert_eq!(w.len(), 2, "{w:#?}");
+        assert!(
+            w[0].starts_with(
+                "w.yaml:4:5: rule auth: `from: unverified`: any minion can forge this event"
+            ),
+            "{}",
+            w[0]
+        );
+        assert!(
+            w[1].starts_with("w.yaml:8:5: rule never: `from: master` matches only what salt-steward itself fires"),
+            "{}",
+            w[1]
+        );
+        assert!(may_match_own_tag("*"));
+        assert!(may_match_own_tag("steward/*"));
+        assert!(may_match_own_tag("steward/v1/rule/*/failed"));
+        assert!(!may_match_own_tag("salt/*"));
+        assert!(!may_match_own_tag("steward/v2/x"));
     }
 
     #[test]

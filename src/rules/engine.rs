@@ -1,5 +1,12 @@
-//! The intake: events from the bus → matching rules → rendered actions →
-//! debounce and rate limits → the sender queues of the [`Executor`].
+//! The intake: events from the bus and from this process → matching rules →
+//! rendered actions → debounce and rate limits → the sender queues of the
+//! [`Executor`].
+//!
+//! Each event comes with its [`Origin`]: what the daemon itself fired under
+//! its own tags arrives in memory ([`Origin::Master`]); the bus copies of
+//! those tags are dropped here (counted as `own_tags_ignored`), since anyone
+//! can fire them; everything else off the bus is a minion's (claimed) or
+//! unverified.
 //!
 //! One task reads its own bus subscription. It never waits on a job: the
 //! sender queues refuse work when full, so the intake keeps up with the bus
@@ -23,7 +30,8 @@ use super::matcher::EventView;
 use super::stats::{worth_logging, RuleStats};
 use super::throttle::{Key, Offer, Throttle};
 use super::Scratch;
-use crate::bus::{BusItem, Event, Subscription};
+use crate::bus::origin::{LocalItem, LocalSubscription};
+use crate::bus::{is_own_tag, BusItem, Event, Origin, Subscription};
 
 /// How often the counters are logged when they changed.
 const STATS_EVERY: Duration = Duration::from_secs(10);
@@ -40,6 +48,7 @@ pub struct IntakeOptions {
 /// Reads events until `cancel` fires or the bus reader stops.
 pub async fn run_intake(
     mut sub: Subscription,
+    mut local: LocalSubscription,
     rules: watch::Receiver<Arc<RuleSet>>,
     exec: Executor,
     stats: Arc<RuleStats>,
@@ -58,6 +67,7 @@ pub async fn run_intake(
     intake.throttle = Throttle::new(intake.opts.max_waiting);
     let mut tick = tokio::time::interval(STATS_EVERY);
     let mut last_logged = intake.stats.snapshot();
+    let mut local_open = true;
     loop {
         let next = intake.throttle.next_deadline();
         tokio::select! {
@@ -76,9 +86,26 @@ pub async fn run_intake(
                 }
                 intake.throttle.sweep(tokio::time::Instant::now());
             }
+            item = local.recv(), if local_open => match item {
+                // Nothing can be delivered any more; the bus goes on.
+                None => local_open = false,
+                Some(LocalItem::Event(e)) => intake.event(&e, Origin::Master),
+                Some(LocalItem::Lagged(n)) => {
+                    warn!(message = "Rules engine fell behind the daemon's own events; some were dropped.", dropped = n);
+                    intake.stats.lagged.fetch_add(n, Ordering::Relaxed);
+                }
+            },
             item = sub.recv() => match item {
                 None => break,
-                Some(BusItem::Event(e)) => intake.event(&e),
+                Some(BusItem::Event(e)) => {
+                    if is_own_tag(&e.tag) {
+                        // The real one came in memory; this copy proves nothing.
+                        intake.stats.own_tags_ignored.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        let origin = Origin::of_bus(&e);
+                        intake.event(&e, origin);
+                    }
+                }
                 // Logged by the subscription itself; counted here too.
                 Some(BusItem::Lagged(n)) => {
                     intake.stats.lagged.fetch_add(n, Ordering::Relaxed);
@@ -104,6 +131,7 @@ struct Deferred {
     rule: usize,
     action: usize,
     event: Arc<Event>,
+    origin: Origin,
 }
 
 struct Intake {
@@ -117,10 +145,10 @@ struct Intake {
 }
 
 impl Intake {
-    fn event(&mut self, e: &Arc<Event>) {
+    fn event(&mut self, e: &Arc<Event>, origin: Origin) {
         self.stats.events.fetch_add(1, Ordering::Relaxed);
         let set = self.rules.borrow().clone();
-        let view = EventView::of(e);
+        let view = EventView::of(e, &origin);
         set.matching(&view, &mut self.scratch, &mut self.hits);
         if self.hits.is_empty() {
             return;
@@ -154,6 +182,7 @@ impl Intake {
                         rule: i,
                         action: idx,
                         event: e.clone(),
+                        origin: origin.clone(),
                     };
                     match self.throttle.offer(key, wait, d, now) {
                         Offer::Waiting => {}
@@ -196,7 +225,7 @@ impl Intake {
             rule: rule.name.clone(),
             action: idx + 1,
             event_tag: view.tag.to_owned(),
-            sender: view.sender.map(str::to_owned),
+            origin: view.origin.clone(),
             timeout: rule.timeout.unwrap_or(self.opts.job_timeout),
             rate_limit: rule.rate_limit,
             rendered,
@@ -224,7 +253,7 @@ impl Intake {
             let Some(rule) = d.set.rules().get(d.rule) else {
                 continue;
             };
-            let view = EventView::of(&d.event);
+            let view = EventView::of(&d.event, &d.origin);
             let ctx = RuleSet::context(&view);
             match d.set.render_action(rule, d.action, &ctx) {
                 Ok(rendered) => {

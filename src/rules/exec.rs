@@ -1,8 +1,9 @@
 //! Running actions: in order per sender, in parallel across senders, with a
 //! bound on how many run at once, each followed to its result.
 //!
-//! Each sender (a minion id, or `master` for events fired on the master) has
-//! its own bounded queue drained by its own task, so one minion's actions
+//! Each sender (a minion id; `master` for the daemon's own events;
+//! `unverified` for unwrapped events off the bus, so a forged flood never
+//! delays the daemon's own) has its own bounded queue drained by its own task, so one minion's actions
 //! run in the order its events came while other minions' run beside them. A
 //! global semaphore bounds the jobs in flight. A full queue refuses the
 //! action (counted, logged): an event flood never grows memory without bound.
@@ -30,7 +31,7 @@ use tracing::{info, warn};
 
 use super::compile::{RateLimit, Rendered, RESULT_PREFIX};
 use super::stats::RuleStats;
-use crate::bus::event::from_json;
+use crate::bus::Origin;
 use crate::daemon::Firer;
 use crate::salt::{Publish, RequestError, SaltClient, StateSummary, WheelResult};
 
@@ -51,8 +52,8 @@ pub struct Job {
     pub rendered: Rendered,
     /// The tag of the event behind it.
     pub event_tag: String,
-    /// The minion that fired the event, or none (fired on the master).
-    pub sender: Option<String>,
+    /// Who produced the event behind it.
+    pub origin: Origin,
     /// How long to wait for the job's returns.
     pub timeout: Duration,
     /// The rule's rate limit, applied when the job is released.
@@ -60,9 +61,12 @@ pub struct Job {
 }
 
 impl Job {
-    /// The ordering key: the sender, or `master`.
+    /// The ordering key: the (claimed) minion id, or `master`, or `unverified`.
     pub fn queue_key(&self) -> &str {
-        self.sender.as_deref().unwrap_or("master")
+        match &self.origin {
+            Origin::Minion(id) => id,
+            other => other.as_str(),
+        }
     }
 }
 
@@ -278,7 +282,7 @@ impl SaltRunner {
         report.insert("target".into(), json!(job.rendered.target()));
         report.insert(
             "event".into(),
-            json!({"tag": job.event_tag, "sender": job.sender}),
+            json!({"tag": job.event_tag, "sender": job.origin.minion(), "origin": job.origin.as_str()}),
         );
         let result = match &job.rendered {
             Rendered::Publish {
@@ -307,13 +311,14 @@ impl SaltRunner {
             }
             Rendered::Fire { tag, data } => {
                 report.insert("fired".into(), json!(tag));
-                self.firer
-                    .lock()
-                    .await
-                    .fire(tag, from_json(data))
-                    .await
-                    .map(|()| (true, None))
-                    .map_err(|e| e.to_string())
+                // Only what answers the daemon's own event comes back to it
+                // as the master's; anything else it fires goes by the bus.
+                let fired = if job.origin == Origin::Master {
+                    self.firer.fire(tag, data).await
+                } else {
+                    self.firer.fire_bus_only(tag, data).await
+                };
+                fired.map(|()| (true, None)).map_err(|e| e.to_string())
             }
         };
         let (success, jid) = match result {
@@ -331,7 +336,7 @@ impl SaltRunner {
             job.rule,
             if success { "done" } else { "failed" }
         );
-        if let Err(error) = self.firer.lock().await.fire(&tag, from_json(&report)).await {
+        if let Err(error) = self.firer.fire(&tag, &report).await {
             warn!(message = "Rule result not fired.", %tag, %error);
         }
         Outcome {
@@ -481,7 +486,7 @@ mod tests {
                 data: Json::Null,
             },
             event_tag: "t".into(),
-            sender: Some(sender.into()),
+            origin: Origin::Minion(sender.into()),
             timeout: Duration::from_secs(1),
             rate_limit: None,
         }

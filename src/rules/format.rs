@@ -41,8 +41,12 @@ pub struct RuleSpec {
     /// One tag glob or a list of them (Salt's fnmatch: `*` matches any
     /// characters, `/` included; `?` one character; `[abc]`, `[!abc]`).
     pub on: StringOrList,
-    /// Who must have sent the event: `master` (fired on the master itself,
-    /// not by a minion), or a glob on the minion id of a minion-fired event.
+    /// Who must have produced the event: `master` (only what salt-steward
+    /// itself fires: its notifications, alerts and rule results, handed over
+    /// in memory; their bus copies are never acted on), `unverified` (also
+    /// unwrapped events off the bus — Salt's own, `salt-run event.send` —
+    /// which any minion can forge; `rules check` warns), or a glob on the
+    /// (claimed) minion id of a minion-fired event. None: any origin.
     #[serde(default)]
     pub from: Option<String>,
     /// Conditions on the event; all must hold.

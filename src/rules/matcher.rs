@@ -13,6 +13,7 @@ use rmpv::Value;
 use serde_json::Value as Json;
 
 use crate::bus::event::{as_str, map_get, to_json, Event, EventKind};
+use crate::bus::Origin;
 
 /// A glob with Salt's fnmatch semantics.
 pub fn salt_glob(pattern: &str) -> Result<Glob, globset::Error> {
@@ -22,23 +23,25 @@ pub fn salt_glob(pattern: &str) -> Result<Glob, globset::Error> {
         .build()
 }
 
-/// The sender and the user's data of an event, as rules see them.
+/// The origin, sender and the user's data of an event, as rules see them.
 #[derive(Debug, Clone, Copy)]
 pub struct EventView<'a> {
     /// The tag.
     pub tag: &'a str,
-    /// The data exactly as Salt delivers it.
+    /// The data exactly as Salt (or this process) delivered it.
     pub data: &'a Value,
-    /// The minion id when a minion fired the event (decided from the
-    /// master's wrapping, never from the tag); `None` when fired on the master.
+    /// Who produced it ([`Origin`]: decided from how it reached us, never
+    /// from the tag).
+    pub origin: &'a Origin,
+    /// The minion id a minion-wrapped event claims; `None` otherwise.
     pub sender: Option<&'a str>,
     /// The user's map: `data.data` of a minion-fired event, `data` otherwise.
     pub payload: &'a Value,
 }
 
 impl<'a> EventView<'a> {
-    /// Views an event from the bus.
-    pub fn of(e: &'a Event) -> Self {
+    /// Views an event from the bus, whose origin is [`Origin::of_bus`].
+    pub fn of_bus(e: &'a Event, origin: &'a Origin) -> Self {
         let (sender, payload) = match e.kind() {
             EventKind::MinionFired(m) => (Some(m.id), m.payload),
             EventKind::MinionStart { id } => (Some(id), e.field("data").unwrap_or(&Value::Nil)),
@@ -47,8 +50,28 @@ impl<'a> EventView<'a> {
         Self {
             tag: &e.tag,
             data: &e.data,
+            origin,
             sender,
             payload,
+        }
+    }
+
+    /// Views an event this process produced (delivered in memory, unwrapped).
+    pub fn of_local(e: &'a Event) -> Self {
+        Self {
+            tag: &e.tag,
+            data: &e.data,
+            origin: &Origin::Master,
+            sender: None,
+            payload: &e.data,
+        }
+    }
+
+    /// Views an event with its origin: in memory ([`Origin::Master`]) or off the bus.
+    pub fn of(e: &'a Event, origin: &'a Origin) -> Self {
+        match origin {
+            Origin::Master => Self::of_local(e),
+            _ => Self::of_bus(e, origin),
         }
     }
 
@@ -177,21 +200,30 @@ fn json_eq(f: &Found<'_>, v: &Json) -> bool {
     }
 }
 
-/// Who may trigger a rule.
+/// Who may trigger a rule (`from:`).
 #[derive(Debug, Clone)]
 pub enum FromMatcher {
-    /// Events fired on the master itself (not wrapped as a minion's).
+    /// `master`: only events this process produced ([`Origin::Master`]):
+    /// its notifications, alerts and rule results.
     Master,
-    /// Minion-fired events whose minion id matches.
+    /// `unverified`: also events without a minion's wrapping read off the
+    /// bus — Salt's own (`salt/auth`, `salt/presence/…`) and `salt-run
+    /// event.send` — which any minion can forge. An explicit opt-in.
+    Unverified,
+    /// A glob: minion-wrapped events whose (claimed) minion id matches.
     Minion(GlobMatcher),
 }
 
 impl FromMatcher {
-    /// Whether `sender` (None for the master) is allowed.
-    pub fn allows(&self, sender: Option<&str>) -> bool {
-        match (self, sender) {
-            (Self::Master, None) => true,
-            (Self::Minion(g), Some(id)) => g.is_match(id),
+    /// The `from:` keyword of [`FromMatcher::Unverified`].
+    pub const UNVERIFIED: &'static str = "unverified";
+
+    /// Whether an event of `origin` may trigger the rule.
+    pub fn allows(&self, origin: &Origin) -> bool {
+        match (self, origin) {
+            (Self::Master, Origin::Master) => true,
+            (Self::Unverified, Origin::Master | Origin::Unverified) => true,
+            (Self::Minion(g), Origin::Minion(id)) => g.is_match(id),
             _ => false,
         }
     }
@@ -269,12 +301,15 @@ mod tests {
             "salt/auth",
             json!({"cmd": "_minion_event", "id": "web1", "data": {"act": "accept"}}),
         );
-        let v = EventView::of(&e);
+        let origin = Origin::of_bus(&e);
+        let v = EventView::of(&e, &origin);
         assert_eq!(v.sender, Some("web1"));
         assert_eq!(to_json(v.payload), json!({"act": "accept"}));
         let e = ev("myapp/x", json!({"id": "web1", "v": 1}));
-        let v = EventView::of(&e);
-        assert_eq!(v.sender, None, "unwrapped: fired on the master");
+        let origin = Origin::of_bus(&e);
+        let v = EventView::of(&e, &origin);
+        assert_eq!(v.sender, None, "unwrapped: no sender");
+        assert_eq!(*v.origin, Origin::Unverified, "unwrapped: not proved");
         assert_eq!(to_json(v.payload), json!({"id": "web1", "v": 1}));
     }
 
@@ -285,7 +320,8 @@ mod tests {
             json!({"cmd": "_minion_event", "id": "web1",
                    "data": {"version": "1.2", "env": "prod", "n": 3, "l": ["a", "b"], "z": null}}),
         );
-        let v = EventView::of(&e);
+        let origin = Origin::of_bus(&e);
+        let v = EventView::of(&e, &origin);
         let c = |f: &str, op: CondOp| {
             Condition {
                 field: FieldPath::parse(f).unwrap(),
@@ -320,6 +356,25 @@ mod tests {
         assert!(FieldPath::parse("nope.x").is_err());
         assert!(FieldPath::parse("payload..x").is_err());
         assert!(FieldPath::parse("tag.x").is_err());
+    }
+
+    #[test]
+    fn from_master_means_produced_here_and_unverified_is_an_opt_in() {
+        let web = FromMatcher::Minion(salt_glob("web*").unwrap().compile_matcher());
+        let cases = [
+            (Origin::Master, [true, true, false]),
+            (Origin::Unverified, [false, true, false]),
+            (Origin::Minion("web1".into()), [false, false, true]),
+            (Origin::Minion("db1".into()), [false, false, false]),
+        ];
+        for (origin, want) in cases {
+            let got = [
+                FromMatcher::Master.allows(&origin),
+                FromMatcher::Unverified.allows(&origin),
+                web.allows(&origin),
+            ];
+            assert_eq!(got, want, "{origin:?}");
+        }
     }
 
     #[test]

@@ -43,7 +43,8 @@ pub use compile::{
 pub use matcher::EventView;
 pub use stats::RuleStats;
 
-use crate::bus::{BusHandle, Subscription};
+use crate::bus::origin::LocalSubscription;
+use crate::bus::{BusHandle, LocalEvents, Subscription};
 use crate::config::Settings;
 use crate::daemon::Firer;
 use crate::salt::SaltClient;
@@ -53,18 +54,21 @@ use crate::salt::SaltClient;
 pub struct RulesComponent {
     dir: PathBuf,
     intake: Subscription,
+    local: LocalSubscription,
     concurrency: usize,
     queue_per_sender: usize,
     intake_opts: engine::IntakeOptions,
 }
 
 impl RulesComponent {
-    /// Subscribes to `bus` for the events rules match.
-    pub fn new(bus: &BusHandle, settings: &Settings) -> Self {
+    /// Subscribes to `bus` and to the daemon's own events (`local`) for the
+    /// events rules match.
+    pub fn new(bus: &BusHandle, local: &LocalEvents, settings: &Settings) -> Self {
         let cfg = &settings.rules;
         Self {
             dir: settings.rules_dir.clone(),
             intake: bus.subscribe(),
+            local: local.subscribe(),
             concurrency: cfg.concurrency,
             queue_per_sender: cfg.queue_per_sender,
             intake_opts: engine::IntakeOptions {
@@ -103,6 +107,7 @@ impl RulesComponent {
             ));
             engine::run_intake(
                 self.intake,
+                self.local,
                 rx,
                 executor.clone(),
                 stats,

@@ -45,6 +45,7 @@ pub async fn initial(dir: &Path, stats: &RuleStats) -> RuleSet {
         Ok(set) => {
             stats.reloads.fetch_add(1, Ordering::Relaxed);
             info!(message = "Rules loaded.", dir = %dir.display(), rules = set.rules().len(), files = set.files().len());
+            log_warnings(&set);
             set
         }
         Err(errors) => {
@@ -66,6 +67,12 @@ async fn load(dir: &Path) -> Result<RuleSet, Vec<super::RuleError>> {
             rule: None,
             message: format!("the reload task failed: {e}"),
         }]),
+    }
+}
+
+fn log_warnings(set: &RuleSet) {
+    for warning in set.warnings() {
+        warn!(message = "Rule loaded with a warning.", %warning);
     }
 }
 
@@ -154,6 +161,7 @@ pub async fn reload(dir: &Path, tx: &watch::Sender<Arc<RuleSet>>, stats: &RuleSt
             }
             stats.reloads.fetch_add(1, Ordering::Relaxed);
             info!(message = "Rules reloaded.", dir = %dir.display(), rules = set.rules().len(), files = set.files().len());
+            log_warnings(&set);
             tx.send_replace(Arc::new(set));
         }
         Err(errors) => {

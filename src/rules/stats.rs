@@ -11,6 +11,9 @@ pub struct RuleStats {
     pub events: AtomicU64,
     /// Events lost because the engine fell behind the bus (its queue is bounded).
     pub lagged: AtomicU64,
+    /// Bus copies of salt-steward's own tags, not acted on (the daemon's
+    /// own events come in memory; these prove nothing).
+    pub own_tags_ignored: AtomicU64,
     /// (event, rule) matches.
     pub matched: AtomicU64,
     /// Matches whose actions could not be rendered (a missing field …).
@@ -44,6 +47,7 @@ impl RuleStats {
         json!({
             "events": g(&self.events),
             "lagged": g(&self.lagged),
+            "own_tags_ignored": g(&self.own_tags_ignored),
             "matched": g(&self.matched),
             "render_errors": g(&self.render_errors),
             "queued": g(&self.queued),

@@ -445,7 +445,7 @@ fn a_flood_of_100k_events_stays_bounded_debounced_and_rate_limited() {
       - local: {{ target: "{{{{ sender }}}}", fun: cmd.run, arg: ["echo {{{{ payload.seq }}}} >> {o}/limited-{{{{ sender }}}}.txt"], kwarg: {{ python_shell: true }} }}
   - name: flood-end
     on: flood/end
-    from: master
+    from: unverified
     do:
       - fire: {{ tag: flood/end/seen, data: {{ fired: "{{{{ payload.fired }}}}" }} }}
 "#
