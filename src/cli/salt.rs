@@ -206,7 +206,8 @@ fn json_report(missing: &[String], o: &JobOutcome, is_state: bool) -> Json {
             (id.clone(), v)
         })
         .collect();
-    serde_json::json!({"jid": o.jid, "minions": minions, "no_answer": o.no_answer, "missing": missing})
+    serde_json::json!({"jid": o.jid, "minions": minions, "no_answer": o.no_answer,
+        "unconfirmed": o.unconfirmed, "missing": missing})
 }
 
 fn print_report(o: &JobOutcome, is_state: bool) {
@@ -233,7 +234,11 @@ fn print_report(o: &JobOutcome, is_state: bool) {
         }
     }
     for id in &o.no_answer {
-        println!("{id}: did not answer");
+        if o.unconfirmed.contains(id) {
+            println!("{id}: did not answer (a return event came, but the master's job cache does not hold it)");
+        } else {
+            println!("{id}: did not answer");
+        }
     }
     let failed = o.returns.values().filter(|r| !r.success).count();
     println!(

@@ -410,15 +410,22 @@ impl SaltRunner {
         }
         report.insert("minions".into(), Json::Object(minions));
         report.insert("no_answer".into(), json!(outcome.no_answer));
+        if !outcome.unconfirmed.is_empty() {
+            report.insert("unconfirmed".into(), json!(outcome.unconfirmed));
+        }
         if !outcome.no_answer.is_empty() {
-            report.insert(
-                "error".into(),
-                json!(format!(
-                    "no answer within {:?} from {}",
-                    job.timeout,
-                    outcome.no_answer.join(", ")
-                )),
+            let mut error = format!(
+                "no answer within {:?} from {}",
+                job.timeout,
+                outcome.no_answer.join(", ")
             );
+            if !outcome.unconfirmed.is_empty() {
+                error.push_str(&format!(
+                    " (return events from {} were not in the master's job cache: not counted)",
+                    outcome.unconfirmed.join(", ")
+                ));
+            }
+            report.insert("error".into(), json!(error));
         }
         Ok((all_ok, Some(jid)))
     }

@@ -13,6 +13,18 @@
 //! a watch made through [`crate::salt::SaltClient`] then asks the master's job
 //! cache (`jobs.list_job`, by the jid we chose) for the returns it has not
 //! seen, so a job never waits for its timeout because an event was lost.
+//!
+//! Return events can also be forged: a minion can make the master fire an
+//! unwrapped `salt/job/<jid>/ret/<another minion>` (see [`crate::bus::origin`]).
+//! So on a watch made through the client, a return event is only a hint:
+//! what counts is the master's job cache, where a return is stored under the
+//! id the returning minion authenticated as (Salt's request server binds the
+//! id to the minion's session key, `minimum_auth_version: 3`, the default),
+//! and the first return stored for a (jid, minion) stays. Once every expected
+//! minion has shown a return on the bus the cache is asked (one lookup for the
+//! whole job), again with backoff for those it does not hold yet, and once
+//! more at the deadline; a return the cache never confirms is reported as
+//! `unconfirmed`, never as an answer.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,6 +41,17 @@ use crate::bus::{BusItem, Subscription};
 
 /// After a bus gap, when the job cache is asked a second time.
 const RECHECK_AFTER: Duration = Duration::from_secs(2);
+
+/// The first wait between a return event and asking the job cache for it
+/// (the master fires the event just before it writes the cache); doubled up
+/// to [`CONFIRM_MAX_WAIT`] while the cache does not hold it.
+const CONFIRM_FIRST_WAIT: Duration = Duration::from_millis(200);
+
+/// The longest wait between two lookups of returns not confirmed yet.
+const CONFIRM_MAX_WAIT: Duration = Duration::from_secs(2);
+
+/// How long the last lookup, made at the deadline, may take.
+const CONFIRM_AT_DEADLINE: Duration = Duration::from_secs(10);
 
 /// How many runner returns are kept for callers that register after them.
 const RECENT_RUNS: usize = 1024;
@@ -159,6 +182,15 @@ impl JobTracker {
     }
 }
 
+/// The `steward_correlation` a return event carries back in its `metadata`.
+fn correlation_of(event: &Event) -> Option<String> {
+    event
+        .field("metadata")
+        .and_then(|m| crate::bus::event::map_get(m, "steward_correlation"))
+        .and_then(crate::bus::event::as_str)
+        .map(str::to_owned)
+}
+
 fn run_jid(tag: &str) -> Option<&str> {
     tag.strip_prefix("salt/run/")?.strip_suffix("/ret")
 }
@@ -207,9 +239,14 @@ impl Drop for JobWatch {
 #[derive(Debug, Clone, Serialize)]
 pub struct JobOutcome {
     pub jid: String,
+    /// The returns, as the master's job cache holds them (for a watch made
+    /// through the client), by minion.
     pub returns: BTreeMap<String, MinionReturn>,
     /// Expected minions that did not answer before the timeout.
     pub no_answer: Vec<String>,
+    /// Minions whose return event came but which the job cache never
+    /// confirmed (a forged event, or a cache that keeps nothing): not answers.
+    pub unconfirmed: Vec<String>,
 }
 
 impl JobOutcome {
@@ -226,18 +263,34 @@ impl JobWatch {
     }
 
     /// Collects returns until every minion in `expected` answered or
-    /// `timeout` passed; unexpected minions' returns are kept too.
+    /// `timeout` passed; unexpected minions' returns are kept too. With a
+    /// job cache to ask (a watch made by [`crate::salt::SaltClient`]), only
+    /// returns the cache holds count; return events are hints (see the
+    /// module docs).
     pub async fn collect(mut self, expected: &[String], timeout: Duration) -> JobOutcome {
-        let mut returns = BTreeMap::new();
         let deadline = crate::clock::deadline_in(timeout);
+        let Some(client) = self.lookup.clone() else {
+            return self.collect_from_bus(expected, deadline).await;
+        };
+        // Return events not confirmed yet: minion → correlation it carried.
+        let mut hinted: BTreeMap<String, Option<String>> = BTreeMap::new();
+        let mut confirmed: BTreeMap<String, MinionReturn> = BTreeMap::new();
+        let mut check_at: Option<tokio::time::Instant> = None;
+        let mut wait = CONFIRM_FIRST_WAIT;
         // The master fires a return's event before it writes the return to
         // its job cache: a lookup right after a gap can come too early, so a
         // second one follows once, a little later.
         let mut recheck: Option<tokio::time::Instant> = None;
-        while !expected.iter().all(|m| returns.contains_key(m)) {
+        while !expected.iter().all(|m| confirmed.contains_key(m)) {
+            let gaps = &mut self.gaps;
             let gap = async {
-                match self.lookup {
-                    Some(_) => self.gaps.changed().await.is_ok(),
+                if gaps.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            };
+            let check = async {
+                match check_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
                     None => std::future::pending().await,
                 }
             };
@@ -247,31 +300,101 @@ impl JobWatch {
                     None => std::future::pending().await,
                 }
             };
-            let event = tokio::select! {
-                e = tokio::time::timeout_at(deadline, self.rx.recv()) => e,
-                true = gap => {
-                    self.reconcile(expected, &mut returns, deadline).await;
-                    recheck = Some(crate::clock::deadline_in(RECHECK_AFTER));
-                    continue;
-                }
-                () = later => {
-                    recheck = None;
-                    self.reconcile(expected, &mut returns, deadline).await;
-                    continue;
-                }
+            enum Step {
+                Event(Option<Arc<Event>>),
+                Gap,
+                Recheck,
+                Check,
+            }
+            let step = tokio::select! {
+                e = tokio::time::timeout_at(deadline, self.rx.recv()) => Step::Event(e.ok().flatten()),
+                () = gap => Step::Gap,
+                () = later => Step::Recheck,
+                () = check => Step::Check,
             };
-            let Ok(Some(event)) = event else {
+            match step {
+                Step::Event(None) => break,
+                Step::Event(Some(event)) => {
+                    let EventKind::JobReturn(r) = event.kind() else {
+                        continue;
+                    };
+                    if confirmed.contains_key(r.id) {
+                        continue;
+                    }
+                    hinted.insert(r.id.to_owned(), correlation_of(&event));
+                    let all_shown = expected
+                        .iter()
+                        .all(|m| confirmed.contains_key(m) || hinted.contains_key(m));
+                    if all_shown {
+                        wait = CONFIRM_FIRST_WAIT;
+                        let soon = crate::clock::deadline_in(wait);
+                        check_at = Some(check_at.map_or(soon, |at| at.min(soon)));
+                    }
+                }
+                Step::Gap => {
+                    self.lookup_cache(&client, &mut hinted, &mut confirmed, deadline, true)
+                        .await;
+                    recheck = Some(crate::clock::deadline_in(RECHECK_AFTER));
+                }
+                Step::Recheck => {
+                    recheck = None;
+                    self.lookup_cache(&client, &mut hinted, &mut confirmed, deadline, true)
+                        .await;
+                }
+                Step::Check => {
+                    check_at = None;
+                    self.lookup_cache(&client, &mut hinted, &mut confirmed, deadline, false)
+                        .await;
+                    if !hinted.is_empty() {
+                        wait = (wait * 2).min(CONFIRM_MAX_WAIT);
+                        check_at = Some(crate::clock::deadline_in(wait));
+                    }
+                }
+            }
+        }
+        if !hinted.is_empty() {
+            // Shown on the bus, not confirmed yet: one last look.
+            let last = crate::clock::deadline_in(CONFIRM_AT_DEADLINE);
+            self.lookup_cache(&client, &mut hinted, &mut confirmed, last, false)
+                .await;
+        }
+        if !hinted.is_empty() {
+            tracing::warn!(
+                message = "Job return events the master's job cache does not hold: not counted (forged, or the master keeps no job cache).",
+                jid = %self.jid,
+                minions = ?hinted.keys().collect::<Vec<_>>()
+            );
+        }
+        let no_answer = expected
+            .iter()
+            .filter(|m| !confirmed.contains_key(*m))
+            .cloned()
+            .collect();
+        JobOutcome {
+            jid: self.jid.clone(),
+            returns: confirmed,
+            no_answer,
+            unconfirmed: hinted.into_keys().collect(),
+        }
+    }
+
+    /// Without a job cache to ask: every return event counts (the tracker's
+    /// own tests, tools reading a bus they trust).
+    async fn collect_from_bus(
+        mut self,
+        expected: &[String],
+        deadline: tokio::time::Instant,
+    ) -> JobOutcome {
+        let mut returns = BTreeMap::new();
+        while !expected.iter().all(|m| returns.contains_key(m)) {
+            let Ok(Some(event)) = tokio::time::timeout_at(deadline, self.rx.recv()).await else {
                 break;
             };
             if let EventKind::JobReturn(r) = event.kind() {
                 returns.insert(
                     r.id.to_owned(),
                     MinionReturn {
-                        correlation: event
-                            .field("metadata")
-                            .and_then(|m| crate::bus::event::map_get(m, "steward_correlation"))
-                            .and_then(crate::bus::event::as_str)
-                            .map(str::to_owned),
+                        correlation: correlation_of(&event),
                         success: r.success && r.retcode.unwrap_or(0) == 0,
                         retcode: r.retcode,
                         ret: crate::bus::event::to_json(r.ret),
@@ -288,6 +411,7 @@ impl JobWatch {
             jid: self.jid.clone(),
             returns,
             no_answer,
+            unconfirmed: Vec::new(),
         }
     }
 
@@ -297,36 +421,42 @@ impl JobWatch {
         self
     }
 
-    /// After a gap: the returns the master has stored for this jid that were
-    /// not seen on the bus are taken from its job cache.
-    async fn reconcile(
-        &mut self,
-        expected: &[String],
-        returns: &mut BTreeMap<String, MinionReturn>,
+    /// Takes every return the master's job cache holds for this jid: those
+    /// shown on the bus are confirmed (with the correlation they carried),
+    /// the others were lost on the bus (`after_gap`: logged as reconciled).
+    async fn lookup_cache(
+        &self,
+        client: &super::SaltClient,
+        hinted: &mut BTreeMap<String, Option<String>>,
+        confirmed: &mut BTreeMap<String, MinionReturn>,
         deadline: tokio::time::Instant,
+        after_gap: bool,
     ) {
-        let Some(client) = &self.lookup else {
-            return;
-        };
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         match client.job_cache_returns(&self.jid, left).await {
             Ok(found) => {
-                let mut added = 0usize;
-                for (minion, ret) in found {
-                    if let std::collections::btree_map::Entry::Vacant(e) = returns.entry(minion) {
-                        e.insert(ret);
-                        added += 1;
+                let mut reconciled = 0usize;
+                for (minion, mut ret) in found {
+                    if confirmed.contains_key(&minion) {
+                        continue;
                     }
+                    match hinted.remove(&minion) {
+                        Some(correlation) => ret.correlation = correlation,
+                        None => reconciled += 1,
+                    }
+                    confirmed.insert(minion, ret);
                 }
-                tracing::info!(
-                    message = "Job returns reconciled from the master's job cache after a bus gap.",
-                    jid = %self.jid,
-                    added,
-                    still_missing = expected.iter().filter(|m| !returns.contains_key(*m)).count()
-                );
+                if after_gap || reconciled > 0 {
+                    tracing::info!(
+                        message = "Job returns reconciled from the master's job cache after a bus gap.",
+                        jid = %self.jid,
+                        added = reconciled,
+                        not_confirmed_yet = hinted.len()
+                    );
+                }
             }
             Err(error) => {
-                tracing::warn!(message = "Job cache lookup after a bus gap failed.", jid = %self.jid, %error);
+                tracing::warn!(message = "Job cache lookup failed.", jid = %self.jid, %error);
             }
         }
     }
