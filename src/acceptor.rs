@@ -14,11 +14,22 @@
 //! - unknown id → left pending (or rejected, `unknown_minions: reject`),
 //!   `steward/v1/alert/unknown-minion` once per id.
 //!
-//! The master's own `salt/auth` `act: denied` (a key differing from the
-//! accepted one; in preseed mode the master decides itself) becomes the same
-//! key-mismatch alert; `act: accept` of a preseeded key marks the server
-//! registered. `salt/minion/<id>/start` marks it `online`; the first start
-//! after registration applies the states of the server's model.
+//! Events off the bus prove nothing (see [`crate::bus::origin`]): any minion
+//! can forge a `salt/auth` or another minion's start event. So they are only
+//! triggers to look at what can be checked:
+//! - `salt/auth` `act: denied` (a key differing from the accepted one; in
+//!   preseed mode the master decides itself) becomes the key-mismatch alert
+//!   when `minions_denied/<id>` holds a key other than the issued one — the
+//!   alert names that file's key, never the event's;
+//! - `salt/minion/<id>/start` marks the server `online` once the minion
+//!   answers a `test.ping` whose return the master's job cache holds (only
+//!   that minion can store it); the first start applies the states of the
+//!   server's model. In preseed mode that confirmed start is also what
+//!   marks the server `registered`: `salt/auth` `act: accept` is never taken
+//!   as proof of anything.
+//!
+//! Alert memory (which ids and keys were alerted about) is bounded
+//! ([`ALERT_MEMORY`], oldest forgotten first), so forged ids cannot grow it.
 //!
 //! Several masters (config `masters`), one registry (seed 004): a key
 //! verified on any master is installed on the others (`sync`, every [`SYNC_INTERVAL`]): a minion
@@ -26,10 +37,13 @@
 //! a pending answer's signature against the key of the master they knew,
 //! and give up. Only keys the registry issued are ever written.
 //!
-//! Only events the master fired count: [`EventKind`] never takes a
-//! minion-fired event for `salt/auth` or a start event of another minion.
+//! A minion-wrapped event on a Salt tag is never taken for Salt's own:
+//! [`EventKind`] never takes a minion-fired event for `salt/auth` or a start
+//! event of another minion (though an unwrapped imitation is possible, hence
+//! the checks above).
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::hash::Hash;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -70,6 +84,11 @@ const SYNC_OVERLAP_MS: i64 = 5 * 60 * 1000;
 const FULL_SYNC_EVERY: u32 = 120;
 /// How long a model's state run may take at a server's first start.
 const STATES_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long a started minion has to answer the `test.ping` confirming it.
+const START_PING_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most minion ids (and keys) remembered as alerted about; the oldest are
+/// forgotten first (a forgotten one may be alerted about again).
+pub const ALERT_MEMORY: usize = 4096;
 
 /// Something that may need a decision.
 #[derive(Debug)]
@@ -78,10 +97,10 @@ enum Trigger {
     Pending(String),
     /// Scan `minions_pre/` (start-up, bus reconnect).
     Scan,
-    /// The master denied a key differing from the accepted one.
-    Denied { id: String, presented: String },
-    /// The master accepted this key at first contact (preseeded).
-    Accepted { id: String, presented: String },
+    /// The master may have denied a key differing from the accepted one.
+    Denied(String),
+    /// The master may have accepted a key at first contact (preseeded).
+    Accepted(String),
     /// The master refused this key because a key for the id is rejected.
     RefusedRejected { id: String, presented: String },
     /// The minion started.
@@ -119,11 +138,14 @@ pub async fn run(
     let _watcher = watch_pending(&pre_dir, tx.clone());
     let mut state = Acceptor {
         config,
-        service,
-        salt,
-        firer,
-        alerted_unknown: HashSet::new(),
-        alerted_mismatch: HashMap::new(),
+        fx: Effects {
+            service,
+            salt,
+            firer,
+        },
+        alerted_unknown: Bounded::new(ALERT_MEMORY),
+        alerted_mismatch: Bounded::new(ALERT_MEMORY),
+        confirming: Arc::default(),
         synced_until: None,
         syncs: 0,
     };
@@ -162,8 +184,8 @@ fn trigger_of(event: &crate::bus::Event) -> Option<Trigger> {
             let id = a.id.to_owned();
             match a.act {
                 AuthAct::Pend => Some(Trigger::Pending(id)),
-                AuthAct::Denied => Some(Trigger::Denied { id, presented }),
-                AuthAct::Accept => Some(Trigger::Accepted { id, presented }),
+                AuthAct::Denied => Some(Trigger::Denied(id)),
+                AuthAct::Accept => Some(Trigger::Accepted(id)),
                 AuthAct::Rejected => Some(Trigger::RefusedRejected { id, presented }),
                 _ => None,
             }
@@ -210,14 +232,70 @@ fn safe_id(id: &str) -> bool {
         && !id.contains(['/', '\\', '\0'])
 }
 
-struct Acceptor {
-    config: AcceptorConfig,
+/// A map that keeps at most `cap` entries, forgetting the oldest first.
+#[derive(Debug)]
+struct Bounded<K, V> {
+    cap: usize,
+    map: HashMap<K, V>,
+    order: VecDeque<K>,
+}
+
+impl<K: Clone + Eq + Hash, V: PartialEq> Bounded<K, V> {
+    fn new(cap: usize) -> Self {
+        Self {
+            cap: cap.max(1),
+            map: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    /// Remembers `key → value`; false when exactly that was remembered already.
+    fn insert(&mut self, key: K, value: V) -> bool {
+        match self.map.get_mut(&key) {
+            Some(v) if *v == value => return false,
+            Some(v) => {
+                *v = value;
+                return true;
+            }
+            None => {}
+        }
+        while self.map.len() >= self.cap {
+            match self.order.pop_front() {
+                Some(old) => {
+                    self.map.remove(&old);
+                }
+                None => break,
+            }
+        }
+        self.order.push_back(key.clone());
+        self.map.insert(key, value);
+        true
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+}
+
+/// What the acceptor does to the registry, the master and the bus; cloned
+/// into the tasks that confirm a start in the background.
+#[derive(Clone)]
+struct Effects {
     service: Arc<Service<DbStore>>,
     salt: SaltClient,
     firer: Firer,
-    alerted_unknown: HashSet<String>,
+}
+
+struct Acceptor {
+    config: AcceptorConfig,
+    fx: Effects,
+    alerted_unknown: Bounded<String, ()>,
     /// id → presented key already alerted about (one alert per key).
-    alerted_mismatch: HashMap<String, String>,
+    alerted_mismatch: Bounded<String, String>,
+    /// Minion ids whose start is being confirmed (at most one check each;
+    /// only ids of registry servers get one, so it is bounded by the registry).
+    confirming: Arc<std::sync::Mutex<HashSet<String>>>,
     /// When the last sync started (Unix ms); `None`: read everything.
     synced_until: Option<i64>,
     /// Syncs done (every [`FULL_SYNC_EVERY`]th reads everything).
@@ -241,8 +319,8 @@ impl Acceptor {
                     pending.insert(id);
                 }
                 Trigger::Scan => pending.extend(self.scan()),
-                Trigger::Denied { id, presented } => self.denied(&id, &presented).await,
-                Trigger::Accepted { id, presented } => self.accepted(&id, &presented).await,
+                Trigger::Denied(id) => self.denied(&id).await,
+                Trigger::Accepted(id) => self.accepted(&id).await,
                 Trigger::RefusedRejected { id, presented } => self.unblock(&id, &presented).await,
                 Trigger::Started(id) => self.started(&id).await,
                 Trigger::Sync => self.sync().await,
@@ -273,7 +351,7 @@ impl Acceptor {
             changed_since,
             ..ServerFilter::default()
         };
-        let servers = match self.service.find_servers(&filter).await {
+        let servers = match self.fx.service.find_servers(&filter).await {
             Ok(s) => s,
             Err(error) => {
                 warn!(message = "Registry read failed; keys not synced.", %error);
@@ -336,7 +414,7 @@ impl Acceptor {
                     reject.push(id);
                 }
                 Decision::Unknown => {
-                    if self.alerted_unknown.insert(id.clone()) {
+                    if self.alerted_unknown.insert(id.clone(), ()) {
                         warn!(message = "Pending key of a minion id the registry does not know.", minion_id = %id);
                         self.fire(ALERT_UNKNOWN_MINION, json!({"minion_id": id}))
                             .await;
@@ -364,7 +442,7 @@ impl Acceptor {
                 continue;
             }
             info!(message = "Minion key verified and accepted.", minion_id = %server.minion_id, server = %server.name);
-            self.registered(&server).await;
+            self.fx.registered(&server).await;
         }
     }
 
@@ -374,7 +452,7 @@ impl Acceptor {
         let Ok(text) = std::fs::read_to_string(&path) else {
             return Decision::Nothing;
         };
-        let server = match self.service.server_by_minion_id(id).await {
+        let server = match self.fx.service.server_by_minion_id(id).await {
             Ok(Some(s)) => s,
             Ok(None) => return Decision::Unknown,
             Err(error) => {
@@ -396,7 +474,7 @@ impl Acceptor {
     /// Calls `fun` with `{"minions_pre": ids}` (exact ids, no globbing);
     /// returns the ids the master reports it moved.
     async fn wheel_dict(&self, fun: &str, ids: &[String]) -> Option<HashSet<String>> {
-        match key_dict(self.salt.req(), fun, json!({ "minions_pre": ids })).await {
+        match key_dict(self.fx.salt.req(), fun, json!({ "minions_pre": ids })).await {
             Ok(r) if r.success => {
                 // {"minions": [...]} for accept, {"minions_rejected": [...]} for reject.
                 let moved = r
@@ -422,27 +500,12 @@ impl Acceptor {
         }
     }
 
-    async fn registered(&self, server: &Server) {
-        match self.service.set_status(server, Status::Registered).await {
-            Ok(Some(_)) => {}
-            // Moved on meanwhile (started, rekeyed): that change stands.
-            Ok(None) => {
-                info!(message = "Status changed meanwhile; registered not recorded.", minion_id = %server.minion_id)
-            }
-            Err(error) => {
-                warn!(message = "Status not recorded.", minion_id = %server.minion_id, %error)
-            }
-        }
-        self.fire(
-            MINION_REGISTERED,
-            json!({"server_id": server.id, "minion_id": server.minion_id, "name": server.name}),
-        )
-        .await;
-    }
-
     async fn mismatch(&mut self, server: &Server, presented: &str) {
         let presented = clean_key(presented);
-        if self.alerted_mismatch.get(&server.minion_id) == Some(&presented) {
+        if !self
+            .alerted_mismatch
+            .insert(server.minion_id.clone(), presented.clone())
+        {
             return;
         }
         let expected = server.public_key.as_deref().map(fingerprint);
@@ -459,15 +522,32 @@ impl Acceptor {
             }),
         )
         .await;
-        self.alerted_mismatch
-            .insert(server.minion_id.clone(), presented);
     }
 
-    async fn denied(&mut self, id: &str, presented: &str) {
-        match self.service.server_by_minion_id(id).await {
-            Ok(Some(server)) => self.mismatch(&server, presented).await,
+    /// A `salt/auth` `denied`, which anyone can forge: what counts is the
+    /// key the master wrote into `minions_denied/<id>` (Salt writes it before
+    /// firing the event). No such file: nothing to say.
+    async fn denied(&mut self, id: &str) {
+        if !safe_id(id) {
+            return;
+        }
+        let path = self.config.pki_dir.join("minions_denied").join(id);
+        let held = match std::fs::read_to_string(&path) {
+            Ok(held) => held,
+            Err(error) => {
+                tracing::debug!(message = "A denied event without a denied key on disk; nothing done.", minion_id = %id, %error);
+                return;
+            }
+        };
+        match self.fx.service.server_by_minion_id(id).await {
+            Ok(Some(server)) => {
+                let issued = server.public_key.as_deref().map(clean_key);
+                if issued.as_deref() != Some(clean_key(&held).as_str()) {
+                    self.mismatch(&server, &held).await;
+                }
+            }
             Ok(None) => {
-                if self.alerted_unknown.insert(id.to_owned()) {
+                if self.alerted_unknown.insert(id.to_owned(), ()) {
                     self.fire(ALERT_UNKNOWN_MINION, json!({"minion_id": id}))
                         .await;
                 }
@@ -479,11 +559,12 @@ impl Acceptor {
     /// The issued key was refused because an impostor's key for the same id
     /// was rejected: that rejected key goes, so the machine's next attempt
     /// (bundles set `rejected_retry: True`) is pending and then verified.
+    /// The event only says where to look: the decision is the files'.
     async fn unblock(&self, id: &str, presented: &str) {
         if !safe_id(id) {
             return;
         }
-        let Ok(Some(server)) = self.service.server_by_minion_id(id).await else {
+        let Ok(Some(server)) = self.fx.service.server_by_minion_id(id).await else {
             return;
         };
         let issued = server.public_key.as_deref().map(clean_key);
@@ -495,7 +576,8 @@ impl Acceptor {
             Ok(held) if Some(clean_key(&held)) != issued => {
                 info!(message = "The issued key was blocked by a rejected impostor key; removing that key.", minion_id = %id);
                 let rejected = json!({ "minions_rejected": [id] });
-                if let Err(error) = key_dict(self.salt.req(), "key.delete_dict", rejected).await {
+                if let Err(error) = key_dict(self.fx.salt.req(), "key.delete_dict", rejected).await
+                {
                     warn!(message = "Rejected key not removed.", minion_id = %id, %error);
                 }
             }
@@ -503,24 +585,27 @@ impl Acceptor {
         }
     }
 
-    /// The master accepted a key at first contact: a preseeded one.
-    async fn accepted(&self, id: &str, presented: &str) {
-        if self.config.mode != AcceptMode::Preseed {
+    /// A `salt/auth` `accept`, which anyone can forge, is never taken as
+    /// proof: a preseeded server is registered by its confirmed start.
+    async fn accepted(&self, id: &str) {
+        if self.config.mode != AcceptMode::Preseed || !safe_id(id) {
             return;
         }
-        if let Ok(Some(server)) = self.service.server_by_minion_id(id).await {
-            let issued = server.public_key.as_deref().map(clean_key);
-            if server.status == Status::KeysIssued
-                && issued.as_deref() == Some(&clean_key(presented))
-            {
-                info!(message = "Preseeded minion key accepted by the master.", minion_id = %id);
-                self.registered(&server).await;
+        if let Ok(Some(server)) = self.fx.service.server_by_minion_id(id).await {
+            if server.status == Status::KeysIssued {
+                info!(message = "Accept event for a preseeded key: not proof; the server is registered once its minion's start is confirmed.", minion_id = %id);
             }
         }
     }
 
+    /// A start event, which anyone can forge for any id: for a server not
+    /// yet online, the minion is asked to answer a `test.ping` (in the
+    /// background); only a return the master's job cache holds confirms it.
     async fn started(&self, id: &str) {
-        let server = match self.service.server_by_minion_id(id).await {
+        if !safe_id(id) {
+            return;
+        }
+        let server = match self.fx.service.server_by_minion_id(id).await {
             Ok(Some(s)) => s,
             Ok(None) => return,
             Err(error) => {
@@ -528,11 +613,100 @@ impl Acceptor {
                 return;
             }
         };
-        let first = matches!(server.status, Status::Registered | Status::KeysIssued);
         if server.status == Status::Online {
             return;
         }
-        match self.service.set_status(&server, Status::Online).await {
+        {
+            let mut confirming = self
+                .confirming
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if !confirming.insert(server.minion_id.clone()) {
+                return;
+            }
+        }
+        let (fx, confirming, preseed) = (
+            self.fx.clone(),
+            self.confirming.clone(),
+            self.config.mode == AcceptMode::Preseed,
+        );
+        tokio::spawn(async move {
+            let id = server.minion_id.clone();
+            fx.confirm_start(server, preseed).await;
+            confirming
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&id);
+        });
+    }
+
+    async fn fire(&self, tag: &str, data: Json) {
+        crate::daemon::fire_or_warn(&self.fx.firer, tag, &data).await;
+    }
+}
+
+impl Effects {
+    async fn registered(&self, server: &Server) {
+        match self.service.set_status(server, Status::Registered).await {
+            Ok(Some(_)) => {}
+            // Moved on meanwhile (started, rekeyed): that change stands.
+            Ok(None) => {
+                info!(message = "Status changed meanwhile; registered not recorded.", minion_id = %server.minion_id)
+            }
+            Err(error) => {
+                warn!(message = "Status not recorded.", minion_id = %server.minion_id, %error)
+            }
+        }
+        crate::daemon::fire_or_warn(
+            &self.firer,
+            MINION_REGISTERED,
+            &json!({"server_id": server.id, "minion_id": server.minion_id, "name": server.name}),
+        )
+        .await;
+    }
+
+    /// Whether minion `id` answers a `test.ping` with a return the master's
+    /// job cache holds: only that minion, connected with its accepted key,
+    /// can store one.
+    async fn answers_ping(&self, id: &str) -> bool {
+        let ping = Publish {
+            target: id.to_owned(),
+            tgt_type: TargetType::List,
+            fun: "test.ping".into(),
+            correlation: Some(format!("start:{id}")),
+            ..Publish::default()
+        };
+        match self.salt.run_job(&ping, START_PING_TIMEOUT).await {
+            Ok((_, outcome)) => outcome.returns.get(id).is_some_and(|r| r.success),
+            Err(error) => {
+                warn!(message = "Start not confirmed: test.ping not published.", minion_id = %id, %error);
+                false
+            }
+        }
+    }
+
+    /// Confirms a start event ([`Acceptor::started`]); then the server is
+    /// online (registered first when preseeded), and its first start
+    /// applies its model's states.
+    async fn confirm_start(self, server: Server, preseed: bool) {
+        let id = server.minion_id.clone();
+        if !self.answers_ping(&id).await {
+            warn!(message = "Start event not confirmed: the minion did not answer test.ping (a forged event, or it went away); status unchanged.", minion_id = %id, status = %server.status);
+            return;
+        }
+        // A preseeded key is accepted from the start: its first confirmed
+        // start is its registration.
+        if preseed && server.status == Status::KeysIssued {
+            info!(message = "Preseeded minion confirmed connected.", minion_id = %id);
+            self.registered(&server).await;
+        }
+        let first = matches!(server.status, Status::Registered | Status::KeysIssued);
+        let from = [Status::KeysIssued, Status::Registered, Status::Offline];
+        match self
+            .service
+            .transition(server.id, &from, Status::Online)
+            .await
+        {
             Ok(Some(_)) => {}
             // Another writer moved it first (another master's daemon saw the
             // start too): it provisions, not this one.
@@ -544,64 +718,81 @@ impl Acceptor {
         }
         info!(message = "Server online.", minion_id = %id, server = %server.name);
         if first {
-            self.provision(server);
+            self.provision(server).await;
         }
     }
 
-    /// Applies the states of the server's model (first start), in the
-    /// background; the result is fired as `steward/v1/minion/provisioned`.
-    fn provision(&self, server: Server) {
-        let (service, salt, firer) = (self.service.clone(), self.salt.clone(), self.firer.clone());
-        tokio::spawn(async move {
-            let states = match service.get_model(&server.model).await {
-                Ok(m) => m.states,
-                Err(error) => {
-                    warn!(message = "Model not read; states not applied.", minion_id = %server.minion_id, %error);
-                    return;
-                }
-            };
-            if states.is_empty() {
+    /// Applies the states of the server's model (first start); the result is
+    /// fired as `steward/v1/minion/provisioned`.
+    async fn provision(&self, server: Server) {
+        let states = match self.service.get_model(&server.model).await {
+            Ok(m) => m.states,
+            Err(error) => {
+                warn!(message = "Model not read; states not applied.", minion_id = %server.minion_id, %error);
                 return;
             }
-            let mut kwarg = Map::new();
-            kwarg.insert("mods".into(), Json::from(states.join(",")));
-            let publish = Publish {
-                target: server.minion_id.clone(),
-                tgt_type: TargetType::List,
-                fun: "state.apply".into(),
-                arg: Vec::new(),
-                kwarg,
-                correlation: Some(format!("provision:{}", server.minion_id)),
-            };
-            let data = match salt.run_job(&publish, STATES_TIMEOUT).await {
-                Ok((_, outcome)) => json!({
-                    "minion_id": server.minion_id,
-                    "server_id": server.id,
-                    "states": states,
-                    "jid": outcome.jid,
-                    "success": outcome.all_ok(),
-                }),
-                Err(error) => json!({
-                    "minion_id": server.minion_id,
-                    "server_id": server.id,
-                    "states": states,
-                    "success": false,
-                    "error": error.to_string(),
-                }),
-            };
-            info!(message = "Model states applied at first start.", minion_id = %server.minion_id, result = %data);
-            crate::daemon::fire_or_warn(&firer, MINION_PROVISIONED, &data).await;
-        });
-    }
-
-    async fn fire(&self, tag: &str, data: Json) {
-        crate::daemon::fire_or_warn(&self.firer, tag, &data).await;
+        };
+        if states.is_empty() {
+            return;
+        }
+        let mut kwarg = Map::new();
+        kwarg.insert("mods".into(), Json::from(states.join(",")));
+        let publish = Publish {
+            target: server.minion_id.clone(),
+            tgt_type: TargetType::List,
+            fun: "state.apply".into(),
+            arg: Vec::new(),
+            kwarg,
+            correlation: Some(format!("provision:{}", server.minion_id)),
+        };
+        let data = match self.salt.run_job(&publish, STATES_TIMEOUT).await {
+            Ok((_, outcome)) => json!({
+                "minion_id": server.minion_id,
+                "server_id": server.id,
+                "states": states,
+                "jid": outcome.jid,
+                "success": outcome.all_ok(),
+            }),
+            Err(error) => json!({
+                "minion_id": server.minion_id,
+                "server_id": server.id,
+                "states": states,
+                "success": false,
+                "error": error.to_string(),
+            }),
+        };
+        info!(message = "Model states applied at first start.", minion_id = %server.minion_id, result = %data);
+        crate::daemon::fire_or_warn(&self.firer, MINION_PROVISIONED, &data).await;
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::safe_id;
+    use super::{safe_id, Bounded};
+
+    #[test]
+    fn alert_memory_is_bounded_and_forgets_the_oldest() {
+        let mut m: Bounded<String, String> = Bounded::new(3);
+        assert!(m.insert("a".into(), "k1".into()));
+        assert!(
+            !m.insert("a".into(), "k1".into()),
+            "same key: already alerted"
+        );
+        assert!(
+            m.insert("a".into(), "k2".into()),
+            "another key: alert again"
+        );
+        for id in ["b", "c", "d", "e"] {
+            assert!(m.insert(id.into(), "k".into()));
+        }
+        assert_eq!(m.len(), 3);
+        // a forged flood of ids pushed "a" out: it would be alerted again
+        assert!(m.insert("a".into(), "k2".into()));
+        for i in 0..10_000 {
+            m.insert(format!("forged-{i}"), "k".into());
+        }
+        assert_eq!(m.len(), 3);
+    }
 
     #[test]
     fn ids_that_would_escape_the_key_directory_are_never_used() {
