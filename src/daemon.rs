@@ -2,23 +2,28 @@
 //!
 //! Components, each a task stopped by one cancellation token:
 //! - the bus reader (`bus::subscriber`), shared by the others;
-//! - the request server: registry requests from the bus (`service_bus`),
-//!   trust checks, replies;
+//! - the request server: registry requests from the bus (`service_bus`):
+//!   who may ask what, receipts confirmed from the master's job cache,
+//!   replies;
 //! - the outbox dispatcher: every change recorded in the registry's outbox
 //!   (by the bus or by the CLI, daemon running or not) is fired as
 //!   `steward/v1/<server|model>/<created|updated|deleted>`, then marked
 //!   processed. Fire-then-mark: at least once, and a crash in between fires
 //!   again on restart;
 //! - the rules engine (`rules`): reactor rules from `rules_dir`, hot-reloaded;
+//!   what the daemon fires under its own tags reaches it in memory
+//!   ([`Firer`], `bus::origin`);
 //! - the acceptor (`acceptor`): verified auto-accept of minion keys,
 //!   presence, first-start states; and the key-pool filler.
 //!
 //! Shutdown (SIGTERM/SIGINT): stop taking requests, let the dispatcher finish
 //! the entry in hand, exit 0 within [`SHUTDOWN_GRACE`].
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::PoisonError;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -30,15 +35,15 @@ use tracing::{info, warn};
 use crate::acceptor::{self, AcceptorConfig};
 use crate::bus::event::from_json;
 use crate::bus::{
-    is_own_tag, BusHandle, BusItem, Event, EventFirer, FireError, LocalEvents, SubscriberOptions,
-    Subscription,
+    is_own_tag, BusHandle, BusItem, Event, EventFirer, FireError, LocalEvents, Origin,
+    SubscriberOptions, Subscription,
 };
 use crate::config::Settings;
 use crate::master_config::MasterConfig;
 use crate::pki::KeyIssuer;
 use crate::registry::{self, DbStore, Service};
 use crate::salt::{JobTracker, ReqClient, SaltClient};
-use crate::service_bus::{self, Corroborations, Request, Sender, CORROBORATION_WAIT};
+use crate::service_bus::{self, Corroborations, Pairing, Receipt, Request};
 
 /// How long shutdown waits for the components.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -150,12 +155,19 @@ pub async fn run(
         cancel.clone(),
     ));
     let pool = tokio::spawn(fill_key_pool(keys, settings.keys.pool_size, cancel.clone()));
-    let rules = rules.spawn(salt, firer.clone(), cancel.clone());
-    let server = tokio::spawn(serve_requests(
-        requests,
+    let rules = rules.spawn(salt.clone(), firer.clone(), cancel.clone());
+    let answering = Answering {
         service,
         firer,
         changed,
+        slots: Arc::new(Semaphore::new(MAX_REQUESTS_IN_FLIGHT)),
+        salt,
+        pki_dir: master.pki_dir.clone(),
+        served: Arc::default(),
+    };
+    let server = tokio::spawn(serve_requests(
+        requests,
+        answering,
         settings.trusted_minions.iter().cloned().collect(),
         cancel.clone(),
     ));
@@ -261,24 +273,15 @@ async fn dispatch_outbox(
     }
 }
 
-/// Serves registry requests from the bus.
+/// Serves registry requests from the bus: who may ask what, receipts paired
+/// and confirmed from the job cache (see [`service_bus`]), replies.
 async fn serve_requests(
     mut sub: Subscription,
-    service: Arc<Service<DbStore>>,
-    firer: Firer,
-    changed: Arc<Notify>,
+    answering: Answering,
     trusted: HashSet<String>,
     cancel: CancellationToken,
 ) {
-    let answering = Answering {
-        service,
-        firer: firer.clone(),
-        changed,
-        slots: Arc::new(Semaphore::new(MAX_REQUESTS_IN_FLIGHT)),
-    };
     let mut corroborations = Corroborations::default();
-    // Unwrapped requests waiting for their salt-run event.
-    let mut waiting: Vec<(tokio::time::Instant, Request)> = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
         let item = tokio::select! {
@@ -291,71 +294,51 @@ async fn serve_requests(
         };
         let now = tokio::time::Instant::now();
         if let Some(BusItem::Event(event)) = item {
-            if corroborations.observe(&event, now) {
-                // A waiting request may be the one it vouches for.
-                let mut still = Vec::new();
-                for (deadline, req) in waiting.drain(..) {
-                    if corroborations.take(&req) {
-                        answering.start(req).await;
-                    } else {
-                        still.push((deadline, req));
-                    }
+            if let Some(receipt) = service_bus::receipt_of(&event) {
+                if let Some((req, receipt)) = corroborations.receipt(receipt, now) {
+                    answering.start_confirmed(req, receipt).await;
                 }
-                waiting = still;
                 continue;
             }
             match service_bus::parse(&event) {
                 None => {}
                 Some(Err(bad)) => {
-                    warn!(message = "Malformed registry request.", tag = %event.tag, reason = %bad.message);
+                    warn!(message = "Malformed registry request.", tag = %event.tag, request_id = ?bad.request_id, reason = %bad.message);
                     if let Some(id) = &bad.request_id {
-                        reply(
-                            &firer,
-                            id,
-                            &service_bus::error_reply("bad_request", &bad.message),
-                        )
-                        .await;
+                        let reply_data = service_bus::error_reply("bad_request", &bad.message);
+                        answering.reply(id, &reply_data).await;
                     }
                 }
-                Some(Ok(req)) => match (&req.sender, req.op) {
+                Some(Ok(req)) => match (&req.origin, req.op) {
                     // A lookup changes nothing: anyone may ask.
                     (_, service_bus::Op::Find) => answering.start(req).await,
-                    (Sender::Minion(id), _) if trusted.contains(id) => answering.start(req).await,
-                    (Sender::Minion(id), _) => {
+                    (Origin::Minion(id), _) if !trusted.contains(id) => {
                         warn!(message = "Registry request refused: minion not trusted.", minion_id = %id, tag = %req.tag);
                         let msg = format!(
                             "minion {id} is not in trusted_minions; the registry was not changed"
                         );
-                        reply(
-                            &firer,
-                            &req.request_id,
-                            &service_bus::error_reply("untrusted_sender", &msg),
-                        )
-                        .await;
+                        answering.refuse(&req, "untrusted_sender", &msg).await;
                     }
-                    (Sender::Unwrapped, _) if corroborations.take(&req) => {
-                        answering.start(req).await
-                    }
-                    (Sender::Unwrapped, _) => {
-                        waiting.push((crate::clock::deadline(now, CORROBORATION_WAIT), req))
-                    }
+                    // A trusted minion's (claimed) or unwrapped: needs its receipt.
+                    _ => match corroborations.request(req, now) {
+                        Pairing::Paired(req, receipt) => {
+                            answering.start_confirmed(req, receipt).await
+                        }
+                        Pairing::Waiting { evicted: None } => {}
+                        Pairing::Waiting { evicted: Some(old) } => {
+                            answering
+                                .unverified(&old, "too many requests waiting for their receipt")
+                                .await
+                        }
+                    },
                 },
             }
         }
-        // Requests whose salt-run event never came.
-        let (expired, still): (Vec<_>, Vec<_>) = waiting
-            .drain(..)
-            .partition(|(deadline, _)| *deadline <= now);
-        waiting = still;
-        for (_, req) in expired {
-            warn!(message = "Registry request refused: sender not verified.", tag = %req.tag, request_id = %req.request_id);
-            let msg = "request not verified as fired on the master (use `salt-run event.send`, or a trusted minion's `salt-call event.send`); the registry was not changed";
-            reply(
-                &firer,
-                &req.request_id,
-                &service_bus::error_reply("unverified_sender", msg),
-            )
-            .await;
+        // Requests whose receipt never came.
+        for req in corroborations.expired(now) {
+            answering
+                .unverified(&req, "no receipt (salt/run/<jid>/new of salt-run event.send, or the trusted minion's event.send return) came")
+                .await;
         }
     }
 }
@@ -369,28 +352,103 @@ struct Answering {
     firer: Firer,
     changed: Arc<Notify>,
     slots: Arc<Semaphore>,
+    salt: SaltClient,
+    pki_dir: PathBuf,
+    /// Request ids served lately: a refusal of another request with the
+    /// same id (a forgery, or a replay) is not fired on the same reply tag.
+    served: Arc<std::sync::Mutex<VecDeque<String>>>,
 }
+
+/// How many served request ids [`Answering`] remembers.
+const SERVED_MEMORY: usize = 4096;
 
 impl Answering {
     /// Starts answering `req`; waits for a free slot first (backpressure: the
     /// bus queue absorbs, and counts, what cannot wait).
     async fn start(&self, req: Request) {
+        self.start_with(req, None).await;
+    }
+
+    /// Confirms `receipt` from the job cache, then answers `req` (or refuses it).
+    async fn start_confirmed(&self, req: Request, receipt: Receipt) {
+        self.start_with(req, Some(receipt)).await;
+    }
+
+    async fn start_with(&self, req: Request, receipt: Option<Receipt>) {
         let Ok(slot) = self.slots.clone().acquire_owned().await else {
             return;
         };
-        let (service, firer, changed) = (
-            self.service.clone(),
-            self.firer.clone(),
-            self.changed.clone(),
-        );
+        let me = self.clone_handles();
         tokio::spawn(async move {
-            let result = service_bus::serve(&service, &req).await;
-            if req.op != service_bus::Op::Find && result.get("ok") == Some(&Json::Bool(true)) {
-                changed.notify_one();
+            if let Some(receipt) = receipt {
+                let deadline = crate::clock::deadline_in(service_bus::CONFIRM_WAIT);
+                if let Err(why) =
+                    service_bus::confirm(&me.salt, &me.pki_dir, &req, &receipt, deadline).await
+                {
+                    warn!(message = "Registry request refused: its receipt is not confirmed by the master's job cache.", tag = %req.tag, request_id = %req.request_id, jid = %receipt.jid, reason = %why);
+                    me.unverified(&req, &why).await;
+                    drop(slot);
+                    return;
+                }
             }
-            reply(&firer, &req.request_id, &result).await;
+            if req.op != service_bus::Op::Find {
+                me.remember_served(&req.request_id);
+            }
+            let result = service_bus::serve(&me.service, &req).await;
+            if req.op != service_bus::Op::Find && result.get("ok") == Some(&Json::Bool(true)) {
+                me.changed.notify_one();
+            }
+            me.reply(&req.request_id, &result).await;
             drop(slot);
         });
+    }
+
+    fn clone_handles(&self) -> Self {
+        Self {
+            service: self.service.clone(),
+            firer: self.firer.clone(),
+            changed: self.changed.clone(),
+            slots: self.slots.clone(),
+            salt: self.salt.clone(),
+            pki_dir: self.pki_dir.clone(),
+            served: self.served.clone(),
+        }
+    }
+
+    fn remember_served(&self, request_id: &str) {
+        let mut served = self.served.lock().unwrap_or_else(PoisonError::into_inner);
+        if served.len() >= SERVED_MEMORY {
+            served.pop_front();
+        }
+        served.push_back(request_id.to_owned());
+    }
+
+    fn was_served(&self, request_id: &str) -> bool {
+        self.served
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .any(|id| id == request_id)
+    }
+
+    /// Refuses `req` with `code`, unless a request with its id was served
+    /// (that one's reply stands; this one is logged only).
+    async fn refuse(&self, req: &Request, code: &str, message: &str) {
+        if self.was_served(&req.request_id) {
+            warn!(message = "Registry request refused, not answered: a request with its id was served.", tag = %req.tag, request_id = %req.request_id, code);
+            return;
+        }
+        self.reply(&req.request_id, &service_bus::error_reply(code, message))
+            .await;
+    }
+
+    /// Refuses a request not verified as the master's or a trusted minion's.
+    async fn unverified(&self, req: &Request, why: &str) {
+        warn!(message = "Registry request refused: sender not verified.", tag = %req.tag, request_id = %req.request_id, origin = req.origin.as_str(), reason = why);
+        let msg = format!(
+            "request not verified as fired on the master or by a trusted minion ({why}; use `salt-run event.send`, or a trusted minion's `salt-call event.send`); the registry was not changed"
+        );
+        self.refuse(req, "unverified_sender", &msg).await;
     }
 
     /// Waits for the requests in hand (bounded by the daemon's grace period).
@@ -398,10 +456,10 @@ impl Answering {
         let all = u32::try_from(MAX_REQUESTS_IN_FLIGHT).unwrap_or(u32::MAX);
         let _ = self.slots.acquire_many(all).await;
     }
-}
 
-async fn reply(firer: &Firer, request_id: &str, data: &Json) {
-    fire_or_warn(firer, &service_bus::reply_tag(request_id), data).await;
+    async fn reply(&self, request_id: &str, data: &Json) {
+        fire_or_warn(&self.firer, &service_bus::reply_tag(request_id), data).await;
+    }
 }
 
 #[cfg(test)]

@@ -6,45 +6,70 @@
 //! `{ok: false, error: {code, message}}`. A server `update` may carry the
 //! `revision` it was made from: refused with `conflict` if the server moved
 //! on; without it the patch is applied to the server as it is (never a
-//! stale write-back, see [`registry::Service::update_server`]).
+//! stale write-back, see [`registry::Service::update_server`]). A request
+//! that cannot be read gets `bad_request` whenever its `request_id` can be.
 //!
-//! Who may change the registry. Salt's bus carries no sender identity, and a
-//! minion can make the master fire an event with any non-blacklisted tag and
-//! data *without* the `_minion_event` wrapper (`event.fire_master` with a
-//! `preload` "events" batch; pinned by the test
-//! `bus_salt::a_minion_can_fire_an_unwrapped_event_but_not_a_blacklisted_tag`).
-//! So the shape of an event proves nothing. The rules:
-//! - a wrapped minion event (`cmd: _minion_event`, `id`) comes from that
-//!   minion: allowed when the id is in `trusted_minions`;
-//! - an unwrapped request is accepted only when corroborated by the
-//!   `salt/run/<jid>/new` event that `salt-run event.send` fires just before
-//!   it (`fun: runner.event.send`, `fun_args` naming the same tag and
-//!   request id). Minions cannot fire a clean `salt/run/*` event: Salt's
-//!   `MINION_EVENT_BLACKLIST` drops it from batches, and a plain minion event
-//!   on that tag keeps the wrapper's `cmd`/`id` keys, which disqualify it
-//!   (pinned by `daemon::registry_requests_on_the_bus_with_trust_rules`);
-//! - `find` changes nothing and is answered for anyone.
+//! Who may change the registry. Salt's bus carries no sender identity (see
+//! [`crate::bus::origin`]): a minion can make the master fire an unwrapped
+//! event with any tag — Salt's blacklisted `salt/run/…` included, with a
+//! batch's `pretag` — and data imitating another minion's wrapping. So
+//! neither a request's shape nor the runner event seen beside it proves
+//! anything; what does is the master's **job cache**, where only the
+//! master's own runner stores a runner's return (under the master's id, which
+//! is no minion's accepted key) and a minion's return is stored only under the
+//! id it authenticated as. The rules:
+//! - `find` changes nothing and is answered for anyone;
+//! - a minion-wrapped request from an id not in `trusted_minions` is refused;
+//! - any other request needs a **receipt**, a job event naming the same
+//!   payload (tag and data, by their [`Digest`]): for an unwrapped request
+//!   the `salt/run/<jid>/new` that `salt-run event.send` fires just before
+//!   it; for a trusted minion's the `salt/job/<jid>/ret/<id>` of its
+//!   `salt-call event.send`, just after it. The receipt is then **confirmed**
+//!   from the job cache (`jobs.list_job <jid>`): the runner's stored return,
+//!   under an id with no accepted minion key, ran `runner.event.send` with
+//!   this payload; or the minion's stored job is `event.send` with this
+//!   payload and has that minion's return. Only then is the request served.
 //!
-//! An unwrapped request waits up to [`CORROBORATION_WAIT`] for its runner
-//! event (the two may come out of the bus in either order), then is refused.
+//! Receipts and requests are paired by digest, so a forged request with the
+//! same `request_id` neither takes a genuine receipt nor keeps the genuine
+//! request from being served. Both wait in bounded, indexed pools
+//! ([`MAX_PENDING`] each); a request waits up to [`CORROBORATION_WAIT`] for
+//! its receipt, then is refused.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{json, Map, Value as Json};
+use sha2::{Digest as _, Sha256};
 use tokio::time::Instant;
 
 use crate::bus::event::{to_json, Event, EventKind};
+use crate::bus::origin::REQUEST_OPS;
+use crate::bus::Origin;
 use crate::registry::{self, ServerRef, Store};
+use crate::salt::SaltClient;
 
 /// Tag prefix of requests.
-pub const REQUEST_PREFIX: &str = "steward/v1/";
+pub const REQUEST_PREFIX: &str = crate::bus::origin::STEWARD_PREFIX;
 
-/// How long an unwrapped request waits for its `salt/run/<jid>/new`.
-pub const CORROBORATION_WAIT: Duration = Duration::from_secs(3);
+/// How long a request waits for its receipt (the runner's event comes just
+/// before an unwrapped request, a minion's return just after its request).
+pub const CORROBORATION_WAIT: Duration = Duration::from_secs(5);
 
-/// How long a runner event is remembered for a request that follows it.
+/// How long a receipt is remembered for a request that follows it.
 const CORROBORATION_TTL: Duration = Duration::from_secs(30);
+
+/// How long the job cache is asked to confirm a receipt (the master writes
+/// a runner's return once the runner ends, a minion's just after its event).
+pub const CONFIRM_WAIT: Duration = Duration::from_secs(10);
+
+/// Most requests waiting for a receipt, and most receipts waiting for a
+/// request; the oldest go first.
+pub const MAX_PENDING: usize = 4096;
+
+/// The notification verbs sharing the request prefix (not requests).
+const NOTIFICATIONS: [&str; 3] = ["created", "updated", "deleted"];
 
 /// What a request is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,13 +87,28 @@ pub enum Op {
     Delete,
 }
 
-/// Who fired a request, as far as the bus tells.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Sender {
-    /// A wrapped minion event: the minion's id.
-    Minion(String),
-    /// No wrapper: the master's user, or a minion forging it (see module docs).
-    Unwrapped,
+/// A sha256 over a request's whole payload: its tag and its data, without
+/// the keys Salt adds (`_stamp`, `__pub_*`), as canonical JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Digest([u8; 32]);
+
+impl Digest {
+    /// The digest of `tag` with `data`.
+    pub fn of(tag: &str, data: &Map<String, Json>) -> Self {
+        let mut clean = data.clone();
+        clean.retain(|k, _| !salt_key(k));
+        let mut h = Sha256::new();
+        h.update(tag.as_bytes());
+        h.update([0u8]);
+        // serde_json's maps are sorted by key: one text per payload.
+        h.update(Json::Object(clean).to_string().as_bytes());
+        Self(h.finalize().into())
+    }
+}
+
+/// Keys Salt adds to event data: `_stamp`, and `__pub_*` from `event.send`.
+fn salt_key(k: &str) -> bool {
+    k == "_stamp" || k.starts_with("__pub_")
 }
 
 /// A parsed request.
@@ -78,9 +118,12 @@ pub struct Request {
     pub op: Op,
     pub tag: String,
     pub request_id: String,
-    pub sender: Sender,
+    /// Who fired it, as far as the bus tells: a minion's (claimed) or unverified.
+    pub origin: Origin,
     /// The arguments, without `request_id` and Salt's own keys.
     pub args: Map<String, Json>,
+    /// The digest of the whole payload, `request_id` included.
+    pub digest: Digest,
 }
 
 /// A request that cannot be served, with the id to reply to when known.
@@ -90,8 +133,8 @@ pub struct Malformed {
     pub message: String,
 }
 
-/// Parses `event` as a request. `None` when its tag is not a request tag
-/// (replies and notifications share the prefix and are not requests).
+/// Parses `event` as a request. `None` when its tag is not for the registry
+/// service (replies and notifications share the prefix and are not requests).
 pub fn parse(event: &Event) -> Option<Result<Request, Malformed>> {
     let rest = event.tag.strip_prefix(REQUEST_PREFIX)?;
     let (entity, op) = rest.split_once('/')?;
@@ -100,16 +143,26 @@ pub fn parse(event: &Event) -> Option<Result<Request, Malformed>> {
         "model" => Entity::Model,
         _ => return None,
     };
+    let (origin, payload) = match event.kind() {
+        EventKind::MinionFired(m) => (Origin::Minion(m.id.to_owned()), to_json(m.payload)),
+        _ => (Origin::Unverified, event.data_json()),
+    };
     let op = match op {
         "create" => Op::Create,
         "find" => Op::Find,
         "update" => Op::Update,
         "delete" => Op::Delete,
-        _ => return None,
-    };
-    let (sender, payload) = match event.kind() {
-        EventKind::MinionFired(m) => (Sender::Minion(m.id.to_owned()), to_json(m.payload)),
-        _ => (Sender::Unwrapped, event.data_json()),
+        other if NOTIFICATIONS.contains(&other) => return None,
+        other => {
+            return Some(Err(Malformed {
+                request_id: readable_id(&payload),
+                message: format!(
+                    "{}: unknown operation {other:?} (one of {})",
+                    event.tag,
+                    REQUEST_OPS.join(", ")
+                ),
+            }))
+        }
     };
     let Json::Object(mut args) = payload else {
         return Some(Err(Malformed {
@@ -117,10 +170,16 @@ pub fn parse(event: &Event) -> Option<Result<Request, Malformed>> {
             message: format!("{}: data is not a map", event.tag),
         }));
     };
-    // Salt's own additions: _stamp, and __pub_* from event.send.
-    args.retain(|k, _| k != "_stamp" && !k.starts_with("__pub_"));
+    let digest = Digest::of(&event.tag, &args);
+    args.retain(|k, _| !salt_key(k));
     let request_id = match args.remove("request_id") {
         Some(Json::String(id)) if valid_request_id(&id) => id,
+        Some(Json::Number(n)) if valid_request_id(&n.to_string()) => {
+            return Some(Err(Malformed {
+                request_id: Some(n.to_string()),
+                message: format!("{}: request_id must be a string, not {n}", event.tag),
+            }))
+        }
         Some(other) => {
             return Some(Err(Malformed {
                 request_id: None,
@@ -142,9 +201,20 @@ pub fn parse(event: &Event) -> Option<Result<Request, Malformed>> {
         op,
         tag: event.tag.clone(),
         request_id,
-        sender,
+        origin,
         args,
+        digest,
     }))
+}
+
+/// The `request_id` of a payload when it can be replied to.
+fn readable_id(payload: &Json) -> Option<String> {
+    let id = match payload.get("request_id")? {
+        Json::String(s) => s.clone(),
+        Json::Number(n) => n.to_string(),
+        _ => return None,
+    };
+    valid_request_id(&id).then_some(id)
 }
 
 fn valid_request_id(id: &str) -> bool {
@@ -165,71 +235,79 @@ pub fn error_reply(code: &str, message: &str) -> Json {
     json!({"ok": false, "error": {"code": code, "message": message}})
 }
 
-/// Remembers recent `salt-run event.send` invocations, to corroborate the
-/// unwrapped requests that follow them.
-#[derive(Debug, Default)]
-pub struct Corroborations {
-    recent: VecDeque<(Instant, String, String)>,
+/// Who a receipt says ran the job that fired a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReceiptBy {
+    /// The master's runner (`salt-run event.send`): for unwrapped requests.
+    Runner,
+    /// This minion's `salt-call event.send`: for its wrapped requests.
+    Minion(String),
 }
 
-impl Corroborations {
-    /// Records `event` if it is the `salt/run/<jid>/new` of `event.send` for a
-    /// request tag. Returns true when it recorded something.
-    pub fn observe(&mut self, event: &Event, now: Instant) -> bool {
-        let Some(rest) = event.tag.strip_prefix("salt/run/") else {
-            return false;
-        };
-        if !rest.ends_with("/new") || event.str_field("fun") != Some("runner.event.send") {
-            return false;
+/// A job event naming a request's payload: the claim that the job cache is
+/// asked to confirm before the request is served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    /// The job, as the event names it.
+    pub jid: String,
+    /// The digest of the payload the job sent.
+    pub digest: Digest,
+    /// Who ran it, as the event says.
+    pub by: ReceiptBy,
+}
+
+impl Receipt {
+    /// Whether this receipt is for requests of `origin`.
+    fn fits(&self, origin: &Origin) -> bool {
+        match (&self.by, origin) {
+            (ReceiptBy::Runner, Origin::Unverified) => true,
+            (ReceiptBy::Minion(a), Origin::Minion(b)) => a == b,
+            _ => false,
         }
-        // Salt checks its minion blacklist only for batched events: a
-        // minion's plain `event.fire_master` can still use a salt/run/ tag,
-        // with `preload` keys at the top of the data. Such an event always
-        // keeps the wrapper's `cmd` and `id` keys (preload can change their
-        // values, not remove them); the master's own runner event has neither.
+    }
+}
+
+/// `event` as a receipt: the `salt/run/<jid>/new` of `runner.event.send`, or
+/// the `salt/job/<jid>/ret/<id>` of a minion's `event.send`, for a request tag.
+pub fn receipt_of(event: &Event) -> Option<Receipt> {
+    if let Some(rest) = event.tag.strip_prefix("salt/run/") {
+        let jid = rest.strip_suffix("/new")?;
+        if event.str_field("fun") != Some("runner.event.send") {
+            return None;
+        }
+        // A minion's plain `event.fire_master` on this tag keeps the
+        // wrapper's `cmd` and `id` (preload can change them, not remove
+        // them); the runner's own event has neither. (A batch's `pretag` can
+        // make a clean one: hence the job cache, see the module docs.)
         if event.field("cmd").is_some() || event.field("id").is_some() {
-            return false;
+            return None;
         }
         let args = event.field("fun_args").map(to_json).unwrap_or(Json::Null);
-        let Some((tag, request_id)) = runner_send_args(&args) else {
-            return false;
-        };
-        if !tag.starts_with(REQUEST_PREFIX) {
-            return false;
-        }
-        while self
-            .recent
-            .front()
-            .is_some_and(|(t, _, _)| now.duration_since(*t) > CORROBORATION_TTL)
-        {
-            self.recent.pop_front();
-        }
-        if self.recent.len() >= 4096 {
-            self.recent.pop_front();
-        }
-        self.recent.push_back((now, tag, request_id));
-        true
+        let digest = sent_digest(&args)?;
+        return Some(Receipt {
+            jid: jid.to_owned(),
+            digest,
+            by: ReceiptBy::Runner,
+        });
     }
-
-    /// Takes the corroboration of `req`, if one was seen (each is used once).
-    pub fn take(&mut self, req: &Request) -> bool {
-        match self
-            .recent
-            .iter()
-            .position(|(_, tag, id)| *tag == req.tag && *id == req.request_id)
-        {
-            Some(i) => {
-                self.recent.remove(i);
-                true
-            }
-            None => false,
+    match event.kind() {
+        EventKind::JobReturn(r) if r.fun == "event.send" => {
+            let args = event.field("fun_args").map(to_json).unwrap_or(Json::Null);
+            Some(Receipt {
+                jid: r.jid.to_owned(),
+                digest: sent_digest(&args)?,
+                by: ReceiptBy::Minion(r.id.to_owned()),
+            })
         }
+        _ => None,
     }
 }
 
-/// `fun_args` of `runner.event.send`: `[tag, data]` (data a map, or text
-/// holding JSON/YAML flow that parses as JSON), possibly as kwargs.
-fn runner_send_args(args: &Json) -> Option<(String, String)> {
+/// The digest of what `event.send(tag, data)` sent, from its arguments as
+/// Salt records them: `[tag, data]` with data a map or text holding JSON or
+/// YAML (`data=` in front when given by keyword), or kwargs in a `__kwarg__`
+/// map. Only request tags count.
+fn sent_digest(args: &Json) -> Option<Digest> {
     let list = args.as_array()?;
     let mut tag = None;
     let mut data = None;
@@ -244,16 +322,301 @@ fn runner_send_args(args: &Json) -> Option<(String, String)> {
                     data = Some(d.clone());
                 }
             }
+            Json::String(s) if i == 1 => {
+                data = Some(Json::String(
+                    s.strip_prefix("data=").unwrap_or(s).to_owned(),
+                ))
+            }
             other if i == 1 => data = Some(other.clone()),
             _ => {}
         }
     }
-    let data = match data? {
-        Json::String(text) => serde_json::from_str(&text).ok()?,
-        other => other,
+    let tag = tag?;
+    if !crate::bus::origin::is_request_tag(&tag) {
+        return None;
+    }
+    let map = match data? {
+        Json::Object(m) => m,
+        Json::String(text) => match serde_json::from_str(&text)
+            .or_else(|_| serde_yaml_ng::from_str::<Json>(&text).map_err(|_| ()))
+        {
+            Ok(Json::Object(m)) => m,
+            _ => return None,
+        },
+        _ => return None,
     };
-    let id = data.get("request_id")?.as_str()?.to_owned();
-    Some((tag?, id))
+    Some(Digest::of(&tag, &map))
+}
+
+/// A bounded pool of items by digest, first in first out, each kept for the
+/// same time (so insertion order is expiry order).
+#[derive(Debug)]
+struct Pool<T> {
+    ttl: Duration,
+    seq: u64,
+    by_digest: HashMap<Digest, VecDeque<(u64, Instant, T)>>,
+    /// (seq, digest) in insertion order; entries taken out early stay here
+    /// until they reach the front.
+    order: VecDeque<(u64, Digest)>,
+    len: usize,
+}
+
+impl<T> Pool<T> {
+    fn new(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            seq: 0,
+            by_digest: HashMap::new(),
+            order: VecDeque::new(),
+            len: 0,
+        }
+    }
+
+    /// Adds `item`; returns the oldest item when that made room for it.
+    fn push(&mut self, digest: Digest, item: T, now: Instant) -> Option<T> {
+        let evicted = if self.len >= MAX_PENDING {
+            self.pop_oldest().map(|(_, t)| t)
+        } else {
+            None
+        };
+        self.seq += 1;
+        let until = crate::clock::deadline(now, self.ttl);
+        self.by_digest
+            .entry(digest)
+            .or_default()
+            .push_back((self.seq, until, item));
+        self.order.push_back((self.seq, digest));
+        self.len += 1;
+        evicted
+    }
+
+    /// Takes the oldest item with `digest` that `fits`.
+    fn take(&mut self, digest: &Digest, fits: impl Fn(&T) -> bool) -> Option<T> {
+        let list = self.by_digest.get_mut(digest)?;
+        let i = list.iter().position(|(_, _, t)| fits(t))?;
+        let (_, _, item) = list.remove(i)?;
+        if list.is_empty() {
+            self.by_digest.remove(digest);
+        }
+        self.len -= 1;
+        self.compact();
+        Some(item)
+    }
+
+    /// The items whose time is up.
+    fn expire(&mut self, now: Instant) -> Vec<T> {
+        let mut out = Vec::new();
+        while let Some(&(seq, digest)) = self.order.front() {
+            let until = self
+                .by_digest
+                .get(&digest)
+                .and_then(|l| l.iter().find(|(s, _, _)| *s == seq))
+                .map(|(_, u, _)| *u);
+            match until {
+                Some(u) if u > now => break,
+                Some(_) => {
+                    if let Some((_, t)) = self.pop_oldest() {
+                        out.push(t);
+                    }
+                }
+                // Taken out already.
+                None => {
+                    self.order.pop_front();
+                }
+            }
+        }
+        out
+    }
+
+    fn pop_oldest(&mut self) -> Option<(Digest, T)> {
+        while let Some((seq, digest)) = self.order.pop_front() {
+            let Some(list) = self.by_digest.get_mut(&digest) else {
+                continue;
+            };
+            let Some(i) = list.iter().position(|(s, _, _)| *s == seq) else {
+                continue;
+            };
+            let item = list.remove(i).map(|(_, _, t)| t);
+            if list.is_empty() {
+                self.by_digest.remove(&digest);
+            }
+            if let Some(t) = item {
+                self.len -= 1;
+                return Some((digest, t));
+            }
+        }
+        None
+    }
+
+    /// Drops order entries of items taken out early, when they pile up.
+    fn compact(&mut self) {
+        if self.order.len() > 2 * MAX_PENDING {
+            let live = &self.by_digest;
+            self.order.retain(|(seq, d)| {
+                live.get(d)
+                    .is_some_and(|l| l.iter().any(|(s, _, _)| s == seq))
+            });
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+/// Requests waiting for their receipt, and receipts waiting for their request.
+#[derive(Debug)]
+pub struct Corroborations {
+    receipts: Pool<Receipt>,
+    waiting: Pool<Request>,
+}
+
+impl Default for Corroborations {
+    fn default() -> Self {
+        Self {
+            receipts: Pool::new(CORROBORATION_TTL),
+            waiting: Pool::new(CORROBORATION_WAIT),
+        }
+    }
+}
+
+/// What became of a request given to [`Corroborations::request`].
+#[derive(Debug)]
+pub enum Pairing {
+    /// Its receipt had come: confirm it, then serve.
+    Paired(Request, Receipt),
+    /// It waits for its receipt; `evicted` is the oldest waiting request,
+    /// pushed out to make room (refuse it).
+    Waiting { evicted: Option<Request> },
+}
+
+impl Corroborations {
+    /// A receipt came: the waiting request it is for, if any; otherwise it
+    /// is kept for a request that follows.
+    pub fn receipt(&mut self, receipt: Receipt, now: Instant) -> Option<(Request, Receipt)> {
+        if let Some(req) = self
+            .waiting
+            .take(&receipt.digest, |r| receipt.fits(&r.origin))
+        {
+            return Some((req, receipt));
+        }
+        let digest = receipt.digest;
+        self.receipts.push(digest, receipt, now);
+        None
+    }
+
+    /// A request that needs a receipt: paired with one that came, or kept waiting.
+    pub fn request(&mut self, req: Request, now: Instant) -> Pairing {
+        if let Some(receipt) = self.receipts.take(&req.digest, |r| r.fits(&req.origin)) {
+            return Pairing::Paired(req, receipt);
+        }
+        let digest = req.digest;
+        Pairing::Waiting {
+            evicted: self.waiting.push(digest, req, now),
+        }
+    }
+
+    /// The requests whose wait for a receipt is over (refuse them).
+    pub fn expired(&mut self, now: Instant) -> Vec<Request> {
+        self.receipts.expire(now);
+        self.waiting.expire(now)
+    }
+
+    /// How many requests and receipts are waiting.
+    pub fn len(&self) -> (usize, usize) {
+        (self.waiting.len(), self.receipts.len())
+    }
+}
+
+/// Asks the master's job cache, until `deadline`, whether `receipt` is true
+/// for `req` (see the module docs). `pki_dir`: the master's, whose
+/// `minions/` lists the ids of accepted minions. `Err` says why not.
+pub async fn confirm(
+    client: &SaltClient,
+    pki_dir: &Path,
+    req: &Request,
+    receipt: &Receipt,
+    deadline: Instant,
+) -> Result<(), String> {
+    let mut wait = Duration::from_millis(200);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let why = match client.job_cache_lookup(&receipt.jid, left).await {
+            Ok(job) => match confirmed_by(&job, pki_dir, req, receipt) {
+                Ok(()) => return Ok(()),
+                Err(why) => why,
+            },
+            Err(error) => format!("job cache lookup failed: {error}"),
+        };
+        if crate::clock::deadline_in(wait) >= deadline {
+            return Err(why);
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Whether `job`, the job cache's `jobs.list_job` of the receipt's jid,
+/// confirms the receipt for `req`.
+fn confirmed_by(
+    job: &Json,
+    pki_dir: &Path,
+    req: &Request,
+    receipt: &Receipt,
+) -> Result<(), String> {
+    let result = job
+        .get("Result")
+        .and_then(Json::as_object)
+        .filter(|r| !r.is_empty())
+        .ok_or_else(|| {
+            format!(
+                "the master's job cache has no return for job {}",
+                receipt.jid
+            )
+        })?;
+    match &receipt.by {
+        ReceiptBy::Runner => {
+            let vouches = result.iter().any(|(id, entry)| {
+                // The runner stores its return under the master's own id:
+                // never an accepted minion's (a minion can store returns
+                // for any jid, but only under its own id).
+                let a_minion = !safe_file_name(id) || pki_dir.join("minions").join(id).exists();
+                let ret = entry.get("return");
+                !a_minion
+                    && ret.and_then(|r| r.get("fun")).and_then(Json::as_str)
+                        == Some("runner.event.send")
+                    && ret.and_then(|r| r.get("fun_args")).and_then(sent_digest) == Some(req.digest)
+            });
+            if vouches {
+                Ok(())
+            } else {
+                Err(format!(
+                    "job {} in the master's job cache is no runner.event.send of this request",
+                    receipt.jid
+                ))
+            }
+        }
+        ReceiptBy::Minion(id) => {
+            let function = job.get("Function").and_then(Json::as_str);
+            let digest = job.get("Arguments").and_then(sent_digest);
+            if result.contains_key(id)
+                && function == Some("event.send")
+                && digest == Some(req.digest)
+            {
+                Ok(())
+            } else {
+                Err(format!(
+                    "job {} in the master's job cache is no event.send of this request by {id}",
+                    receipt.jid
+                ))
+            }
+        }
+    }
+}
+
+/// A minion id usable as a file name under `pki_dir/minions/`.
+fn safe_file_name(id: &str) -> bool {
+    !id.is_empty() && !id.starts_with('.') && !id.contains(['/', '\\', '\0'])
 }
 
 /// Serves one authorised request against the registry; the reply data.
@@ -378,16 +741,20 @@ mod tests {
         Event::new(tag.into(), from_json(&data))
     }
 
+    fn request(tag: &str, data: Json) -> Request {
+        parse(&ev(tag, data)).unwrap().unwrap()
+    }
+
     #[test]
-    fn requests_are_parsed_with_their_sender() {
+    fn requests_are_parsed_with_their_origin() {
         let master = ev(
             "steward/v1/server/create",
             json!({"request_id": "r1", "name": "a.example.org", "model": "web", "_stamp": "x"}),
         );
         let r = parse(&master).unwrap().unwrap();
         assert_eq!(
-            (r.entity, r.op, r.sender.clone()),
-            (Entity::Server, Op::Create, Sender::Unwrapped)
+            (r.entity, r.op, r.origin.clone()),
+            (Entity::Server, Op::Create, Origin::Unverified)
         );
         assert_eq!(r.request_id, "r1");
         assert_eq!(
@@ -404,7 +771,7 @@ mod tests {
                    "data": {"request_id": "r2", "__pub_fun": "event.send"}}),
         );
         let r = parse(&minion).unwrap().unwrap();
-        assert_eq!(r.sender, Sender::Minion("web1".into()));
+        assert_eq!(r.origin, Origin::Minion("web1".into()));
         assert!(r.args.is_empty());
 
         assert!(parse(&ev("steward/v1/reply/r1", json!({"ok": true}))).is_none());
@@ -413,52 +780,277 @@ mod tests {
     }
 
     #[test]
-    fn malformed_requests_say_why() {
+    fn malformed_requests_say_why_and_get_a_reply_when_their_id_is_readable() {
         let no_id = parse(&ev("steward/v1/server/create", json!({"name": "a"}))).unwrap();
         assert!(no_id.unwrap_err().message.contains("no request_id"));
         let bad_id = parse(&ev(
             "steward/v1/server/create",
             json!({"request_id": "a/b"}),
         ))
-        .unwrap();
-        assert!(bad_id.unwrap_err().message.contains("request_id"));
+        .unwrap()
+        .unwrap_err();
+        assert!(bad_id.message.contains("request_id"));
+        assert_eq!(bad_id.request_id, None, "no reply tag can be made of it");
         let list = parse(&ev("steward/v1/server/create", json!([1, 2]))).unwrap();
         assert!(list.unwrap_err().message.contains("not a map"));
+        // Readable ids: answered.
+        let unknown = parse(&ev(
+            "steward/v1/server/frobnicate",
+            json!({"request_id": "r7"}),
+        ))
+        .unwrap()
+        .unwrap_err();
+        assert_eq!(unknown.request_id.as_deref(), Some("r7"));
+        assert!(
+            unknown.message.contains("unknown operation"),
+            "{}",
+            unknown.message
+        );
+        let number = parse(&ev("steward/v1/server/delete", json!({"request_id": 42})))
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(number.request_id.as_deref(), Some("42"));
+        let wrapped = parse(&ev(
+            "steward/v1/model/frob",
+            json!({"cmd": "_minion_event", "id": "m1", "data": {"request_id": "r8"}}),
+        ))
+        .unwrap()
+        .unwrap_err();
+        assert_eq!(wrapped.request_id.as_deref(), Some("r8"));
     }
 
     #[test]
-    fn salt_run_event_send_corroborates_once() {
+    fn the_digest_covers_the_whole_payload_but_salts_own_keys() {
+        let a = request(
+            "steward/v1/server/create",
+            json!({"request_id": "r1", "name": "a", "model": "web", "_stamp": "1"}),
+        );
+        let same = request(
+            "steward/v1/server/create",
+            json!({"model": "web", "name": "a", "request_id": "r1", "_stamp": "2", "__pub_jid": "x"}),
+        );
+        assert_eq!(
+            a.digest, same.digest,
+            "key order and Salt's keys do not count"
+        );
+        let other_name = request(
+            "steward/v1/server/create",
+            json!({"request_id": "r1", "name": "evil", "model": "web"}),
+        );
+        assert_ne!(
+            a.digest, other_name.digest,
+            "same request_id, other payload"
+        );
+        let other_tag = request(
+            "steward/v1/server/delete",
+            json!({"request_id": "r1", "name": "a", "model": "web"}),
+        );
+        assert_ne!(a.digest, other_tag.digest);
+    }
+
+    fn runner_new(jid: &str, fun_args: Json) -> Event {
+        ev(
+            &format!("salt/run/{jid}/new"),
+            json!({"fun": "runner.event.send", "jid": jid, "user": "root", "fun_args": fun_args}),
+        )
+    }
+
+    #[test]
+    fn receipts_are_the_runners_and_minions_job_events_naming_the_payload() {
+        let req = request(
+            "steward/v1/server/create",
+            json!({"request_id": "r1", "name": "a", "_stamp": "x"}),
+        );
+        let r = receipt_of(&runner_new(
+            "20261123000000000001",
+            json!(["steward/v1/server/create", {"request_id": "r1", "name": "a"}]),
+        ))
+        .unwrap();
+        assert_eq!(
+            (r.jid.as_str(), &r.digest, &r.by),
+            ("20261123000000000001", &req.digest, &ReceiptBy::Runner)
+        );
+        // data given as text (JSON or YAML flow), or by keyword
+        for args in [
+            json!([
+                "steward/v1/server/create",
+                "{\"request_id\": \"r1\", \"name\": \"a\"}"
+            ]),
+            json!(["steward/v1/server/create", "{request_id: r1, name: a}"]),
+            json!([
+                "steward/v1/server/create",
+                "data={\"request_id\": \"r1\", \"name\": \"a\"}"
+            ]),
+            json!([{"__kwarg__": true, "tag": "steward/v1/server/create",
+                    "data": {"request_id": "r1", "name": "a"}}]),
+        ] {
+            let r = receipt_of(&runner_new("2", args.clone())).unwrap();
+            assert_eq!(r.digest, req.digest, "{args}");
+        }
+        // A minion's salt-call event.send, as its return event says.
+        let ret = ev(
+            "salt/job/20261202134117861877/ret/web1",
+            json!({"cmd": "_return", "id": "web1", "jid": "20261202134117861877", "fun": "event.send",
+                   "fun_args": ["steward/v1/server/create", "{\"request_id\": \"r1\", \"name\": \"a\"}"],
+                   "return": true, "retcode": 0}),
+        );
+        let r = receipt_of(&ret).unwrap();
+        assert_eq!(r.by, ReceiptBy::Minion("web1".into()));
+        assert_eq!(r.digest, req.digest);
+        // Not receipts: another runner, a non-request tag, a plain fire_master imitation.
+        assert!(receipt_of(&ev(
+            "salt/run/3/new",
+            json!({"fun": "runner.jobs.list_jobs", "fun_args": []})
+        ))
+        .is_none());
+        assert!(receipt_of(&runner_new("4", json!(["myapp/x", {"request_id": "r1"}]))).is_none());
+        assert!(receipt_of(&ev(
+            "salt/run/5/new",
+            json!({"cmd": "_minion_event", "id": "evil", "fun": "runner.event.send",
+                   "fun_args": ["steward/v1/server/create", {"request_id": "r1", "name": "a"}]})
+        ))
+        .is_none());
+    }
+
+    #[test]
+    fn a_receipt_vouches_only_for_its_payload_and_origin_once() {
         let now = Instant::now();
         let mut c = Corroborations::default();
-        let run = ev(
-            "salt/run/20261123000000000001/new",
-            json!({"fun": "runner.event.send", "jid": "1", "user": "root",
-                   "fun_args": ["steward/v1/server/create", {"request_id": "r1", "name": "a"}]}),
-        );
-        assert!(c.observe(&run, now));
-        // data given as text (as salt-run may pass it) works too
-        let run_text = ev(
-            "salt/run/20261123000000000002/new",
-            json!({"fun": "runner.event.send",
-                   "fun_args": ["steward/v1/server/delete", "{\"request_id\": \"r2\"}"]}),
-        );
-        assert!(c.observe(&run_text, now));
-        let req = parse(&ev(
+        let genuine = request(
             "steward/v1/server/create",
-            json!({"request_id": "r1", "name": "a"}),
-        ))
-        .unwrap()
-        .unwrap();
-        assert!(c.take(&req));
-        assert!(!c.take(&req), "a corroboration is used once");
-        let other = parse(&ev("steward/v1/server/create", json!({"request_id": "r9"})))
-            .unwrap()
-            .unwrap();
-        assert!(!c.take(&other));
-        let not_send = ev(
-            "salt/run/3/new",
-            json!({"fun": "runner.jobs.list_jobs", "fun_args": []}),
+            json!({"request_id": "r1", "name": "a.example.org", "model": "web"}),
         );
-        assert!(!c.observe(&not_send, now));
+        let forged = request(
+            "steward/v1/server/create",
+            json!({"request_id": "r1", "name": "evil.example.org", "model": "web"}),
+        );
+        // The forged request comes first and waits.
+        assert!(matches!(
+            c.request(forged.clone(), now),
+            Pairing::Waiting { evicted: None }
+        ));
+        // The genuine receipt is not for it...
+        let receipt = Receipt {
+            jid: "20261123000000000001".into(),
+            digest: genuine.digest,
+            by: ReceiptBy::Runner,
+        };
+        assert!(c.receipt(receipt.clone(), now).is_none());
+        // ...but for the genuine request, which is paired at once.
+        match c.request(genuine.clone(), now) {
+            Pairing::Paired(r, rc) => assert_eq!((r, rc), (genuine.clone(), receipt.clone())),
+            other => panic!("{other:?}"),
+        }
+        // used once
+        assert!(matches!(
+            c.request(genuine.clone(), now),
+            Pairing::Waiting { .. }
+        ));
+        // A minion's receipt is for that minion's wrapped request only.
+        let m_receipt = Receipt {
+            jid: "2".into(),
+            digest: genuine.digest,
+            by: ReceiptBy::Minion("web1".into()),
+        };
+        assert!(!m_receipt.fits(&Origin::Unverified));
+        assert!(!m_receipt.fits(&Origin::Minion("web2".into())));
+        assert!(m_receipt.fits(&Origin::Minion("web1".into())));
+        // The forged one, and the second genuine, time out.
+        let later = now + CORROBORATION_WAIT + Duration::from_millis(1);
+        let expired = c.expired(later);
+        assert_eq!(expired, vec![forged, genuine]);
+        assert_eq!(c.len(), (0, 0));
+    }
+
+    #[test]
+    fn the_pools_are_bounded_oldest_out_first() {
+        let now = Instant::now();
+        let mut c = Corroborations::default();
+        let mut first = None;
+        for i in 0..MAX_PENDING + 3 {
+            let req = request(
+                "steward/v1/server/create",
+                json!({"request_id": format!("r{i}"), "name": "x"}),
+            );
+            if i == 0 {
+                first = Some(req.clone());
+            }
+            match c.request(req, now) {
+                Pairing::Waiting { evicted: Some(old) } if i == MAX_PENDING => {
+                    assert_eq!(Some(old), first.clone())
+                }
+                Pairing::Waiting { evicted: None } if i < MAX_PENDING => {}
+                Pairing::Waiting { evicted: Some(_) } if i > MAX_PENDING => {}
+                other => panic!("{i}: {other:?}"),
+            }
+            let receipt = Receipt {
+                jid: format!("{i}"),
+                digest: Digest::of("steward/v1/server/delete", &Map::new()),
+                by: ReceiptBy::Runner,
+            };
+            c.receipt(receipt, now);
+        }
+        assert_eq!(c.len(), (MAX_PENDING, MAX_PENDING));
+    }
+
+    #[test]
+    fn the_job_cache_confirms_the_runners_return_and_the_minions_own_job() {
+        let pki = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(pki.path().join("minions")).unwrap();
+        std::fs::write(pki.path().join("minions/web1"), "key").unwrap();
+        let req = request(
+            "steward/v1/server/create",
+            json!({"request_id": "g1", "name": "a", "_stamp": "s"}),
+        );
+        let receipt = Receipt {
+            jid: "20261202133802447829".into(),
+            digest: req.digest,
+            by: ReceiptBy::Runner,
+        };
+        // `salt-run jobs.list_job` of a `salt-run event.send` (3008.5).
+        let runner_job = json!({
+            "jid": "20261202133802447829", "Function": "runner.event.send", "Arguments": [],
+            "Target": "vm_master",
+            "Result": {"vm_master": {"return": {"fun": "runner.event.send", "user": "root",
+                "fun_args": ["steward/v1/server/create", {"request_id": "g1", "name": "a", "_stamp": "s"}],
+                "return": true, "success": true}}}
+        });
+        assert_eq!(
+            confirmed_by(&runner_job, pki.path(), &req, &receipt),
+            Ok(())
+        );
+        // The same return stored under an accepted minion's id (a minion
+        // returning for the jid it forged a runner event for): no.
+        let by_minion = json!({"Result": {"web1": runner_job["Result"]["vm_master"].clone()}});
+        assert!(confirmed_by(&by_minion, pki.path(), &req, &receipt).is_err());
+        // Another payload, or nothing stored: no.
+        let other = request(
+            "steward/v1/server/create",
+            json!({"request_id": "g1", "name": "evil"}),
+        );
+        assert!(confirmed_by(&runner_job, pki.path(), &other, &receipt).is_err());
+        let none = json!({"jid": "1", "Error": "Cannot contact returner or no job with this jid", "Result": {}});
+        assert!(confirmed_by(&none, pki.path(), &req, &receipt).is_err());
+
+        // A minion's salt-call event.send, stored by that minion.
+        let m_receipt = Receipt {
+            jid: "20261202140602025712".into(),
+            digest: req.digest,
+            by: ReceiptBy::Minion("web1".into()),
+        };
+        let minion_job = json!({
+            "jid": "20261202140602025712", "Function": "event.send",
+            "Arguments": ["steward/v1/server/create", "{\"request_id\": \"g1\", \"name\": \"a\"}"],
+            "Target": "web1", "Result": {"web1": {"return": true, "retcode": 0}}
+        });
+        assert_eq!(
+            confirmed_by(&minion_job, pki.path(), &req, &m_receipt),
+            Ok(())
+        );
+        let as_other = Receipt {
+            by: ReceiptBy::Minion("web2".into()),
+            ..m_receipt.clone()
+        };
+        assert!(confirmed_by(&minion_job, pki.path(), &req, &as_other).is_err());
     }
 }

@@ -183,20 +183,31 @@ impl SaltClient {
         Ok((published, outcome))
     }
 
-    /// The returns the master's job cache holds for `jid` (`jobs.list_job`,
-    /// the cache named by `master_job_cache`), by minion.
-    pub async fn job_cache_returns(
+    /// What the master's job cache holds for `jid` (`jobs.list_job`, the
+    /// cache named by `master_job_cache`): `Function`, `Arguments`, and the
+    /// returns by minion id under `Result`.
+    pub async fn job_cache_lookup(
         &self,
         jid: &str,
         timeout: Duration,
-    ) -> Result<BTreeMap<String, MinionReturn>, RequestError> {
+    ) -> Result<Json, RequestError> {
         let mut kwarg = Map::new();
         kwarg.insert("jid".into(), Json::from(jid));
         let r = self
             .runner("jobs.list_job", Vec::new(), kwarg, timeout)
             .await?;
+        Ok(r.ret)
+    }
+
+    /// The returns the master's job cache holds for `jid`, by minion.
+    pub async fn job_cache_returns(
+        &self,
+        jid: &str,
+        timeout: Duration,
+    ) -> Result<BTreeMap<String, MinionReturn>, RequestError> {
+        let job = self.job_cache_lookup(jid, timeout).await?;
         let mut out = BTreeMap::new();
-        if let Some(Json::Object(result)) = r.ret.get("Result") {
+        if let Some(Json::Object(result)) = job.get("Result") {
             for (minion, entry) in result {
                 let retcode = entry.get("retcode").and_then(Json::as_i64);
                 // Stored as the minion sent them (`return`, `retcode`, `success`).
