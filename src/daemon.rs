@@ -19,7 +19,7 @@
 //! Shutdown (SIGTERM/SIGINT): stop taking requests, let the dispatcher finish
 //! the entry in hand, exit 0 within [`SHUTDOWN_GRACE`].
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -164,6 +164,7 @@ pub async fn run(
         salt,
         pki_dir: master.pki_dir.clone(),
         served: Arc::default(),
+        busy: Arc::default(),
     };
     let server = tokio::spawn(serve_requests(
         requests,
@@ -317,7 +318,9 @@ async fn serve_requests(
                         let msg = format!(
                             "minion {id} is not in trusted_minions; the registry was not changed"
                         );
-                        answering.refuse(&req, "untrusted_sender", &msg).await;
+                        answering
+                            .refuse(&req, "untrusted_sender", &msg, false)
+                            .await;
                     }
                     // A trusted minion's (claimed) or unwrapped: needs its receipt.
                     _ => match corroborations.request(req, now) {
@@ -326,8 +329,13 @@ async fn serve_requests(
                         }
                         Pairing::Waiting { evicted: None } => {}
                         Pairing::Waiting { evicted: Some(old) } => {
+                            let twin = corroborations.waiting_with_id(&old.request_id);
                             answering
-                                .unverified(&old, "too many requests waiting for their receipt")
+                                .unverified(
+                                    &old,
+                                    "too many requests waiting for their receipt",
+                                    twin,
+                                )
                                 .await
                         }
                     },
@@ -336,8 +344,9 @@ async fn serve_requests(
         }
         // Requests whose receipt never came.
         for req in corroborations.expired(now) {
+            let twin = corroborations.waiting_with_id(&req.request_id);
             answering
-                .unverified(&req, "no receipt (salt/run/<jid>/new of salt-run event.send, or the trusted minion's event.send return) came")
+                .unverified(&req, "no receipt (salt/run/<jid>/new of salt-run event.send, or the trusted minion's event.send return) came", twin)
                 .await;
         }
     }
@@ -357,6 +366,41 @@ struct Answering {
     /// Request ids served lately: a refusal of another request with the
     /// same id (a forgery, or a replay) is not fired on the same reply tag.
     served: Arc<std::sync::Mutex<VecDeque<String>>>,
+    /// Request ids being confirmed or served now, with how many.
+    busy: BusyIds,
+}
+
+type BusyIds = Arc<std::sync::Mutex<HashMap<String, usize>>>;
+
+/// Marks a request id busy in [`Answering`] while it lives.
+struct Busy {
+    ids: BusyIds,
+    id: String,
+}
+
+impl Busy {
+    fn enter(ids: &BusyIds, id: &str) -> Self {
+        *ids.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(id.to_owned())
+            .or_default() += 1;
+        Self {
+            ids: ids.clone(),
+            id: id.to_owned(),
+        }
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let mut ids = self.ids.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = ids.get_mut(&self.id) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                ids.remove(&self.id);
+            }
+        }
+    }
 }
 
 /// How many served request ids [`Answering`] remembers.
@@ -379,6 +423,7 @@ impl Answering {
             return;
         };
         let me = self.clone_handles();
+        let busy = Busy::enter(&self.busy, &req.request_id);
         tokio::spawn(async move {
             if let Some(receipt) = receipt {
                 let deadline = crate::clock::deadline_in(service_bus::CONFIRM_WAIT);
@@ -386,7 +431,8 @@ impl Answering {
                     service_bus::confirm(&me.salt, &me.pki_dir, &req, &receipt, deadline).await
                 {
                     warn!(message = "Registry request refused: its receipt is not confirmed by the master's job cache.", tag = %req.tag, request_id = %req.request_id, jid = %receipt.jid, reason = %why);
-                    me.unverified(&req, &why).await;
+                    drop(busy);
+                    me.unverified(&req, &why, false).await;
                     drop(slot);
                     return;
                 }
@@ -399,6 +445,7 @@ impl Answering {
                 me.changed.notify_one();
             }
             me.reply(&req.request_id, &result).await;
+            drop(busy);
             drop(slot);
         });
     }
@@ -412,6 +459,7 @@ impl Answering {
             salt: self.salt.clone(),
             pki_dir: self.pki_dir.clone(),
             served: self.served.clone(),
+            busy: self.busy.clone(),
         }
     }
 
@@ -431,11 +479,17 @@ impl Answering {
             .any(|id| id == request_id)
     }
 
-    /// Refuses `req` with `code`, unless a request with its id was served
-    /// (that one's reply stands; this one is logged only).
-    async fn refuse(&self, req: &Request, code: &str, message: &str) {
-        if self.was_served(&req.request_id) {
-            warn!(message = "Registry request refused, not answered: a request with its id was served.", tag = %req.tag, request_id = %req.request_id, code);
+    /// Refuses `req` with `code`, unless another request with its id was
+    /// served, is in hand, or (`twin`) waits for its receipt: that one's
+    /// reply is the one for the id; this refusal is logged only.
+    async fn refuse(&self, req: &Request, code: &str, message: &str, twin: bool) {
+        let busy = self
+            .busy
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(&req.request_id);
+        if self.was_served(&req.request_id) || busy || twin {
+            warn!(message = "Registry request refused, not answered: another request with its id was served or is in hand.", tag = %req.tag, request_id = %req.request_id, code);
             return;
         }
         self.reply(&req.request_id, &service_bus::error_reply(code, message))
@@ -443,12 +497,12 @@ impl Answering {
     }
 
     /// Refuses a request not verified as the master's or a trusted minion's.
-    async fn unverified(&self, req: &Request, why: &str) {
+    async fn unverified(&self, req: &Request, why: &str, twin: bool) {
         warn!(message = "Registry request refused: sender not verified.", tag = %req.tag, request_id = %req.request_id, origin = req.origin.as_str(), reason = why);
         let msg = format!(
             "request not verified as fired on the master or by a trusted minion ({why}; use `salt-run event.send`, or a trusted minion's `salt-call event.send`); the registry was not changed"
         );
-        self.refuse(req, "unverified_sender", &msg).await;
+        self.refuse(req, "unverified_sender", &msg, twin).await;
     }
 
     /// Waits for the requests in hand (bounded by the daemon's grace period).

@@ -55,7 +55,9 @@ pub const REQUEST_PREFIX: &str = crate::bus::origin::STEWARD_PREFIX;
 
 /// How long a request waits for its receipt (the runner's event comes just
 /// before an unwrapped request, a minion's return just after its request).
-pub const CORROBORATION_WAIT: Duration = Duration::from_secs(5);
+/// Long enough for a genuine request to be served before a forgery with its
+/// id sent just before it times out (its refusal is then not fired).
+pub const CORROBORATION_WAIT: Duration = Duration::from_secs(10);
 
 /// How long a receipt is remembered for a request that follows it.
 const CORROBORATION_TTL: Duration = Duration::from_secs(30);
@@ -462,6 +464,12 @@ impl<T> Pool<T> {
     fn len(&self) -> usize {
         self.len
     }
+
+    fn any(&self, pred: impl Fn(&T) -> bool) -> bool {
+        self.by_digest
+            .values()
+            .any(|l| l.iter().any(|(_, _, t)| pred(t)))
+    }
 }
 
 /// Requests waiting for their receipt, and receipts waiting for their request.
@@ -520,6 +528,11 @@ impl Corroborations {
     pub fn expired(&mut self, now: Instant) -> Vec<Request> {
         self.receipts.expire(now);
         self.waiting.expire(now)
+    }
+
+    /// Whether a request with `request_id` waits for its receipt.
+    pub fn waiting_with_id(&self, request_id: &str) -> bool {
+        self.waiting.any(|r| r.request_id == request_id)
     }
 
     /// How many requests and receipts are waiting.

@@ -17,3 +17,4 @@ mod rules;
 mod salt_client;
 mod support;
 mod transport_tcp;
+mod trust;
