@@ -279,7 +279,7 @@ fn a_minion_fired_event_applies_a_state_with_pillar_from_the_event() {
     assert_eq!(done["minions"]["web1"]["failed_states"], json!([]));
     assert_eq!(
         done["event"],
-        json!({"tag": "myapp/deploy", "sender": "web1"})
+        json!({"tag": "myapp/deploy", "sender": "web1", "origin": "minion"})
     );
     let file = |id: &str| std::fs::read_to_string(out.join(format!("deployed-{id}.txt")));
     assert_eq!(file("web1").unwrap().trim(), "version 1.2");
