@@ -116,9 +116,13 @@ fn salt_key(k: &str) -> bool {
 /// A parsed request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Request {
+    /// What it is about.
     pub entity: Entity,
+    /// What it asks.
     pub op: Op,
+    /// Its tag, as fired.
     pub tag: String,
+    /// The caller's id, which the reply's tag names.
     pub request_id: String,
     /// Who fired it, as far as the bus tells: a minion's (claimed) or unverified.
     pub origin: Origin,
@@ -131,7 +135,9 @@ pub struct Request {
 /// A request that cannot be served, with the id to reply to when known.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Malformed {
+    /// The id to reply to, when it can be read.
     pub request_id: Option<String>,
+    /// What is wrong.
     pub message: String,
 }
 

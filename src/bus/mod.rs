@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use tokio::net::{TcpStream, UnixStream};
 
 pub use event::{Event, EventKind};
-pub use origin::{is_own_tag, Delivered, LocalEvents, Origin};
+pub use origin::{is_own_tag, LocalEvents, Origin};
 pub use publisher::{EventFirer, FireError};
 pub use subscriber::{BusHandle, BusItem, BusStats, SubscriberOptions, Subscription};
 

@@ -95,15 +95,6 @@ pub fn is_own_tag(tag: &str) -> bool {
     tag.starts_with(STEWARD_PREFIX) && !is_request_tag(tag)
 }
 
-/// An event with its origin.
-#[derive(Debug, Clone)]
-pub struct Delivered {
-    /// The event as fired (unwrapped: in-process events carry no minion wrapping).
-    pub event: Arc<Event>,
-    /// Who produced it.
-    pub origin: Origin,
-}
-
 /// The in-process channel for events this process produced: the proof
 /// behind [`Origin::Master`]. Cloning gives another handle on the same channel.
 #[derive(Debug, Clone)]
