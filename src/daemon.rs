@@ -6,9 +6,10 @@
 //!   trust checks, replies;
 //! - the outbox dispatcher: every change recorded in the registry's outbox
 //!   (by the bus or by the CLI, daemon running or not) is fired as
-//!   `steward/v1/<server|model>/<created|updated|deleted>`, then marked
-//!   processed. Fire-then-mark: at least once, and a crash in between fires
-//!   again on restart;
+//!   `steward/v1/<server|model>/<created|updated|deleted>`, then acknowledged
+//!   on the `notify` cursor. Fire-then-acknowledge: at least once, and a crash
+//!   in between fires again on restart. A row it cannot read is quarantined;
+//!   rows every consumer has passed are pruned;
 //! - the rules engine (`rules`): reactor rules from `rules_dir`, hot-reloaded;
 //! - the acceptor (`acceptor`): verified auto-accept of minion keys,
 //!   presence, first-start states; and the key-pool filler.
@@ -25,7 +26,7 @@ use anyhow::Context as _;
 use serde_json::Value as Json;
 use tokio::sync::{Mutex, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::acceptor::{self, AcceptorConfig};
 use crate::bus::event::from_json;
@@ -33,7 +34,7 @@ use crate::bus::{BusHandle, BusItem, EventFirer, SubscriberOptions, Subscription
 use crate::config::Settings;
 use crate::master_config::MasterConfig;
 use crate::pki::KeyIssuer;
-use crate::registry::{self, DbStore, Service};
+use crate::registry::{self, DbStore, OutboxRow, Service, Store as _};
 use crate::salt::{JobTracker, ReqClient, SaltClient};
 use crate::service_bus::{self, Corroborations, Request, Sender, CORROBORATION_WAIT};
 
@@ -184,42 +185,90 @@ async fn fill_key_pool(keys: KeyIssuer, size: usize, cancel: CancellationToken) 
     }
 }
 
-/// Fires every unprocessed outbox entry in order, then waits for a change.
+/// The outbox consumer that fires the bus notifications.
+pub const NOTIFY_CONSUMER: &str = "notify";
+
+/// How often rows every outbox consumer has passed are pruned.
+const OUTBOX_PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+/// Fires every outbox entry past the `notify` cursor in order (a row it
+/// cannot read is quarantined and passed), then waits for a change; prunes
+/// what every consumer has passed now and then.
 async fn dispatch_outbox(
     service: Arc<Service<DbStore>>,
     firer: Firer,
     changed: Arc<Notify>,
     cancel: CancellationToken,
 ) {
+    let store = service.store();
+    let mut pruned_at: Option<tokio::time::Instant> = None;
+    let mut subscribed = false;
     loop {
-        match service.outbox_pending(100).await {
-            Ok(entries) => {
-                for entry in entries {
-                    if cancel.is_cancelled() {
-                        return;
-                    }
-                    // "server.created" → steward/v1/server/created
-                    let tag = format!(
-                        "{}{}",
-                        service_bus::REQUEST_PREFIX,
-                        entry.kind.as_str().replace('.', "/")
-                    );
-                    if let Err(error) = fire(&firer, &tag, &entry.payload).await {
-                        warn!(message = "Notification not fired; will retry.", %tag, outbox_id = entry.id, %error);
-                        break;
-                    }
-                    if let Err(error) = service.outbox_mark_processed(entry.id).await {
-                        warn!(message = "Notification fired but not marked processed; it will be fired again.", %tag, outbox_id = entry.id, %error);
-                        break;
-                    }
+        if !subscribed {
+            match store.outbox_subscribe(NOTIFY_CONSUMER).await {
+                Ok(_) => subscribed = true,
+                Err(error) => {
+                    warn!(message = "Subscribing to the outbox failed; will retry.", consumer = NOTIFY_CONSUMER, %error)
                 }
             }
-            Err(error) => warn!(message = "Reading the outbox failed; will retry.", %error),
+        }
+        if subscribed {
+            notify_pending(store, &firer, &cancel).await;
+            if pruned_at.is_none_or(|t| t.elapsed() >= OUTBOX_PRUNE_EVERY) {
+                pruned_at = Some(tokio::time::Instant::now());
+                match store.outbox_prune().await {
+                    Ok(0) => {}
+                    Ok(rows) => info!(message = "Outbox pruned.", rows),
+                    Err(error) => warn!(message = "Pruning the outbox failed.", %error),
+                }
+            }
         }
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = changed.notified() => {}
             _ = tokio::time::sleep(OUTBOX_POLL) => {}
+        }
+    }
+}
+
+/// One pass of [`dispatch_outbox`]: up to 100 rows past the cursor; stops at
+/// the first one that cannot be fired or acknowledged (retried next pass).
+async fn notify_pending(store: &DbStore, firer: &Firer, cancel: &CancellationToken) {
+    let rows = match store.outbox_pending(NOTIFY_CONSUMER, 100).await {
+        Ok(rows) => rows,
+        Err(error) => {
+            warn!(message = "Reading the outbox failed; will retry.", %error);
+            return;
+        }
+    };
+    for row in rows {
+        if cancel.is_cancelled() {
+            return;
+        }
+        let entry = match row {
+            OutboxRow::Entry(entry) => entry,
+            OutboxRow::Unreadable { id, reason } => {
+                error!(message = "Outbox row cannot be read; quarantined.", consumer = NOTIFY_CONSUMER, outbox_id = id, %reason);
+                if let Err(error) = store.outbox_quarantine(NOTIFY_CONSUMER, id, &reason).await {
+                    warn!(message = "Quarantining an outbox row failed; will retry.", outbox_id = id, %error);
+                    return;
+                }
+                continue;
+            }
+        };
+        // "server.created" → steward/v1/server/created
+        let tag = format!(
+            "{}{}",
+            service_bus::REQUEST_PREFIX,
+            entry.kind.as_str().replace('.', "/")
+        );
+        if let Err(error) = fire(firer, &tag, &entry.payload).await {
+            warn!(message = "Notification not fired; will retry.", %tag, outbox_id = entry.id, %error);
+            return;
+        }
+        if let Err(error) = store.outbox_ack(NOTIFY_CONSUMER, entry.id).await {
+            warn!(message = "Notification fired but not acknowledged; it will be fired again.", %tag, outbox_id = entry.id, %error);
+            return;
         }
     }
 }

@@ -13,7 +13,7 @@ use serde_json::Value as Json;
 
 use super::group_commit::GroupCommit;
 use super::store::{Filter, KeyColumns, ServerKey};
-use super::{Error, OutboxEntry, Server, ServerModel, ServerRef, Status, Store};
+use super::{Error, Server, ServerModel, ServerRef, Status, Store};
 use crate::pki::{fingerprint, IssueError, KeyIssuer};
 
 /// Longest hostname (RFC 1123 with RFC 1035's limit).
@@ -590,18 +590,6 @@ impl<S: Store> Service<S> {
     pub async fn delete_server(&self, server: &ServerRef) -> Result<Server, Error> {
         let s = self.get_server(server).await?;
         self.store.delete_server(s.id).await
-    }
-
-    // ------------------------------------------------------------ outbox
-
-    /// The oldest unprocessed changes, `limit` at most.
-    pub async fn outbox_pending(&self, limit: i64) -> Result<Vec<OutboxEntry>, Error> {
-        self.store.outbox_pending(limit).await
-    }
-
-    /// Marks a change processed; `false` if it already was.
-    pub async fn outbox_mark_processed(&self, id: i64) -> Result<bool, Error> {
-        self.store.outbox_mark_processed(id).await
     }
 
     /// Applies everything but the name (validated by the caller), resolves
