@@ -40,9 +40,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::bus::event::{AuthAct, EventKind};
+use crate::bus::Firer;
 use crate::bus::{BusItem, Subscription};
 use crate::config::{AcceptMode, UnknownMinions};
-use crate::daemon::Firer;
 use crate::pki::{clean_key, fingerprint};
 use crate::registry::{DbStore, Server, ServerFilter, Service, Status};
 use crate::salt::{key_dict, Publish, SaltClient, TargetType};
@@ -590,12 +590,12 @@ impl Acceptor {
                 }),
             };
             info!(message = "Model states applied at first start.", minion_id = %server.minion_id, result = %data);
-            crate::daemon::fire_or_warn(&firer, MINION_PROVISIONED, &data).await;
+            firer.fire_or_warn(MINION_PROVISIONED, &data).await;
         });
     }
 
     async fn fire(&self, tag: &str, data: Json) {
-        crate::daemon::fire_or_warn(&self.firer, tag, &data).await;
+        self.firer.fire_or_warn(tag, &data).await;
     }
 }
 

@@ -24,13 +24,12 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use serde_json::Value as Json;
-use tokio::sync::{Mutex, Notify, Semaphore};
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::acceptor::{self, AcceptorConfig};
-use crate::bus::event::from_json;
-use crate::bus::{BusHandle, BusItem, EventFirer, SubscriberOptions, Subscription};
+use crate::bus::{BusHandle, BusItem, EventFirer, Firer, SubscriberOptions, Subscription};
 use crate::config::Settings;
 use crate::master_config::MasterConfig;
 use crate::pki::KeyIssuer;
@@ -50,16 +49,13 @@ const MAX_REQUESTS_IN_FLIGHT: usize = 64;
 /// How often the outbox is polled for changes made by other processes (the CLI).
 const OUTBOX_POLL: Duration = Duration::from_secs(1);
 
-/// The daemon's one event writer, shared by its components.
-pub type Firer = Arc<Mutex<EventFirer>>;
-
 /// Runs the daemon until `shutdown` resolves.
 pub async fn run(
     settings: &Settings,
     master: &MasterConfig,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let keys = KeyIssuer::configured(settings)?;
+    let keys = settings.key_issuer()?;
     let service = Arc::new(
         registry::open(&settings.registry)
             .await
@@ -80,10 +76,7 @@ pub async fn run(
     let acceptor_events = bus.subscribe();
     let tracker = JobTracker::start(bus.subscribe(), cancel.clone());
     bus.spawn(cancel.clone());
-    let firer: Firer = Arc::new(Mutex::new(EventFirer::new(
-        master.event_pull(),
-        master.event_pub(),
-    )));
+    let (firer, writer) = Firer::spawn(EventFirer::new(master.event_pull(), master.event_pub()));
     let changed = Arc::new(Notify::new());
 
     info!(message = "Daemon started.", master_config = %master.path.display(), registry_backend = service.store().backend());
@@ -129,6 +122,9 @@ pub async fn run(
         let _ = rules.await;
         let _ = acceptor.await;
         let _ = pool.await;
+        // Ends once the components above dropped their handles, after
+        // writing what they queued.
+        let _ = writer.await;
         bus.join().await;
     };
     if tokio::time::timeout(SHUTDOWN_GRACE, all).await.is_err() {
@@ -149,17 +145,6 @@ fn redact(url: &str) -> String {
             }
         }
         _ => url.to_owned(),
-    }
-}
-
-async fn fire(firer: &Firer, tag: &str, data: &Json) -> Result<(), crate::bus::FireError> {
-    firer.lock().await.fire(tag, from_json(data)).await
-}
-
-/// Fires an event; a failure is logged (the components go on).
-pub async fn fire_or_warn(firer: &Firer, tag: &str, data: &Json) {
-    if let Err(error) = fire(firer, tag, data).await {
-        warn!(message = "Event not fired.", %tag, %error);
     }
 }
 
@@ -262,7 +247,7 @@ async fn notify_pending(store: &DbStore, firer: &Firer, cancel: &CancellationTok
             service_bus::REQUEST_PREFIX,
             entry.kind.as_str().replace('.', "/")
         );
-        if let Err(error) = fire(firer, &tag, &entry.payload).await {
+        if let Err(error) = firer.fire(&tag, &entry.payload).await {
             warn!(message = "Notification not fired; will retry.", %tag, outbox_id = entry.id, %error);
             return;
         }
@@ -413,7 +398,9 @@ impl Answering {
 }
 
 async fn reply(firer: &Firer, request_id: &str, data: &Json) {
-    fire_or_warn(firer, &service_bus::reply_tag(request_id), data).await;
+    firer
+        .fire_or_warn(&service_bus::reply_tag(request_id), data)
+        .await;
 }
 
 #[cfg(test)]

@@ -6,9 +6,11 @@
 //!   bounded broadcast queue so the socket is never held up by a slow consumer;
 //!   reconnects with backoff and says so.
 //! - [`publisher`]: fires events into the master's pull socket.
+//! - `log`: how the bus's occurrences are logged.
 
 pub mod codec;
 pub mod event;
+mod log;
 pub mod publisher;
 pub mod subscriber;
 
@@ -18,7 +20,7 @@ use std::path::PathBuf;
 use tokio::net::{TcpStream, UnixStream};
 
 pub use event::{Event, EventKind};
-pub use publisher::{EventFirer, FireError};
+pub use publisher::{EventFirer, FireError, Firer};
 pub use subscriber::{BusHandle, BusItem, BusStats, SubscriberOptions, Subscription};
 
 /// One end of the bus: a unix socket under `sock_dir`, or TCP on loopback

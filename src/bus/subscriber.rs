@@ -22,8 +22,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::codec::{BadFrame, Decoded, FrameDecoder, DEFAULT_MAX_FRAME};
+use super::log;
 use super::{BusEndpoint, Event};
-use crate::telemetry;
 
 /// The largest `queue_capacity`: the broadcast queue is allocated whole
 /// (one slot per event), so a huge value would exhaust memory at start-up.
@@ -158,7 +158,7 @@ impl Subscription {
             Ok(item) => Some(item),
             Err(broadcast::error::RecvError::Lagged(n)) => {
                 self.stats.lagged.fetch_add(n, Ordering::Relaxed);
-                telemetry::bus_consumer_lagged(n);
+                log::bus_consumer_lagged(n);
                 Some(BusItem::Lagged(n))
             }
             Err(broadcast::error::RecvError::Closed) => None,
@@ -187,7 +187,7 @@ impl Reader {
                 Ok(s) => s,
                 Err(error) => {
                     failures += 1;
-                    telemetry::bus_connect_failed(&self.endpoint, failures, &error);
+                    log::bus_connect_failed(&self.endpoint, failures, &error);
                     tokio::select! {
                         _ = cancel.cancelled() => return,
                         _ = tokio::time::sleep(delay) => {}
@@ -199,7 +199,7 @@ impl Reader {
             delay = self.opts.backoff_min;
             failures = 0;
             self.stats.connects.fetch_add(1, Ordering::Relaxed);
-            telemetry::bus_connected(&self.endpoint, connected_before);
+            log::bus_connected(&self.endpoint, connected_before);
             let _ = self.tx.send(BusItem::Connected {
                 reconnect: connected_before,
             });
@@ -209,7 +209,7 @@ impl Reader {
                 _ = cancel.cancelled() => return,
                 r = self.read_until_closed(&mut stream) => r,
             };
-            telemetry::bus_disconnected(&self.endpoint, &reason);
+            log::bus_disconnected(&self.endpoint, &reason);
             let _ = self.tx.send(BusItem::Disconnected { reason });
         }
     }
@@ -250,6 +250,6 @@ impl Reader {
 
     fn bad_frame(&self, bad: &BadFrame) {
         let n = self.stats.decode_errors.fetch_add(1, Ordering::Relaxed) + 1;
-        telemetry::event_decode_failed(bad, n);
+        log::event_decode_failed(bad, n);
     }
 }

@@ -9,7 +9,7 @@ use std::io::Write as _;
 use std::path::PathBuf;
 
 use crate::lifecycle;
-use crate::pki::{files, KeyIssuer};
+use crate::pki::files;
 use crate::salt::ReqClient;
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
@@ -235,7 +235,7 @@ pub async fn run_outbox(
 
 async fn open(ctx: &Context) -> anyhow::Result<Service<DbStore>> {
     let url = &ctx.settings.registry;
-    let keys = KeyIssuer::configured(&ctx.settings)?;
+    let keys = ctx.settings.key_issuer()?;
     Ok(registry::open(url)
         .await
         .with_context(|| format!("opening the registry {url}"))?

@@ -21,12 +21,8 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Context as _;
-
 use super::files;
 use super::keys::KeyPair;
-use crate::config::{AcceptMode, Settings};
-use crate::master_config::MasterConfig;
 
 /// Where a claimed pair went and what the registry records of it.
 #[derive(Debug, Clone)]
@@ -90,29 +86,6 @@ pub struct KeyIssuer {
 }
 
 impl KeyIssuer {
-    /// The issuer the settings describe. In preseed mode it needs the
-    /// master's pki_dir, and refuses a master whose key cache is not the
-    /// plain files (3007's `keys.cache_driver`), where a written file would
-    /// not be seen.
-    pub fn configured(settings: &Settings) -> anyhow::Result<Self> {
-        let keys = &settings.keys;
-        let issuer = Self::new(&keys.dir, keys.bits)
-            .with_context(|| format!("keys.dir {}", keys.dir.display()))?;
-        if keys.accept_mode != AcceptMode::Preseed {
-            return Ok(issuer);
-        }
-        let master = MasterConfig::load(&settings.master_config)?;
-        if master.keys_cache_driver != "localfs_key" {
-            anyhow::bail!(
-                "keys.accept_mode preseed needs the master's keys in plain files, but {} sets \
-                 keys.cache_driver: {}; use accept_mode: verify",
-                master.path.display(),
-                master.keys_cache_driver
-            );
-        }
-        Ok(issuer.with_preseed(&master.pki_dir))
-    }
-
     /// Keys of `bits` bits kept under `dir` (created 0700 if missing).
     pub fn new(dir: &Path, bits: usize) -> Result<Self, IssueError> {
         let me = Self {

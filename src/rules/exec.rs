@@ -30,8 +30,7 @@ use tracing::{info, warn};
 
 use super::compile::{RateLimit, Rendered, RESULT_PREFIX};
 use super::stats::RuleStats;
-use crate::bus::event::from_json;
-use crate::daemon::Firer;
+use crate::bus::Firer;
 use crate::salt::{Publish, RequestError, SaltClient, StateSummary, WheelResult};
 
 /// How long a sender's queue task waits for more work before it ends.
@@ -308,9 +307,7 @@ impl SaltRunner {
             Rendered::Fire { tag, data } => {
                 report.insert("fired".into(), json!(tag));
                 self.firer
-                    .lock()
-                    .await
-                    .fire(tag, from_json(data))
+                    .fire(tag, data)
                     .await
                     .map(|()| (true, None))
                     .map_err(|e| e.to_string())
@@ -331,7 +328,7 @@ impl SaltRunner {
             job.rule,
             if success { "done" } else { "failed" }
         );
-        if let Err(error) = self.firer.lock().await.fire(&tag, from_json(&report)).await {
+        if let Err(error) = self.firer.fire(&tag, &report).await {
             warn!(message = "Rule result not fired.", %tag, %error);
         }
         Outcome {

@@ -43,9 +43,9 @@ pub use compile::{
 pub use matcher::EventView;
 pub use stats::RuleStats;
 
+use crate::bus::Firer;
 use crate::bus::{BusHandle, Subscription};
 use crate::config::Settings;
-use crate::daemon::Firer;
 use crate::salt::SaltClient;
 
 /// The rules engine as a daemon component: create it (it subscribes to the
