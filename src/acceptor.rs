@@ -37,6 +37,7 @@ use std::time::Duration;
 use serde_json::{json, Map, Value as Json};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::bus::event::{AuthAct, EventKind};
@@ -103,6 +104,9 @@ pub struct AcceptorConfig {
     /// several). Off with one master, so that a key an administrator
     /// deletes by hand stays deleted.
     pub sync_keys: bool,
+    /// Where provisioning runs (first-start states) are started, so the
+    /// daemon's shutdown waits for them.
+    pub helpers: TaskTracker,
 }
 
 /// Runs the acceptor until `cancel`: reads `sub`, watches `minions_pre/`.
@@ -552,7 +556,7 @@ impl Acceptor {
     /// background; the result is fired as `steward/v1/minion/provisioned`.
     fn provision(&self, server: Server) {
         let (service, salt, firer) = (self.service.clone(), self.salt.clone(), self.firer.clone());
-        tokio::spawn(async move {
+        self.config.helpers.spawn(async move {
             let states = match service.get_model(&server.model).await {
                 Ok(m) => m.states,
                 Err(error) => {

@@ -233,12 +233,24 @@ impl Firer {
 
     /// [`Self::spawn`] with a given queue size and per-event deadline.
     pub fn spawn_with(
-        mut firer: EventFirer,
+        firer: EventFirer,
         queue: usize,
         deadline: Duration,
     ) -> (Self, tokio::task::JoinHandle<()>) {
+        let (handle, task) = Self::new(firer, queue, deadline);
+        (handle, tokio::spawn(task))
+    }
+
+    /// A handle and the writer task, for a caller that runs the task itself
+    /// (the daemon's supervisor); the task ends when the last handle is
+    /// dropped.
+    pub fn new(
+        mut firer: EventFirer,
+        queue: usize,
+        deadline: Duration,
+    ) -> (Self, impl std::future::Future<Output = ()> + Send + 'static) {
         let (tx, mut rx) = mpsc::channel::<Job>(queue.max(1));
-        let task = tokio::spawn(async move {
+        let task = async move {
             while let Some(job) = rx.recv().await {
                 let result = if Instant::now() >= job.due {
                     Err(FireError::Expired {
@@ -253,7 +265,7 @@ impl Firer {
                 // The caller may have stopped waiting; nothing to tell then.
                 let _ = job.done.send(result);
             }
-        });
+        };
         (Self { tx, deadline }, task)
     }
 

@@ -127,13 +127,22 @@ impl BusHandle {
 
     /// Starts the reader task; it runs until `cancel` fires.
     pub fn spawn(&mut self, cancel: CancellationToken) {
+        self.task = Some(tokio::spawn(self.reader(cancel)));
+    }
+
+    /// The reader, for a caller that runs it as a task of its own (the
+    /// daemon's supervisor); it runs until `cancel` fires.
+    pub fn reader(
+        &self,
+        cancel: CancellationToken,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let reader = Reader {
             endpoint: self.endpoint.clone(),
             tx: self.tx.clone(),
             stats: self.stats.clone(),
             opts: self.opts.clone(),
         };
-        self.task = Some(tokio::spawn(reader.run(cancel)));
+        reader.run(cancel)
     }
 
     /// Waits for the reader task to end (after its token was cancelled).

@@ -1,6 +1,8 @@
 //! `salt-steward daemon`: the long-running process.
 //!
-//! Components, each a task stopped by one cancellation token:
+//! A [`Supervisor`] of named components ([`TaskName`]), each a task stopped
+//! by one cancellation token; one that ends before shutdown stops the daemon
+//! with an error (`supervisor`). Signals have one owner (`signals`).
 //! - the bus reader (`bus::subscriber`), shared by the others;
 //! - the request server: registry requests from the bus (`service_bus`),
 //!   trust checks, replies;
@@ -15,10 +17,15 @@
 //!   presence, first-start states; and the key-pool filler.
 //!
 //! Shutdown (SIGTERM/SIGINT): stop taking requests, let the dispatcher finish
-//! the entry in hand, exit 0 within [`SHUTDOWN_GRACE`].
+//! the entry in hand, exit 0 within [`SHUTDOWN_GRACE`]; a second signal
+//! stops at once (non-zero).
+
+mod signals;
+pub mod supervisor;
+
+pub use supervisor::{Supervisor, SupervisorError, TaskName};
 
 use std::collections::HashSet;
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +33,7 @@ use anyhow::Context as _;
 use serde_json::Value as Json;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::acceptor::{self, AcceptorConfig};
@@ -49,12 +57,12 @@ const MAX_REQUESTS_IN_FLIGHT: usize = 64;
 /// How often the outbox is polled for changes made by other processes (the CLI).
 const OUTBOX_POLL: Duration = Duration::from_secs(1);
 
-/// Runs the daemon until `shutdown` resolves.
-pub async fn run(
-    settings: &Settings,
-    master: &MasterConfig,
-    shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
+/// Runs the daemon until SIGTERM/SIGINT (a second one while stopping: at
+/// once) or until a component ends, which is an error: the caller exits
+/// non-zero.
+pub async fn run(settings: &Settings, master: &MasterConfig) -> anyhow::Result<()> {
+    supervisor::install_panic_hook();
+    let (signals, _signal_task) = signals::install().context("installing signal handlers")?;
     let keys = settings.key_issuer()?;
     let service = Arc::new(
         registry::open(&settings.registry)
@@ -63,7 +71,8 @@ pub async fn run(
             .with_keys(keys.clone()),
     );
     let cancel = CancellationToken::new();
-    let mut bus = BusHandle::new(
+    let mut sup = Supervisor::new(cancel.clone());
+    let bus = BusHandle::new(
         master.event_pub(),
         SubscriberOptions {
             queue_capacity: settings.bus.queue_capacity,
@@ -71,67 +80,84 @@ pub async fn run(
             ..SubscriberOptions::default()
         },
     );
+    // Every consumer subscribes before the reader starts: nothing is missed.
     let requests = bus.subscribe();
     let rules = crate::rules::RulesComponent::new(&bus, settings);
     let acceptor_events = bus.subscribe();
-    let tracker = JobTracker::start(bus.subscribe(), cancel.clone());
-    bus.spawn(cancel.clone());
-    let (firer, writer) = Firer::spawn(EventFirer::new(master.event_pull(), master.event_pub()));
-    let changed = Arc::new(Notify::new());
-
-    info!(message = "Daemon started.", master_config = %master.path.display(), registry_backend = service.store().backend());
-    let outbox = tokio::spawn(dispatch_outbox(
-        service.clone(),
-        firer.clone(),
-        changed.clone(),
-        cancel.clone(),
-    ));
+    let (tracker, routing) = JobTracker::new(bus.subscribe(), cancel.clone());
     // One Salt client (one request connection, one job tracker) for the
     // acceptor and the rules engine.
     let salt = SaltClient::new(ReqClient::new(master, REQUEST_TIMEOUT)?, tracker);
-    let acceptor = tokio::spawn(acceptor::run(
-        AcceptorConfig {
-            pki_dir: master.pki_dir.clone(),
-            mode: settings.keys.accept_mode,
-            unknown: settings.keys.unknown_minions,
-            sync_keys: settings.masters.len() > 1,
-        },
-        acceptor_events,
-        service.clone(),
-        salt.clone(),
-        firer.clone(),
-        cancel.clone(),
-    ));
-    let pool = tokio::spawn(fill_key_pool(keys, settings.keys.pool_size, cancel.clone()));
-    let rules = rules.spawn(salt, firer.clone(), cancel.clone());
-    let server = tokio::spawn(serve_requests(
-        requests,
-        service,
-        firer,
-        changed,
-        settings.trusted_minions.iter().cloned().collect(),
-        cancel.clone(),
-    ));
+    let (firer, writer) = Firer::new(
+        EventFirer::new(master.event_pull(), master.event_pub()),
+        Firer::QUEUE,
+        Firer::DEADLINE,
+    );
+    let changed = Arc::new(Notify::new());
 
-    shutdown.await;
-    info!(message = "Shutting down.");
-    cancel.cancel();
-    let all = async {
-        let _ = server.await;
-        let _ = outbox.await;
-        let _ = rules.await;
-        let _ = acceptor.await;
-        let _ = pool.await;
-        // Ends once the components above dropped their handles, after
-        // writing what they queued.
-        let _ = writer.await;
-        bus.join().await;
-    };
-    if tokio::time::timeout(SHUTDOWN_GRACE, all).await.is_err() {
-        warn!(message = "Components did not stop in time.", grace = ?SHUTDOWN_GRACE);
-    }
+    info!(message = "Daemon started.", master_config = %master.path.display(), registry_backend = service.store().backend());
+    sup.spawn(TaskName::BusReader, bus.reader(cancel.clone()));
+    // Ends once every component has dropped its handle, after writing what
+    // they queued.
+    sup.spawn(TaskName::EventWriter, writer);
+    sup.spawn(TaskName::JobTracker, routing);
+    sup.spawn(
+        TaskName::OutboxNotifier,
+        dispatch_outbox(
+            service.clone(),
+            firer.clone(),
+            changed.clone(),
+            cancel.clone(),
+        ),
+    );
+    sup.spawn(
+        TaskName::Acceptor,
+        acceptor::run(
+            AcceptorConfig {
+                pki_dir: master.pki_dir.clone(),
+                mode: settings.keys.accept_mode,
+                unknown: settings.keys.unknown_minions,
+                sync_keys: settings.masters.len() > 1,
+                helpers: sup.helpers(),
+            },
+            acceptor_events,
+            service.clone(),
+            salt.clone(),
+            firer.clone(),
+            cancel.clone(),
+        ),
+    );
+    sup.spawn(
+        TaskName::KeyPool,
+        fill_key_pool(keys, settings.keys.pool_size, cancel.clone()),
+    );
+    sup.spawn(
+        TaskName::Rules,
+        rules.run(salt, firer.clone(), signals.reload.clone(), cancel.clone()),
+    );
+    let helpers = sup.helpers();
+    sup.spawn(
+        TaskName::RequestServer,
+        serve_requests(
+            requests,
+            service,
+            firer,
+            changed,
+            settings.trusted_minions.iter().cloned().collect(),
+            helpers,
+            cancel.clone(),
+        ),
+    );
+
+    let result = sup
+        .run(
+            signals::reached(signals.stop.clone(), 1),
+            signals::reached(signals.stop.clone(), 2),
+            SHUTDOWN_GRACE,
+        )
+        .await;
     info!(message = "Stopped.");
-    Ok(())
+    Ok(result?)
 }
 
 /// A database URL with any password hidden, for messages.
@@ -265,6 +291,7 @@ async fn serve_requests(
     firer: Firer,
     changed: Arc<Notify>,
     trusted: HashSet<String>,
+    helpers: TaskTracker,
     cancel: CancellationToken,
 ) {
     let answering = Answering {
@@ -272,6 +299,7 @@ async fn serve_requests(
         firer: firer.clone(),
         changed,
         slots: Arc::new(Semaphore::new(MAX_REQUESTS_IN_FLIGHT)),
+        helpers,
     };
     let mut corroborations = Corroborations::default();
     // Unwrapped requests waiting for their salt-run event.
@@ -366,6 +394,8 @@ struct Answering {
     firer: Firer,
     changed: Arc<Notify>,
     slots: Arc<Semaphore>,
+    /// Where each request's task runs (the supervisor waits for them).
+    helpers: TaskTracker,
 }
 
 impl Answering {
@@ -380,7 +410,7 @@ impl Answering {
             self.firer.clone(),
             self.changed.clone(),
         );
-        tokio::spawn(async move {
+        self.helpers.spawn(async move {
             let result = service_bus::serve(&service, &req).await;
             if req.op != service_bus::Op::Find && result.get("ok") == Some(&Json::Bool(true)) {
                 changed.notify_one();

@@ -287,3 +287,64 @@ fn an_unreadable_outbox_row_is_quarantined_not_a_block() {
     assert_eq!(q[0]["outbox_id"], 2, "{q}");
     assert_eq!(q[0]["reason"], "unknown kind \"server.exploded\"", "{q}");
 }
+
+/// The daemon is a supervisor of named components: SIGTERM stops each of
+/// them (named in the log) and exits 0; a component that panics (a fault
+/// injected into the test build, `SALT_STEWARD_TEST_PANIC`) is named in the
+/// log, through tracing, and the daemon stops the rest and exits non-zero.
+#[test]
+fn a_component_that_panics_is_named_and_the_daemon_exits_non_zero() {
+    let h = SaltHarness::start();
+    let cfg = steward_config(&h, &[], "");
+    let components = [
+        "bus-reader",
+        "event-writer",
+        "job-tracker",
+        "request-server",
+        "outbox-notifier",
+        "acceptor",
+        "key-pool",
+        "rules",
+    ];
+    let stopped = |seen: &[String], name: &str| {
+        seen.iter()
+            .any(|l| l.contains("Stopped component.") && l.contains(&format!("component={name}")))
+    };
+
+    let mut d = start_daemon(&cfg);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(d.pid()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = d.wait_exit(T);
+    let log = d.seen_err.join("\n");
+    assert!(status.success(), "{status:?}\n{log}");
+    for name in components {
+        assert!(stopped(&d.seen_err, name), "{name} not stopped:\n{log}");
+    }
+
+    let mut cmd = cli(&cfg, &["daemon"]);
+    cmd.env("SALT_STEWARD_TEST_PANIC", "rules");
+    let mut d = LineChild::spawn(cmd);
+    let status = d.wait_exit(T);
+    let log = d.seen_err.join("\n");
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        d.seen_err
+            .iter()
+            .any(|l| l.contains("Panic.") && l.contains("fault injected into rules")),
+        "the panic is logged through tracing:\n{log}"
+    );
+    assert!(
+        d.seen_err
+            .iter()
+            .any(|l| l.contains("Component ended before shutdown")
+                && l.contains("component=rules")
+                && l.contains("panicked")),
+        "the component is named:\n{log}"
+    );
+    for name in components.iter().filter(|n| **n != "rules") {
+        assert!(stopped(&d.seen_err, name), "{name} not stopped:\n{log}");
+    }
+}
