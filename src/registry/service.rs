@@ -425,11 +425,11 @@ impl<S: Store> Service<S> {
         match self.creates.insert(&self.store, server).await {
             Ok(created) => {
                 let _ = claim.keep();
-                self.preseed(keys, &created);
+                self.preseed(keys, &created).await;
                 Ok(created)
             }
             Err(e) => {
-                if let Err(error) = keys.discard(claim) {
+                if let Err(error) = keys.discard(claim).await {
                     tracing::warn!(message = "Key of a server not created left behind.", %minion_id, %error);
                 }
                 Err(e)
@@ -464,12 +464,12 @@ impl<S: Store> Service<S> {
             .await
         {
             Ok(updated) => {
-                keys.commit_reissue(claim).map_err(key_error)?;
-                self.preseed(keys, &updated);
+                keys.commit_reissue(claim).await.map_err(key_error)?;
+                self.preseed(keys, &updated).await;
                 Ok((old, updated))
             }
             Err(e) => {
-                if let Err(error) = keys.discard(claim) {
+                if let Err(error) = keys.discard(claim).await {
                     tracing::warn!(message = "Unused replacement key left behind.", %minion_id, %error);
                 }
                 Err(e)
@@ -502,9 +502,9 @@ impl<S: Store> Service<S> {
 
     /// Preseed mode: the master gets the key now. A failure is logged, not
     /// returned: the server and its key exist; `server rekey` reinstalls.
-    fn preseed(&self, keys: &KeyIssuer, server: &Server) {
+    async fn preseed(&self, keys: &KeyIssuer, server: &Server) {
         if let Some(public) = &server.public_key {
-            if let Err(error) = keys.preseed(&server.minion_id, public) {
+            if let Err(error) = keys.preseed(&server.minion_id, public).await {
                 tracing::warn!(message = "Key not preseeded on the master.", minion_id = %server.minion_id, %error);
             }
         }
