@@ -72,10 +72,15 @@ pub enum BusItem {
 /// Counters of the reader, shared with consumers and the metrics endpoint.
 #[derive(Debug, Default)]
 pub struct BusStats {
+    /// Events decoded and queued.
     pub events: AtomicU64,
+    /// Frames that could not be decoded (skipped).
     pub decode_errors: AtomicU64,
+    /// Bytes skipped while resynchronising on a garbled stream.
     pub bytes_discarded: AtomicU64,
+    /// Connections made (the first and each reconnect).
     pub connects: AtomicU64,
+    /// Events dropped for consumers that fell behind.
     pub lagged: AtomicU64,
 }
 

@@ -124,11 +124,6 @@ impl SaltClient {
         &self.req
     }
 
-    /// The job tracker.
-    pub fn tracker(&self) -> &JobTracker {
-        &self.tracker
-    }
-
     /// Publishes a job under a jid chosen here, registered with the tracker
     /// before the request goes out.
     pub async fn publish(&self, p: &Publish) -> Result<(Published, JobWatch), RequestError> {
