@@ -51,12 +51,13 @@ use std::time::Duration;
 use serde_json::{json, Map, Value as Json};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::bus::event::{AuthAct, EventKind};
+use crate::bus::Firer;
 use crate::bus::{BusItem, Subscription};
 use crate::config::{AcceptMode, UnknownMinions};
-use crate::daemon::Firer;
 use crate::pki::{clean_key, fingerprint};
 use crate::registry::{DbStore, Server, ServerFilter, Service, Status};
 use crate::salt::{key_dict, Publish, SaltClient, TargetType};
@@ -122,6 +123,9 @@ pub struct AcceptorConfig {
     /// several). Off with one master, so that a key an administrator
     /// deletes by hand stays deleted.
     pub sync_keys: bool,
+    /// Where provisioning runs (first-start states) are started, so the
+    /// daemon's shutdown waits for them.
+    pub helpers: TaskTracker,
 }
 
 /// Runs the acceptor until `cancel`: reads `sub`, watches `minions_pre/`.
@@ -630,7 +634,7 @@ impl Acceptor {
             self.confirming.clone(),
             self.config.mode == AcceptMode::Preseed,
         );
-        tokio::spawn(async move {
+        self.config.helpers.spawn(async move {
             let id = server.minion_id.clone();
             fx.confirm_start(server, preseed).await;
             confirming
@@ -641,7 +645,7 @@ impl Acceptor {
     }
 
     async fn fire(&self, tag: &str, data: Json) {
-        crate::daemon::fire_or_warn(&self.fx.firer, tag, &data).await;
+        self.fx.firer.fire_or_warn(tag, &data).await;
     }
 }
 
@@ -657,12 +661,12 @@ impl Effects {
                 warn!(message = "Status not recorded.", minion_id = %server.minion_id, %error)
             }
         }
-        crate::daemon::fire_or_warn(
-            &self.firer,
-            MINION_REGISTERED,
-            &json!({"server_id": server.id, "minion_id": server.minion_id, "name": server.name}),
-        )
-        .await;
+        self.firer
+            .fire_or_warn(
+                MINION_REGISTERED,
+                &json!({"server_id": server.id, "minion_id": server.minion_id, "name": server.name}),
+            )
+            .await;
     }
 
     /// Whether minion `id` answers a `test.ping` with a return the master's
@@ -762,7 +766,7 @@ impl Effects {
             }),
         };
         info!(message = "Model states applied at first start.", minion_id = %server.minion_id, result = %data);
-        crate::daemon::fire_or_warn(&self.firer, MINION_PROVISIONED, &data).await;
+        self.firer.fire_or_warn(MINION_PROVISIONED, &data).await;
     }
 }
 

@@ -15,8 +15,9 @@ use serde::Deserialize;
 
 use crate::bus::codec::DEFAULT_MAX_FRAME;
 use crate::bus::subscriber::MAX_QUEUE_CAPACITY;
-use crate::master_config::DEFAULT_MASTER_CONFIG;
+use crate::master_config::{MasterConfig, DEFAULT_MASTER_CONFIG};
 use crate::pki::keys::{MAX_BITS, MIN_BITS};
+use crate::pki::KeyIssuer;
 use crate::telemetry::LogFormat;
 
 /// Where the config is read from when `--config` is not given.
@@ -331,6 +332,30 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// The key issuer the `keys` settings describe. In preseed mode it needs
+    /// the master's pki_dir, and refuses a master whose key cache is not the
+    /// plain files (3007's `keys.cache_driver`), where a written file would
+    /// not be seen.
+    pub fn key_issuer(&self) -> anyhow::Result<KeyIssuer> {
+        use anyhow::Context as _;
+        let keys = &self.keys;
+        let issuer = KeyIssuer::new(&keys.dir, keys.bits)
+            .with_context(|| format!("keys.dir {}", keys.dir.display()))?;
+        if keys.accept_mode != AcceptMode::Preseed {
+            return Ok(issuer);
+        }
+        let master = MasterConfig::load(&self.master_config)?;
+        if master.keys_cache_driver != "localfs_key" {
+            anyhow::bail!(
+                "keys.accept_mode preseed needs the master's keys in plain files, but {} sets \
+                 keys.cache_driver: {}; use accept_mode: verify",
+                master.path.display(),
+                master.keys_cache_driver
+            );
+        }
+        Ok(issuer.with_preseed(&master.pki_dir))
+    }
+
     /// Reads `path`, or the default file if `path` is `None` (a missing
     /// default file means all defaults; a missing explicit one is an error).
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {

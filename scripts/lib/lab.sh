@@ -31,6 +31,8 @@
 LAB_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 LAB_VENV="${SALT_VENV:-$LAB_ROOT/.salt/venv}"
 LAB_BIN="$LAB_VENV/bin"
+# The Salt release the lab runs, for reports ("3008.5").
+lab_salt_version() { "$LAB_BIN/salt-master" --version | awk '{print $2}'; }
 LAB_MINION_PREFIX="${LAB_MINION_PREFIX:-demo-minion-}"
 LAB_EXTRA_PIDS=()
 LAB_TRAP_DIRS=()

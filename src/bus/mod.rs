@@ -8,9 +8,11 @@
 //! - [`publisher`]: fires events into the master's pull socket.
 //! - [`origin`]: who produced an event ([`Origin`]): only what this process
 //!   made and handed over in memory ([`LocalEvents`]) is the master's.
+//! - `log`: how the bus's occurrences are logged.
 
 pub mod codec;
 pub mod event;
+mod log;
 pub mod origin;
 pub mod publisher;
 pub mod subscriber;
@@ -22,7 +24,7 @@ use tokio::net::{TcpStream, UnixStream};
 
 pub use event::{Event, EventKind};
 pub use origin::{is_own_tag, LocalEvents, Origin};
-pub use publisher::{EventFirer, FireError};
+pub use publisher::{EventFirer, FireError, Firer};
 pub use subscriber::{BusHandle, BusItem, BusStats, SubscriberOptions, Subscription};
 
 /// One end of the bus: a unix socket under `sock_dir`, or TCP on loopback

@@ -19,7 +19,11 @@
 use std::time::{Duration, SystemTime};
 
 use rmpv::Value;
+use serde_json::Value as Json;
 use tokio::io::AsyncWriteExt;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tracing::warn;
 
 use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
@@ -55,6 +59,13 @@ pub enum FireError {
         endpoint: BusEndpoint,
         timeout: Duration,
     },
+    /// The daemon's writer did not get to the event before its deadline (a
+    /// full queue, or a master not taking events).
+    #[error("event {tag} not fired within {deadline:?}: the event writer is behind")]
+    Expired { tag: String, deadline: Duration },
+    /// The daemon's writer task has stopped (shutdown).
+    #[error("event {tag} not fired: the event writer has stopped")]
+    Stopped { tag: String },
     /// Neither framing's probe event came back on the publish socket.
     #[error("cannot tell the framing of master event bus {pull}: a probe event fired into it did not appear on {publish} within {wait:?} (raw or length-prefixed)")]
     Framing {
@@ -185,6 +196,161 @@ impl EventFirer {
                 endpoint: self.endpoint.clone(),
                 source,
             })
+    }
+}
+
+/// One event waiting for the writer task.
+struct Job {
+    tag: String,
+    data: Value,
+    due: Instant,
+    done: oneshot::Sender<Result<(), FireError>>,
+}
+
+/// The daemon's shared event writer: a cloneable handle to the one task that
+/// owns the [`EventFirer`] (one pull connection), with a bounded queue and a
+/// deadline per event. Components fire replies, notifications and alerts
+/// through it without waiting on each other's locks; an event the writer
+/// cannot get to in time fails with [`FireError::Expired`] instead of
+/// holding its caller. The task ends when the last handle is dropped, after
+/// writing what is queued.
+///
+/// With [`Firer::with_local`], an event with one of salt-steward's own tags
+/// ([`super::is_own_tag`]) is also handed to the daemon's consumers in memory
+/// once the master's socket took it: that copy is the only one they act on
+/// ([`super::Origin::Master`]); the bus copy proves nothing.
+#[derive(Debug, Clone)]
+pub struct Firer {
+    tx: mpsc::Sender<Job>,
+    deadline: Duration,
+    local: Option<super::LocalEvents>,
+}
+
+impl Firer {
+    /// Events queued for the writer at most.
+    pub const QUEUE: usize = 1024;
+    /// How long an event may wait for the writer, queue included.
+    pub const DEADLINE: Duration = Duration::from_secs(10);
+
+    /// Starts the writer task over `firer`; the handle and the task.
+    pub fn spawn(firer: EventFirer) -> (Self, tokio::task::JoinHandle<()>) {
+        Self::spawn_with(firer, Self::QUEUE, Self::DEADLINE)
+    }
+
+    /// [`Self::spawn`] with a given queue size and per-event deadline.
+    pub fn spawn_with(
+        firer: EventFirer,
+        queue: usize,
+        deadline: Duration,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
+        let (handle, task) = Self::new(firer, queue, deadline);
+        (handle, tokio::spawn(task))
+    }
+
+    /// A handle and the writer task, for a caller that runs the task itself
+    /// (the daemon's supervisor); the task ends when the last handle is
+    /// dropped.
+    pub fn new(
+        mut firer: EventFirer,
+        queue: usize,
+        deadline: Duration,
+    ) -> (Self, impl std::future::Future<Output = ()> + Send + 'static) {
+        let (tx, mut rx) = mpsc::channel::<Job>(queue.max(1));
+        let task = async move {
+            while let Some(job) = rx.recv().await {
+                let result = if Instant::now() >= job.due {
+                    Err(FireError::Expired {
+                        tag: job.tag,
+                        deadline,
+                    })
+                } else {
+                    // EventFirer bounds its own writes and probes; a write is
+                    // never cut in the middle (that would corrupt the stream).
+                    firer.fire(&job.tag, job.data).await
+                };
+                // The caller may have stopped waiting; nothing to tell then.
+                let _ = job.done.send(result);
+            }
+        };
+        (
+            Self {
+                tx,
+                deadline,
+                local: None,
+            },
+            task,
+        )
+    }
+
+    /// Delivers what is fired under own tags on `local` too (see the type's docs).
+    pub fn with_local(mut self, local: super::LocalEvents) -> Self {
+        self.local = Some(local);
+        self
+    }
+
+    /// Fires `data` (msgpack) as `tag`: `Ok` once the master's socket took
+    /// it; an own tag is then delivered in memory.
+    pub async fn fire_value(&self, tag: &str, data: Value) -> Result<(), FireError> {
+        let local = self
+            .local
+            .as_ref()
+            .filter(|_| super::is_own_tag(tag))
+            .map(|l| (l, data.clone()));
+        self.fire_value_bus_only(tag, data).await?;
+        if let Some((local, mut value)) = local {
+            add_stamp(&mut value, SystemTime::now());
+            local.deliver(super::Event::new(tag.to_owned(), value));
+        }
+        Ok(())
+    }
+
+    /// Fires on the bus only: what the daemon fires on behalf of an event
+    /// it cannot prove (a rule's `fire` answering a minion's event) must
+    /// not come back to it as the master's.
+    pub async fn fire_bus_only(&self, tag: &str, data: &Json) -> Result<(), FireError> {
+        self.fire_value_bus_only(tag, super::event::from_json(data))
+            .await
+    }
+
+    async fn fire_value_bus_only(&self, tag: &str, data: Value) -> Result<(), FireError> {
+        check_tag(tag)?;
+        let due = crate::clock::deadline(Instant::now(), self.deadline);
+        let (done, answer) = oneshot::channel();
+        let job = Job {
+            tag: tag.to_owned(),
+            data,
+            due,
+            done,
+        };
+        let expired = || FireError::Expired {
+            tag: tag.to_owned(),
+            deadline: self.deadline,
+        };
+        let stopped = || FireError::Stopped {
+            tag: tag.to_owned(),
+        };
+        match tokio::time::timeout_at(due, self.tx.send(job)).await {
+            Err(_) => return Err(expired()),
+            Ok(Err(_)) => return Err(stopped()),
+            Ok(Ok(())) => {}
+        }
+        match tokio::time::timeout_at(due, answer).await {
+            Err(_) => Err(expired()),
+            Ok(Err(_)) => Err(stopped()),
+            Ok(Ok(result)) => result,
+        }
+    }
+
+    /// Fires JSON `data` as `tag` (see [`super::event::from_json`]).
+    pub async fn fire(&self, tag: &str, data: &Json) -> Result<(), FireError> {
+        self.fire_value(tag, super::event::from_json(data)).await
+    }
+
+    /// Fires an event; a failure is logged (the caller goes on).
+    pub async fn fire_or_warn(&self, tag: &str, data: &Json) {
+        if let Err(error) = self.fire(tag, data).await {
+            warn!(message = "Event not fired.", %tag, %error);
+        }
     }
 }
 
@@ -365,6 +531,91 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Reads every frame written to a unix listener at `path`.
+    async fn collect(listener: tokio::net::UnixListener, want: usize) -> Vec<super::super::Event> {
+        let (mut conn, _) = listener.accept().await.unwrap();
+        let mut dec = FrameDecoder::new(DEFAULT_MAX_FRAME);
+        let mut buf = BytesMut::new();
+        let mut seen = Vec::new();
+        while seen.len() < want {
+            while let Some(d) = dec.decode(&mut buf) {
+                if let Decoded::Event(e) = d {
+                    seen.push(e);
+                }
+            }
+            if seen.len() < want && conn.read_buf(&mut buf).await.unwrap() == 0 {
+                break;
+            }
+        }
+        seen
+    }
+
+    #[tokio::test]
+    async fn the_shared_firer_writes_every_handles_events_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pull.ipc");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let firer = EventFirer::with_framing(BusEndpoint::Unix(path), Framing::Prefixed);
+        let (handle, writer) = Firer::spawn(firer);
+        let reader = tokio::spawn(collect(listener, 300));
+        let senders: Vec<_> = (0..3)
+            .map(|k| {
+                let h = handle.clone();
+                tokio::spawn(async move {
+                    for i in 0..100 {
+                        h.fire(&format!("t/{k}"), &serde_json::json!({"i": i}))
+                            .await
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for s in senders {
+            s.await.unwrap();
+        }
+        drop(handle);
+        writer.await.unwrap();
+        let seen = reader.await.unwrap();
+        assert_eq!(seen.len(), 300);
+        for k in 0..3 {
+            let mine: Vec<_> = seen
+                .iter()
+                .filter(|e| e.tag == format!("t/{k}"))
+                .map(|e| e.field("i").and_then(Value::as_u64).unwrap())
+                .collect();
+            assert_eq!(mine, (0..100).collect::<Vec<u64>>(), "handle {k}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_event_the_writer_cannot_get_to_expires_instead_of_waiting() {
+        // A master that accepts the connection but never reads: the first
+        // large event fills the socket and holds the writer (up to its own
+        // write timeout); the events behind it expire at their deadline.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pull.ipc");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let accepted = tokio::spawn(async move { listener.accept().await.unwrap() });
+        let firer = EventFirer::with_framing(BusEndpoint::Unix(path), Framing::Prefixed);
+        let (handle, _writer) = Firer::spawn_with(firer, 4, Duration::from_millis(200));
+        let big = Value::Binary(vec![0; 8 * 1024 * 1024]);
+        let blocker = {
+            let h = handle.clone();
+            tokio::spawn(async move {
+                h.fire_value("big", Value::Map(vec![("b".into(), big)]))
+                    .await
+            })
+        };
+        let _conn = accepted.await.unwrap();
+        let r = handle.fire("small", &serde_json::json!({})).await;
+        assert!(matches!(r, Err(FireError::Expired { .. })), "{r:?}");
+        let r = blocker.await.unwrap();
+        assert!(matches!(r, Err(FireError::Expired { .. })), "{r:?}");
+        // Bad tags are refused before queueing.
+        let r = handle.fire("a\n\nb", &serde_json::json!({})).await;
+        assert!(matches!(r, Err(FireError::InvalidTag { .. })), "{r:?}");
+    }
 
     #[test]
     fn stamp_looks_like_salts() {

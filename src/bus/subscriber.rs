@@ -22,8 +22,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::codec::{BadFrame, Decoded, FrameDecoder, DEFAULT_MAX_FRAME};
+use super::log;
 use super::{BusEndpoint, Event};
-use crate::telemetry;
 
 /// The largest `queue_capacity`: the broadcast queue is allocated whole
 /// (one slot per event), so a huge value would exhaust memory at start-up.
@@ -72,10 +72,15 @@ pub enum BusItem {
 /// Counters of the reader, shared with consumers and the metrics endpoint.
 #[derive(Debug, Default)]
 pub struct BusStats {
+    /// Events decoded and queued.
     pub events: AtomicU64,
+    /// Frames that could not be decoded (skipped).
     pub decode_errors: AtomicU64,
+    /// Bytes skipped while resynchronising on a garbled stream.
     pub bytes_discarded: AtomicU64,
+    /// Connections made (the first and each reconnect).
     pub connects: AtomicU64,
+    /// Events dropped for consumers that fell behind.
     pub lagged: AtomicU64,
 }
 
@@ -127,13 +132,22 @@ impl BusHandle {
 
     /// Starts the reader task; it runs until `cancel` fires.
     pub fn spawn(&mut self, cancel: CancellationToken) {
+        self.task = Some(tokio::spawn(self.reader(cancel)));
+    }
+
+    /// The reader, for a caller that runs it as a task of its own (the
+    /// daemon's supervisor); it runs until `cancel` fires.
+    pub fn reader(
+        &self,
+        cancel: CancellationToken,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let reader = Reader {
             endpoint: self.endpoint.clone(),
             tx: self.tx.clone(),
             stats: self.stats.clone(),
             opts: self.opts.clone(),
         };
-        self.task = Some(tokio::spawn(reader.run(cancel)));
+        reader.run(cancel)
     }
 
     /// Waits for the reader task to end (after its token was cancelled).
@@ -158,7 +172,7 @@ impl Subscription {
             Ok(item) => Some(item),
             Err(broadcast::error::RecvError::Lagged(n)) => {
                 self.stats.lagged.fetch_add(n, Ordering::Relaxed);
-                telemetry::bus_consumer_lagged(n);
+                log::bus_consumer_lagged(n);
                 Some(BusItem::Lagged(n))
             }
             Err(broadcast::error::RecvError::Closed) => None,
@@ -187,7 +201,7 @@ impl Reader {
                 Ok(s) => s,
                 Err(error) => {
                     failures += 1;
-                    telemetry::bus_connect_failed(&self.endpoint, failures, &error);
+                    log::bus_connect_failed(&self.endpoint, failures, &error);
                     tokio::select! {
                         _ = cancel.cancelled() => return,
                         _ = tokio::time::sleep(delay) => {}
@@ -199,7 +213,7 @@ impl Reader {
             delay = self.opts.backoff_min;
             failures = 0;
             self.stats.connects.fetch_add(1, Ordering::Relaxed);
-            telemetry::bus_connected(&self.endpoint, connected_before);
+            log::bus_connected(&self.endpoint, connected_before);
             let _ = self.tx.send(BusItem::Connected {
                 reconnect: connected_before,
             });
@@ -209,7 +223,7 @@ impl Reader {
                 _ = cancel.cancelled() => return,
                 r = self.read_until_closed(&mut stream) => r,
             };
-            telemetry::bus_disconnected(&self.endpoint, &reason);
+            log::bus_disconnected(&self.endpoint, &reason);
             let _ = self.tx.send(BusItem::Disconnected { reason });
         }
     }
@@ -250,6 +264,6 @@ impl Reader {
 
     fn bad_frame(&self, bad: &BadFrame) {
         let n = self.stats.decode_errors.fetch_add(1, Ordering::Relaxed) + 1;
-        telemetry::event_decode_failed(bad, n);
+        log::event_decode_failed(bad, n);
     }
 }

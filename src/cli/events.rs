@@ -170,6 +170,7 @@ async fn watch(ctx: &Context, args: WatchArgs) -> anyhow::Result<std::process::E
             "rate_per_s": if secs > 0.0 { (received as f64 / secs).round() as u64 } else { 0 },
             "lagged": BusStats::get(&stats.lagged),
             "decode_errors": BusStats::get(&stats.decode_errors),
+            "bytes_discarded": BusStats::get(&stats.bytes_discarded),
             "connects": stats.connects.load(Ordering::Relaxed),
         });
         eprintln!("{summary}");

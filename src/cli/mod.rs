@@ -50,6 +50,9 @@ enum Command {
     /// Servers in the registry: add, list, show, set, rm.
     #[command(subcommand)]
     Server(registry::ServerCommand),
+    /// The registry's outbox: where each consumer of its changes is, what it quarantined.
+    #[command(subcommand)]
+    Outbox(registry::OutboxCommand),
     /// Reactor rules: check files, test which rules an event triggers.
     #[command(subcommand)]
     Rules(rules::RulesCommand),
@@ -114,11 +117,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Salt(cmd) => salt::run(&ctx, cmd).await,
             Command::Daemon => {
                 let master = ctx.master()?;
-                crate::daemon::run(&ctx.settings, &master, shutdown_signal()).await?;
+                crate::daemon::run(&ctx.settings, &master).await?;
                 Ok(ExitCode::SUCCESS)
             }
             Command::Model(cmd) => registry::run_model(&ctx, cmd).await,
             Command::Server(cmd) => registry::run_server(&ctx, cmd).await,
+            Command::Outbox(cmd) => registry::run_outbox(&ctx, cmd).await,
             Command::Rules(cmd) => rules::run(&ctx, cmd).await,
             Command::Pki(cmd) => pki::run(&ctx, cmd),
         }

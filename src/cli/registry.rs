@@ -1,4 +1,4 @@
-//! `salt-steward model …` and `salt-steward server …`: the registry from the
+//! `salt-steward model …`, `salt-steward server …` and `salt-steward outbox …`: the registry from the
 //! command line. They open the database named by `registry` in the config
 //! directly, whether or not the daemon runs, and go through the same
 //! [`Service`](crate::registry::Service) as the bus, so every change lands in
@@ -9,7 +9,7 @@ use std::io::Write as _;
 use std::path::PathBuf;
 
 use crate::lifecycle;
-use crate::pki::{files, KeyIssuer};
+use crate::pki::files;
 use crate::salt::ReqClient;
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
@@ -18,6 +18,7 @@ use serde::Serialize;
 use super::Context;
 use crate::registry::{
     self, DbStore, Server, ServerFilter, ServerModel, ServerPatch, ServerRef, Service, Status,
+    Store as _,
 };
 
 /// `model` subcommands.
@@ -176,9 +177,65 @@ pub struct ServerListArgs {
     json: bool,
 }
 
+/// `outbox` subcommands: where each consumer of the registry's changes is.
+#[derive(Debug, Subcommand)]
+pub enum OutboxCommand {
+    /// Each consumer: its position, the changes past it, the rows it quarantined.
+    Status {
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The rows consumers could not read or act on, with the reason.
+    Quarantined {
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs an `outbox` subcommand.
+pub async fn run_outbox(
+    ctx: &Context,
+    cmd: OutboxCommand,
+) -> anyhow::Result<std::process::ExitCode> {
+    let reg = open(ctx).await?;
+    let store = reg.store();
+    match cmd {
+        OutboxCommand::Status { json } => {
+            let all = store.outbox_status().await?;
+            if json {
+                print_json(&all)?;
+            } else {
+                out("consumer\tposition\tpending\tquarantined")?;
+                for c in &all {
+                    out(format_args!(
+                        "{}\t{}\t{}\t{}",
+                        c.consumer, c.position, c.pending, c.quarantined
+                    ))?;
+                }
+            }
+        }
+        OutboxCommand::Quarantined { json } => {
+            let all = store.outbox_quarantined().await?;
+            if json {
+                print_json(&all)?;
+            } else {
+                for q in &all {
+                    out(format_args!(
+                        "{}\t{}\t{}\t{}",
+                        q.outbox_id, q.consumer, q.kind, q.reason
+                    ))?;
+                }
+            }
+        }
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
 async fn open(ctx: &Context) -> anyhow::Result<Service<DbStore>> {
     let url = &ctx.settings.registry;
-    let keys = KeyIssuer::configured(&ctx.settings)?;
+    let keys = ctx.settings.key_issuer()?;
     Ok(registry::open(url)
         .await
         .with_context(|| format!("opening the registry {url}"))?

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
+use clap::builder::{PossibleValuesParser, TypedValueParser as _};
 use clap::{Args, Subcommand};
 use serde_json::{Map, Value as Json};
 use tokio_util::sync::CancellationToken;
@@ -36,7 +37,8 @@ pub struct PublishArgs {
     /// Positional arguments, passed as the salt CLI passes them (`k=v` works too).
     args: Vec<String>,
     /// How the target is matched.
-    #[arg(long, value_enum, default_value_t = TargetType::Glob)]
+    #[arg(long, default_value = "glob",
+          value_parser = PossibleValuesParser::new(TargetType::NAMES).try_map(|s| s.parse::<TargetType>()))]
     tgt_type: TargetType,
     /// Keyword argument `k=v` (value parsed as JSON when it is JSON); repeatable.
     #[arg(long = "kwarg", value_name = "K=V")]

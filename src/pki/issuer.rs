@@ -20,13 +20,12 @@
 //! minion's first connection and denies any other.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use anyhow::Context as _;
+use tokio::sync::Semaphore;
 
 use super::files;
 use super::keys::KeyPair;
-use crate::config::{AcceptMode, Settings};
-use crate::master_config::MasterConfig;
 
 /// Where a claimed pair went and what the registry records of it.
 #[derive(Debug, Clone)]
@@ -87,38 +86,25 @@ pub struct KeyIssuer {
     dir: PathBuf,
     bits: usize,
     preseed_dir: Option<PathBuf>,
+    /// Bounds the file work (with fsync) and on-the-spot generation running
+    /// on the blocking pool at once: a burst of creates with an empty pool
+    /// generates a few pairs at a time, not one thread each.
+    work: Arc<Semaphore>,
+}
+
+/// File work and generations of one issuer running at once, at most.
+fn work_permits() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 8))
 }
 
 impl KeyIssuer {
-    /// The issuer the settings describe. In preseed mode it needs the
-    /// master's pki_dir, and refuses a master whose key cache is not the
-    /// plain files (3007's `keys.cache_driver`), where a written file would
-    /// not be seen.
-    pub fn configured(settings: &Settings) -> anyhow::Result<Self> {
-        let keys = &settings.keys;
-        let issuer = Self::new(&keys.dir, keys.bits)
-            .with_context(|| format!("keys.dir {}", keys.dir.display()))?;
-        if keys.accept_mode != AcceptMode::Preseed {
-            return Ok(issuer);
-        }
-        let master = MasterConfig::load(&settings.master_config)?;
-        if master.keys_cache_driver != "localfs_key" {
-            anyhow::bail!(
-                "keys.accept_mode preseed needs the master's keys in plain files, but {} sets \
-                 keys.cache_driver: {}; use accept_mode: verify",
-                master.path.display(),
-                master.keys_cache_driver
-            );
-        }
-        Ok(issuer.with_preseed(&master.pki_dir))
-    }
-
     /// Keys of `bits` bits kept under `dir` (created 0700 if missing).
     pub fn new(dir: &Path, bits: usize) -> Result<Self, IssueError> {
         let me = Self {
             dir: dir.to_owned(),
             bits,
             preseed_dir: None,
+            work: Arc::new(Semaphore::new(work_permits())),
         };
         files::private_dir(&me.pool_dir()).map_err(|e| IssueError::Failed(e.to_string()))?;
         Ok(me)
@@ -156,7 +142,8 @@ impl KeyIssuer {
     /// exist: [`IssueError::Exists`] if it does (never replaced).
     pub async fn issue(&self, minion_id: &str) -> Result<Claim, IssueError> {
         let target = self.private_path(minion_id);
-        let issued = self.claim_into(&target).await?;
+        let to = target.clone();
+        let issued = self.off_runtime(move |k| k.claim_into(&to)).await?;
         Ok(Claim {
             issued,
             path: target,
@@ -167,7 +154,8 @@ impl KeyIssuer {
     /// Issues a replacement pair; it takes effect with [`Self::commit_reissue`].
     pub async fn reissue(&self, minion_id: &str) -> Result<Claim, IssueError> {
         let next = self.next_path(minion_id);
-        let issued = self.claim_into(&next).await?;
+        let to = next.clone();
+        let issued = self.off_runtime(move |k| k.claim_into(&to)).await?;
         Ok(Claim {
             issued,
             path: next,
@@ -177,7 +165,12 @@ impl KeyIssuer {
 
     /// Makes the pair of a [`Self::reissue`] claim the current one (an
     /// atomic rename over the old key: a rekey is the one intended replace).
-    pub fn commit_reissue(&self, claim: Claim) -> Result<Issued, IssueError> {
+    pub async fn commit_reissue(&self, claim: Claim) -> Result<Issued, IssueError> {
+        self.off_runtime(move |_| Self::commit_blocking(claim))
+            .await
+    }
+
+    fn commit_blocking(claim: Claim) -> Result<Issued, IssueError> {
         let Some(target) = &claim.replaces else {
             return Err(IssueError::Failed(format!(
                 "{}: not a replacement key, nothing to commit",
@@ -191,7 +184,12 @@ impl KeyIssuer {
 
     /// Removes the file `claim` created (its server was then not written).
     /// Only that file, and only while it still holds the claimed pair.
-    pub fn discard(&self, claim: Claim) -> Result<(), IssueError> {
+    pub async fn discard(&self, claim: Claim) -> Result<(), IssueError> {
+        self.off_runtime(move |_| Self::discard_blocking(claim))
+            .await
+    }
+
+    fn discard_blocking(claim: Claim) -> Result<(), IssueError> {
         let failed = |e: &dyn std::fmt::Display| {
             IssueError::Failed(format!("discarding {}: {e}", claim.path.display()))
         };
@@ -222,7 +220,16 @@ impl KeyIssuer {
 
     /// In preseed mode, installs `public_clean` as the accepted key of
     /// `minion_id` (replacing an older one: rekey). Otherwise does nothing.
-    pub fn preseed(&self, minion_id: &str, public_clean: &str) -> Result<(), IssueError> {
+    pub async fn preseed(&self, minion_id: &str, public_clean: &str) -> Result<(), IssueError> {
+        if self.preseed_dir.is_none() {
+            return Ok(());
+        }
+        let (id, public) = (minion_id.to_owned(), public_clean.to_owned());
+        self.off_runtime(move |k| k.preseed_blocking(&id, &public))
+            .await
+    }
+
+    fn preseed_blocking(&self, minion_id: &str, public_clean: &str) -> Result<(), IssueError> {
         let Some(dir) = &self.preseed_dir else {
             return Ok(());
         };
@@ -264,7 +271,7 @@ impl KeyIssuer {
     /// (`link` fails with `AlreadyExists` rather than replacing, unlike
     /// `rename`), and only then unlinked from the pool. A refused link puts
     /// the pair back into the pool.
-    async fn claim_into(&self, target: &Path) -> Result<Issued, IssueError> {
+    fn claim_into(&self, target: &Path) -> Result<Issued, IssueError> {
         let named =
             |e: &dyn std::fmt::Display| IssueError::Failed(format!("{}: {e}", target.display()));
         let pool = self.pool_dir();
@@ -318,11 +325,7 @@ impl KeyIssuer {
         if target.symlink_metadata().is_ok() {
             return Err(IssueError::Exists(target.to_owned()));
         }
-        let bits = self.bits;
-        let pair = tokio::task::spawn_blocking(move || KeyPair::generate(bits))
-            .await
-            .map_err(|e| named(&e))?
-            .map_err(|e| named(&e))?;
+        let pair = KeyPair::generate(self.bits).map_err(|e| named(&e))?;
         files::create_private(target, pair.private_pem()).map_err(|e| {
             if e.kind() == std::io::ErrorKind::AlreadyExists {
                 IssueError::Exists(target.to_owned())
@@ -334,6 +337,26 @@ impl KeyIssuer {
             public_clean: pair.public_clean(),
             fingerprint: pair.fingerprint(),
         })
+    }
+}
+
+impl KeyIssuer {
+    /// Runs `work` (file I/O with fsync, RSA generation) on the blocking
+    /// pool, never on a runtime thread, at most [`work_permits`] at a time.
+    async fn off_runtime<T, F>(&self, work: F) -> Result<T, IssueError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&KeyIssuer) -> Result<T, IssueError> + Send + 'static,
+    {
+        let _permit = self
+            .work
+            .acquire()
+            .await
+            .map_err(|e| IssueError::Failed(format!("{}: {e}", self.dir.display())))?;
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || work(&me))
+            .await
+            .map_err(|e| IssueError::Failed(format!("{}: {e}", self.dir.display())))?
     }
 }
 
@@ -387,7 +410,7 @@ mod tests {
             iss.private_pem("a-1").unwrap().public_clean(),
             a.public_clean
         );
-        iss.commit_reissue(c).unwrap();
+        iss.commit_reissue(c).await.unwrap();
         assert_eq!(iss.private_pem("a-1").unwrap().public_clean(), c_public);
     }
 
@@ -436,7 +459,7 @@ mod tests {
         let target = iss.private_path("late-1");
         std::fs::write(&target, "precious").unwrap();
         assert!(matches!(
-            iss.claim_into(&target).await.unwrap_err(),
+            iss.claim_into(&target).unwrap_err(),
             IssueError::Exists(_)
         ));
         assert_eq!(std::fs::read_to_string(&target).unwrap(), "precious");
@@ -465,14 +488,14 @@ mod tests {
         let iss = KeyIssuer::new(dir.path(), 2048).unwrap();
         let claim = iss.issue("d-1").await.unwrap();
         assert!(iss.private_path("d-1").exists());
-        iss.discard(claim).unwrap();
+        iss.discard(claim).await.unwrap();
         assert!(!iss.private_path("d-1").exists());
 
         // The file was replaced meanwhile (not by this claim): left alone.
         let claim = iss.issue("d-2").await.unwrap();
         let other = iss.issue("d-3").await.unwrap().keep();
         std::fs::rename(iss.private_path("d-3"), iss.private_path("d-2")).unwrap();
-        assert!(iss.discard(claim).is_err());
+        assert!(iss.discard(claim).await.is_err());
         assert_eq!(
             iss.private_pem("d-2").unwrap().public_clean(),
             other.public_clean
@@ -485,13 +508,13 @@ mod tests {
         let two = iss.reissue("r-1").await.unwrap();
         assert_ne!(one.path(), two.path());
         let two_public = two.issued().public_clean.clone();
-        iss.discard(one).unwrap();
+        iss.discard(one).await.unwrap();
         assert!(two.path().exists());
         assert_eq!(
             iss.private_pem("r-1").unwrap().public_clean(),
             current.public_clean
         );
-        iss.commit_reissue(two).unwrap();
+        iss.commit_reissue(two).await.unwrap();
         assert_eq!(iss.private_pem("r-1").unwrap().public_clean(), two_public);
         let left: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()
@@ -510,7 +533,7 @@ mod tests {
             .unwrap()
             .with_preseed(&pki);
         let k = iss.issue("m-1").await.unwrap().keep();
-        iss.preseed("m-1", &k.public_clean).unwrap();
+        iss.preseed("m-1", &k.public_clean).await.unwrap();
         let stored = std::fs::read_to_string(pki.join("minions/m-1")).unwrap();
         assert_eq!(stored, k.public_clean);
         assert!(!stored.ends_with('\n'));

@@ -29,7 +29,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-pub use outbox::{OutboxEntry, OutboxKind};
+pub use outbox::{OutboxEntry, OutboxKind, OutboxRow};
 pub use service::{ModelPatch, ServerFilter, ServerPatch, Service};
 pub use store::{open, DbStore, Store};
 

@@ -13,7 +13,7 @@ use serde_json::Value as Json;
 
 use super::group_commit::GroupCommit;
 use super::store::{Filter, KeyColumns, ServerKey};
-use super::{Error, OutboxEntry, Server, ServerModel, ServerRef, Status, Store};
+use super::{Error, Server, ServerModel, ServerRef, Status, Store};
 use crate::pki::{fingerprint, IssueError, KeyIssuer};
 
 /// Longest hostname (RFC 1123 with RFC 1035's limit).
@@ -425,11 +425,11 @@ impl<S: Store> Service<S> {
         match self.creates.insert(&self.store, server).await {
             Ok(created) => {
                 let _ = claim.keep();
-                self.preseed(keys, &created);
+                self.preseed(keys, &created).await;
                 Ok(created)
             }
             Err(e) => {
-                if let Err(error) = keys.discard(claim) {
+                if let Err(error) = keys.discard(claim).await {
                     tracing::warn!(message = "Key of a server not created left behind.", %minion_id, %error);
                 }
                 Err(e)
@@ -464,12 +464,12 @@ impl<S: Store> Service<S> {
             .await
         {
             Ok(updated) => {
-                keys.commit_reissue(claim).map_err(key_error)?;
-                self.preseed(keys, &updated);
+                keys.commit_reissue(claim).await.map_err(key_error)?;
+                self.preseed(keys, &updated).await;
                 Ok((old, updated))
             }
             Err(e) => {
-                if let Err(error) = keys.discard(claim) {
+                if let Err(error) = keys.discard(claim).await {
                     tracing::warn!(message = "Unused replacement key left behind.", %minion_id, %error);
                 }
                 Err(e)
@@ -502,9 +502,9 @@ impl<S: Store> Service<S> {
 
     /// Preseed mode: the master gets the key now. A failure is logged, not
     /// returned: the server and its key exist; `server rekey` reinstalls.
-    fn preseed(&self, keys: &KeyIssuer, server: &Server) {
+    async fn preseed(&self, keys: &KeyIssuer, server: &Server) {
         if let Some(public) = &server.public_key {
-            if let Err(error) = keys.preseed(&server.minion_id, public) {
+            if let Err(error) = keys.preseed(&server.minion_id, public).await {
                 tracing::warn!(message = "Key not preseeded on the master.", minion_id = %server.minion_id, %error);
             }
         }
@@ -590,18 +590,6 @@ impl<S: Store> Service<S> {
     pub async fn delete_server(&self, server: &ServerRef) -> Result<Server, Error> {
         let s = self.get_server(server).await?;
         self.store.delete_server(s.id).await
-    }
-
-    // ------------------------------------------------------------ outbox
-
-    /// The oldest unprocessed changes, `limit` at most.
-    pub async fn outbox_pending(&self, limit: i64) -> Result<Vec<OutboxEntry>, Error> {
-        self.store.outbox_pending(limit).await
-    }
-
-    /// Marks a change processed; `false` if it already was.
-    pub async fn outbox_mark_processed(&self, id: i64) -> Result<bool, Error> {
-        self.store.outbox_mark_processed(id).await
     }
 
     /// Applies everything but the name (validated by the caller), resolves

@@ -28,7 +28,8 @@ use sqlx::sqlite::{
 };
 use sqlx::Row as _;
 
-use super::{outbox, Error, OutboxEntry, OutboxKind, Server, ServerModel, Status};
+use super::outbox::{self, ConsumerStatus, OutboxRow, Quarantined};
+use super::{Error, OutboxKind, Server, ServerModel, Status};
 
 /// How the service reads and writes the registry. Writing methods append the
 /// outbox row of their change in the same transaction.
@@ -106,14 +107,37 @@ pub trait Store: Send + Sync + Clone + 'static {
     /// Deletes server `id`, refused while it is another server's VM host or proxy.
     fn delete_server(&self, id: i64) -> impl Future<Output = Result<Server, Error>> + Send;
 
-    /// The oldest unprocessed outbox entries, `limit` at most.
+    /// Adds `consumer` with its cursor at the start of the outbox (it will
+    /// see every change not yet pruned), unless it exists; its position.
+    fn outbox_subscribe(&self, consumer: &str) -> impl Future<Output = Result<i64, Error>> + Send;
+    /// The oldest rows past `consumer`'s cursor, `limit` at most, readable or
+    /// not; `NotFound` for a consumer that never subscribed.
     fn outbox_pending(
         &self,
+        consumer: &str,
         limit: i64,
-    ) -> impl Future<Output = Result<Vec<OutboxEntry>, Error>> + Send;
-    /// Marks entry `id` processed: `true` if this call did, `false` if it was
-    /// already (idempotent); `NotFound` if there is no such entry.
-    fn outbox_mark_processed(&self, id: i64) -> impl Future<Output = Result<bool, Error>> + Send;
+    ) -> impl Future<Output = Result<Vec<OutboxRow>, Error>> + Send;
+    /// `consumer` is done with every entry up to `id`: `true` if this moved
+    /// its cursor, `false` if it was there already (idempotent).
+    fn outbox_ack(
+        &self,
+        consumer: &str,
+        id: i64,
+    ) -> impl Future<Output = Result<bool, Error>> + Send;
+    /// Copies row `id` with `reason` to `consumer`'s quarantine and moves its
+    /// cursor past it, in one transaction.
+    fn outbox_quarantine(
+        &self,
+        consumer: &str,
+        id: i64,
+        reason: &str,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
+    /// Every consumer: position, pending and quarantined counts.
+    fn outbox_status(&self) -> impl Future<Output = Result<Vec<ConsumerStatus>, Error>> + Send;
+    /// Every quarantined row.
+    fn outbox_quarantined(&self) -> impl Future<Output = Result<Vec<Quarantined>, Error>> + Send;
+    /// Deletes the rows every consumer has passed; how many.
+    fn outbox_prune(&self) -> impl Future<Output = Result<u64, Error>> + Send;
 }
 
 /// The key columns of a server, written together: the fingerprint is the
@@ -530,6 +554,7 @@ fn pg_options(url: &str) -> Result<PgConnectOptions, Error> {
 /// transaction.
 macro_rules! append_and_commit {
     ($tx:ident, $kind:expr, $server_id:expr, $record:expr, $now:expr, $op:expr) => {
+        lock_outbox_order!($tx, $op);
         sqlx::query(outbox::APPEND)
             .bind($kind.as_str())
             .bind($server_id)
@@ -539,6 +564,18 @@ macro_rules! append_and_commit {
             .await
             .map_err(db($op))?;
         $tx.commit().await.map_err(db($op))?;
+    };
+}
+
+/// Takes the backend's outbox order lock in `$tx`, if it has one.
+macro_rules! lock_outbox_order {
+    ($tx:ident, $op:expr) => {
+        if let Some(lock) = Self::OUTBOX_ORDER_LOCK {
+            sqlx::query(lock)
+                .execute(&mut *$tx)
+                .await
+                .map_err(db($op))?;
+        }
     };
 }
 
@@ -629,10 +666,15 @@ macro_rules! no_row_error {
     }};
 }
 
-/// One body for both backends: `$begin` opens a write transaction.
+/// One body for both backends: `$begin` opens a write transaction;
+/// `$order_lock` (if any) is run by a write before it draws its outbox id.
 macro_rules! store_impl {
-    ($store:ty, $row:ty, $begin:literal) => {
+    ($store:ty, $row:ty, $begin:literal, $order_lock:expr) => {
         impl $store {
+            /// Taken by a write before its outbox insert, held to its commit
+            /// (see `outbox`): outbox ids commit in order.
+            const OUTBOX_ORDER_LOCK: Option<&'static str> = $order_lock;
+
             fn model_row(r: &$row) -> Result<ServerModel, Error> {
                 let get = |e| Error::Database {
                     op: "reading a model row".to_owned(),
@@ -843,6 +885,7 @@ macro_rules! store_impl {
                         ..server.clone()
                     });
                 }
+                lock_outbox_order!(tx, op());
                 let text = sql::append_outbox(created.len());
                 let mut q = sqlx::query(&text);
                 for c in &created {
@@ -1017,15 +1060,32 @@ macro_rules! store_impl {
                 Ok(server)
             }
 
-            async fn outbox_pending(&self, limit: i64) -> Result<Vec<OutboxEntry>, Error> {
+            async fn outbox_subscribe(&self, consumer: &str) -> Result<i64, Error> {
+                outbox::check_consumer(consumer)?;
+                let op = || format!("subscribing {consumer} to the outbox");
+                sqlx::query(outbox::SUBSCRIBE)
+                    .bind(consumer)
+                    .bind(now_ms())
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db(op()))?;
+                self.outbox_position(consumer).await
+            }
+
+            async fn outbox_pending(
+                &self,
+                consumer: &str,
+                limit: i64,
+            ) -> Result<Vec<OutboxRow>, Error> {
+                let position = self.outbox_position(consumer).await?;
                 let rows = sqlx::query(outbox::PENDING)
+                    .bind(position)
                     .bind(limit)
                     .fetch_all(&self.pool)
                     .await
                     .map_err(db("reading the outbox"))?;
                 rows.iter()
                     .map(|r| {
-                        let get = db("reading an outbox row");
                         let cols = (|| -> Result<_, sqlx::Error> {
                             Ok((
                                 r.try_get::<i64, _>("id")?,
@@ -1033,18 +1093,18 @@ macro_rules! store_impl {
                                 r.try_get::<Option<i64>, _>("server_id")?,
                                 r.try_get::<String, _>("payload")?,
                                 r.try_get::<i64, _>("created_at")?,
-                                r.try_get::<Option<i64>, _>("processed_at")?,
                             ))
                         })()
-                        .map_err(get)?;
-                        outbox::entry(cols.0, &cols.1, cols.2, &cols.3, cols.4, cols.5)
+                        .map_err(db("reading an outbox row"))?;
+                        Ok(outbox::row(cols.0, &cols.1, cols.2, &cols.3, cols.4))
                     })
                     .collect()
             }
 
-            async fn outbox_mark_processed(&self, id: i64) -> Result<bool, Error> {
-                let op = || format!("marking outbox entry {id} processed");
-                let done = sqlx::query(outbox::MARK_PROCESSED)
+            async fn outbox_ack(&self, consumer: &str, id: i64) -> Result<bool, Error> {
+                let op = || format!("acknowledging outbox entry {id} for {consumer}");
+                let done = sqlx::query(outbox::ACK)
+                    .bind(consumer)
                     .bind(id)
                     .bind(now_ms())
                     .execute(&self.pool)
@@ -1053,25 +1113,122 @@ macro_rules! store_impl {
                 if done.rows_affected() > 0 {
                     return Ok(true);
                 }
-                let n: i64 = sqlx::query_scalar(outbox::EXISTS)
+                // Not moved: already there, or no such consumer.
+                self.outbox_position(consumer).await.map(|_| false)
+            }
+
+            async fn outbox_quarantine(
+                &self,
+                consumer: &str,
+                id: i64,
+                reason: &str,
+            ) -> Result<(), Error> {
+                let op = || format!("quarantining outbox entry {id} for {consumer}");
+                let now = now_ms();
+                let mut tx = self.pool.begin_with($begin).await.map_err(db(op()))?;
+                sqlx::query(outbox::QUARANTINE)
+                    .bind(consumer)
                     .bind(id)
-                    .fetch_one(&self.pool)
+                    .bind(reason)
+                    .bind(now)
+                    .execute(&mut *tx)
                     .await
                     .map_err(db(op()))?;
-                if n == 0 {
-                    return Err(Error::NotFound {
-                        kind: "outbox entry",
-                        key: id.to_string(),
-                    });
+                let moved = sqlx::query(outbox::ACK)
+                    .bind(consumer)
+                    .bind(id)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db(op()))?;
+                tx.commit().await.map_err(db(op()))?;
+                if moved.rows_affected() == 0 {
+                    self.outbox_position(consumer).await?;
                 }
-                Ok(false)
+                Ok(())
+            }
+
+            async fn outbox_status(&self) -> Result<Vec<ConsumerStatus>, Error> {
+                let rows = sqlx::query(outbox::STATUS)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db("reading the outbox consumers"))?;
+                rows.iter()
+                    .map(|r| {
+                        (|| -> Result<_, sqlx::Error> {
+                            Ok(ConsumerStatus {
+                                consumer: r.try_get("consumer")?,
+                                position: r.try_get("position")?,
+                                pending: r.try_get("pending")?,
+                                quarantined: r.try_get("quarantined")?,
+                            })
+                        })()
+                        .map_err(db("reading an outbox consumer"))
+                    })
+                    .collect()
+            }
+
+            async fn outbox_quarantined(&self) -> Result<Vec<Quarantined>, Error> {
+                let rows = sqlx::query(outbox::QUARANTINED)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db("reading the outbox quarantine"))?;
+                rows.iter()
+                    .map(|r| {
+                        (|| -> Result<_, sqlx::Error> {
+                            Ok(Quarantined {
+                                consumer: r.try_get("consumer")?,
+                                outbox_id: r.try_get("outbox_id")?,
+                                kind: r.try_get("kind")?,
+                                payload: r.try_get("payload")?,
+                                reason: r.try_get("reason")?,
+                                at: r.try_get("at")?,
+                            })
+                        })()
+                        .map_err(db("reading a quarantined outbox row"))
+                    })
+                    .collect()
+            }
+
+            async fn outbox_prune(&self) -> Result<u64, Error> {
+                let done = sqlx::query(outbox::PRUNE)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db("pruning the outbox"))?;
+                Ok(done.rows_affected())
+            }
+        }
+
+        impl $store {
+            /// `consumer`'s cursor; `NotFound` if it never subscribed.
+            async fn outbox_position(&self, consumer: &str) -> Result<i64, Error> {
+                sqlx::query_scalar::<_, i64>(outbox::POSITION)
+                    .bind(consumer)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(db(format!("reading the outbox cursor of {consumer}")))?
+                    .ok_or_else(|| Error::NotFound {
+                        kind: "outbox consumer",
+                        key: consumer.to_owned(),
+                    })
             }
         }
     };
 }
 
-store_impl!(SqliteStore, sqlx::sqlite::SqliteRow, "BEGIN IMMEDIATE");
-store_impl!(PgStore, sqlx::postgres::PgRow, "BEGIN");
+// SQLite: one writer at a time (BEGIN IMMEDIATE) already orders the ids.
+store_impl!(
+    SqliteStore,
+    sqlx::sqlite::SqliteRow,
+    "BEGIN IMMEDIATE",
+    None
+);
+store_impl!(
+    PgStore,
+    sqlx::postgres::PgRow,
+    "BEGIN",
+    Some(outbox::PG_ORDER_LOCK)
+);
 
 /// The backend chosen by the registry URL.
 #[derive(Debug, Clone)]
@@ -1169,11 +1326,26 @@ impl Store for DbStore {
     async fn delete_server(&self, id: i64) -> Result<Server, Error> {
         dispatch!(self, s => s.delete_server(id))
     }
-    async fn outbox_pending(&self, limit: i64) -> Result<Vec<OutboxEntry>, Error> {
-        dispatch!(self, s => s.outbox_pending(limit))
+    async fn outbox_subscribe(&self, consumer: &str) -> Result<i64, Error> {
+        dispatch!(self, s => s.outbox_subscribe(consumer))
     }
-    async fn outbox_mark_processed(&self, id: i64) -> Result<bool, Error> {
-        dispatch!(self, s => s.outbox_mark_processed(id))
+    async fn outbox_pending(&self, consumer: &str, limit: i64) -> Result<Vec<OutboxRow>, Error> {
+        dispatch!(self, s => s.outbox_pending(consumer, limit))
+    }
+    async fn outbox_ack(&self, consumer: &str, id: i64) -> Result<bool, Error> {
+        dispatch!(self, s => s.outbox_ack(consumer, id))
+    }
+    async fn outbox_quarantine(&self, consumer: &str, id: i64, reason: &str) -> Result<(), Error> {
+        dispatch!(self, s => s.outbox_quarantine(consumer, id, reason))
+    }
+    async fn outbox_status(&self) -> Result<Vec<ConsumerStatus>, Error> {
+        dispatch!(self, s => s.outbox_status())
+    }
+    async fn outbox_quarantined(&self) -> Result<Vec<Quarantined>, Error> {
+        dispatch!(self, s => s.outbox_quarantined())
+    }
+    async fn outbox_prune(&self) -> Result<u64, Error> {
+        dispatch!(self, s => s.outbox_prune())
     }
 }
 

@@ -700,18 +700,7 @@ fn valid_name(name: &str) -> bool {
 }
 
 fn target_type(s: Option<&str>) -> Result<TargetType, String> {
-    Ok(match s.unwrap_or("glob") {
-        "glob" => TargetType::Glob,
-        "list" => TargetType::List,
-        "compound" => TargetType::Compound,
-        "grain" => TargetType::Grain,
-        "pcre" => TargetType::Pcre,
-        other => {
-            return Err(format!(
-                "tgt_type {other:?} is not one of glob, list, compound, grain, pcre"
-            ))
-        }
-    })
+    s.unwrap_or("glob").parse()
 }
 
 impl Compiler<'_> {

@@ -31,8 +31,7 @@ use tracing::{info, warn};
 
 use super::compile::{RateLimit, Rendered, RESULT_PREFIX};
 use super::stats::RuleStats;
-use crate::bus::Origin;
-use crate::daemon::Firer;
+use crate::bus::{Firer, Origin};
 use crate::salt::{Publish, RequestError, SaltClient, StateSummary, WheelResult};
 
 /// How long a sender's queue task waits for more work before it ends.

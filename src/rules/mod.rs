@@ -14,7 +14,7 @@
 //! - [`engine`]: the intake task (bus → matches → throttle → queues).
 //! - [`exec`]: per-sender ordered queues, bounded concurrency, jobs followed
 //!   to their results and reported as `steward/v1/rule/<rule>/done|failed`.
-//! - [`reload`]: notify watcher and SIGHUP → validated, atomic swap.
+//! - [`reload`]: notify watcher and reload requests (SIGHUP, from the daemon) → validated, atomic swap.
 //!
 //! [`RulesComponent`] wires them into the daemon.
 
@@ -33,7 +33,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use compile::{
@@ -44,9 +43,9 @@ pub use matcher::EventView;
 pub use stats::RuleStats;
 
 use crate::bus::origin::LocalSubscription;
+use crate::bus::Firer;
 use crate::bus::{BusHandle, LocalEvents, Subscription};
 use crate::config::Settings;
-use crate::daemon::Firer;
 use crate::salt::SaltClient;
 
 /// The rules engine as a daemon component: create it (it subscribes to the
@@ -78,45 +77,46 @@ impl RulesComponent {
         }
     }
 
-    /// Loads the rules, starts watching them and serving events, running
-    /// actions through the daemon's Salt client and event firer; the handle
-    /// ends once `cancel` fired and every part stopped.
-    pub fn spawn(
+    /// Loads the rules, starts watching them (and reloads at each change of
+    /// `reload_requests`: SIGHUP) and serving events, running actions through
+    /// the daemon's Salt client and event firer; ends once `cancel` fired and
+    /// every part stopped.
+    pub async fn run(
         self,
         salt: SaltClient,
         firer: Firer,
+        reload_requests: watch::Receiver<u64>,
         cancel: CancellationToken,
-    ) -> JoinHandle<()> {
-        tokio::spawn(async move {
-            let stats = Arc::new(RuleStats::default());
-            let runner = Arc::new(exec::SaltRunner::new(salt, firer));
-            let executor = exec::Executor::new(
-                runner,
-                self.concurrency,
-                self.queue_per_sender,
-                stats.clone(),
-                cancel.clone(),
-            );
-            let set = reload::initial(&self.dir, &stats).await;
-            let (tx, rx) = watch::channel(Arc::new(set));
-            let watcher = tokio::spawn(reload::watch_dir(
-                self.dir,
-                tx,
-                stats.clone(),
-                cancel.clone(),
-            ));
-            engine::run_intake(
-                self.intake,
-                self.local,
-                rx,
-                executor.clone(),
-                stats,
-                self.intake_opts,
-                cancel,
-            )
-            .await;
-            let _ = watcher.await;
-            executor.join().await;
-        })
+    ) {
+        let stats = Arc::new(RuleStats::default());
+        let runner = Arc::new(exec::SaltRunner::new(salt, firer));
+        let executor = exec::Executor::new(
+            runner,
+            self.concurrency,
+            self.queue_per_sender,
+            stats.clone(),
+            cancel.clone(),
+        );
+        let set = reload::initial(&self.dir, &stats).await;
+        let (tx, rx) = watch::channel(Arc::new(set));
+        let watcher = tokio::spawn(reload::watch_dir(
+            self.dir,
+            tx,
+            stats.clone(),
+            reload_requests,
+            cancel.clone(),
+        ));
+        engine::run_intake(
+            self.intake,
+            self.local,
+            rx,
+            executor.clone(),
+            stats,
+            self.intake_opts,
+            cancel,
+        )
+        .await;
+        let _ = watcher.await;
+        executor.join().await;
     }
 }

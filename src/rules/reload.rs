@@ -1,5 +1,6 @@
 //! Hot reload: the rules directory is watched (notify, inotify on Linux) and
-//! SIGHUP asks for a reload too. Both lead to the same step: parse and
+//! SIGHUP asks for a reload too (the daemon owns the signal and passes the
+//! requests on). Both lead to the same step: parse and
 //! compile every file; if all are valid, the new set replaces the old one
 //! atomically (a `watch` channel of `Arc<RuleSet>`); otherwise every problem
 //! is logged with file:line:column and rule, and the previous set stays.
@@ -88,6 +89,7 @@ pub async fn watch_dir(
     dir: PathBuf,
     tx: watch::Sender<Arc<RuleSet>>,
     stats: Arc<RuleStats>,
+    mut reload_requests: watch::Receiver<u64>,
     cancel: CancellationToken,
 ) {
     let (changes_tx, mut changes) = mpsc::channel::<Change>(64);
@@ -96,14 +98,8 @@ pub async fn watch_dir(
         warn!(message = "Rules directory not watched (missing?); looking again periodically.", dir = %dir.display(), every = ?RETRY);
     }
     let mut retry = tokio::time::interval(RETRY);
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut requests_open = true;
     loop {
-        let hup_recv = async {
-            match hup.as_mut() {
-                Some(s) => s.recv().await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
             _ = cancel.cancelled() => return,
             change = changes.recv() => {
@@ -125,7 +121,12 @@ pub async fn watch_dir(
                     reload(&dir, &tx, &stats).await;
                 }
             }
-            _ = hup_recv => {
+            asked = reload_requests.changed(), if requests_open => {
+                if asked.is_err() {
+                    // The daemon's signal owner is gone: no more requests.
+                    requests_open = false;
+                    continue;
+                }
                 info!(message = "SIGHUP: reloading the rules.");
                 reload(&dir, &tx, &stats).await;
             }
@@ -187,10 +188,12 @@ mod tests {
         let (tx, mut rx) = watch::channel(Arc::new(initial(dir.path(), &stats).await));
         assert_eq!(rx.borrow().rules()[0].on, ["one"]);
         let cancel = CancellationToken::new();
+        let (_reload_tx, reload_rx) = watch::channel(0u64);
         let task = tokio::spawn(watch_dir(
             dir.path().to_owned(),
             tx,
             stats.clone(),
+            reload_rx,
             cancel.clone(),
         ));
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -102,14 +102,25 @@ pub struct JobTracker {
 }
 
 impl JobTracker {
-    /// Starts routing from `sub` until `cancel` fires.
-    pub fn start(mut sub: Subscription, cancel: CancellationToken) -> Self {
+    /// Starts routing from `sub` until `cancel` fires, on a task of its own.
+    pub fn start(sub: Subscription, cancel: CancellationToken) -> Self {
+        let (tracker, task) = Self::new(sub, cancel);
+        tokio::spawn(task);
+        tracker
+    }
+
+    /// A tracker and the task that routes for it (until `cancel` fires), for
+    /// a caller that runs the task itself (the daemon's supervisor).
+    pub fn new(
+        mut sub: Subscription,
+        cancel: CancellationToken,
+    ) -> (Self, impl std::future::Future<Output = ()> + Send + 'static) {
         let waiters: Waiters = Arc::default();
         let recent_runs: Arc<Mutex<VecDeque<Arc<Event>>>> = Arc::default();
         let (connected_tx, connected) = watch::channel(false);
         let (gaps_tx, gaps) = watch::channel(0u64);
         let (w, r) = (waiters.clone(), recent_runs.clone());
-        tokio::spawn(async move {
+        let task = async move {
             loop {
                 let item = tokio::select! {
                     _ = cancel.cancelled() => break,
@@ -130,13 +141,14 @@ impl JobTracker {
                     Some(BusItem::Event(event)) => route(&w, &r, event),
                 }
             }
-        });
-        Self {
+        };
+        let tracker = Self {
             waiters,
             recent_runs,
             connected,
             gaps,
-        }
+        };
+        (tracker, task)
     }
 
     /// How many gaps (reconnects, lags) the tracker has seen so far.

@@ -22,7 +22,7 @@ pub use jobs::{JobOutcome, JobTracker, JobWatch, MinionReturn, StateSummary};
 pub use request::{ReqClient, RequestError};
 
 /// How a publish target is matched (Salt's `tgt_type`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TargetType {
     #[default]
@@ -34,6 +34,18 @@ pub enum TargetType {
 }
 
 impl TargetType {
+    /// Every target type, in the order they are listed to users.
+    pub const ALL: [TargetType; 5] = [
+        Self::Glob,
+        Self::List,
+        Self::Compound,
+        Self::Grain,
+        Self::Pcre,
+    ];
+
+    /// The names Salt uses on the wire, as [`Self::ALL`].
+    pub const NAMES: [&'static str; 5] = ["glob", "list", "compound", "grain", "pcre"];
+
     /// The name Salt uses on the wire.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -43,6 +55,18 @@ impl TargetType {
             Self::Grain => "grain",
             Self::Pcre => "pcre",
         }
+    }
+}
+
+impl std::str::FromStr for TargetType {
+    type Err = String;
+
+    /// A wire name (`glob`, `list` …); the error lists the valid ones.
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|t| t.as_str() == s)
+            .ok_or_else(|| format!("tgt_type {s:?} is not one of {}", Self::NAMES.join(", ")))
     }
 }
 
@@ -98,11 +122,6 @@ impl SaltClient {
     /// The request client.
     pub fn req(&self) -> &ReqClient {
         &self.req
-    }
-
-    /// The job tracker.
-    pub fn tracker(&self) -> &JobTracker {
-        &self.tracker
     }
 
     /// Publishes a job under a jid chosen here, registered with the tracker

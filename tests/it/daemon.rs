@@ -210,7 +210,7 @@ fn a_change_made_while_the_daemon_is_down_is_notified_once() {
     assert_eq!(ours, 1, "{:?}", w.seen);
 }
 
-/// Waits until the daemon has marked every outbox entry processed.
+/// Waits until the daemon's notifier has passed every outbox entry.
 fn wait_outbox_empty(h: &SaltHarness) {
     let url = format!("sqlite://{}/registry.db", h.root().display());
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -220,7 +220,16 @@ fn wait_outbox_empty(h: &SaltHarness) {
     rt.block_on(async {
         let service = salt_steward::registry::open(&url).await.unwrap();
         let deadline = std::time::Instant::now() + T;
-        while !service.outbox_pending(10).await.unwrap().is_empty() {
+        use salt_steward::registry::Store as _;
+        let pending = || async {
+            match service.store().outbox_pending("notify", 10).await {
+                Ok(rows) => !rows.is_empty(),
+                // The daemon has not subscribed yet.
+                Err(e) if e.code() == "not_found" => true,
+                Err(e) => panic!("{e}"),
+            }
+        };
+        while pending().await {
             assert!(
                 std::time::Instant::now() < deadline,
                 "outbox never processed"
@@ -228,4 +237,114 @@ fn wait_outbox_empty(h: &SaltHarness) {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     });
+}
+
+/// A row the notifier cannot read (here: a kind no release wrote) is
+/// quarantined with its reason, and the change after it is still notified;
+/// `outbox status` and `outbox quarantined` show it.
+#[test]
+fn an_unreadable_outbox_row_is_quarantined_not_a_block() {
+    let h = SaltHarness::start();
+    let cfg = steward_config(&h, &[], "");
+    run_ok(cli(&cfg, &["model", "add", "web"]));
+    let url = format!("sqlite://{}/registry.db", h.root().display());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+        sqlx::query(
+            "INSERT INTO outbox (kind, server_id, payload, created_at) VALUES ('server.exploded', NULL, '{}', 0)",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+    });
+    run_ok(cli(
+        &cfg,
+        &["server", "add", "after.example.org", "--model", "web"],
+    ));
+
+    let mut w = watch_steward(&cfg);
+    let _daemon = start_daemon(&cfg);
+    w.wait_line("the change after the bad row", T, |l| {
+        let v = json_line(l);
+        v["tag"] == "steward/v1/server/created" && v["data"]["name"] == "after.example.org"
+    });
+    wait_outbox_empty(&h);
+    let status: Value =
+        serde_json::from_slice(&run_ok(cli(&cfg, &["outbox", "status", "--json"])).stdout).unwrap();
+    assert_eq!(
+        status,
+        json!([{"consumer": "notify", "position": 3, "pending": 0, "quarantined": 1}]),
+        "model created (1), bad row (2), server created (3)"
+    );
+    let q: Value =
+        serde_json::from_slice(&run_ok(cli(&cfg, &["outbox", "quarantined", "--json"])).stdout)
+            .unwrap();
+    assert_eq!(q[0]["outbox_id"], 2, "{q}");
+    assert_eq!(q[0]["reason"], "unknown kind \"server.exploded\"", "{q}");
+}
+
+/// The daemon is a supervisor of named components: SIGTERM stops each of
+/// them (named in the log) and exits 0; a component that panics (a fault
+/// injected into the test build, `SALT_STEWARD_TEST_PANIC`) is named in the
+/// log, through tracing, and the daemon stops the rest and exits non-zero.
+#[test]
+fn a_component_that_panics_is_named_and_the_daemon_exits_non_zero() {
+    let h = SaltHarness::start();
+    let cfg = steward_config(&h, &[], "");
+    let components = [
+        "bus-reader",
+        "event-writer",
+        "job-tracker",
+        "request-server",
+        "outbox-notifier",
+        "acceptor",
+        "key-pool",
+        "rules",
+    ];
+    let stopped = |seen: &[String], name: &str| {
+        seen.iter()
+            .any(|l| l.contains("Stopped component.") && l.contains(&format!("component={name}")))
+    };
+
+    let mut d = start_daemon(&cfg);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(d.pid()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = d.wait_exit(T);
+    let log = d.seen_err.join("\n");
+    assert!(status.success(), "{status:?}\n{log}");
+    for name in components {
+        assert!(stopped(&d.seen_err, name), "{name} not stopped:\n{log}");
+    }
+
+    let mut cmd = cli(&cfg, &["daemon"]);
+    cmd.env("SALT_STEWARD_TEST_PANIC", "rules");
+    let mut d = LineChild::spawn(cmd);
+    let status = d.wait_exit(T);
+    let log = d.seen_err.join("\n");
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        d.seen_err
+            .iter()
+            .any(|l| l.contains("Panic.") && l.contains("fault injected into rules")),
+        "the panic is logged through tracing:\n{log}"
+    );
+    assert!(
+        d.seen_err
+            .iter()
+            .any(|l| l.contains("Component ended before shutdown")
+                && l.contains("component=rules")
+                && l.contains("panicked")),
+        "the component is named:\n{log}"
+    );
+    for name in components.iter().filter(|n| **n != "rules") {
+        assert!(stopped(&d.seen_err, name), "{name} not stopped:\n{log}");
+    }
 }

@@ -2,15 +2,16 @@
 //! when `STEWARD_TEST_POSTGRES_URL` names a server (`eval "$(scripts/pg-test-env)"`):
 //! create/find/update/delete; each refusal gives its specific error and writes
 //! nothing (row counts of models, servers and outbox unchanged); the database
-//! itself enforces the constraints; one outbox row per change; marking the
-//! outbox processed is idempotent. Then the CLI on a SQLite file.
+//! itself enforces the constraints; one outbox row per change; acknowledging the
+//! outbox is idempotent, per consumer, pruned behind every cursor, and a row
+//! that cannot be read is quarantined instead of blocking. Then the CLI on a SQLite file.
 
 use proptest::prelude::*;
 use salt_steward::pki::{fingerprint, KeyIssuer};
 use salt_steward::registry::store::KeyColumns;
 use salt_steward::registry::{
-    self, DbStore, Error, OutboxKind, Server, ServerFilter, ServerPatch, ServerRef, Service,
-    Status, Store,
+    self, DbStore, Error, OutboxEntry, OutboxKind, OutboxRow, Server, ServerFilter, ServerPatch,
+    ServerRef, Service, Status, Store,
 };
 use serde_json::Value as Json;
 
@@ -121,6 +122,35 @@ async fn counts(store: &DbStore) -> Counts {
         servers: one(store, "servers").await,
         outbox: one(store, "outbox").await,
     }
+}
+
+/// Runs one SQL statement of the test's own (no binds) on either backend.
+async fn exec(store: &DbStore, sql: &str) {
+    match store {
+        DbStore::Sqlite(s) => {
+            sqlx::query(sql).execute(s.pool()).await.unwrap();
+        }
+        DbStore::Postgres(p) => {
+            sqlx::query(sql).execute(p.pool()).await.unwrap();
+        }
+    }
+}
+
+/// The entries of rows that must all be readable.
+fn entries(rows: Vec<OutboxRow>) -> Vec<OutboxEntry> {
+    rows.into_iter()
+        .map(|r| match r {
+            OutboxRow::Entry(e) => e,
+            OutboxRow::Unreadable { id, reason } => panic!("row {id} unreadable: {reason}"),
+        })
+        .collect()
+}
+
+/// Every change still in the outbox, as a consumer that never acknowledged
+/// anything sees them.
+async fn all_changes(store: &DbStore) -> Vec<OutboxEntry> {
+    store.outbox_subscribe("test-reader").await.unwrap();
+    entries(store.outbox_pending("test-reader", 10_000).await.unwrap())
 }
 
 fn patch(pairs: &[(&str, &str)]) -> ServerPatch {
@@ -402,7 +432,9 @@ async fn story(svc: Service<DbStore>) {
     svc.delete_model("spare").await.unwrap();
 
     // The outbox: exactly one row per successful change, in order.
-    let pending = svc.outbox_pending(1000).await.unwrap();
+    let store = svc.store();
+    assert_eq!(store.outbox_subscribe("notify").await.unwrap(), 0);
+    let pending = entries(store.outbox_pending("notify", 1000).await.unwrap());
     let kinds: Vec<_> = pending.iter().map(|e| (e.kind, e.server_id)).collect();
     use OutboxKind::*;
     assert_eq!(
@@ -428,29 +460,110 @@ async fn story(svc: Service<DbStore>) {
     assert_eq!(payload(8), web01);
     assert_eq!(pending[0].payload["name"], Json::from("web"));
 
-    // Processing is idempotent: the second mark changes nothing.
-    assert_eq!(svc.outbox_pending(3).await.unwrap().len(), 3);
+    // Acknowledging is idempotent: the second one changes nothing.
+    assert_eq!(store.outbox_pending("notify", 3).await.unwrap().len(), 3);
     for e in &pending[..5] {
-        assert!(svc.outbox_mark_processed(e.id).await.unwrap());
-        assert!(!svc.outbox_mark_processed(e.id).await.unwrap());
+        assert!(store.outbox_ack("notify", e.id).await.unwrap());
+        assert!(!store.outbox_ack("notify", e.id).await.unwrap());
     }
-    let left = svc.outbox_pending(1000).await.unwrap();
+    let left = entries(store.outbox_pending("notify", 1000).await.unwrap());
     assert_eq!(left, pending[5..], "{backend}");
-    for e in &pending {
-        svc.outbox_mark_processed(e.id).await.unwrap();
-    }
-    assert!(svc.outbox_pending(1000).await.unwrap().is_empty());
-    refused!(svc, "not_found", svc.outbox_mark_processed(999_999));
-    let c = counts(svc.store()).await;
-    assert_eq!(c.outbox, pending.len() as i64, "processed rows are kept");
 
-    // A later change is the only pending one.
+    // A second consumer sees every change from the start, at its own pace;
+    // subscribing again does not move it.
+    assert_eq!(store.outbox_subscribe("inventory").await.unwrap(), 0);
+    assert_eq!(
+        entries(store.outbox_pending("inventory", 1000).await.unwrap()),
+        pending,
+        "{backend}"
+    );
+    store.outbox_ack("inventory", pending[2].id).await.unwrap();
+    assert_eq!(
+        store.outbox_subscribe("inventory").await.unwrap(),
+        pending[2].id
+    );
+    refused!(svc, "not_found", store.outbox_ack("nobody", pending[0].id));
+    refused!(svc, "not_found", store.outbox_pending("nobody", 1));
+    refused!(svc, "invalid_value", store.outbox_subscribe("No Body"));
+
+    // Only what every consumer has passed is pruned: "inventory" is at 3.
+    let last = pending.last().unwrap().id;
+    store.outbox_ack("notify", last).await.unwrap();
+    assert!(store
+        .outbox_pending("notify", 1000)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(store.outbox_prune().await.unwrap(), 3, "{backend}");
+    assert_eq!(
+        entries(store.outbox_pending("inventory", 1000).await.unwrap()),
+        pending[3..],
+        "{backend}: pruning took nothing a consumer has not passed"
+    );
+    assert_eq!(store.outbox_prune().await.unwrap(), 0, "{backend}");
+    store.outbox_ack("inventory", last).await.unwrap();
+    assert_eq!(
+        store.outbox_prune().await.unwrap(),
+        pending.len() as u64 - 3,
+        "{backend}"
+    );
+    assert_eq!(counts(store).await.outbox, 0, "{backend}");
+
+    // A row that cannot be read is quarantined by the consumer that met it,
+    // and the rows after it go on; the quarantine outlives pruning.
+    exec(
+        store,
+        "INSERT INTO outbox (kind, server_id, payload, created_at) VALUES ('server.exploded', NULL, '{}', 0)",
+    )
+    .await;
+    exec(
+        store,
+        "INSERT INTO outbox (kind, server_id, payload, created_at) VALUES ('model.created', NULL, 'not json', 0)",
+    )
+    .await;
     svc.update_server(&ServerRef::Id(proxy.id), patch(&[("status", "offline")]))
         .await
         .unwrap();
-    let p = svc.outbox_pending(1000).await.unwrap();
-    assert_eq!(p.len(), 1);
-    assert_eq!((p[0].kind, p[0].server_id), (ServerUpdated, Some(proxy.id)));
+    let rows = store.outbox_pending("notify", 1000).await.unwrap();
+    assert_eq!(rows.len(), 3, "{backend}");
+    for row in &rows[..2] {
+        let OutboxRow::Unreadable { id, reason } = row else {
+            panic!("{backend}: {row:?} should be unreadable");
+        };
+        store
+            .outbox_quarantine("notify", *id, reason)
+            .await
+            .unwrap();
+    }
+    let OutboxRow::Entry(change) = &rows[2] else {
+        panic!("{backend}: {:?} should be readable", rows[2]);
+    };
+    assert_eq!(
+        (change.kind, change.server_id),
+        (ServerUpdated, Some(proxy.id))
+    );
+    assert_eq!(
+        store.outbox_pending("notify", 1000).await.unwrap(),
+        rows[2..],
+        "{backend}: the quarantined rows no longer block"
+    );
+    let status = store.outbox_status().await.unwrap();
+    let notify = status.iter().find(|c| c.consumer == "notify").unwrap();
+    assert_eq!((notify.pending, notify.quarantined), (1, 2), "{backend}");
+    store.outbox_ack("notify", change.id).await.unwrap();
+    store.outbox_ack("inventory", change.id).await.unwrap();
+    store.outbox_ack("test-reader", change.id).await.ok();
+    store.outbox_prune().await.unwrap();
+    let q = store.outbox_quarantined().await.unwrap();
+    assert_eq!(q.len(), 2, "{backend}");
+    assert_eq!(q[0].kind, "server.exploded");
+    assert_eq!(q[0].reason, "unknown kind \"server.exploded\"");
+    assert_eq!(q[1].payload, "not json");
+    assert!(
+        q[1].reason.starts_with("payload is not JSON"),
+        "{}",
+        q[1].reason
+    );
 }
 
 /// Concurrent creates are group-committed: 200 at once, two of them with a
@@ -509,7 +622,7 @@ async fn group_commit_story(svc: Service<DbStore>) {
         197,
         "{backend}: one outbox row each"
     );
-    let pending = svc.outbox_pending(1000).await.unwrap();
+    let pending = all_changes(svc.store()).await;
     let created: std::collections::HashSet<i64> = pending
         .iter()
         .filter(|e| e.kind == OutboxKind::ServerCreated)
@@ -675,7 +788,7 @@ async fn interleaving_story(svc: Service<DbStore>) {
     assert_eq!(last.public_key, rekeyed.public_key);
 
     // Every write announced the row as stored, revision included.
-    let pending = svc.outbox_pending(1000).await.unwrap();
+    let pending = all_changes(svc.store()).await;
     let announced: Server =
         serde_json::from_value(pending.last().unwrap().payload.clone()).unwrap();
     assert_eq!(announced, last, "{backend}");
@@ -711,6 +824,60 @@ async fn registry_group_commit_on_postgres() {
     group_commit_story(registry::open(&db.url).await.unwrap()).await;
 }
 
+/// A cursor never passes a change that commits late: writers racing on
+/// several connections while a consumer reads and acknowledges as fast as it
+/// can, and the consumer sees every change. (On PostgreSQL ids come from a
+/// sequence at insert time; without the order lock a later id can commit
+/// first and the cursor skip the earlier one.)
+async fn concurrent_cursor_story(svc: Service<DbStore>) {
+    let backend = svc.store().backend();
+    let svc = std::sync::Arc::new(svc);
+    svc.create_model("web", "", &[]).await.unwrap();
+    let store = svc.store();
+    store.outbox_subscribe("racer").await.unwrap();
+    let writers: Vec<_> = (0..8)
+        .map(|w| {
+            let svc = svc.clone();
+            tokio::spawn(async move {
+                for i in 0..50 {
+                    svc.create_model(&format!("w{w}-{i}"), "", &[])
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut done = false;
+    while !done {
+        done = writers.iter().all(|w| w.is_finished());
+        for e in entries(store.outbox_pending("racer", 1000).await.unwrap()) {
+            assert!(seen.insert(e.id), "{backend}: {} seen twice", e.id);
+            store.outbox_ack("racer", e.id).await.unwrap();
+        }
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    let all: std::collections::BTreeSet<i64> =
+        all_changes(store).await.iter().map(|e| e.id).collect();
+    let missed: Vec<_> = all.difference(&seen).collect();
+    assert!(missed.is_empty(), "{backend}: the cursor passed {missed:?}");
+    assert_eq!(seen.len(), 401, "{backend}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn registry_cursor_misses_nothing_on_sqlite() {
+    let db = TestDb::sqlite();
+    concurrent_cursor_story(registry::open(&db.url).await.unwrap()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn registry_cursor_misses_nothing_on_postgres() {
+    let db = TestDb::postgres_required().await;
+    concurrent_cursor_story(registry::open(&db.url).await.unwrap()).await;
+}
+
 /// The story on `db`, then a reopen: migrations run once, the data stays.
 async fn story_and_reopen(db: &TestDb, backend: &str) {
     let svc = registry::open(&db.url).await.unwrap();
@@ -724,6 +891,54 @@ async fn story_and_reopen(db: &TestDb, backend: &str) {
             .len(),
         2
     );
+}
+
+/// Migration 0004 hands the one-consumer `processed_at` over to the `notify`
+/// cursor: the notifier goes on before the oldest unprocessed entry (nothing
+/// skipped), or after the last one when all were processed (nothing fired
+/// twice), and a fresh registry gets no cursor until a consumer subscribes.
+#[tokio::test]
+async fn registry_outbox_migration_keeps_the_notifier_position() {
+    async fn migrated(processed: &[bool]) -> Option<i64> {
+        let db = TestDb::sqlite();
+        let pool = sqlx::SqlitePool::connect(&format!("{}?mode=rwc", db.url))
+            .await
+            .unwrap();
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/sqlite");
+        let run = |file: &str| std::fs::read_to_string(format!("{dir}/{file}")).unwrap();
+        for f in [
+            "0001_registry.sql",
+            "0002_server_public_key.sql",
+            "0003_server_revision.sql",
+        ] {
+            sqlx::raw_sql(&run(f)).execute(&pool).await.unwrap();
+        }
+        for (i, done) in processed.iter().enumerate() {
+            sqlx::query(
+                "INSERT INTO outbox (kind, payload, created_at, processed_at) VALUES ('model.created', $1, 0, $2)",
+            )
+            .bind(format!("{{\"n\": {i}}}"))
+            .bind(done.then_some(1_i64))
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+        sqlx::raw_sql(&run("0004_outbox_cursors.sql"))
+            .execute(&pool)
+            .await
+            .unwrap();
+        let position =
+            sqlx::query_scalar("SELECT position FROM outbox_cursors WHERE consumer = 'notify'")
+                .fetch_optional(&pool)
+                .await
+                .unwrap();
+        pool.close().await;
+        position
+    }
+    assert_eq!(migrated(&[true, true, false, true]).await, Some(2));
+    assert_eq!(migrated(&[true, true, true]).await, Some(3));
+    assert_eq!(migrated(&[false, false]).await, Some(0));
+    assert_eq!(migrated(&[]).await, None);
 }
 
 #[tokio::test]
@@ -770,34 +985,44 @@ async fn registry_refuses_an_unknown_url_scheme() {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(16))]
 
-    /// Whatever order and repetition of marks: each entry is reported newly
-    /// processed exactly once, and pending is what was never marked, in order.
+    /// Whatever order and repetition of acknowledgements: each moves the
+    /// cursor at most once, what is pending is what is past the furthest one,
+    /// in order, and pruning keeps what the other consumer has not passed.
     #[test]
-    fn registry_outbox_processing_is_idempotent(
+    fn registry_outbox_acknowledging_is_idempotent(
         n in 1usize..8,
-        marks in proptest::collection::vec(0usize..8, 0..24),
+        acks in proptest::collection::vec(0usize..8, 0..24),
+        other in 0usize..8,
     ) {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
             let db = TestDb::sqlite();
             let svc = registry::open(&db.url).await.unwrap();
+            let store = svc.store();
             for i in 0..n {
                 svc.create_model(&format!("m{i}"), "", &[]).await.unwrap();
             }
-            let all = svc.outbox_pending(100).await.unwrap();
+            store.outbox_subscribe("a").await.unwrap();
+            store.outbox_subscribe("b").await.unwrap();
+            let all = entries(store.outbox_pending("a", 100).await.unwrap());
             assert_eq!(all.len(), n);
-            let mut newly = vec![0; n];
-            for m in marks.iter().filter(|&&m| m < n) {
-                if svc.outbox_mark_processed(all[*m].id).await.unwrap() {
-                    newly[*m] += 1;
-                }
+            let mut furthest: Option<usize> = None;
+            for &m in acks.iter().filter(|&&m| m < n) {
+                let moved = store.outbox_ack("a", all[m].id).await.unwrap();
+                assert_eq!(moved, furthest.is_none_or(|f| m > f), "ack {m} after {furthest:?}");
+                furthest = furthest.max(Some(m));
             }
-            let left: Vec<i64> = svc.outbox_pending(100).await.unwrap().iter().map(|e| e.id).collect();
-            let expect: Vec<i64> = (0..n).filter(|i| !marks.contains(i)).map(|i| all[i].id).collect();
+            let left: Vec<i64> = entries(store.outbox_pending("a", 100).await.unwrap())
+                .iter()
+                .map(|e| e.id)
+                .collect();
+            let from = furthest.map_or(0, |f| f + 1);
+            let expect: Vec<i64> = all[from..].iter().map(|e| e.id).collect();
             assert_eq!(left, expect);
-            for (i, k) in newly.iter().enumerate() {
-                assert_eq!(*k, usize::from(marks.contains(&i)));
-            }
+            let other = other.min(n - 1);
+            store.outbox_ack("b", all[other].id).await.unwrap();
+            let pruned = store.outbox_prune().await.unwrap();
+            assert_eq!(pruned as usize, furthest.map_or(0, |f| f.min(other) + 1));
         });
     }
 }

@@ -162,6 +162,31 @@ impl LineChild {
         self.child.id() as i32
     }
 
+    /// Waits (at most `timeout`) for the child to exit by itself; its exit
+    /// status, with everything it wrote to stderr in `seen_err`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("waiting for child") {
+                // Everything it wrote: the reader thread ends at end of file.
+                while let Ok(l) = self.err.recv_timeout(T) {
+                    self.seen_err.push(l);
+                }
+                return status;
+            }
+            if Instant::now() >= deadline {
+                self.drain_err();
+                panic!(
+                    "still running after {timeout:?}:\n{}",
+                    self.seen_err.join("\n")
+                );
+            }
+            if let Ok(l) = self.err.recv_timeout(Duration::from_millis(100)) {
+                self.seen_err.push(l);
+            }
+        }
+    }
+
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(mut self) -> std::process::ExitStatus {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);

@@ -1,47 +1,53 @@
 //! `salt-steward daemon`: the long-running process.
 //!
-//! Components, each a task stopped by one cancellation token:
+//! A [`Supervisor`] of named components ([`TaskName`]), each a task stopped
+//! by one cancellation token; one that ends before shutdown stops the daemon
+//! with an error (`supervisor`). Signals have one owner (`signals`).
 //! - the bus reader (`bus::subscriber`), shared by the others;
 //! - the request server: registry requests from the bus (`service_bus`):
 //!   who may ask what, receipts confirmed from the master's job cache,
 //!   replies;
 //! - the outbox dispatcher: every change recorded in the registry's outbox
 //!   (by the bus or by the CLI, daemon running or not) is fired as
-//!   `steward/v1/<server|model>/<created|updated|deleted>`, then marked
-//!   processed. Fire-then-mark: at least once, and a crash in between fires
-//!   again on restart;
+//!   `steward/v1/<server|model>/<created|updated|deleted>`, then acknowledged
+//!   on the `notify` cursor. Fire-then-acknowledge: at least once, and a crash
+//!   in between fires again on restart. A row it cannot read is quarantined;
+//!   rows every consumer has passed are pruned;
 //! - the rules engine (`rules`): reactor rules from `rules_dir`, hot-reloaded;
 //!   what the daemon fires under its own tags reaches it in memory
-//!   ([`Firer`], `bus::origin`);
+//!   ([`Firer::with_local`], `bus::origin`);
 //! - the acceptor (`acceptor`): verified auto-accept of minion keys,
 //!   presence, first-start states; and the key-pool filler.
 //!
 //! Shutdown (SIGTERM/SIGINT): stop taking requests, let the dispatcher finish
-//! the entry in hand, exit 0 within [`SHUTDOWN_GRACE`].
+//! the entry in hand, exit 0 within [`SHUTDOWN_GRACE`]; a second signal
+//! stops at once (non-zero).
+
+mod signals;
+pub mod supervisor;
+
+pub use supervisor::{Supervisor, SupervisorError, TaskName};
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::future::Future;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::PoisonError;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use serde_json::Value as Json;
-use tokio::sync::{Mutex, Notify, Semaphore};
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
 
 use crate::acceptor::{self, AcceptorConfig};
-use crate::bus::event::from_json;
 use crate::bus::{
-    is_own_tag, BusHandle, BusItem, Event, EventFirer, FireError, LocalEvents, Origin,
-    SubscriberOptions, Subscription,
+    BusHandle, BusItem, EventFirer, Firer, LocalEvents, Origin, SubscriberOptions, Subscription,
 };
 use crate::config::Settings;
 use crate::master_config::MasterConfig;
 use crate::pki::KeyIssuer;
-use crate::registry::{self, DbStore, Service};
+use crate::registry::{self, DbStore, OutboxRow, Service, Store as _};
 use crate::salt::{JobTracker, ReqClient, SaltClient};
 use crate::service_bus::{self, Corroborations, Pairing, Receipt, Request};
 
@@ -57,51 +63,13 @@ const MAX_REQUESTS_IN_FLIGHT: usize = 64;
 /// How often the outbox is polled for changes made by other processes (the CLI).
 const OUTBOX_POLL: Duration = Duration::from_secs(1);
 
-/// The daemon's one event writer, shared by its components. An event with
-/// one of the daemon's own tags ([`is_own_tag`]) is also handed to the
-/// daemon's consumers in memory once it is on the bus: that copy is the
-/// only one they act on ([`Origin::Master`]); the bus copy proves nothing.
-#[derive(Clone)]
-pub struct Firer {
-    bus: Arc<Mutex<EventFirer>>,
-    local: LocalEvents,
-}
-
-impl Firer {
-    /// Fires through `bus`, delivers own tags on `local`.
-    pub fn new(bus: EventFirer, local: LocalEvents) -> Self {
-        Self {
-            bus: Arc::new(Mutex::new(bus)),
-            local,
-        }
-    }
-
-    /// Fires `data` on `tag`; an own tag fired is then delivered in memory.
-    pub async fn fire(&self, tag: &str, data: &Json) -> Result<(), FireError> {
-        self.fire_bus_only(tag, data).await?;
-        if is_own_tag(tag) {
-            let mut value = from_json(data);
-            crate::bus::publisher::add_stamp(&mut value, std::time::SystemTime::now());
-            self.local.deliver(Event::new(tag.to_owned(), value));
-        }
-        Ok(())
-    }
-
-    /// Fires on the bus only: what the daemon fires on behalf of an event
-    /// it cannot prove (a rule's `fire` answering a minion's event) must
-    /// not come back to it as the master's.
-    pub async fn fire_bus_only(&self, tag: &str, data: &Json) -> Result<(), FireError> {
-        self.bus.lock().await.fire(tag, from_json(data)).await
-    }
-}
-
-/// Runs the daemon until `shutdown` resolves.
-pub async fn run(
-    settings: &Settings,
-    master: &MasterConfig,
-    shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
-    let keys = KeyIssuer::configured(settings)?;
+/// Runs the daemon until SIGTERM/SIGINT (a second one while stopping: at
+/// once) or until a component ends, which is an error: the caller exits
+/// non-zero.
+pub async fn run(settings: &Settings, master: &MasterConfig) -> anyhow::Result<()> {
+    supervisor::install_panic_hook();
+    let (signals, _signal_task) = signals::install().context("installing signal handlers")?;
+    let keys = settings.key_issuer()?;
     let service = Arc::new(
         registry::open(&settings.registry)
             .await
@@ -109,7 +77,8 @@ pub async fn run(
             .with_keys(keys.clone()),
     );
     let cancel = CancellationToken::new();
-    let mut bus = BusHandle::new(
+    let mut sup = Supervisor::new(cancel.clone());
+    let bus = BusHandle::new(
         master.event_pub(),
         SubscriberOptions {
             queue_capacity: settings.bus.queue_capacity,
@@ -117,78 +86,100 @@ pub async fn run(
             ..SubscriberOptions::default()
         },
     );
+    // Every consumer subscribes before the reader starts: nothing is missed.
     let requests = bus.subscribe();
     // What the daemon itself fires under its own tags reaches the rules in
     // memory, as the master's (the bus copies are ignored there).
     let local = LocalEvents::new();
     let rules = crate::rules::RulesComponent::new(&bus, &local, settings);
     let acceptor_events = bus.subscribe();
-    let tracker = JobTracker::start(bus.subscribe(), cancel.clone());
-    bus.spawn(cancel.clone());
-    let firer = Firer::new(
-        EventFirer::new(master.event_pull(), master.event_pub()),
-        local,
-    );
-    let changed = Arc::new(Notify::new());
-
-    info!(message = "Daemon started.", master_config = %master.path.display(), registry_backend = service.store().backend());
-    let outbox = tokio::spawn(dispatch_outbox(
-        service.clone(),
-        firer.clone(),
-        changed.clone(),
-        cancel.clone(),
-    ));
+    let (tracker, routing) = JobTracker::new(bus.subscribe(), cancel.clone());
     // One Salt client (one request connection, one job tracker) for the
     // acceptor and the rules engine.
     let salt = SaltClient::new(ReqClient::new(master, REQUEST_TIMEOUT)?, tracker);
-    let acceptor = tokio::spawn(acceptor::run(
-        AcceptorConfig {
-            pki_dir: master.pki_dir.clone(),
-            mode: settings.keys.accept_mode,
-            unknown: settings.keys.unknown_minions,
-            sync_keys: settings.masters.len() > 1,
-        },
-        acceptor_events,
-        service.clone(),
-        salt.clone(),
-        firer.clone(),
-        cancel.clone(),
-    ));
-    let pool = tokio::spawn(fill_key_pool(keys, settings.keys.pool_size, cancel.clone()));
-    let rules = rules.spawn(salt.clone(), firer.clone(), cancel.clone());
+    let (firer, writer) = Firer::new(
+        EventFirer::new(master.event_pull(), master.event_pub()),
+        Firer::QUEUE,
+        Firer::DEADLINE,
+    );
+    let firer = firer.with_local(local);
+    let changed = Arc::new(Notify::new());
+
+    info!(message = "Daemon started.", master_config = %master.path.display(), registry_backend = service.store().backend());
+    sup.spawn(TaskName::BusReader, bus.reader(cancel.clone()));
+    // Ends once every component has dropped its handle, after writing what
+    // they queued.
+    sup.spawn(TaskName::EventWriter, writer);
+    sup.spawn(TaskName::JobTracker, routing);
+    sup.spawn(
+        TaskName::OutboxNotifier,
+        dispatch_outbox(
+            service.clone(),
+            firer.clone(),
+            changed.clone(),
+            cancel.clone(),
+        ),
+    );
+    sup.spawn(
+        TaskName::Acceptor,
+        acceptor::run(
+            AcceptorConfig {
+                pki_dir: master.pki_dir.clone(),
+                mode: settings.keys.accept_mode,
+                unknown: settings.keys.unknown_minions,
+                sync_keys: settings.masters.len() > 1,
+                helpers: sup.helpers(),
+            },
+            acceptor_events,
+            service.clone(),
+            salt.clone(),
+            firer.clone(),
+            cancel.clone(),
+        ),
+    );
+    sup.spawn(
+        TaskName::KeyPool,
+        fill_key_pool(keys, settings.keys.pool_size, cancel.clone()),
+    );
+    sup.spawn(
+        TaskName::Rules,
+        rules.run(
+            salt.clone(),
+            firer.clone(),
+            signals.reload.clone(),
+            cancel.clone(),
+        ),
+    );
     let answering = Answering {
         service,
         firer,
         changed,
         slots: Arc::new(Semaphore::new(MAX_REQUESTS_IN_FLIGHT)),
+        helpers: sup.helpers(),
         salt,
         pki_dir: master.pki_dir.clone(),
         served: Arc::default(),
         busy: Arc::default(),
     };
-    let server = tokio::spawn(serve_requests(
-        requests,
-        answering,
-        settings.trusted_minions.iter().cloned().collect(),
-        cancel.clone(),
-    ));
+    sup.spawn(
+        TaskName::RequestServer,
+        serve_requests(
+            requests,
+            answering,
+            settings.trusted_minions.iter().cloned().collect(),
+            cancel.clone(),
+        ),
+    );
 
-    shutdown.await;
-    info!(message = "Shutting down.");
-    cancel.cancel();
-    let all = async {
-        let _ = server.await;
-        let _ = outbox.await;
-        let _ = rules.await;
-        let _ = acceptor.await;
-        let _ = pool.await;
-        bus.join().await;
-    };
-    if tokio::time::timeout(SHUTDOWN_GRACE, all).await.is_err() {
-        warn!(message = "Components did not stop in time.", grace = ?SHUTDOWN_GRACE);
-    }
+    let result = sup
+        .run(
+            signals::reached(signals.stop.clone(), 1),
+            signals::reached(signals.stop.clone(), 2),
+            SHUTDOWN_GRACE,
+        )
+        .await;
     info!(message = "Stopped.");
-    Ok(())
+    Ok(result?)
 }
 
 /// A database URL with any password hidden, for messages.
@@ -202,13 +193,6 @@ fn redact(url: &str) -> String {
             }
         }
         _ => url.to_owned(),
-    }
-}
-
-/// Fires an event; a failure is logged (the components go on).
-pub async fn fire_or_warn(firer: &Firer, tag: &str, data: &Json) {
-    if let Err(error) = firer.fire(tag, data).await {
-        warn!(message = "Event not fired.", %tag, %error);
     }
 }
 
@@ -234,42 +218,90 @@ async fn fill_key_pool(keys: KeyIssuer, size: usize, cancel: CancellationToken) 
     }
 }
 
-/// Fires every unprocessed outbox entry in order, then waits for a change.
+/// The outbox consumer that fires the bus notifications.
+pub const NOTIFY_CONSUMER: &str = "notify";
+
+/// How often rows every outbox consumer has passed are pruned.
+const OUTBOX_PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+/// Fires every outbox entry past the `notify` cursor in order (a row it
+/// cannot read is quarantined and passed), then waits for a change; prunes
+/// what every consumer has passed now and then.
 async fn dispatch_outbox(
     service: Arc<Service<DbStore>>,
     firer: Firer,
     changed: Arc<Notify>,
     cancel: CancellationToken,
 ) {
+    let store = service.store();
+    let mut pruned_at: Option<tokio::time::Instant> = None;
+    let mut subscribed = false;
     loop {
-        match service.outbox_pending(100).await {
-            Ok(entries) => {
-                for entry in entries {
-                    if cancel.is_cancelled() {
-                        return;
-                    }
-                    // "server.created" → steward/v1/server/created
-                    let tag = format!(
-                        "{}{}",
-                        service_bus::REQUEST_PREFIX,
-                        entry.kind.as_str().replace('.', "/")
-                    );
-                    if let Err(error) = firer.fire(&tag, &entry.payload).await {
-                        warn!(message = "Notification not fired; will retry.", %tag, outbox_id = entry.id, %error);
-                        break;
-                    }
-                    if let Err(error) = service.outbox_mark_processed(entry.id).await {
-                        warn!(message = "Notification fired but not marked processed; it will be fired again.", %tag, outbox_id = entry.id, %error);
-                        break;
-                    }
+        if !subscribed {
+            match store.outbox_subscribe(NOTIFY_CONSUMER).await {
+                Ok(_) => subscribed = true,
+                Err(error) => {
+                    warn!(message = "Subscribing to the outbox failed; will retry.", consumer = NOTIFY_CONSUMER, %error)
                 }
             }
-            Err(error) => warn!(message = "Reading the outbox failed; will retry.", %error),
+        }
+        if subscribed {
+            notify_pending(store, &firer, &cancel).await;
+            if pruned_at.is_none_or(|t| t.elapsed() >= OUTBOX_PRUNE_EVERY) {
+                pruned_at = Some(tokio::time::Instant::now());
+                match store.outbox_prune().await {
+                    Ok(0) => {}
+                    Ok(rows) => info!(message = "Outbox pruned.", rows),
+                    Err(error) => warn!(message = "Pruning the outbox failed.", %error),
+                }
+            }
         }
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = changed.notified() => {}
             _ = tokio::time::sleep(OUTBOX_POLL) => {}
+        }
+    }
+}
+
+/// One pass of [`dispatch_outbox`]: up to 100 rows past the cursor; stops at
+/// the first one that cannot be fired or acknowledged (retried next pass).
+async fn notify_pending(store: &DbStore, firer: &Firer, cancel: &CancellationToken) {
+    let rows = match store.outbox_pending(NOTIFY_CONSUMER, 100).await {
+        Ok(rows) => rows,
+        Err(error) => {
+            warn!(message = "Reading the outbox failed; will retry.", %error);
+            return;
+        }
+    };
+    for row in rows {
+        if cancel.is_cancelled() {
+            return;
+        }
+        let entry = match row {
+            OutboxRow::Entry(entry) => entry,
+            OutboxRow::Unreadable { id, reason } => {
+                error!(message = "Outbox row cannot be read; quarantined.", consumer = NOTIFY_CONSUMER, outbox_id = id, %reason);
+                if let Err(error) = store.outbox_quarantine(NOTIFY_CONSUMER, id, &reason).await {
+                    warn!(message = "Quarantining an outbox row failed; will retry.", outbox_id = id, %error);
+                    return;
+                }
+                continue;
+            }
+        };
+        // "server.created" → steward/v1/server/created
+        let tag = format!(
+            "{}{}",
+            service_bus::REQUEST_PREFIX,
+            entry.kind.as_str().replace('.', "/")
+        );
+        if let Err(error) = firer.fire(&tag, &entry.payload).await {
+            warn!(message = "Notification not fired; will retry.", %tag, outbox_id = entry.id, %error);
+            return;
+        }
+        if let Err(error) = store.outbox_ack(NOTIFY_CONSUMER, entry.id).await {
+            warn!(message = "Notification fired but not acknowledged; it will be fired again.", %tag, outbox_id = entry.id, %error);
+            return;
         }
     }
 }
@@ -361,6 +393,8 @@ struct Answering {
     firer: Firer,
     changed: Arc<Notify>,
     slots: Arc<Semaphore>,
+    /// Where each request's task runs (the supervisor waits for them).
+    helpers: TaskTracker,
     salt: SaltClient,
     pki_dir: PathBuf,
     /// Request ids served lately: a refusal of another request with the
@@ -424,7 +458,7 @@ impl Answering {
         };
         let me = self.clone_handles();
         let busy = Busy::enter(&self.busy, &req.request_id);
-        tokio::spawn(async move {
+        self.helpers.spawn(async move {
             if let Some(receipt) = receipt {
                 let deadline = crate::clock::deadline_in(service_bus::CONFIRM_WAIT);
                 if let Err(why) =
@@ -456,6 +490,7 @@ impl Answering {
             firer: self.firer.clone(),
             changed: self.changed.clone(),
             slots: self.slots.clone(),
+            helpers: self.helpers.clone(),
             salt: self.salt.clone(),
             pki_dir: self.pki_dir.clone(),
             served: self.served.clone(),
@@ -512,7 +547,9 @@ impl Answering {
     }
 
     async fn reply(&self, request_id: &str, data: &Json) {
-        fire_or_warn(&self.firer, &service_bus::reply_tag(request_id), data).await;
+        self.firer
+            .fire_or_warn(&service_bus::reply_tag(request_id), data)
+            .await;
     }
 }
 
