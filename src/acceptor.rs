@@ -70,6 +70,10 @@ pub const ALERT_KEY_MISMATCH: &str = "steward/v1/alert/key-mismatch";
 pub const ALERT_UNKNOWN_MINION: &str = "steward/v1/alert/unknown-minion";
 /// The states of a server's model were applied at its first start.
 pub const MINION_PROVISIONED: &str = "steward/v1/minion/provisioned";
+/// Fired when a key this master had accepted for a registry server was not
+/// the one issued for it (a rekey elsewhere, a key accepted by hand) and was
+/// deleted.
+pub const ALERT_KEY_RETIRED: &str = "steward/v1/alert/key-retired";
 
 /// How long triggers are gathered into one batch.
 const BATCH_WINDOW: Duration = Duration::from_millis(50);
@@ -106,8 +110,11 @@ enum Trigger {
     RefusedRejected { id: String, presented: String },
     /// The minion started.
     Started(String),
-    /// Install keys accepted on other masters.
+    /// Install keys accepted on other masters, retire stale ones.
     Sync,
+    /// Retire every accepted key that is not the issued one (start-up, bus
+    /// reconnect).
+    Reconcile,
 }
 
 /// The acceptor's settings.
@@ -150,18 +157,31 @@ pub async fn run(
         alerted_unknown: Bounded::new(ALERT_MEMORY),
         alerted_mismatch: Bounded::new(ALERT_MEMORY),
         confirming: Arc::default(),
+        retire_failed: false,
         synced_until: None,
         syncs: 0,
     };
     let _ = tx.try_send(Trigger::Scan);
+    let _ = tx.try_send(Trigger::Reconcile);
     let mut sync = tokio::time::interval(SYNC_INTERVAL);
+    // A failed retirement is retried (a full reconcile) at this pace.
+    let mut retry = tokio::time::interval(SYNC_INTERVAL);
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = sync.tick(), if state.config.sync_keys => { let _ = tx.try_send(Trigger::Sync); }
+            _ = retry.tick(), if state.retire_failed => { let _ = tx.try_send(Trigger::Reconcile); }
             item = sub.recv() => match item {
                 None => return,
-                Some(BusItem::Connected { .. }) => { let _ = tx.try_send(Trigger::Scan); }
+                Some(BusItem::Connected { reconnect }) => {
+                    if reconnect {
+                        // The master may have restarted: no request waits
+                        // on a connection to the old process.
+                        state.fx.salt.req().reset();
+                    }
+                    let _ = tx.try_send(Trigger::Scan);
+                    let _ = tx.try_send(Trigger::Reconcile);
+                }
                 Some(BusItem::Event(event)) => {
                     if let Some(t) = trigger_of(&event) {
                         let _ = tx.try_send(t);
@@ -222,6 +242,32 @@ fn watch_pending(dir: &Path, tx: mpsc::Sender<Trigger>) -> Option<notify::Recomm
         Err(error) => {
             warn!(message = "Not watching pending keys; relying on bus events and scans.", dir = %dir.display(), %error);
             None
+        }
+    }
+}
+
+/// The servers among `servers` for which `<pki_dir>/minions/<id>` holds a
+/// key other than the issued one, with that key; read on the blocking pool.
+async fn stale_accepted(pki_dir: &Path, servers: Vec<Server>) -> Vec<(Server, String)> {
+    let dir = pki_dir.join("minions");
+    let look = move || {
+        servers
+            .into_iter()
+            .filter_map(|s| {
+                let issued = clean_key(s.public_key.as_deref()?);
+                if !safe_id(&s.minion_id) {
+                    return None;
+                }
+                let held = clean_key(&std::fs::read_to_string(dir.join(&s.minion_id)).ok()?);
+                (held != issued).then_some((s, held))
+            })
+            .collect()
+    };
+    match tokio::task::spawn_blocking(look).await {
+        Ok(stale) => stale,
+        Err(error) => {
+            warn!(message = "Accepted keys not compared.", %error);
+            Vec::new()
         }
     }
 }
@@ -300,6 +346,9 @@ struct Acceptor {
     /// Minion ids whose start is being confirmed (at most one check each;
     /// only ids of registry servers get one, so it is bounded by the registry).
     confirming: Arc<std::sync::Mutex<HashSet<String>>>,
+    /// The last retirement of stale accepted keys failed (master busy or
+    /// restarting): a reconcile is retried every [`SYNC_INTERVAL`].
+    retire_failed: bool,
     /// When the last sync started (Unix ms); `None`: read everything.
     synced_until: Option<i64>,
     /// Syncs done (every [`FULL_SYNC_EVERY`]th reads everything).
@@ -328,6 +377,7 @@ impl Acceptor {
                 Trigger::RefusedRejected { id, presented } => self.unblock(&id, &presented).await,
                 Trigger::Started(id) => self.started(&id).await,
                 Trigger::Sync => self.sync().await,
+                Trigger::Reconcile => self.reconcile().await,
             }
         }
         if !pending.is_empty() {
@@ -362,7 +412,7 @@ impl Acceptor {
                 return;
             }
         };
-        for server in servers.into_iter().filter(|s| wanted(s.status)) {
+        for server in servers.iter().filter(|s| wanted(s.status)) {
             let Some(key) = &server.public_key else {
                 continue;
             };
@@ -390,7 +440,70 @@ impl Acceptor {
                 }
             }
         }
+        // A key another master's rekey replaced is retired here too.
+        let stale = stale_accepted(&self.config.pki_dir, servers).await;
+        self.retire(stale).await;
         self.synced_until = Some(started);
+    }
+
+    /// Retires every key this master accepted for a registry server that is
+    /// not the one issued for it.
+    async fn reconcile(&mut self) {
+        let servers = match self.fx.service.find_servers(&ServerFilter::default()).await {
+            Ok(s) => s,
+            Err(error) => {
+                warn!(message = "Registry read failed; accepted keys not reconciled.", %error);
+                return;
+            }
+        };
+        let stale = stale_accepted(&self.config.pki_dir, servers).await;
+        self.retire(stale).await;
+    }
+
+    /// Deletes the accepted keys of `stale` (one exact-id `key.delete_dict`)
+    /// and alerts for each. A key accepted anew between the look and the
+    /// call is deleted too: the minion's next sign-in puts it back pending,
+    /// where it is verified again.
+    async fn retire(&mut self, stale: Vec<(Server, String)>) {
+        if stale.is_empty() {
+            return;
+        }
+        // Cleared only by a call that worked.
+        self.retire_failed = true;
+        let ids: Vec<&str> = stale.iter().map(|(s, _)| s.minion_id.as_str()).collect();
+        match key_dict(
+            self.fx.salt.req(),
+            "key.delete_dict",
+            json!({ "minions": ids }),
+        )
+        .await
+        {
+            Ok(r) if r.success => self.retire_failed = false,
+            Ok(r) => {
+                warn!(message = "Stale accepted keys not retired; will retry.", ret = %r.ret);
+                return;
+            }
+            Err(error) => {
+                warn!(message = "Stale accepted keys not retired; will retry.", %error);
+                return;
+            }
+        }
+        for (server, held) in stale {
+            let expected = server.public_key.as_deref().map(fingerprint);
+            let retired = fingerprint(&held);
+            warn!(message = "An accepted key that is not the issued one was retired.",
+                minion_id = %server.minion_id, expected = ?expected, retired = %retired);
+            self.fire(
+                ALERT_KEY_RETIRED,
+                json!({
+                    "minion_id": server.minion_id,
+                    "server_id": server.id,
+                    "expected_fingerprint": expected,
+                    "retired_fingerprint": retired,
+                }),
+            )
+            .await;
+        }
     }
 
     fn scan(&self) -> Vec<String> {
@@ -440,14 +553,27 @@ impl Acceptor {
         let Some(accepted) = self.wheel_dict("key.accept_dict", &ids).await else {
             return;
         };
+        let accept: Vec<Server> = accept
+            .into_iter()
+            .filter(|server| {
+                let ok = accepted.contains(&server.minion_id);
+                if !ok {
+                    warn!(message = "The master did not accept the key.", minion_id = %server.minion_id);
+                }
+                ok
+            })
+            .collect();
+        // `accept_dict` accepts whatever is pending at the time of the call:
+        // a key presented anew since it was compared is checked again.
+        let stale = stale_accepted(&self.config.pki_dir, accept.clone()).await;
         for server in accept {
-            if !accepted.contains(&server.minion_id) {
-                warn!(message = "The master did not accept the key.", minion_id = %server.minion_id);
+            if stale.iter().any(|(s, _)| s.minion_id == server.minion_id) {
                 continue;
             }
             info!(message = "Minion key verified and accepted.", minion_id = %server.minion_id, server = %server.name);
             self.fx.registered(&server).await;
         }
+        self.retire(stale).await;
     }
 
     async fn decision(&self, id: &str) -> Decision {

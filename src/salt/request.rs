@@ -191,6 +191,15 @@ impl ReqClient {
         }
     }
 
+    /// The master restarted (its bus reconnected): pooled ZeroMQ sockets
+    /// to the old process are dropped, so the next request connects afresh
+    /// instead of waiting out its timeout on a dead peer.
+    pub fn reset(&self) {
+        if let Channel::Zmq(pool) = &self.inner.channel {
+            pool.epoch.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
     /// The per-request timeout.
     pub fn timeout(&self) -> Duration {
         self.inner.timeout

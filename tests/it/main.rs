@@ -12,6 +12,7 @@ mod daemon;
 mod failover;
 mod job_reconcile;
 mod pki;
+mod reconcile;
 mod registry;
 mod rules;
 mod salt_client;
