@@ -10,22 +10,23 @@
 //! - [`registry`]: server models, servers and the outbox of their changes (SQLite or PostgreSQL).
 //! - [`rules`]: reactor rules from YAML files, hot-reloaded (match, render, run, report).
 //! - [`lifecycle`]: a server's key across registry, key files and master (rekey, retire, bundle).
-//! - [`service_bus`]: registry requests on the bus (parse, trust, serve).
-//! - [`daemon`]: the long-running process (request server, outbox dispatcher).
+//! - [`api`]: inbound requests (the registry on the bus: parse, receipts, serve).
+//! - [`dispatch`]: intent into Salt actions (acceptor, outbox notifier).
+//! - [`daemon`]: the long-running process: a supervisor of named components, signals.
 //! - [`telemetry`]: logging and the one place each occurrence is logged.
 //! - [`cli`]: the command line.
 
-pub mod acceptor;
+pub mod api;
 pub mod bus;
 pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod daemon;
+pub mod dispatch;
 pub mod lifecycle;
 pub mod master_config;
 pub mod pki;
 pub mod registry;
 pub mod rules;
 pub mod salt;
-pub mod service_bus;
 pub mod telemetry;

@@ -30,11 +30,11 @@ pub enum TaskName {
     EventWriter,
     /// Routes job returns to their callers (`salt::JobTracker`).
     JobTracker,
-    /// Registry requests on the bus (`service_bus`).
+    /// Registry requests on the bus (`api::server`).
     RequestServer,
     /// Fires the registry's changes from the outbox.
     OutboxNotifier,
-    /// Verified auto-accept, presence, first-start states (`acceptor`).
+    /// Verified auto-accept, presence, first-start states (`dispatch::accept`).
     Acceptor,
     /// Keeps pre-generated key pairs in the pool.
     KeyPool,

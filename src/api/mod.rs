@@ -1,0 +1,11 @@
+//! Inbound requests: the registry on the master's event bus today, HTTP
+//! later; both end in the same operations (`registry::Service`,
+//! `lifecycle`) and the same error codes (`registry::Error::code`).
+//!
+//! - [`bus`]: a request event parsed (tag → entity/op, `request_id`,
+//!   origin, payload digest), its receipt, the job-cache confirmation, the
+//!   reply.
+//! - [`server`]: the request-server component that runs them.
+
+pub mod bus;
+pub mod server;

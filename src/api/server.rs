@@ -1,0 +1,293 @@
+//! The request server: registry requests on the bus ([`super::bus`]) —
+//! who may ask what, receipts confirmed from the master's job cache, up to
+//! [`MAX_REQUESTS_IN_FLIGHT`] answered at once, replies.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, PoisonError};
+use std::time::Duration;
+
+use serde_json::Value as Json;
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::warn;
+
+use super::bus::{self as service_bus, Corroborations, Pairing, Receipt, Request};
+use crate::bus::{BusItem, Firer, Origin, Subscription};
+use crate::registry::{DbStore, Service};
+use crate::salt::SaltClient;
+
+/// Registry requests answered at the same time.
+pub const MAX_REQUESTS_IN_FLIGHT: usize = 64;
+
+/// Serves registry requests from the bus: who may ask what, receipts paired
+/// and confirmed from the job cache (see [`super::bus`]), replies.
+pub async fn serve_requests(
+    mut sub: Subscription,
+    answering: Answering,
+    trusted: HashSet<String>,
+    cancel: CancellationToken,
+) {
+    let mut corroborations = Corroborations::default();
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        let item = tokio::select! {
+            _ = cancel.cancelled() => return answering.drain().await,
+            _ = tick.tick() => None,
+            item = sub.recv() => match item {
+                Some(item) => Some(item),
+                None => return answering.drain().await,
+            },
+        };
+        let now = tokio::time::Instant::now();
+        if let Some(BusItem::Event(event)) = item {
+            if let Some(receipt) = service_bus::receipt_of(&event) {
+                if let Some((req, receipt)) = corroborations.receipt(receipt, now) {
+                    answering.start_confirmed(req, receipt).await;
+                }
+                continue;
+            }
+            match service_bus::parse(&event) {
+                None => {}
+                Some(Err(bad)) => {
+                    warn!(message = "Malformed registry request.", tag = %event.tag, request_id = ?bad.request_id, reason = %bad.message);
+                    if let Some(id) = &bad.request_id {
+                        let reply_data = service_bus::error_reply("bad_request", &bad.message);
+                        answering.reply(id, &reply_data).await;
+                    }
+                }
+                Some(Ok(req)) => match (&req.origin, req.op) {
+                    // A lookup changes nothing: anyone may ask.
+                    (_, service_bus::Op::Find) => answering.start(req).await,
+                    (Origin::Minion(id), _) if !trusted.contains(id) => {
+                        warn!(message = "Registry request refused: minion not trusted.", minion_id = %id, tag = %req.tag);
+                        let msg = format!(
+                            "minion {id} is not in trusted_minions; the registry was not changed"
+                        );
+                        answering
+                            .refuse(&req, "untrusted_sender", &msg, false)
+                            .await;
+                    }
+                    // A trusted minion's (claimed) or unwrapped: needs its receipt.
+                    _ => match corroborations.request(req, now) {
+                        Pairing::Paired(req, receipt) => {
+                            answering.start_confirmed(req, receipt).await
+                        }
+                        Pairing::Waiting { evicted: None } => {}
+                        Pairing::Waiting { evicted: Some(old) } => {
+                            let twin = corroborations.waiting_with_id(&old.request_id);
+                            answering
+                                .unverified(
+                                    &old,
+                                    "too many requests waiting for their receipt",
+                                    twin,
+                                )
+                                .await
+                        }
+                    },
+                },
+            }
+        }
+        // Requests whose receipt never came.
+        for req in corroborations.expired(now) {
+            let twin = corroborations.waiting_with_id(&req.request_id);
+            answering
+                .unverified(&req, "no receipt (salt/run/<jid>/new of salt-run event.send, or the trusted minion's event.send return) came", twin)
+                .await;
+        }
+    }
+}
+
+/// Runs accepted requests, up to [`MAX_REQUESTS_IN_FLIGHT`] at a time, so that
+/// a burst of creates is group-committed by the registry. No order between
+/// requests is promised (as with any request over the bus): a caller that
+/// needs one waits for the reply before sending the next.
+pub struct Answering {
+    service: Arc<Service<DbStore>>,
+    firer: Firer,
+    changed: Arc<Notify>,
+    slots: Arc<Semaphore>,
+    /// Where each request's task runs (the supervisor waits for them).
+    helpers: TaskTracker,
+    salt: SaltClient,
+    pki_dir: PathBuf,
+    /// Request ids served lately: a refusal of another request with the
+    /// same id (a forgery, or a replay) is not fired on the same reply tag.
+    served: Arc<std::sync::Mutex<VecDeque<String>>>,
+    /// Request ids being confirmed or served now, with how many.
+    busy: BusyIds,
+}
+
+type BusyIds = Arc<std::sync::Mutex<HashMap<String, usize>>>;
+
+/// Marks a request id busy in [`Answering`] while it lives.
+struct Busy {
+    ids: BusyIds,
+    id: String,
+}
+
+impl Busy {
+    fn enter(ids: &BusyIds, id: &str) -> Self {
+        *ids.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(id.to_owned())
+            .or_default() += 1;
+        Self {
+            ids: ids.clone(),
+            id: id.to_owned(),
+        }
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let mut ids = self.ids.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = ids.get_mut(&self.id) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                ids.remove(&self.id);
+            }
+        }
+    }
+}
+
+/// How many served request ids [`Answering`] remembers.
+const SERVED_MEMORY: usize = 4096;
+
+impl Answering {
+    /// Answers requests through `service` (and `salt` for confirmations,
+    /// with the master's `pki_dir`), replies through `firer`, wakes the
+    /// outbox notifier with `changed`, runs each request on `helpers`.
+    pub fn new(
+        service: Arc<Service<DbStore>>,
+        firer: Firer,
+        changed: Arc<Notify>,
+        salt: SaltClient,
+        pki_dir: PathBuf,
+        helpers: TaskTracker,
+    ) -> Self {
+        Self {
+            service,
+            firer,
+            changed,
+            slots: Arc::new(Semaphore::new(MAX_REQUESTS_IN_FLIGHT)),
+            helpers,
+            salt,
+            pki_dir,
+            served: Arc::default(),
+            busy: Arc::default(),
+        }
+    }
+
+    /// Starts answering `req`; waits for a free slot first (backpressure: the
+    /// bus queue absorbs, and counts, what cannot wait).
+    async fn start(&self, req: Request) {
+        self.start_with(req, None).await;
+    }
+
+    /// Confirms `receipt` from the job cache, then answers `req` (or refuses it).
+    async fn start_confirmed(&self, req: Request, receipt: Receipt) {
+        self.start_with(req, Some(receipt)).await;
+    }
+
+    async fn start_with(&self, req: Request, receipt: Option<Receipt>) {
+        let Ok(slot) = self.slots.clone().acquire_owned().await else {
+            return;
+        };
+        let me = self.clone_handles();
+        let busy = Busy::enter(&self.busy, &req.request_id);
+        self.helpers.spawn(async move {
+            if let Some(receipt) = receipt {
+                let deadline = crate::clock::deadline_in(service_bus::CONFIRM_WAIT);
+                if let Err(why) =
+                    service_bus::confirm(&me.salt, &me.pki_dir, &req, &receipt, deadline).await
+                {
+                    warn!(message = "Registry request refused: its receipt is not confirmed by the master's job cache.", tag = %req.tag, request_id = %req.request_id, jid = %receipt.jid, reason = %why);
+                    drop(busy);
+                    me.unverified(&req, &why, false).await;
+                    drop(slot);
+                    return;
+                }
+            }
+            if req.op != service_bus::Op::Find {
+                me.remember_served(&req.request_id);
+            }
+            let result = service_bus::serve(&me.service, &req).await;
+            if req.op != service_bus::Op::Find && result.get("ok") == Some(&Json::Bool(true)) {
+                me.changed.notify_one();
+            }
+            me.reply(&req.request_id, &result).await;
+            drop(busy);
+            drop(slot);
+        });
+    }
+
+    fn clone_handles(&self) -> Self {
+        Self {
+            service: self.service.clone(),
+            firer: self.firer.clone(),
+            changed: self.changed.clone(),
+            slots: self.slots.clone(),
+            helpers: self.helpers.clone(),
+            salt: self.salt.clone(),
+            pki_dir: self.pki_dir.clone(),
+            served: self.served.clone(),
+            busy: self.busy.clone(),
+        }
+    }
+
+    fn remember_served(&self, request_id: &str) {
+        let mut served = self.served.lock().unwrap_or_else(PoisonError::into_inner);
+        if served.len() >= SERVED_MEMORY {
+            served.pop_front();
+        }
+        served.push_back(request_id.to_owned());
+    }
+
+    fn was_served(&self, request_id: &str) -> bool {
+        self.served
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .any(|id| id == request_id)
+    }
+
+    /// Refuses `req` with `code`, unless another request with its id was
+    /// served, is in hand, or (`twin`) waits for its receipt: that one's
+    /// reply is the one for the id; this refusal is logged only.
+    async fn refuse(&self, req: &Request, code: &str, message: &str, twin: bool) {
+        let busy = self
+            .busy
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(&req.request_id);
+        if self.was_served(&req.request_id) || busy || twin {
+            warn!(message = "Registry request refused, not answered: another request with its id was served or is in hand.", tag = %req.tag, request_id = %req.request_id, code);
+            return;
+        }
+        self.reply(&req.request_id, &service_bus::error_reply(code, message))
+            .await;
+    }
+
+    /// Refuses a request not verified as the master's or a trusted minion's.
+    async fn unverified(&self, req: &Request, why: &str, twin: bool) {
+        warn!(message = "Registry request refused: sender not verified.", tag = %req.tag, request_id = %req.request_id, origin = req.origin.as_str(), reason = why);
+        let msg = format!(
+            "request not verified as fired on the master or by a trusted minion ({why}; use `salt-run event.send`, or a trusted minion's `salt-call event.send`); the registry was not changed"
+        );
+        self.refuse(req, "unverified_sender", &msg, twin).await;
+    }
+
+    /// Waits for the requests in hand (bounded by the daemon's grace period).
+    async fn drain(&self) {
+        let all = u32::try_from(MAX_REQUESTS_IN_FLIGHT).unwrap_or(u32::MAX);
+        let _ = self.slots.acquire_many(all).await;
+    }
+
+    async fn reply(&self, request_id: &str, data: &Json) {
+        self.firer
+            .fire_or_warn(&service_bus::reply_tag(request_id), data)
+            .await;
+    }
+}
