@@ -16,17 +16,17 @@
 //! - [`telemetry`]: logging and the one place each occurrence is logged.
 //! - [`cli`]: the command line.
 
-pub mod api;
+pub(crate) mod api;
 pub mod bus;
 pub mod cli;
-pub mod clock;
+pub(crate) mod clock;
 pub mod config;
-pub mod daemon;
-pub mod dispatch;
-pub mod lifecycle;
+pub(crate) mod daemon;
+pub(crate) mod dispatch;
+pub(crate) mod lifecycle;
 pub mod master_config;
 pub mod pki;
 pub mod registry;
 pub mod rules;
 pub mod salt;
-pub mod telemetry;
+pub(crate) mod telemetry;

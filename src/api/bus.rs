@@ -467,6 +467,7 @@ impl<T> Pool<T> {
         }
     }
 
+    #[cfg(test)]
     fn len(&self) -> usize {
         self.len
     }
@@ -541,7 +542,8 @@ impl Corroborations {
         self.waiting.any(|r| r.request_id == request_id)
     }
 
-    /// How many requests and receipts are waiting.
+    /// How many requests and receipts are waiting (tests check the bounds).
+    #[cfg(test)]
     pub fn len(&self) -> (usize, usize) {
         (self.waiting.len(), self.receipts.len())
     }

@@ -26,7 +26,7 @@
 mod signals;
 pub mod supervisor;
 
-pub use supervisor::{Supervisor, SupervisorError, TaskName};
+pub use supervisor::{Supervisor, TaskName};
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -43,18 +43,6 @@ pub enum TaskName {
 }
 
 impl TaskName {
-    /// Every component, for lookups by name.
-    pub const ALL: [TaskName; 8] = [
-        Self::BusReader,
-        Self::EventWriter,
-        Self::JobTracker,
-        Self::RequestServer,
-        Self::OutboxNotifier,
-        Self::Acceptor,
-        Self::KeyPool,
-        Self::Rules,
-    ];
-
     /// The name in logs (`bus-reader` …).
     pub fn as_str(self) -> &'static str {
         match self {

@@ -246,6 +246,31 @@ fn watch_pending(dir: &Path, tx: mpsc::Sender<Trigger>) -> Option<notify::Recomm
     }
 }
 
+/// Writes each `(minion id, key)` into `<pki_dir>/minions/` unless the master
+/// already holds a key of any kind for that id (blocking: file I/O, fsync).
+fn install_missing(pki_dir: &Path, keys: Vec<(String, String)>) {
+    for (id, key) in keys {
+        let held = [
+            "minions",
+            "minions_pre",
+            "minions_rejected",
+            "minions_denied",
+        ]
+        .iter()
+        .any(|d| pki_dir.join(d).join(&id).exists());
+        if held {
+            continue;
+        }
+        let path = pki_dir.join("minions").join(&id);
+        match crate::pki::files::create_public(&path, &key) {
+            Ok(()) => {
+                info!(message = "Key accepted on another master installed here.", minion_id = %id)
+            }
+            Err(error) => warn!(message = "Key not installed.", minion_id = %id, %error),
+        }
+    }
+}
+
 /// The servers among `servers` for which `<pki_dir>/minions/<id>` holds a
 /// key other than the issued one, with that key; read on the blocking pool.
 async fn stale_accepted(pki_dir: &Path, servers: Vec<Server>) -> Vec<(Server, String)> {
@@ -412,33 +437,16 @@ impl Acceptor {
                 return;
             }
         };
-        for server in servers.iter().filter(|s| wanted(s.status)) {
-            let Some(key) = &server.public_key else {
-                continue;
-            };
-            if !safe_id(&server.minion_id) {
-                continue;
-            }
-            let held = [
-                "minions",
-                "minions_pre",
-                "minions_rejected",
-                "minions_denied",
-            ]
+        let install: Vec<(String, String)> = servers
             .iter()
-            .any(|d| self.config.pki_dir.join(d).join(&server.minion_id).exists());
-            if held {
-                continue;
-            }
-            let path = self.config.pki_dir.join("minions").join(&server.minion_id);
-            match crate::pki::files::create_public(&path, &clean_key(key)) {
-                Ok(()) => {
-                    info!(message = "Key accepted on another master installed here.", minion_id = %server.minion_id)
-                }
-                Err(error) => {
-                    warn!(message = "Key not installed.", minion_id = %server.minion_id, %error)
-                }
-            }
+            .filter(|s| wanted(s.status) && safe_id(&s.minion_id))
+            .filter_map(|s| Some((s.minion_id.clone(), clean_key(s.public_key.as_deref()?))))
+            .collect();
+        // File checks and the fsync'd writes run on the blocking pool.
+        let pki_dir = self.config.pki_dir.clone();
+        let installing = tokio::task::spawn_blocking(move || install_missing(&pki_dir, install));
+        if let Err(error) = installing.await {
+            warn!(message = "Keys accepted elsewhere not installed.", %error);
         }
         // A key another master's rekey replaced is retired here too.
         let stale = stale_accepted(&self.config.pki_dir, servers).await;
