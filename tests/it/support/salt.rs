@@ -51,8 +51,37 @@ pub fn salt_version() -> (u32, u32) {
 
 /// A free TCP port on 127.0.0.1 (the kernel picks it; it is released at once).
 pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("binding an ephemeral loopback port");
-    l.local_addr().expect("local addr").port()
+    // nextest runs each test in a process of its own: a port freed here could
+    // be handed to a parallel test before our master binds it. Each port is
+    // therefore reserved by a file naming this process; a reservation whose
+    // process has exited is taken over.
+    let dir = std::env::temp_dir().join("salt-steward-test-ports");
+    fs::create_dir_all(&dir).expect("creating the port reservation directory");
+    let me = std::process::id().to_string();
+    loop {
+        let l = TcpListener::bind("127.0.0.1:0").expect("binding an ephemeral loopback port");
+        let port = l.local_addr().expect("local addr").port();
+        let file = dir.join(port.to_string());
+        let reserved = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&file)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, me.as_bytes()));
+        match reserved {
+            Ok(()) => return port,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let owner = fs::read_to_string(&file).unwrap_or_default();
+                let alive = !owner.is_empty() && Path::new("/proc").join(owner.trim()).exists();
+                if !alive || owner.trim() == me {
+                    // Stale (or our own from an earlier call): take it over.
+                    if fs::write(&file, &me).is_ok() && owner.trim() != me {
+                        return port;
+                    }
+                }
+            }
+            Err(e) => panic!("reserving port {port} in {}: {e}", dir.display()),
+        }
+    }
 }
 
 /// How the master is set up.
