@@ -107,24 +107,37 @@ pub async fn rekey<S: Store>(
 /// `server`'s minion id other than the one issued for it (all of them that
 /// hold a key, when none was issued).
 pub fn stale_keys(pki_dir: &Path, server: &Server) -> Result<Vec<&'static str>, LifecycleError> {
-    let issued = server.public_key.as_deref().map(clean_key);
     let mut stale = Vec::new();
     for dir in KEY_DIRS {
-        let path = pki_dir.join(dir).join(&server.minion_id);
-        match std::fs::read_to_string(&path) {
-            Ok(held) if issued.as_deref() == Some(clean_key(&held).as_str()) => {}
-            Ok(_) => stale.push(dir),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(LifecycleError::MasterFile {
-                    path,
-                    source,
-                    hint: "",
-                })
-            }
+        if stale_key_in(pki_dir, dir, server)?.is_some() {
+            stale.push(dir);
         }
     }
     Ok(stale)
+}
+
+/// The key (clean_key'd) that `<pki_dir>/<dir>/<minion id>` holds for
+/// `server` when it is not the one issued for it (any key, when none was
+/// issued); `None` when it is the issued one or there is none.
+pub fn stale_key_in(
+    pki_dir: &Path,
+    dir: &str,
+    server: &Server,
+) -> Result<Option<String>, LifecycleError> {
+    let path = pki_dir.join(dir).join(&server.minion_id);
+    match std::fs::read_to_string(&path) {
+        Ok(held) => {
+            let held = clean_key(&held);
+            let issued = server.public_key.as_deref().map(clean_key);
+            Ok((issued.as_deref() != Some(held.as_str())).then_some(held))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(LifecycleError::MasterFile {
+            path,
+            source,
+            hint: "",
+        }),
+    }
 }
 
 /// Deletes, on the master, every key of `server`'s minion id that is not

@@ -103,6 +103,7 @@ pub async fn serve_requests(
 /// a burst of creates is group-committed by the registry. No order between
 /// requests is promised (as with any request over the bus): a caller that
 /// needs one waits for the reply before sending the next.
+#[derive(Clone)]
 pub struct Answering {
     service: Arc<Service<DbStore>>,
     firer: Firer,
@@ -195,7 +196,7 @@ impl Answering {
         let Ok(slot) = self.slots.clone().acquire_owned().await else {
             return;
         };
-        let me = self.clone_handles();
+        let me = self.clone();
         let busy = Busy::enter(&self.busy, &req.request_id);
         self.helpers.spawn(async move {
             if let Some(receipt) = receipt {
@@ -221,20 +222,6 @@ impl Answering {
             drop(busy);
             drop(slot);
         });
-    }
-
-    fn clone_handles(&self) -> Self {
-        Self {
-            service: self.service.clone(),
-            firer: self.firer.clone(),
-            changed: self.changed.clone(),
-            slots: self.slots.clone(),
-            helpers: self.helpers.clone(),
-            salt: self.salt.clone(),
-            pki_dir: self.pki_dir.clone(),
-            served: self.served.clone(),
-            busy: self.busy.clone(),
-        }
     }
 
     fn remember_served(&self, request_id: &str) {

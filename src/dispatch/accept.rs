@@ -58,6 +58,7 @@ use crate::bus::event::{AuthAct, EventKind};
 use crate::bus::Firer;
 use crate::bus::{BusItem, Subscription};
 use crate::config::{AcceptMode, UnknownMinions};
+use crate::lifecycle::{stale_key_in, KEY_DIRS};
 use crate::pki::{clean_key, fingerprint};
 use crate::registry::{DbStore, Server, ServerFilter, Service, Status};
 use crate::salt::{key_dict, Publish, SaltClient, TargetType};
@@ -250,14 +251,7 @@ fn watch_pending(dir: &Path, tx: mpsc::Sender<Trigger>) -> Option<notify::Recomm
 /// already holds a key of any kind for that id (blocking: file I/O, fsync).
 fn install_missing(pki_dir: &Path, keys: Vec<(String, String)>) {
     for (id, key) in keys {
-        let held = [
-            "minions",
-            "minions_pre",
-            "minions_rejected",
-            "minions_denied",
-        ]
-        .iter()
-        .any(|d| pki_dir.join(d).join(&id).exists());
+        let held = KEY_DIRS.iter().any(|d| pki_dir.join(d).join(&id).exists());
         if held {
             continue;
         }
@@ -274,17 +268,19 @@ fn install_missing(pki_dir: &Path, keys: Vec<(String, String)>) {
 /// The servers among `servers` for which `<pki_dir>/minions/<id>` holds a
 /// key other than the issued one, with that key; read on the blocking pool.
 async fn stale_accepted(pki_dir: &Path, servers: Vec<Server>) -> Vec<(Server, String)> {
-    let dir = pki_dir.join("minions");
+    let pki_dir = pki_dir.to_owned();
     let look = move || {
         servers
             .into_iter()
-            .filter_map(|s| {
-                let issued = clean_key(s.public_key.as_deref()?);
-                if !safe_id(&s.minion_id) {
-                    return None;
+            // Only servers with an issued key: for the others there is
+            // nothing to compare with.
+            .filter(|s| s.public_key.is_some() && safe_id(&s.minion_id))
+            .filter_map(|s| match stale_key_in(&pki_dir, "minions", &s) {
+                Ok(held) => held.map(|k| (s, k)),
+                Err(error) => {
+                    warn!(message = "Accepted key not compared.", minion_id = %s.minion_id, %error);
+                    None
                 }
-                let held = clean_key(&std::fs::read_to_string(dir.join(&s.minion_id)).ok()?);
-                (held != issued).then_some((s, held))
             })
             .collect()
     };
