@@ -43,6 +43,23 @@ fn config(h: &SaltHarness, mode: &str) -> PathBuf {
     )
 }
 
+/// Two configs, one per master, naming both masters and sharing one
+/// registry and one key store (the first master's).
+pub fn shared_configs(h1: &SaltHarness, h2: &SaltHarness) -> (PathBuf, PathBuf) {
+    let masters = format!(
+        "masters: [\"127.0.0.1:{}\", \"127.0.0.1:{}\"]\n",
+        h1.ret_port, h2.ret_port
+    );
+    let shared = format!(
+        "registry: sqlite://{root}/registry.db\nkeys: {{dir: {root}/keys, pool_size: 1}}\n",
+        root = h1.root().display()
+    );
+    (
+        steward_config(h1, &[], &format!("{masters}{shared}")),
+        steward_config(h2, &[], &format!("{masters}{shared}")),
+    )
+}
+
 pub fn add_server(cfg: &Path, name: &str) -> Value {
     let out = run_ok(cli(
         cfg,

@@ -1,25 +1,17 @@
 //! The daemon against a real master: registry requests on the bus, who may
 //! make them, and notifications of changes from the outbox.
 
-use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
 use crate::support::{
-    assert_ok, cli, json_line, run_ok, start_daemon, steward_config, wait_event_data,
-    watch_steward, LineChild, SaltHarness, T,
+    assert_ok, cli, json_line, reply, run_ok, server_names, start_daemon, steward_config,
+    watch_steward, with_registry_db, LineChild, SaltHarness, T,
 };
 
 fn tag_is(line: &str, tag: &str) -> bool {
     json_line(line)["tag"] == tag
-}
-
-/// Waits for the reply to `request_id`; on a timeout, shows what the daemon said.
-fn reply(w: &mut LineChild, daemon: &mut LineChild, request_id: &str) -> Value {
-    wait_event_data(w, daemon, &format!("steward/v1/reply/{request_id}"), |_| {
-        true
-    })
 }
 
 fn salt_run_send(h: &SaltHarness, tag: &str, data: Value) {
@@ -38,16 +30,6 @@ fn forge_unwrapped_create(h: &SaltHarness, request_id: &str, name: &str) {
     let batch = json!({"events": [{"tag": "steward/v1/server/create",
         "data": {"request_id": request_id, "name": name, "model": "web"}}]});
     fire_master_preload(h, "x/y", &batch);
-}
-
-fn server_names(config: &Path) -> Vec<String> {
-    let out = run_ok(cli(config, &["server", "list", "--json"]));
-    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
-    list.as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["name"].as_str().unwrap().to_owned())
-        .collect()
 }
 
 #[test]
@@ -212,12 +194,7 @@ fn a_change_made_while_the_daemon_is_down_is_notified_once() {
 
 /// Waits until the daemon's notifier has passed every outbox entry.
 fn wait_outbox_empty(h: &SaltHarness) {
-    let url = format!("sqlite://{}/registry.db", h.root().display());
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    with_registry_db(h, |url| async move {
         let service = salt_steward::registry::open(&url).await.unwrap();
         let deadline = std::time::Instant::now() + T;
         use salt_steward::registry::Store as _;
@@ -247,12 +224,7 @@ fn an_unreadable_outbox_row_is_quarantined_not_a_block() {
     let h = SaltHarness::start();
     let cfg = steward_config(&h, &[], "");
     run_ok(cli(&cfg, &["model", "add", "web"]));
-    let url = format!("sqlite://{}/registry.db", h.root().display());
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    with_registry_db(&h, |url| async move {
         let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
         sqlx::query(
             "INSERT INTO outbox (kind, server_id, payload, created_at) VALUES ('server.exploded', NULL, '{}', 0)",

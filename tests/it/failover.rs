@@ -8,25 +8,16 @@
 
 use std::path::Path;
 
-use crate::accept::{add_server, bundle, signing_master, wait_listed, wait_ping};
+use crate::accept::{add_server, bundle, shared_configs, signing_master, wait_listed, wait_ping};
 use crate::support::salt::install_bundle;
-use crate::support::{cli, run_ok, start_daemon, steward_config};
+use crate::support::{cli, run_ok, start_daemon};
 
 #[test]
 fn failover_between_two_masters_sharing_the_signing_pair() {
     let mut h1 = signing_master();
     let mut h2 = signing_master();
-    let masters = format!(
-        "masters: [\"127.0.0.1:{}\", \"127.0.0.1:{}\"]\n",
-        h1.ret_port, h2.ret_port
-    );
     // One registry and one key store (the first master's), two configs.
-    let shared = format!(
-        "registry: sqlite://{root}/registry.db\nkeys: {{dir: {root}/keys, pool_size: 1}}\n",
-        root = h1.root().display()
-    );
-    let cfg1 = steward_config(&h1, &[], &format!("{masters}{shared}"));
-    let cfg2 = steward_config(&h2, &[], &format!("{masters}{shared}"));
+    let (cfg1, cfg2) = shared_configs(&h1, &h2);
 
     // Share the first master's signing pair; each master signs its own key.
     let export = h1.root().join("signing-export");

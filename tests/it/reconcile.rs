@@ -5,7 +5,7 @@
 
 use serde_json::Value;
 
-use crate::accept::{add_server, signing_master};
+use crate::accept::{add_server, shared_configs, signing_master};
 use crate::support::{
     cli, json_line, run_ok, start_daemon, steward_config, watch_steward, LineChild, SaltHarness, T,
 };
@@ -108,17 +108,8 @@ fn a_stale_accepted_key_is_retired_at_start_up_and_after_a_reconnect() {
 fn a_rekey_through_one_master_retires_the_old_key_on_the_other() {
     let h1 = signing_master();
     let h2 = signing_master();
-    let masters = format!(
-        "masters: [\"127.0.0.1:{}\", \"127.0.0.1:{}\"]\n",
-        h1.ret_port, h2.ret_port
-    );
     // One registry and one key store (the first master's), two configs.
-    let shared = format!(
-        "registry: sqlite://{root}/registry.db\nkeys: {{dir: {root}/keys, pool_size: 1}}\n",
-        root = h1.root().display()
-    );
-    let cfg1 = steward_config(&h1, &[], &format!("{masters}{shared}"));
-    let cfg2 = steward_config(&h2, &[], &format!("{masters}{shared}"));
+    let (cfg1, cfg2) = shared_configs(&h1, &h2);
     run_ok(cli(&cfg1, &["model", "add", "web"]));
     let server = add_server(&cfg1, "rk01.example.org");
     let id = server["minion_id"].as_str().unwrap().to_owned();

@@ -17,7 +17,8 @@ use serde_json::{json, Value};
 
 use crate::accept::{add_server, listed};
 use crate::support::{
-    assert_ok, cli, json_line, run_ok, steward_config, wait_event_data, LineChild, SaltHarness, T,
+    assert_ok, cli, json_line, reply, run_ok, server_names, steward_config, wait_event_data,
+    LineChild, SaltHarness, T,
 };
 
 const ATTACKER: &str = "trust-a";
@@ -134,26 +135,10 @@ fn tag_of(line: &str) -> String {
         .to_owned()
 }
 
-fn server_names(cfg: &Path) -> Vec<String> {
-    let out = run_ok(cli(cfg, &["server", "list", "--json"]));
-    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
-    list.as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["name"].as_str().unwrap().to_owned())
-        .collect()
-}
-
 fn status(cfg: &Path, name: &str) -> Value {
     let out = run_ok(cli(cfg, &["server", "show", name, "--json"]));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     v["status"].clone()
-}
-
-fn reply(w: &mut LineChild, daemon: &mut LineChild, request_id: &str) -> Value {
-    wait_event_data(w, daemon, &format!("steward/v1/reply/{request_id}"), |_| {
-        true
-    })
 }
 
 #[test]

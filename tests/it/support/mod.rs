@@ -312,3 +312,36 @@ pub fn wait_event_data(
         }
     }
 }
+
+/// The names of the registry's servers (`server list --json`).
+pub fn server_names(config: &Path) -> Vec<String> {
+    let out = run_ok(cli(config, &["server", "list", "--json"]));
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Waits for the reply to `request_id`; on a timeout, shows what the daemon said.
+pub fn reply(w: &mut LineChild, daemon: &mut LineChild, request_id: &str) -> serde_json::Value {
+    wait_event_data(w, daemon, &format!("steward/v1/reply/{request_id}"), |_| {
+        true
+    })
+}
+
+/// Runs `f` on a registry database URL of harness `h` (the SQLite file the
+/// test configs name), on a runtime of its own.
+pub fn with_registry_db<F, Fut>(h: &SaltHarness, f: F)
+where
+    F: FnOnce(String) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let url = format!("sqlite://{}/registry.db", h.root().display());
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f(url));
+}
