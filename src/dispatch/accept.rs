@@ -174,12 +174,7 @@ pub async fn run(
             _ = retry.tick(), if state.retire_failed => { let _ = tx.try_send(Trigger::Reconcile); }
             item = sub.recv() => match item {
                 None => return,
-                Some(BusItem::Connected { reconnect }) => {
-                    if reconnect {
-                        // The master may have restarted: no request waits
-                        // on a connection to the old process.
-                        state.fx.salt.req().reset();
-                    }
+                Some(BusItem::Connected { .. }) => {
                     let _ = tx.try_send(Trigger::Scan);
                     let _ = tx.try_send(Trigger::Reconcile);
                 }

@@ -99,6 +99,8 @@ pub struct JobTracker {
     connected: watch::Receiver<bool>,
     /// Bumped at each reconnect or lag: events may have been missed.
     gaps: watch::Receiver<u64>,
+    /// Bumped at each reconnect: the master may have restarted.
+    reconnects: watch::Receiver<u64>,
 }
 
 impl JobTracker {
@@ -119,6 +121,7 @@ impl JobTracker {
         let recent_runs: Arc<Mutex<VecDeque<Arc<Event>>>> = Arc::default();
         let (connected_tx, connected) = watch::channel(false);
         let (gaps_tx, gaps) = watch::channel(0u64);
+        let (reconnects_tx, reconnects) = watch::channel(0u64);
         let (w, r) = (waiters.clone(), recent_runs.clone());
         let task = async move {
             loop {
@@ -132,6 +135,7 @@ impl JobTracker {
                         let _ = connected_tx.send(true);
                         if reconnect {
                             gaps_tx.send_modify(|g| *g += 1);
+                            reconnects_tx.send_modify(|r| *r += 1);
                         }
                     }
                     Some(BusItem::Disconnected { .. }) => {
@@ -147,8 +151,14 @@ impl JobTracker {
             recent_runs,
             connected,
             gaps,
+            reconnects,
         };
         (tracker, task)
+    }
+
+    /// How many bus reconnects the tracker has seen so far.
+    pub fn reconnects(&self) -> u64 {
+        *self.reconnects.borrow()
     }
 
     /// How many gaps (reconnects, lags) the tracker has seen so far.

@@ -11,9 +11,12 @@ pub mod jobs;
 pub mod request;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rmpv::Value;
+
 use serde::Serialize;
 use serde_json::{Map, Value as Json};
 
@@ -100,6 +103,8 @@ pub struct Published {
 pub struct SaltClient {
     req: ReqClient,
     tracker: JobTracker,
+    /// The tracker's reconnect count when the request pool was last reset.
+    reset_at: Arc<AtomicU64>,
 }
 
 /// A wheel call's result.
@@ -116,11 +121,21 @@ pub struct WheelResult {
 impl SaltClient {
     /// Combines a request client and a job tracker on the same master.
     pub fn new(req: ReqClient, tracker: JobTracker) -> Self {
-        Self { req, tracker }
+        Self {
+            req,
+            tracker,
+            reset_at: Arc::default(),
+        }
     }
 
-    /// The request client.
+    /// The request client. After a bus reconnect (the master may have
+    /// restarted) its pooled connections are reset first, so no request
+    /// waits out its timeout on a connection to the old process.
     pub fn req(&self) -> &ReqClient {
+        let now = self.tracker.reconnects();
+        if self.reset_at.swap(now, Ordering::AcqRel) != now {
+            self.req.reset();
+        }
         &self.req
     }
 
@@ -160,7 +175,7 @@ impl SaltClient {
             (Value::from("jid"), Value::from(jid.as_str())),
             (Value::from("kwargs"), Value::Map(kwargs)),
         ];
-        let reply = self.req.request(load, true).await?;
+        let reply = self.req().request(load, true).await?;
         let list = |key: &str| -> Vec<String> {
             map_get(&reply, key)
                 .and_then(Value::as_array)
@@ -252,7 +267,7 @@ impl SaltClient {
         arg: Vec<Json>,
         kwarg: Map<String, Json>,
     ) -> Result<WheelResult, RequestError> {
-        wheel(&self.req, fun, arg, kwarg).await
+        wheel(self.req(), fun, arg, kwarg).await
     }
 
     /// Calls a runner function and waits for its result on the bus.
@@ -271,7 +286,7 @@ impl SaltClient {
             (Value::from("fun"), Value::from(fun)),
             (Value::from("kwarg"), from_json(&low)),
         ];
-        let reply = self.req.request(load, true).await?;
+        let reply = self.req().request(load, true).await?;
         let jid = map_get(&reply, "jid").and_then(as_str).ok_or_else(|| {
             RequestError::BadReply(format!("runner {fun}: no jid in {}", to_json(&reply)))
         })?;
