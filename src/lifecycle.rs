@@ -252,6 +252,7 @@ mod tests {
             is_proxmox_host: false,
             proxmox_node: None,
             external_interface: None,
+            internal_network: None,
             nginx_proxy: None,
             samba_managed: false,
             samba_base_folder: None,

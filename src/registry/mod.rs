@@ -8,6 +8,9 @@
 //! - [`store`]: the [`Store`] trait, all of the SQL, and its two backends
 //!   (SQLite, PostgreSQL) running the very same queries.
 //! - [`outbox`]: the change log a dispatcher reads (at-least-once, idempotent).
+//! - [`inventory`]: port and hostname forwards (the records, validation).
+//! - [`dispatch`]: per (target server, state) what is wanted and what was
+//!   applied, for the inventory dispatcher.
 //!
 //! Schemas live in `migrations/sqlite/` and `migrations/postgres/`, embedded in
 //! the binary and applied when the registry is opened.
@@ -18,7 +21,9 @@
 //! later with the same hostname gets a different minion id, so a key issued for
 //! the old one can never be taken for the new one.
 
+pub mod dispatch;
 pub mod group_commit;
+pub mod inventory;
 pub mod outbox;
 pub mod service;
 pub mod store;
@@ -29,6 +34,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+pub use dispatch::{DispatchRun, DispatchStatus, DispatchTarget, StateKind};
+pub use inventory::{HostnameForward, HostnameForwardPatch, PortForward, PortForwardPatch, Proto};
 pub use outbox::{OutboxEntry, OutboxKind, OutboxRow};
 pub use service::{ModelPatch, ServerFilter, ServerPatch, Service};
 pub use store::{open, DbStore, Store};
@@ -140,6 +147,10 @@ pub struct Server {
     pub proxmox_node: Option<String>,
     /// Network interface facing the outside (for NAT), e.g. `vmbr0`.
     pub external_interface: Option<String>,
+    /// The internal network of this Proxmox host (CIDR, e.g. `10.0.0.0/24`),
+    /// masqueraded towards `external_interface`.
+    #[serde(default)]
+    pub internal_network: Option<String>,
     /// Id of the nginx reverse-proxy server of this Proxmox host.
     pub nginx_proxy: Option<i64>,
     /// Samba shares on this server are managed.
@@ -276,6 +287,50 @@ pub enum Error {
         /// The revision stored now.
         current: i64,
     },
+    /// A forward with the same key exists (one (host, protocol, source port),
+    /// one (proxy, domain, listen port)).
+    #[error("{what} is taken by {by}")]
+    DuplicateForward {
+        /// The key asked for.
+        what: String,
+        /// The forward holding it.
+        by: String,
+    },
+    /// A port forward's destination is not a guest of its host (or a hostname
+    /// forward's destination is not a guest at all).
+    #[error("server {dest:?} is not a guest of {host}")]
+    NotAGuest {
+        /// The destination.
+        dest: String,
+        /// The host it should run on.
+        host: String,
+    },
+    /// A port forward's host is not a Proxmox host ready for NAT.
+    #[error("server {name:?} cannot forward ports: {reason}")]
+    NotAHost {
+        /// The server.
+        name: String,
+        /// What it lacks, and how to give it.
+        reason: String,
+    },
+    /// A hostname forward's destination's host has no nginx proxy.
+    #[error(
+        "the host {host:?} of {dest:?} has no nginx proxy (server set {host} nginx_proxy=SERVER)"
+    )]
+    NoProxy {
+        /// The destination.
+        dest: String,
+        /// Its host.
+        host: String,
+    },
+    /// A change to a server would break the forwards that use it.
+    #[error("server {name:?} is used by {}: remove or move them first", by.join(", "))]
+    ServerReferenced {
+        /// The server.
+        name: String,
+        /// The forwards, described.
+        by: Vec<String>,
+    },
     /// The database failed (not a constraint the registry knows about).
     #[error("registry database, {op}: {source}")]
     Database {
@@ -300,6 +355,11 @@ impl Error {
             Error::Keys { .. } => "key_issue",
             Error::MinionIdTaken { .. } => "minion_id_taken",
             Error::Conflict { .. } => "conflict",
+            Error::DuplicateForward { .. } => "duplicate_forward",
+            Error::NotAGuest { .. } => "not_a_guest",
+            Error::NotAHost { .. } => "not_a_host",
+            Error::NoProxy { .. } => "no_proxy",
+            Error::ServerReferenced { .. } => "server_in_use",
             Error::Database { .. } => "database",
         }
     }

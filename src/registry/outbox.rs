@@ -50,16 +50,40 @@ pub enum OutboxKind {
     /// `model.deleted`; payload: the model as it was.
     #[serde(rename = "model.deleted")]
     ModelDeleted,
+    /// `forward.port.created`; payload: `inventory::ForwardChange` of the forward.
+    #[serde(rename = "forward.port.created")]
+    PortForwardCreated,
+    /// `forward.port.updated`; payload: the change, after.
+    #[serde(rename = "forward.port.updated")]
+    PortForwardUpdated,
+    /// `forward.port.deleted`; payload: the change, the forward as it was.
+    #[serde(rename = "forward.port.deleted")]
+    PortForwardDeleted,
+    /// `forward.hostname.created`; payload: the change.
+    #[serde(rename = "forward.hostname.created")]
+    HostnameForwardCreated,
+    /// `forward.hostname.updated`; payload: the change, after (targets: old and new proxy).
+    #[serde(rename = "forward.hostname.updated")]
+    HostnameForwardUpdated,
+    /// `forward.hostname.deleted`; payload: the change, the forward as it was.
+    #[serde(rename = "forward.hostname.deleted")]
+    HostnameForwardDeleted,
 }
 
 impl OutboxKind {
-    const ALL: [OutboxKind; 6] = [
+    const ALL: [OutboxKind; 12] = [
         OutboxKind::ServerCreated,
         OutboxKind::ServerUpdated,
         OutboxKind::ServerDeleted,
         OutboxKind::ModelCreated,
         OutboxKind::ModelUpdated,
         OutboxKind::ModelDeleted,
+        OutboxKind::PortForwardCreated,
+        OutboxKind::PortForwardUpdated,
+        OutboxKind::PortForwardDeleted,
+        OutboxKind::HostnameForwardCreated,
+        OutboxKind::HostnameForwardUpdated,
+        OutboxKind::HostnameForwardDeleted,
     ];
 
     /// The name stored in the `kind` column.
@@ -71,6 +95,12 @@ impl OutboxKind {
             OutboxKind::ModelCreated => "model.created",
             OutboxKind::ModelUpdated => "model.updated",
             OutboxKind::ModelDeleted => "model.deleted",
+            OutboxKind::PortForwardCreated => "forward.port.created",
+            OutboxKind::PortForwardUpdated => "forward.port.updated",
+            OutboxKind::PortForwardDeleted => "forward.port.deleted",
+            OutboxKind::HostnameForwardCreated => "forward.hostname.created",
+            OutboxKind::HostnameForwardUpdated => "forward.hostname.updated",
+            OutboxKind::HostnameForwardDeleted => "forward.hostname.deleted",
         }
     }
 }

@@ -11,6 +11,8 @@ use std::sync::Arc;
 
 use serde_json::Value as Json;
 
+mod forwards;
+
 use super::group_commit::GroupCommit;
 use super::store::{Filter, KeyColumns, ServerKey};
 use super::{Error, Server, ServerModel, ServerRef, Status, Store};
@@ -70,6 +72,8 @@ pub struct ServerPatch {
     pub proxmox_node: Option<Option<String>>,
     /// Interface facing the outside.
     pub external_interface: Option<Option<String>>,
+    /// The host's internal network (CIDR), masqueraded.
+    pub internal_network: Option<Option<String>>,
     /// This Proxmox host's nginx proxy.
     pub nginx_proxy: Option<Option<ServerRef>>,
     /// Samba managed.
@@ -93,6 +97,7 @@ pub const SERVER_KEYS: &[&str] = &[
     "is_proxmox_host",
     "proxmox_node",
     "external_interface",
+    "internal_network",
     "nginx_proxy",
     "samba_managed",
     "samba_base_folder",
@@ -118,6 +123,41 @@ fn parse_ip(field: &str, v: &str) -> Result<Option<IpAddr>, Error> {
     v.parse()
         .map(Some)
         .map_err(|_| Error::invalid(field, format!("{v:?} is not an IP address")))
+}
+
+/// A network in CIDR form (`10.0.0.0/24`, `fd00::/64`), host bits zero;
+/// empty clears.
+pub fn parse_cidr(field: &str, v: &str) -> Result<Option<String>, Error> {
+    if v.is_empty() {
+        return Ok(None);
+    }
+    let bad = |why: &str| {
+        Error::invalid(
+            field,
+            format!("{v:?} is not a network in CIDR form ({why})"),
+        )
+    };
+    let (addr, len) = v.split_once('/').ok_or_else(|| bad("no /prefix"))?;
+    let addr: IpAddr = addr.parse().map_err(|_| bad("bad address"))?;
+    let len: u32 = len.parse().map_err(|_| bad("bad prefix length"))?;
+    let (bits, max) = match addr {
+        IpAddr::V4(a) => (u128::from(u32::from(a)) << 96, 32),
+        IpAddr::V6(a) => (u128::from(a), 128),
+    };
+    if len > max {
+        return Err(bad("prefix too long"));
+    }
+    // The address sits in the top bits either way: the host part is the
+    // low `128 - len` bits.
+    let host_mask = if len == 0 {
+        u128::MAX
+    } else {
+        (1u128 << (128 - len)) - 1
+    };
+    if bits & host_mask != 0 {
+        return Err(bad("host bits set"));
+    }
+    Ok(Some(format!("{addr}/{len}")))
 }
 
 fn parse_ref(v: &str) -> Option<ServerRef> {
@@ -155,6 +195,7 @@ impl ServerPatch {
             "is_proxmox_host" => self.is_proxmox_host = Some(parse_bool(key, v)?),
             "proxmox_node" => self.proxmox_node = Some(opt_text(v)),
             "external_interface" => self.external_interface = Some(opt_text(v)),
+            "internal_network" => self.internal_network = Some(parse_cidr(key, v)?),
             "nginx_proxy" => self.nginx_proxy = Some(parse_ref(v)),
             "samba_managed" => self.samba_managed = Some(parse_bool(key, v)?),
             "samba_base_folder" => self.samba_base_folder = Some(opt_text(v)),
@@ -371,6 +412,7 @@ impl<S: Store> Service<S> {
             is_proxmox_host: false,
             proxmox_node: None,
             external_interface: None,
+            internal_network: None,
             nginx_proxy: None,
             samba_managed: false,
             samba_base_folder: None,
@@ -578,7 +620,9 @@ impl<S: Store> Service<S> {
             if let Some(n) = &patch.name {
                 s.name = validate_hostname(n)?;
             }
+            let before = s.clone();
             self.apply(&mut s, patch.clone()).await?;
+            self.check_forwards_kept(&before, &s).await?;
             match self.store.update_server(&s).await {
                 Err(Error::Conflict { .. }) if attempt < tries => continue,
                 done => return done,
@@ -586,9 +630,14 @@ impl<S: Store> Service<S> {
         }
     }
 
-    /// Deletes a server that is no other server's VM host or proxy.
+    /// Deletes a server that is no other server's VM host or proxy and that
+    /// no forward names (refused, naming them).
     pub async fn delete_server(&self, server: &ServerRef) -> Result<Server, Error> {
         let s = self.get_server(server).await?;
+        let by = self.store.forward_references(s.id).await?;
+        if !by.is_empty() {
+            return Err(Error::ServerReferenced { name: s.name, by });
+        }
         self.store.delete_server(s.id).await
     }
 
@@ -624,6 +673,9 @@ impl<S: Store> Service<S> {
         }
         if let Some(i) = p.external_interface {
             s.external_interface = i;
+        }
+        if let Some(n) = p.internal_network {
+            s.internal_network = n;
         }
         if let Some(r) = p.nginx_proxy {
             s.nginx_proxy = self.resolve("nginx_proxy", r).await?;
@@ -763,9 +815,11 @@ fn validate_server(s: &Server) -> Result<(), Error> {
             && i.len() <= MAX_IFNAME
             && i != "."
             && i != ".."
-            && !i
+            // What Linux allows, less what would need quoting in an nft or
+            // shell line: letters, digits, `.`, `_`, `-`, `@`.
+            && i
                 .bytes()
-                .any(|b| b == b'/' || b.is_ascii_whitespace() || b == b':');
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'@'));
         if !ok {
             return Err(Error::invalid(
                 "external_interface",

@@ -28,12 +28,16 @@ use sqlx::sqlite::{
 };
 use sqlx::Row as _;
 
+pub use self::dispatch::DispatchStore;
+pub use self::inventory::{InventoryStore, NewHostnameForward, NewPortForward};
+use super::dispatch::{Debounce, DispatchRun, DispatchStatus, DispatchTarget, Finish, StateKind};
+use super::inventory::{HostnameForward, PortForward};
 use super::outbox::{self, ConsumerStatus, OutboxRow, Quarantined};
 use super::{Error, OutboxKind, Server, ServerModel, Status};
 
 /// How the service reads and writes the registry. Writing methods append the
 /// outbox row of their change in the same transaction.
-pub trait Store: Send + Sync + Clone + 'static {
+pub trait Store: InventoryStore + DispatchStore + Send + Sync + Clone + 'static {
     /// Inserts a model (its `id` is ignored) and returns it with its id.
     fn insert_model(
         &self,
@@ -185,7 +189,8 @@ macro_rules! select_server {
             "SELECT s.id, s.name, m.name AS model, s.minion_id, s.key_fingerprint, s.status, ",
             "s.is_vm, s.vm_host, s.external_ip, s.internal_ip, s.is_proxmox_host, ",
             "s.proxmox_node, s.external_interface, s.nginx_proxy, s.samba_managed, ",
-            "s.samba_base_folder, s.users, s.public_key, s.revision, s.created_at, ",
+            "s.samba_base_folder, s.users, s.public_key, s.revision, s.internal_network, ",
+            "s.created_at, ",
             "s.updated_at ",
             "FROM servers s JOIN models m ON m.id = s.model_id ",
             $where
@@ -204,8 +209,8 @@ mod sql {
     pub const MODEL_USERS: &str = "SELECT COUNT(*) FROM servers WHERE model_id = $1";
     pub const DELETE_MODEL: &str = "DELETE FROM models WHERE id = $1";
 
-    /// Binds per server row: 17 fields and the time.
-    pub const PER_ROW: usize = 18;
+    /// Binds per server row: 18 fields and the time.
+    pub const PER_ROW: usize = 19;
 
     /// Inserts `rows` servers: `PER_ROW` binds per row, in the order of
     /// `bind_server_fields!`; returns `id, name` of each. The model is named,
@@ -216,7 +221,7 @@ mod sql {
             "INSERT INTO servers (name, model_id, minion_id, key_fingerprint, status, is_vm, \
              vm_host, external_ip, internal_ip, is_proxmox_host, proxmox_node, \
              external_interface, nginx_proxy, samba_managed, samba_base_folder, users, \
-             public_key, created_at, updated_at) VALUES ",
+             public_key, internal_network, created_at, updated_at) VALUES ",
         );
         for r in 0..rows {
             let b = r * PER_ROW;
@@ -250,15 +255,16 @@ mod sql {
         sql
     }
 
-    /// The patchable columns, bound by `bind_patch_fields!` (`$1`–`$14`,
-    /// `$15` time), `$16` the id, `$17` the revision the patch was made from.
+    /// The patchable columns, bound by `bind_patch_fields!` (`$1`–`$15`,
+    /// `$16` time), `$17` the id, `$18` the revision the patch was made from.
     /// The minion id and the key columns are not among them.
     pub const UPDATE_SERVER: &str = "UPDATE servers SET name = $1, \
          model_id = (SELECT id FROM models WHERE name = $2), status = $3, is_vm = $4, \
          vm_host = $5, external_ip = $6, internal_ip = $7, is_proxmox_host = $8, \
          proxmox_node = $9, external_interface = $10, nginx_proxy = $11, \
-         samba_managed = $12, samba_base_folder = $13, users = $14, updated_at = $15, \
-         revision = revision + 1 WHERE id = $16 AND revision = $17";
+         samba_managed = $12, samba_base_folder = $13, users = $14, \
+         internal_network = $15, updated_at = $16, \
+         revision = revision + 1 WHERE id = $17 AND revision = $18";
     /// A new key: public key, fingerprint, status, time; id and revision.
     pub const SET_SERVER_KEY: &str = "UPDATE servers SET public_key = $1, \
          key_fingerprint = $2, status = $3, updated_at = $4, revision = revision + 1 \
@@ -423,6 +429,7 @@ struct ServerRow {
     users: String,
     public_key: Option<String>,
     revision: i64,
+    internal_network: Option<String>,
     created_at: i64,
     updated_at: i64,
 }
@@ -449,6 +456,7 @@ impl ServerRow {
             samba_base_folder: self.samba_base_folder,
             public_key: self.public_key,
             revision: self.revision,
+            internal_network: self.internal_network,
             created_at: self.created_at,
             updated_at: self.updated_at,
         })
@@ -579,8 +587,8 @@ macro_rules! lock_outbox_order {
     };
 }
 
-/// Binds a server's 17 stored fields and the time, in the order
-/// `sql::insert_servers` (per row) and `sql::UPDATE_SERVER` use (`$1`–`$18`).
+/// Binds a server's 18 stored fields and the time, in the order
+/// `sql::insert_servers` (per row) uses (`$1`–`$19`).
 macro_rules! bind_server_fields {
     ($q:expr, $server:expr, $now:expr) => {
         $q.bind(&$server.name)
@@ -600,12 +608,13 @@ macro_rules! bind_server_fields {
             .bind(&$server.samba_base_folder)
             .bind(json_list(&$server.users)?)
             .bind(&$server.public_key)
+            .bind(&$server.internal_network)
             .bind($now)
     };
 }
 
 /// Binds the patchable fields of a server and the time, in the order of
-/// `sql::UPDATE_SERVER` (`$1`–`$15`).
+/// `sql::UPDATE_SERVER` (`$1`–`$16`).
 macro_rules! bind_patch_fields {
     ($q:expr, $server:expr, $now:expr) => {
         $q.bind(&$server.name)
@@ -622,6 +631,7 @@ macro_rules! bind_patch_fields {
             .bind($server.samba_managed)
             .bind(&$server.samba_base_folder)
             .bind(json_list(&$server.users)?)
+            .bind(&$server.internal_network)
             .bind($now)
     };
 }
@@ -719,6 +729,7 @@ macro_rules! store_impl {
                     users: r.try_get("users")?,
                     public_key: r.try_get("public_key")?,
                     revision: r.try_get("revision")?,
+                    internal_network: r.try_get("internal_network")?,
                     created_at: r.try_get("created_at")?,
                     updated_at: r.try_get("updated_at")?,
                 })
@@ -1346,6 +1357,133 @@ impl Store for DbStore {
     }
     async fn outbox_prune(&self) -> Result<u64, Error> {
         dispatch!(self, s => s.outbox_prune())
+    }
+}
+
+// The inventory and dispatcher SQL, in files of their own; declared here,
+// after the macros they use.
+mod dispatch;
+mod inventory;
+
+impl InventoryStore for DbStore {
+    async fn insert_port_forward(&self, f: &NewPortForward) -> Result<PortForward, Error> {
+        dispatch!(self, s => s.insert_port_forward(f))
+    }
+    async fn port_forward(&self, id: i64) -> Result<Option<PortForward>, Error> {
+        dispatch!(self, s => s.port_forward(id))
+    }
+    async fn port_forwards(&self, host_id: Option<i64>) -> Result<Vec<PortForward>, Error> {
+        dispatch!(self, s => s.port_forwards(host_id))
+    }
+    async fn update_port_forward(&self, f: &PortForward) -> Result<PortForward, Error> {
+        dispatch!(self, s => s.update_port_forward(f))
+    }
+    async fn delete_port_forward(&self, id: i64) -> Result<PortForward, Error> {
+        dispatch!(self, s => s.delete_port_forward(id))
+    }
+    async fn insert_hostname_forward(
+        &self,
+        f: &NewHostnameForward,
+    ) -> Result<HostnameForward, Error> {
+        dispatch!(self, s => s.insert_hostname_forward(f))
+    }
+    async fn hostname_forward(&self, id: i64) -> Result<Option<HostnameForward>, Error> {
+        dispatch!(self, s => s.hostname_forward(id))
+    }
+    async fn hostname_forwards(
+        &self,
+        proxy_id: Option<i64>,
+    ) -> Result<Vec<HostnameForward>, Error> {
+        dispatch!(self, s => s.hostname_forwards(proxy_id))
+    }
+    async fn update_hostname_forward(
+        &self,
+        f: &HostnameForward,
+        previous_proxy: i64,
+    ) -> Result<HostnameForward, Error> {
+        dispatch!(self, s => s.update_hostname_forward(f, previous_proxy))
+    }
+    async fn delete_hostname_forward(&self, id: i64) -> Result<HostnameForward, Error> {
+        dispatch!(self, s => s.delete_hostname_forward(id))
+    }
+    async fn forward_references(&self, id: i64) -> Result<Vec<String>, Error> {
+        dispatch!(self, s => s.forward_references(id))
+    }
+}
+
+impl DispatchStore for DbStore {
+    async fn dispatch_bump(
+        &self,
+        consumer: &str,
+        outbox_id: i64,
+        targets: &[(i64, StateKind)],
+        debounce: Debounce,
+    ) -> Result<(), Error> {
+        dispatch!(self, s => s.dispatch_bump(consumer, outbox_id, targets, debounce))
+    }
+    async fn dispatch_affected(&self, id: i64) -> Result<Vec<(i64, StateKind)>, Error> {
+        dispatch!(self, s => s.dispatch_affected(id))
+    }
+    async fn dispatch_recover(&self) -> Result<u64, Error> {
+        dispatch!(self, s => s.dispatch_recover())
+    }
+    async fn dispatch_due(&self, now: i64, limit: i64) -> Result<Vec<DispatchTarget>, Error> {
+        dispatch!(self, s => s.dispatch_due(now, limit))
+    }
+    async fn dispatch_next_due(&self) -> Result<Option<i64>, Error> {
+        dispatch!(self, s => s.dispatch_next_due())
+    }
+    async fn dispatch_claim(
+        &self,
+        server_id: i64,
+        state: StateKind,
+        revision: i64,
+        jid: &str,
+    ) -> Result<Option<DispatchTarget>, Error> {
+        dispatch!(self, s => s.dispatch_claim(server_id, state, revision, jid))
+    }
+    async fn dispatch_unchanged(
+        &self,
+        server_id: i64,
+        state: StateKind,
+        revision: i64,
+    ) -> Result<bool, Error> {
+        dispatch!(self, s => s.dispatch_unchanged(server_id, state, revision))
+    }
+    async fn dispatch_wait(
+        &self,
+        server_id: i64,
+        state: StateKind,
+        reason: &str,
+    ) -> Result<bool, Error> {
+        dispatch!(self, s => s.dispatch_wait(server_id, state, reason))
+    }
+    async fn dispatch_finish(
+        &self,
+        server_id: i64,
+        state: StateKind,
+        jid: &str,
+        finish: &Finish,
+    ) -> Result<Option<DispatchTarget>, Error> {
+        dispatch!(self, s => s.dispatch_finish(server_id, state, jid, finish))
+    }
+    async fn dispatch_targets(
+        &self,
+        status: Option<DispatchStatus>,
+    ) -> Result<Vec<DispatchTarget>, Error> {
+        dispatch!(self, s => s.dispatch_targets(status))
+    }
+    async fn dispatch_targets_of(&self, server_id: i64) -> Result<Vec<DispatchTarget>, Error> {
+        dispatch!(self, s => s.dispatch_targets_of(server_id))
+    }
+    async fn dispatch_runs(&self, server_id: i64, limit: i64) -> Result<Vec<DispatchRun>, Error> {
+        dispatch!(self, s => s.dispatch_runs(server_id, limit))
+    }
+    async fn dispatch_retry(&self, server_id: i64, state: Option<StateKind>) -> Result<u64, Error> {
+        dispatch!(self, s => s.dispatch_retry(server_id, state))
+    }
+    async fn dispatch_drift(&self, cutoff: i64) -> Result<u64, Error> {
+        dispatch!(self, s => s.dispatch_drift(cutoff))
     }
 }
 

@@ -1142,3 +1142,318 @@ fn registry_cli_adds_shows_sets_and_removes() {
     let (_, out, _) = run(&["model", "list", "--json"]);
     assert_eq!(out.trim(), "[]");
 }
+
+// ------------------------------------------------ inventory (issue #12)
+
+/// Port and hostname forwards: every refusal its own error, nothing written
+/// (no forward, no outbox row); the database refuses what the service would;
+/// deleting or moving a server that forwards name is refused, naming them;
+/// the dispatcher's records bump, claim and finish by compare-and-set.
+async fn inventory_story(svc: Service<DbStore>) {
+    use registry::dispatch::{Debounce, Finish};
+    use registry::store::DispatchStore as _;
+    use registry::{DispatchStatus, Proto, StateKind};
+    svc.create_model("vm", "", &[]).await.unwrap();
+    let mk = |pairs: &[(&str, &str)]| patch(pairs);
+    let host = svc
+        .create_server(mk(&[
+            ("name", "pve1"),
+            ("model", "vm"),
+            ("is_proxmox_host", "true"),
+            ("external_interface", "vmbr0"),
+            ("internal_network", "10.99.0.0/24"),
+        ]))
+        .await
+        .unwrap();
+    let bare = svc
+        .create_server(mk(&[
+            ("name", "pve2"),
+            ("model", "vm"),
+            ("is_proxmox_host", "true"),
+        ]))
+        .await
+        .unwrap();
+    let vm = svc
+        .create_server(mk(&[
+            ("name", "vm1"),
+            ("model", "vm"),
+            ("is_vm", "true"),
+            ("vm_host", "pve1"),
+            ("internal_ip", "10.99.0.5"),
+        ]))
+        .await
+        .unwrap();
+    let other = svc
+        .create_server(mk(&[
+            ("name", "vm2"),
+            ("model", "vm"),
+            ("is_vm", "true"),
+            ("vm_host", "pve2"),
+            ("internal_ip", "10.98.0.5"),
+        ]))
+        .await
+        .unwrap();
+    let h = ServerRef::Name("pve1".into());
+    let v = ServerRef::Name("vm1".into());
+    let pf = svc
+        .create_port_forward(&h, &v, Proto::Tcp, 2222, 22)
+        .await
+        .unwrap();
+    assert_eq!((pf.host.as_str(), pf.dest.as_str()), ("pve1", "vm1"));
+    assert_eq!(pf.dest_ip, Some("10.99.0.5".parse().unwrap()));
+    // The same port on another protocol is another forward.
+    svc.create_port_forward(&h, &v, Proto::Udp, 2222, 53)
+        .await
+        .unwrap();
+    let forwards = || async { svc.list_port_forwards(None).await.unwrap().len() };
+    refused!(
+        svc,
+        "duplicate_forward",
+        svc.create_port_forward(&h, &v, Proto::Tcp, 2222, 80)
+    );
+    refused!(
+        svc,
+        "not_a_guest",
+        svc.create_port_forward(&h, &ServerRef::Name("vm2".into()), Proto::Tcp, 3333, 80)
+    );
+    refused!(
+        svc,
+        "not_a_host",
+        svc.create_port_forward(
+            &ServerRef::Name("pve2".into()),
+            &ServerRef::Name("vm2".into()),
+            Proto::Tcp,
+            1,
+            1
+        )
+    );
+    refused!(
+        svc,
+        "invalid_value",
+        svc.create_port_forward(&h, &v, Proto::Tcp, 0, 22)
+    );
+    refused!(
+        svc,
+        "invalid_value",
+        svc.create_port_forward(&h, &v, Proto::Tcp, 22, 65536)
+    );
+    refused!(
+        svc,
+        "not_found",
+        svc.create_port_forward(&ServerRef::Name("nope".into()), &v, Proto::Tcp, 22, 22)
+    );
+    assert_eq!(forwards().await, 2);
+
+    // Hostname forwards: vm1's host has no proxy yet.
+    refused!(
+        svc,
+        "no_proxy",
+        svc.create_hostname_forward("a.test", &v, None, Some(8080), None)
+    );
+    let proxy = svc
+        .create_server(mk(&[
+            ("name", "proxy1"),
+            ("model", "vm"),
+            ("is_vm", "true"),
+            ("vm_host", "pve1"),
+            ("internal_ip", "10.99.0.2"),
+        ]))
+        .await
+        .unwrap();
+    svc.update_server(&h, mk(&[("nginx_proxy", "proxy1")]))
+        .await
+        .unwrap();
+    let hf = svc
+        .create_hostname_forward("A.Test", &v, None, Some(8080), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            hf.domain.as_str(),
+            hf.listen_port,
+            hf.dest_port,
+            hf.path.as_str(),
+            hf.proxy_id
+        ),
+        ("a.test", 80, 8080, "/", proxy.id)
+    );
+    refused!(
+        svc,
+        "duplicate_forward",
+        svc.create_hostname_forward("a.TEST", &v, Some(80), None, None)
+    );
+    refused!(
+        svc,
+        "invalid_value",
+        svc.create_hostname_forward("a..test", &v, None, None, None)
+    );
+    refused!(
+        svc,
+        "invalid_value",
+        svc.create_hostname_forward("b.test", &v, Some(70000), None, None)
+    );
+    refused!(
+        svc,
+        "invalid_value",
+        svc.create_hostname_forward("b.test", &v, None, None, Some("x;"))
+    );
+    refused!(
+        svc,
+        "not_a_guest",
+        svc.create_hostname_forward("b.test", &h, None, None, None)
+    );
+    // Another listen port is another site.
+    svc.create_hostname_forward("a.test", &v, Some(8443), Some(8080), Some("/app"))
+        .await
+        .unwrap();
+
+    // Servers the forwards name cannot be deleted or moved.
+    let err = refused!(svc, "server_in_use", svc.delete_server(&v));
+    assert!(err.to_string().contains("port forward #"), "{err}");
+    assert!(err.to_string().contains("hostname forward #"), "{err}");
+    refused!(
+        svc,
+        "server_in_use",
+        svc.update_server(&v, mk(&[("vm_host", "pve2")]))
+    );
+    refused!(
+        svc,
+        "server_in_use",
+        svc.update_server(&v, mk(&[("internal_ip", "")]))
+    );
+    refused!(
+        svc,
+        "server_in_use",
+        svc.update_server(&h, mk(&[("internal_network", "")]))
+    );
+    refused!(
+        svc,
+        "server_in_use",
+        svc.update_server(&h, mk(&[("nginx_proxy", "")]))
+    );
+    // A harmless change goes through.
+    svc.update_server(&v, mk(&[("internal_ip", "10.99.0.6")]))
+        .await
+        .unwrap();
+    let moved = svc.get_port_forward(pf.id).await.unwrap();
+    assert_eq!(moved.dest_ip, Some("10.99.0.6".parse().unwrap()));
+
+    // The database holds the rules whatever writes.
+    let store = svc.store();
+    let before = counts(store).await;
+    for bad in [
+        format!("INSERT INTO port_forwards (host_id, dest_id, proto, source_port, dest_port, created_at, updated_at) VALUES ({}, {}, 'tcp', 2222, 1, 0, 0)", host.id, vm.id),
+        format!("INSERT INTO port_forwards (host_id, dest_id, proto, source_port, dest_port, created_at, updated_at) VALUES ({}, {}, 'tcp', 4444, 1, 0, 0)", host.id, other.id),
+        format!("INSERT INTO port_forwards (host_id, dest_id, proto, source_port, dest_port, created_at, updated_at) VALUES ({}, {}, 'icmp', 4444, 1, 0, 0)", host.id, vm.id),
+        format!("INSERT INTO port_forwards (host_id, dest_id, proto, source_port, dest_port, created_at, updated_at) VALUES ({}, {}, 'tcp', 70000, 1, 0, 0)", host.id, vm.id),
+        format!("INSERT INTO hostname_forwards (domain, dest_id, host_id, proxy_id, listen_port, dest_port, created_at, updated_at) VALUES ('a.test', {}, {}, {}, 80, 1, 0, 0)", vm.id, host.id, proxy.id),
+        format!("INSERT INTO hostname_forwards (domain, dest_id, host_id, proxy_id, listen_port, dest_port, created_at, updated_at) VALUES ('B.test', {}, {}, {}, 80, 1, 0, 0)", vm.id, host.id, proxy.id),
+        format!("INSERT INTO hostname_forwards (domain, dest_id, host_id, proxy_id, listen_port, dest_port, created_at, updated_at) VALUES ('c.test', {}, {}, {}, 80, 1, 0, 0)", vm.id, host.id, bare.id),
+        format!("UPDATE servers SET vm_host = {} WHERE id = {}", bare.id, vm.id),
+        format!("DELETE FROM servers WHERE id = {}", vm.id),
+    ] {
+        let res = match store {
+            DbStore::Sqlite(s) => sqlx::query(&bad).execute(s.pool()).await.map(|_| ()),
+            DbStore::Postgres(p) => sqlx::query(&bad).execute(p.pool()).await.map(|_| ()),
+        };
+        assert!(res.is_err(), "the database accepted: {bad}");
+    }
+    assert_eq!(counts(store).await, before);
+    assert_eq!(forwards().await, 2);
+
+    // Outbox rows name their targets; the notifier tag follows the kind.
+    let changes = all_changes(store).await;
+    let pf_rows: Vec<_> = changes
+        .iter()
+        .filter(|e| e.kind == OutboxKind::PortForwardCreated)
+        .collect();
+    assert_eq!(pf_rows.len(), 2);
+    assert_eq!(pf_rows[0].payload["targets"], serde_json::json!([host.id]));
+
+    // Dispatcher records: a bump creates the target, due after the debounce;
+    // a claim is compare-and-set; the end of a run is fenced by its jid.
+    store.outbox_subscribe("dispatch").await.unwrap();
+    let d = Debounce {
+        debounce_ms: 0,
+        max_delay_ms: 1000,
+    };
+    let last = changes.last().unwrap().id;
+    store
+        .dispatch_bump("dispatch", last, &[(host.id, StateKind::Portfwd)], d)
+        .await
+        .unwrap();
+    store
+        .dispatch_bump("dispatch", last, &[(host.id, StateKind::Portfwd)], d)
+        .await
+        .unwrap();
+    let due = store.dispatch_due(i64::MAX, 10).await.unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!(
+        (due[0].desired, due[0].status),
+        (last, DispatchStatus::Pending)
+    );
+    let claimed = store
+        .dispatch_claim(host.id, StateKind::Portfwd, last, "20261202000000000001")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(claimed.status, DispatchStatus::Running);
+    assert!(store
+        .dispatch_claim(host.id, StateKind::Portfwd, last, "20261202000000000002")
+        .await
+        .unwrap()
+        .is_none());
+    // A bump during the run keeps it running; its end makes it pending again.
+    store
+        .dispatch_bump("dispatch", last + 1, &[(host.id, StateKind::Portfwd)], d)
+        .await
+        .unwrap();
+    let ok = Finish::Applied {
+        hash: "h".into(),
+        summary: "{}".into(),
+    };
+    assert!(store
+        .dispatch_finish(host.id, StateKind::Portfwd, "20261202000000000009", &ok)
+        .await
+        .unwrap()
+        .is_none());
+    let after = store
+        .dispatch_finish(host.id, StateKind::Portfwd, "20261202000000000001", &ok)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (after.applied, after.status),
+        (last, DispatchStatus::Pending)
+    );
+    assert!(store
+        .dispatch_unchanged(host.id, StateKind::Portfwd, last + 1)
+        .await
+        .unwrap());
+    let t = &store.dispatch_targets_of(host.id).await.unwrap()[0];
+    assert_eq!((t.applied, t.status), (last + 1, DispatchStatus::Done));
+    let runs = store.dispatch_runs(host.id, 10).await.unwrap();
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].outcome.as_deref(), Some("done"));
+    let affected = store.dispatch_affected(vm.id).await.unwrap();
+    assert!(
+        affected.contains(&(host.id, StateKind::Portfwd)),
+        "{affected:?}"
+    );
+    assert!(
+        affected.contains(&(proxy.id, StateKind::Hostfwd)),
+        "{affected:?}"
+    );
+}
+
+#[tokio::test]
+async fn registry_inventory_on_sqlite() {
+    let db = TestDb::sqlite();
+    inventory_story(registry::open(&db.url).await.unwrap()).await;
+}
+
+#[tokio::test]
+async fn registry_inventory_on_postgres() {
+    let db = TestDb::postgres_required().await;
+    inventory_story(registry::open(&db.url).await.unwrap()).await;
+}
