@@ -2,6 +2,7 @@
 //! 1 anything else, with a one-line message). One file per command family.
 
 mod events;
+mod forward;
 mod pki;
 mod registry;
 mod rules;
@@ -53,6 +54,14 @@ enum Command {
     /// The registry's outbox: where each consumer of its changes is, what it quarantined.
     #[command(subcommand)]
     Outbox(registry::OutboxCommand),
+    /// Port and hostname forwards in the inventory: add, list, rm.
+    #[command(subcommand)]
+    Forward(forward::ForwardCommand),
+    /// What the dispatcher applies: targets, runs, retry.
+    #[command(subcommand)]
+    Dispatch(forward::DispatchCommand),
+    /// What needs attention: pending, running, failed and waiting targets.
+    Status(forward::StatusArgs),
     /// Reactor rules: check files, test which rules an event triggers.
     #[command(subcommand)]
     Rules(rules::RulesCommand),
@@ -123,6 +132,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Model(cmd) => registry::run_model(&ctx, cmd).await,
             Command::Server(cmd) => registry::run_server(&ctx, cmd).await,
             Command::Outbox(cmd) => registry::run_outbox(&ctx, cmd).await,
+            Command::Forward(cmd) => forward::run_forward(&ctx, cmd).await,
+            Command::Dispatch(cmd) => forward::run_dispatch(&ctx, cmd).await,
+            Command::Status(args) => forward::run_status(&ctx, args).await,
             Command::Rules(cmd) => rules::run(&ctx, cmd).await,
             Command::Pki(cmd) => pki::run(&ctx, cmd),
         }

@@ -143,6 +143,9 @@ pub struct ServerAddArgs {
     /// Interface facing the outside, e.g. `vmbr0`.
     #[arg(long, value_name = "IFACE")]
     external_interface: Option<String>,
+    /// The Proxmox host's internal network (CIDR), masqueraded for its guests.
+    #[arg(long, value_name = "CIDR")]
+    internal_network: Option<String>,
     /// Id or name of this Proxmox host's nginx proxy server.
     #[arg(long, value_name = "SERVER")]
     nginx_proxy: Option<String>,
@@ -233,7 +236,7 @@ pub async fn run_outbox(
     Ok(std::process::ExitCode::SUCCESS)
 }
 
-async fn open(ctx: &Context) -> anyhow::Result<Service<DbStore>> {
+pub(super) async fn open(ctx: &Context) -> anyhow::Result<Service<DbStore>> {
     let url = &ctx.settings.registry;
     let keys = ctx.settings.key_issuer()?;
     Ok(registry::open(url)
@@ -242,12 +245,12 @@ async fn open(ctx: &Context) -> anyhow::Result<Service<DbStore>> {
         .with_keys(keys))
 }
 
-fn print_json<T: Serialize>(v: &T) -> anyhow::Result<()> {
+pub(super) fn print_json<T: Serialize>(v: &T) -> anyhow::Result<()> {
     let text = serde_json::to_string_pretty(v).context("encoding JSON")?;
     writeln!(std::io::stdout(), "{text}").context("writing to stdout")
 }
 
-fn out(line: impl std::fmt::Display) -> anyhow::Result<()> {
+pub(super) fn out(line: impl std::fmt::Display) -> anyhow::Result<()> {
     writeln!(std::io::stdout(), "{line}").context("writing to stdout")
 }
 
@@ -401,7 +404,7 @@ pub async fn run_server(
     Ok(std::process::ExitCode::SUCCESS)
 }
 
-fn parse_ref(s: &str) -> ServerRef {
+pub(super) fn parse_ref(s: &str) -> ServerRef {
     match s.parse::<ServerRef>() {
         Ok(r) => r,
         Err(never) => match never {},
@@ -430,6 +433,7 @@ fn add_patch(a: ServerAddArgs) -> Result<ServerPatch, registry::Error> {
         ("internal_ip", a.internal_ip),
         ("proxmox_node", a.proxmox_node),
         ("external_interface", a.external_interface),
+        ("internal_network", a.internal_network),
         ("nginx_proxy", a.nginx_proxy),
         ("samba_base_folder", a.samba_base_folder),
     ];
@@ -453,7 +457,7 @@ fn show_model(m: &ServerModel) -> anyhow::Result<()> {
 
 fn show_server(s: &Server) -> anyhow::Result<()> {
     let opt = |v: Option<String>| v.unwrap_or_default();
-    let rows: [(&str, String); 20] = [
+    let rows: [(&str, String); 21] = [
         ("id", s.id.to_string()),
         ("name", s.name.clone()),
         ("model", s.model.clone()),
@@ -467,6 +471,7 @@ fn show_server(s: &Server) -> anyhow::Result<()> {
         ("is_proxmox_host", s.is_proxmox_host.to_string()),
         ("proxmox_node", opt(s.proxmox_node.clone())),
         ("external_interface", opt(s.external_interface.clone())),
+        ("internal_network", opt(s.internal_network.clone())),
         ("nginx_proxy", opt(s.nginx_proxy.map(|i| i.to_string()))),
         ("samba_managed", s.samba_managed.to_string()),
         ("samba_base_folder", opt(s.samba_base_folder.clone())),

@@ -1457,3 +1457,188 @@ async fn registry_inventory_on_postgres() {
     let db = TestDb::postgres_required().await;
     inventory_story(registry::open(&db.url).await.unwrap()).await;
 }
+
+/// `forward port|hostname add|list|rm`, `server add --internal-network`,
+/// `dispatch list` and `status` as operators type them; a refused forward
+/// exits 1 naming the problem and writes nothing.
+#[test]
+fn registry_cli_forwards() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config.yaml");
+    let db = dir.path().join("registry.db");
+    std::fs::write(
+        &cfg,
+        format!(
+            "registry: sqlite://{}\nkeys: {{dir: {}}}\n",
+            db.display(),
+            dir.path().join("keys").display()
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let o = steward()
+            .arg("--config")
+            .arg(&cfg)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let ok = |args: &[&str]| {
+        let (code, out, err) = run(args);
+        assert_eq!(code, Some(0), "{args:?}: {err}");
+        out
+    };
+    ok(&["model", "add", "vm"]);
+    ok(&[
+        "server",
+        "add",
+        "pve1",
+        "--model",
+        "vm",
+        "--proxmox-host",
+        "--external-interface",
+        "vmbr0",
+        "--internal-network",
+        "10.99.0.0/24",
+    ]);
+    ok(&[
+        "server",
+        "add",
+        "proxy1",
+        "--model",
+        "vm",
+        "--vm-host",
+        "pve1",
+        "--internal-ip",
+        "10.99.0.2",
+    ]);
+    ok(&["server", "set", "pve1", "nginx_proxy=proxy1"]);
+    ok(&[
+        "server",
+        "add",
+        "vm1",
+        "--model",
+        "vm",
+        "--vm-host",
+        "pve1",
+        "--internal-ip",
+        "10.99.0.5",
+    ]);
+    ok(&[
+        "server",
+        "add",
+        "lone",
+        "--model",
+        "vm",
+        "--internal-ip",
+        "10.99.0.9",
+    ]);
+    assert!(ok(&["server", "show", "pve1"]).contains("internal_network: 10.99.0.0/24"));
+    let id = ok(&[
+        "forward",
+        "port",
+        "add",
+        "pve1",
+        "vm1",
+        "--proto",
+        "tcp",
+        "--port",
+        "18080",
+        "--to-port",
+        "8080",
+    ]);
+    assert_eq!(id.trim(), "1");
+    let (code, _, err) = run(&[
+        "forward",
+        "port",
+        "add",
+        "pve1",
+        "vm1",
+        "--proto",
+        "tcp",
+        "--port",
+        "18080",
+        "--to-port",
+        "81",
+    ]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("is taken by port forward #1"), "{err}");
+    let (code, _, err) = run(&[
+        "forward",
+        "port",
+        "add",
+        "pve1",
+        "lone",
+        "--proto",
+        "udp",
+        "--port",
+        "53",
+        "--to-port",
+        "53",
+    ]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("not a guest of pve1"), "{err}");
+    let (code, _, err) = run(&[
+        "forward",
+        "port",
+        "add",
+        "pve1",
+        "vm1",
+        "--proto",
+        "sctp",
+        "--port",
+        "1",
+        "--to-port",
+        "1",
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    let listed: Json = serde_json::from_str(&ok(&[
+        "forward", "port", "list", "--host", "pve1", "--json",
+    ]))
+    .unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    assert_eq!(listed[0]["dest_ip"], "10.99.0.5");
+    let hid = ok(&[
+        "forward",
+        "hostname",
+        "add",
+        "A.test",
+        "vm1",
+        "--port",
+        "8081",
+        "--to-port",
+        "8080",
+    ]);
+    assert_eq!(hid.trim(), "1");
+    let (code, _, err) = run(&[
+        "forward", "hostname", "add", "a.test", "vm1", "--port", "8081",
+    ]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("is taken"), "{err}");
+    let (code, _, err) = run(&["forward", "hostname", "add", "not a domain", "vm1"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("domain"), "{err}");
+    let hosts: Json =
+        serde_json::from_str(&ok(&["forward", "hostname", "list", "--json"])).unwrap();
+    assert_eq!(hosts[0]["domain"], "a.test");
+    assert_eq!(hosts[0]["proxy"], "proxy1");
+    let (code, _, err) = run(&["server", "rm", "vm1"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("port forward #1") && err.contains("hostname forward #1"),
+        "{err}"
+    );
+    ok(&["forward", "port", "rm", "1"]);
+    ok(&["forward", "hostname", "rm", "1"]);
+    assert_eq!(ok(&["forward", "port", "list", "--json"]).trim(), "[]");
+    // No daemon has read the changes yet: status says so.
+    let st: Json = serde_json::from_str(&ok(&["status", "--json"])).unwrap();
+    assert_eq!(st["targets"], 0);
+    assert_eq!(ok(&["dispatch", "list", "--json"]).trim(), "[]");
+    ok(&["server", "rm", "vm1"]);
+}
