@@ -16,6 +16,7 @@ mod reconcile;
 mod registry;
 mod rules;
 mod salt_client;
+mod states;
 mod support;
 mod transport_tcp;
 mod trust;

@@ -3,7 +3,10 @@
 // Later capabilities use parts of the harness that the bus tests do not.
 #![allow(dead_code)]
 
+pub mod netns;
+pub mod nginx;
 pub mod salt;
+pub mod salt_local;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -96,6 +96,9 @@ pub struct MasterOptions {
     pub transport_tcp: bool,
     /// Extra lines appended to the master config.
     pub extra: String,
+    /// Directories served after the harness's own `srv/` in `file_roots:
+    /// base` (e.g. the repository's `salt-states/`, [`salt_states_dir`]).
+    pub file_roots: Vec<PathBuf>,
 }
 
 impl Default for MasterOptions {
@@ -105,6 +108,7 @@ impl Default for MasterOptions {
             ipc_tcp: false,
             transport_tcp: false,
             extra: String::new(),
+            file_roots: Vec::new(),
         }
     }
 }
@@ -168,6 +172,8 @@ impl Drop for SaltProcess {
 pub struct Minion {
     pub id: String,
     pub config_dir: PathBuf,
+    /// The network namespace it runs in (`start_minion_in_netns`), if any.
+    pub netns: Option<String>,
     process: Option<SaltProcess>,
 }
 
@@ -188,6 +194,8 @@ pub struct SaltHarness {
     pub tcp_pull_port: u16,
     master: Option<SaltProcess>,
     minions: Vec<Minion>,
+    /// socat relays of the minions in network namespaces (stopped after them).
+    relays: Vec<SaltProcess>,
 }
 
 impl Drop for SaltHarness {
@@ -196,6 +204,9 @@ impl Drop for SaltHarness {
             if let Some(mut p) = m.process.take() {
                 p.stop();
             }
+        }
+        for p in &mut self.relays {
+            p.stop();
         }
         if let Some(mut p) = self.master.take() {
             p.stop();
@@ -253,6 +264,7 @@ impl SaltHarness {
             options,
             master: None,
             minions: Vec::new(),
+            relays: Vec::new(),
         };
         h.write_master_config();
         h.start_master();
@@ -291,7 +303,7 @@ impl SaltHarness {
              ret_port: {ret}\n\
              auto_accept: {auto}\n\
              worker_threads: 3\n\
-             file_roots:\n  base:\n    - {srv}\n",
+             file_roots:\n  base:\n    - {srv}\n{more_roots}",
             user = current_user(),
             pub_port = self.publish_port,
             ret = self.ret_port,
@@ -301,6 +313,12 @@ impl SaltHarness {
                 "False"
             },
             srv = self.file_roots.display(),
+            more_roots = self
+                .options
+                .file_roots
+                .iter()
+                .map(|d| format!("    - {}\n", d.display()))
+                .collect::<String>(),
         );
         if self.options.transport_tcp {
             text.push_str("transport: tcp\n");
@@ -421,6 +439,73 @@ impl SaltHarness {
         extra: &str,
         prepare: impl FnOnce(&Path),
     ) -> &Minion {
+        self.start_minion_inner(label, id, extra, prepare, None)
+    }
+
+    /// Starts a minion like [`start_minion_with`](Self::start_minion_with)
+    /// (no preparation) INSIDE the network namespace `netns` (which must have
+    /// `lo` up, as [`super::netns::Netns`] does). A namespace cannot reach
+    /// this master's 127.0.0.1, so the harness relays the master's request
+    /// and publish ports over unix sockets (the file system crosses
+    /// namespaces): in this namespace `socat UNIX-LISTEN:<dir>/ret.sock,fork
+    /// TCP:127.0.0.1:<ret_port>`, inside `netns` `socat
+    /// TCP-LISTEN:<ret_port>,bind=127.0.0.1,fork UNIX-CONNECT:<dir>/ret.sock`
+    /// (same for the publish port), so the minion's `master: 127.0.0.1`
+    /// works unchanged. The relays and the minion stop with the harness;
+    /// [`minion_call`](Self::minion_call) runs inside `netns` too.
+    pub fn start_minion_in_netns(
+        &mut self,
+        label: &str,
+        id: &str,
+        extra: &str,
+        netns: &str,
+    ) -> &Minion {
+        super::netns::require_tools(&["socat", "ip", "ss"]);
+        let relay_dir = self.root().join(format!("relay-{label}"));
+        fs::create_dir_all(&relay_dir).expect("relay dir");
+        for (name, port) in [("ret", self.ret_port), ("pub", self.publish_port)] {
+            let sock = relay_dir.join(format!("{name}.sock"));
+            let mut outer = Command::new("socat");
+            outer
+                .arg(format!("UNIX-LISTEN:{},fork,unlink-early", sock.display()))
+                .arg(format!("TCP:127.0.0.1:{port}"));
+            self.relays.push(SaltProcess::spawn(
+                &format!("relay {name} of {label}"),
+                outer,
+                &relay_dir.join(format!("{name}-outer.log")),
+            ));
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !sock.exists() {
+                assert!(
+                    Instant::now() < deadline,
+                    "socat did not create {} within 10 s",
+                    sock.display()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let mut inner = Command::new("ip");
+            inner
+                .args(["netns", "exec", netns, "socat"])
+                .arg(format!("TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork"))
+                .arg(format!("UNIX-CONNECT:{}", sock.display()));
+            self.relays.push(SaltProcess::spawn(
+                &format!("relay {name} of {label} in {netns}"),
+                inner,
+                &relay_dir.join(format!("{name}-inner.log")),
+            ));
+            wait_listen_in(netns, port, Duration::from_secs(10));
+        }
+        self.start_minion_inner(label, id, extra, |_| {}, Some(netns))
+    }
+
+    fn start_minion_inner(
+        &mut self,
+        label: &str,
+        id: &str,
+        extra: &str,
+        prepare: impl FnOnce(&Path),
+        netns: Option<&str>,
+    ) -> &Minion {
         let dir = self.root().join(format!("n-{label}"));
         fs::create_dir_all(&dir).expect("minion dir");
         prepare(&dir);
@@ -454,12 +539,20 @@ impl SaltHarness {
             pub_port = self.publish_port,
         );
         fs::write(dir.join("minion"), text).expect("writing minion config");
-        let mut cmd = Command::new(self.bin("salt-minion"));
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(self.bin("salt-minion"));
+                c
+            }
+            None => Command::new(self.bin("salt-minion")),
+        };
         cmd.arg("-c").arg(&dir).arg("-l").arg("quiet");
         let process = SaltProcess::spawn(&format!("salt-minion {id}"), cmd, &dir.join("out.log"));
         self.minions.push(Minion {
             id: id.to_owned(),
             config_dir: dir,
+            netns: netns.map(str::to_owned),
             process: Some(process),
         });
         self.minions.last().expect("just pushed")
@@ -562,15 +655,23 @@ impl SaltHarness {
         out
     }
 
-    /// Runs `salt-call` on minion `id`.
+    /// Runs `salt-call` on minion `id` (inside its network namespace, if it
+    /// has one).
     pub fn minion_call(&self, id: &str, args: &[&str]) -> Output {
         let m = self
             .minions
             .iter()
             .find(|m| m.id == id)
             .unwrap_or_else(|| panic!("no minion {id} in the harness"));
-        Command::new(self.bin("salt-call"))
-            .arg("-c")
+        let mut cmd = match &m.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(self.bin("salt-call"));
+                c
+            }
+            None => Command::new(self.bin("salt-call")),
+        };
+        cmd.arg("-c")
             .arg(&m.config_dir)
             .args(args)
             .stdin(Stdio::null())
@@ -616,4 +717,31 @@ pub fn install_bundle(bundle: &Path, dir: &Path) {
         "install.sh failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Waits (bounded) until something listens on TCP `port` in network
+/// namespace `netns`.
+fn wait_listen_in(netns: &str, port: u16, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let out = Command::new("ip")
+            .args(["netns", "exec", netns, "ss", "-Hltn"])
+            .arg(format!("sport = :{port}"))
+            .output()
+            .expect("running ss in the namespace");
+        if !String::from_utf8_lossy(&out.stdout).trim().is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the relay did not listen on {port} in {netns} within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The repository's `salt-states/` (the states the daemon dispatches), for
+/// [`MasterOptions::file_roots`] or a local minion's `file_roots`.
+pub fn salt_states_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("salt-states")
 }

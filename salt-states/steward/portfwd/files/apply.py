@@ -12,7 +12,9 @@ and makes the host match it:
   define, one transaction) into ``<config_dir>/portfwd.nft``, checked with
   ``nft -c -f`` on a staged copy before it replaces the live file, then
   loaded with ``nft -f``; the table's comment carries the revision and the
-  sha256 of the rendering, so a table changed or deleted by hand is re-applied;
+  sha256 of the rendering, and its listing right after the load is kept
+  (``portfwd.nft.listed``), so a table deleted or changed by hand (another
+  hash, a flushed chain, an added rule) is re-applied;
 - turns on IPv4 forwarding (/proc, and ``sysctl_conf`` for boot);
 - deletes the conntrack entries of UDP forwards that changed or went away;
 - writes the boot unit ``salt-steward-portfwd.service`` into ``unit_dir``
@@ -257,7 +259,11 @@ def main():
     live_rc, live, _ = run([nft, "list", "table", FAMILY, TABLE])
     if live_rc != 0:
         live = ""
-    live_ok = live_rc == 0 and "sha256={}".format(digest) in live
+    # The live table is ours as loaded when it names this rendering's hash
+    # and lists exactly as it did right after our load (a chain flushed or a
+    # rule added by hand is drift too).
+    listed_path = path + ".listed"
+    live_ok = live_rc == 0 and "sha256={}".format(digest) in live and read(listed_path) == live
     old_text = read(path)
     file_ok = old_text == text
     changes = {}
@@ -278,13 +284,21 @@ def main():
             else:
                 write_atomic(path, old_text, 0o600)
             raise Failure("nft -f failed (the live table is unchanged):\n" + err.strip())
+        rc, listed, err = run([nft, "list", "table", FAMILY, TABLE])
+        if rc != 0:
+            raise Failure("nft list table {} {} after loading it: {}".format(FAMILY, TABLE, err.strip()))
+        write_atomic(listed_path, listed, 0o600)
         changes["table"] = "{} {} revision {} sha256 {}".format(FAMILY, TABLE, revision, digest)
         if not file_ok:
             changes["file"] = path
         if not live_ok:
-            changes["reloaded"] = "live table was {}".format(
-                "missing" if "sha256=" not in live else "another rendering"
-            )
+            if not live:
+                why = "missing"
+            elif "sha256={}".format(digest) not in live:
+                why = "another rendering"
+            else:
+                why = "changed by hand"
+            changes["reloaded"] = "live table was {}".format(why)
 
         # NAT is decided on a flow's first packet: UDP flows of a forward
         # that moved or went away keep their old mapping until flushed.
