@@ -652,22 +652,26 @@ macro_rules! server_in_tx {
     };
 }
 
-/// After a revision-checked `UPDATE` changed no row: `NotFound` if server
-/// `$id` is gone, else `Conflict` with the revision stored now.
+/// After a revision-checked `UPDATE` changed no row: `NotFound` if the
+/// `$kind` row `$id` is gone, else `Conflict` with the revision stored now
+/// (`$revision_sql` reads it; servers by default).
 macro_rules! no_row_error {
-    ($tx:ident, $id:expr, $expected:expr, $op:expr) => {{
-        let current: Option<i64> = sqlx::query_scalar(sql::SERVER_REVISION)
+    ($tx:ident, $id:expr, $expected:expr, $op:expr) => {
+        no_row_error!($tx, sql::SERVER_REVISION, "server", $id, $expected, $op)
+    };
+    ($tx:ident, $revision_sql:expr, $kind:expr, $id:expr, $expected:expr, $op:expr) => {{
+        let current: Option<i64> = sqlx::query_scalar($revision_sql)
             .bind($id)
             .fetch_optional(&mut *$tx)
             .await
             .map_err(db($op))?;
         match current {
             None => Error::NotFound {
-                kind: "server",
+                kind: $kind,
                 key: format!("#{}", $id),
             },
             Some(current) => Error::Conflict {
-                kind: "server",
+                kind: $kind,
                 key: format!("#{}", $id),
                 expected: $expected,
                 current,

@@ -338,20 +338,14 @@ macro_rules! inventory_impl {
                     .await
                     .map_err(|e| forward_write_error(&what, e))?;
                 if done.rows_affected() == 0 {
-                    let current: Option<i64> = sqlx::query_scalar(sql::PORT_REVISION)
-                        .bind(f.id)
-                        .fetch_optional(&mut *tx)
-                        .await
-                        .map_err(db(op()))?;
-                    return Err(match current {
-                        None => not_found("port forward", f.id),
-                        Some(current) => Error::Conflict {
-                            kind: "port forward",
-                            key: format!("#{}", f.id),
-                            expected: f.revision,
-                            current,
-                        },
-                    });
+                    return Err(no_row_error!(
+                        tx,
+                        sql::PORT_REVISION,
+                        "port forward",
+                        f.id,
+                        f.revision,
+                        op()
+                    ));
                 }
                 let row = sqlx::query(&format!("{}WHERE f.id = $1", sql::PORT_SELECT))
                     .bind(f.id)
@@ -504,20 +498,14 @@ macro_rules! inventory_impl {
                     .await
                     .map_err(|e| forward_write_error(&what, e))?;
                 if done.rows_affected() == 0 {
-                    let current: Option<i64> = sqlx::query_scalar(sql::HOST_REVISION)
-                        .bind(f.id)
-                        .fetch_optional(&mut *tx)
-                        .await
-                        .map_err(db(op()))?;
-                    return Err(match current {
-                        None => not_found("hostname forward", f.id),
-                        Some(current) => Error::Conflict {
-                            kind: "hostname forward",
-                            key: format!("#{}", f.id),
-                            expected: f.revision,
-                            current,
-                        },
-                    });
+                    return Err(no_row_error!(
+                        tx,
+                        sql::HOST_REVISION,
+                        "hostname forward",
+                        f.id,
+                        f.revision,
+                        op()
+                    ));
                 }
                 let row = sqlx::query(&format!("{}WHERE f.id = $1", sql::HOST_SELECT))
                     .bind(f.id)
