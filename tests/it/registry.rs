@@ -1043,19 +1043,7 @@ fn registry_cli_adds_shows_sets_and_removes() {
         ),
     )
     .unwrap();
-    let run = |args: &[&str]| {
-        let o = steward()
-            .arg("--config")
-            .arg(&cfg)
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            o.status.code(),
-            String::from_utf8_lossy(&o.stdout).into_owned(),
-            String::from_utf8_lossy(&o.stderr).into_owned(),
-        )
-    };
+    let run = |args: &[&str]| run_cli(&cfg, args);
     let (code, out, err) = run(&["model", "add", "web", "--state", "nginx"]);
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(out.trim(), "1");
@@ -1141,6 +1129,21 @@ fn registry_cli_adds_shows_sets_and_removes() {
     assert_eq!(run(&["model", "rm", "web"]).0, Some(0));
     let (_, out, _) = run(&["model", "list", "--json"]);
     assert_eq!(out.trim(), "[]");
+}
+
+/// Runs `salt-steward --config CFG ARGS…`: exit code, stdout, stderr.
+fn run_cli(cfg: &std::path::Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let o = steward()
+        .arg("--config")
+        .arg(cfg)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
 }
 
 // ------------------------------------------------ inventory (issue #12)
@@ -1475,19 +1478,7 @@ fn registry_cli_forwards() {
         ),
     )
     .unwrap();
-    let run = |args: &[&str]| {
-        let o = steward()
-            .arg("--config")
-            .arg(&cfg)
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            o.status.code(),
-            String::from_utf8_lossy(&o.stdout).into_owned(),
-            String::from_utf8_lossy(&o.stderr).into_owned(),
-        )
-    };
+    let run = |args: &[&str]| run_cli(&cfg, args);
     let ok = |args: &[&str]| {
         let (code, out, err) = run(args);
         assert_eq!(code, Some(0), "{args:?}: {err}");
