@@ -65,6 +65,16 @@ const DUE_BATCH: i64 = 256;
 /// How long to wait before trying the registry again after an error.
 const DB_RETRY: Duration = Duration::from_secs(1);
 
+/// How often a run without a return asks its minion whether it runs the job.
+const FIND_JOB_EVERY: Duration = Duration::from_secs(10);
+
+/// How long a `saltutil.find_job` answer is waited for.
+const FIND_JOB_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a return may still come after the minion said it does not run
+/// the job (it may have finished between the two).
+const FIND_JOB_GRACE: Duration = Duration::from_secs(5);
+
 /// Attempts at recording a run's end before leaving it to the next start-up.
 const FINISH_TRIES: u32 = 5;
 
@@ -351,6 +361,14 @@ struct Runner {
     cancel: CancellationToken,
 }
 
+/// How a published run ended.
+enum Applied {
+    /// The returns (confirmed by the job cache) or the timeout.
+    Outcome(Published, JobOutcome),
+    /// The minion answered that it does not run the job, and no return came.
+    Lost,
+}
+
 /// A rendered configuration: the pillar (with the revision) and the hash of
 /// what it configures (without the revision).
 struct Rendered {
@@ -367,9 +385,9 @@ impl Runner {
 
     async fn try_run(&self, t: &DispatchTarget) -> Result<(), Error> {
         let store = self.service.store();
-        if !minion_registered(&t.server_status) {
+        if !minion_ready(&t.server_status) {
             let reason = format!(
-                "waiting for the minion {} of {} to register (server status {})",
+                "waiting for the minion {} of {} to register and connect (server status {})",
                 t.minion_id, t.server, t.server_status
             );
             if store.dispatch_wait(t.server_id, t.state, &reason).await? {
@@ -423,33 +441,77 @@ impl Runner {
             warn!(message = "Run result not recorded: the target moved on to another run.", server = %t.server, state = %t.state, %jid);
             return Ok(());
         };
-        self.announce(&after, revision, &jid, &finish).await;
+        self.announce(&after, revision, &jid, claimed.attempts, &finish)
+            .await;
         Ok(())
     }
 
-    /// Publishes under `jid` and collects the confirmed return.
-    async fn apply(
-        &self,
-        publish: &Publish,
-        jid: &str,
-    ) -> Result<(Published, JobOutcome), RequestError> {
+    /// Publishes under `jid` and collects the confirmed return. Every
+    /// [`FIND_JOB_EVERY`] without a return, the minion is asked whether it
+    /// runs the job (`saltutil.find_job`, as Salt's CLI does): a minion that
+    /// answers that it does not, and whose return does not come within
+    /// [`FIND_JOB_GRACE`] after, missed the publish — the run fails now
+    /// (and is retried) instead of at `job_timeout`.
+    async fn apply(&self, publish: &Publish, jid: &str) -> Result<Applied, RequestError> {
         let (published, watch) = self.salt.publish_as(publish, jid).await?;
-        let outcome = watch
-            .collect(&published.minions, self.cfg.job_timeout)
-            .await;
-        Ok((published, outcome))
+        let expected = published.minions.clone();
+        let collect = watch.collect(&expected, self.cfg.job_timeout);
+        tokio::pin!(collect);
+        let mut lost_at: Option<tokio::time::Instant> = None;
+        loop {
+            let probe_at = match lost_at {
+                Some(at) => at,
+                None => tokio::time::Instant::now() + FIND_JOB_EVERY,
+            };
+            tokio::select! {
+                outcome = &mut collect => return Ok(Applied::Outcome(published, outcome)),
+                () = tokio::time::sleep_until(probe_at) => {
+                    if lost_at.is_some() {
+                        return Ok(Applied::Lost);
+                    }
+                    if self.runs_job(&publish.target, jid).await == Some(false) {
+                        lost_at = Some(tokio::time::Instant::now() + FIND_JOB_GRACE);
+                    }
+                }
+            }
+        }
+    }
+
+    /// `Some(true)` if `minion` says it runs job `jid`, `Some(false)` if it
+    /// says it does not, `None` if it did not answer.
+    async fn runs_job(&self, minion: &str, jid: &str) -> Option<bool> {
+        let probe = Publish {
+            target: minion.to_owned(),
+            tgt_type: TargetType::List,
+            fun: "saltutil.find_job".into(),
+            arg: vec![Json::from(jid)],
+            correlation: Some(format!("find_job/{jid}")),
+            ..Publish::default()
+        };
+        let (_, outcome) = self.salt.run_job(&probe, FIND_JOB_TIMEOUT).await.ok()?;
+        let ret = outcome.returns.get(minion)?;
+        Some(ret.ret.as_object().is_some_and(|m| !m.is_empty()))
     }
 
     /// What a job's outcome means for the target.
     fn judge(
         &self,
         minion: &str,
-        outcome: Result<(Published, JobOutcome), RequestError>,
+        outcome: Result<Applied, RequestError>,
         hash: String,
         attempts: i64,
     ) -> Finish {
         let (published, out) = match outcome {
-            Ok(o) => o,
+            Ok(Applied::Outcome(p, o)) => (p, o),
+            Ok(Applied::Lost) => {
+                return self.failed(
+                    format!(
+                    "{minion} is not running the job and returned nothing (it missed the publish?)"
+                ),
+                    Json::Null,
+                    attempts,
+                )
+            }
             Err(e) => {
                 return self.failed(
                     format!("publishing state.apply to {minion}: {e}"),
@@ -540,7 +602,14 @@ impl Runner {
     }
 
     /// Logs the end of a run and fires `steward/v1/dispatch/done|failed`.
-    async fn announce(&self, t: &DispatchTarget, revision: i64, jid: &str, finish: &Finish) {
+    async fn announce(
+        &self,
+        t: &DispatchTarget,
+        revision: i64,
+        jid: &str,
+        attempt: i64,
+        finish: &Finish,
+    ) {
         let mut data = Map::new();
         data.insert("server_id".into(), json!(t.server_id));
         data.insert("server".into(), json!(t.server));
@@ -548,7 +617,7 @@ impl Runner {
         data.insert("state".into(), json!(t.state));
         data.insert("revision".into(), json!(revision));
         data.insert("jid".into(), json!(jid));
-        data.insert("attempts".into(), json!(t.attempts));
+        data.insert("attempts".into(), json!(attempt));
         let verb = match finish {
             Finish::Applied { summary, .. } => {
                 data.insert("summary".into(), parse_summary(summary));
@@ -563,7 +632,7 @@ impl Runner {
                 data.insert("summary".into(), parse_summary(summary));
                 data.insert("error".into(), json!(error));
                 data.insert("retry_at".into(), json!(retry_at));
-                warn!(message = "Target failed; will retry.", server = %t.server, state = %t.state, revision, %jid, attempts = t.attempts, %error, retry_in_ms = retry_at - now_ms());
+                warn!(message = "Target failed; will retry.", server = %t.server, state = %t.state, revision, %jid, attempts = attempt, %error, retry_in_ms = retry_at - now_ms());
                 "failed"
             }
         };
@@ -576,13 +645,15 @@ impl Runner {
     }
 }
 
-/// A server whose minion key was accepted: registered, online or offline
-/// (an offline minion gets the job when it is back, or the run fails and
-/// is retried).
-fn minion_registered(status: &str) -> bool {
+/// Whether a server's minion can be given a run: online (its key accepted
+/// and a start confirmed by a `test.ping`) or offline (it was; the run fails
+/// and is retried until it is back, and its return makes it due at once).
+/// A key accepted whose minion has not connected yet would miss the
+/// publish: it waits for the start like a server without a minion.
+fn minion_ready(status: &str) -> bool {
     status
         .parse::<Status>()
-        .is_ok_and(|s| matches!(s, Status::Registered | Status::Online | Status::Offline))
+        .is_ok_and(|s| matches!(s, Status::Online | Status::Offline))
 }
 
 /// `pillar={"steward": {<state>: …}}` and `queue=True` (a state run already
@@ -724,12 +795,18 @@ mod tests {
     }
 
     #[test]
-    fn only_accepted_minions_run() {
-        for s in ["registered", "online", "offline"] {
-            assert!(minion_registered(s), "{s}");
+    fn only_connected_minions_run() {
+        for s in ["online", "offline"] {
+            assert!(minion_ready(s), "{s}");
         }
-        for s in ["created", "keys-issued", "pending", "nonsense"] {
-            assert!(!minion_registered(s), "{s}");
+        for s in [
+            "created",
+            "keys-issued",
+            "pending",
+            "registered",
+            "nonsense",
+        ] {
+            assert!(!minion_ready(s), "{s}");
         }
     }
 
