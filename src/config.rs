@@ -136,6 +136,12 @@ pub const DISPATCH_DRIFT_INTERVAL: Limit = Limit {
     min: 0,
     max: 2_592_000,
 };
+/// `exec.timeout`, seconds: 1 s to 1 day.
+pub const EXEC_TIMEOUT: Limit = Limit {
+    key: "exec.timeout",
+    min: 1,
+    max: 86_400,
+};
 /// `keys.bits`: what [`crate::pki::keys::KeyPair::generate`] accepts.
 pub const KEYS_BITS: Limit = Limit {
     key: "keys.bits",
@@ -181,6 +187,9 @@ pub struct ConfigFile {
     /// The inventory dispatcher (states applied when the inventory changes).
     #[serde(default)]
     pub dispatch: DispatchConfig,
+    /// Exec translation: who may run which functions on a server by name.
+    #[serde(default)]
+    pub exec: ExecConfig,
     /// Minion keys: where they are kept, their size, how they are accepted.
     #[serde(default)]
     pub keys: KeysConfig,
@@ -423,6 +432,42 @@ fn default_retry_max_ms() -> u64 {
     600_000
 }
 
+/// `exec:` section: exec translation (`salt-steward exec`, the bus's
+/// `steward/v1/server/exec`), which is remote execution, so allow-listed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecConfig {
+    /// Function globs the master (`salt-run event.send`) and the CLI may run.
+    /// Default `["*"]`: everything.
+    #[serde(default = "default_exec_master")]
+    pub master: Vec<String>,
+    /// Per trusted minion id (or id glob), the function globs it may run.
+    /// Default none: minions run nothing.
+    #[serde(default)]
+    pub minions: std::collections::BTreeMap<String, Vec<String>>,
+    /// Seconds a return is waited for. Default 60; 1 to 86400.
+    #[serde(default = "default_exec_timeout")]
+    pub timeout: u64,
+}
+
+impl Default for ExecConfig {
+    fn default() -> Self {
+        Self {
+            master: default_exec_master(),
+            minions: Default::default(),
+            timeout: default_exec_timeout(),
+        }
+    }
+}
+
+fn default_exec_master() -> Vec<String> {
+    vec!["*".to_owned()]
+}
+
+fn default_exec_timeout() -> u64 {
+    60
+}
+
 /// The resolved settings the program runs with.
 #[derive(Debug)]
 pub struct Settings {
@@ -434,6 +479,7 @@ pub struct Settings {
     pub bus: BusConfig,
     pub rules: RulesConfig,
     pub dispatch: DispatchConfig,
+    pub exec: ExecConfig,
     pub keys: KeysConfig,
     pub masters: Vec<String>,
 }
@@ -496,6 +542,7 @@ impl Settings {
             bus: f.bus,
             rules: f.rules,
             dispatch: f.dispatch,
+            exec: f.exec,
             keys: f.keys,
             masters: f.masters,
         }
@@ -552,6 +599,7 @@ fn check(f: &ConfigFile, text: &str) -> Vec<String> {
     number(DISPATCH_RETRY_BASE_MS, f.dispatch.retry_base_ms);
     number(DISPATCH_RETRY_MAX_MS, f.dispatch.retry_max_ms);
     number(DISPATCH_DRIFT_INTERVAL, f.dispatch.drift_interval);
+    number(EXEC_TIMEOUT, f.exec.timeout);
     number(KEYS_BITS, wide(f.keys.bits));
     number(KEYS_POOL_SIZE, wide(f.keys.pool_size));
     for (i, master) in f.masters.iter().enumerate() {

@@ -11,7 +11,8 @@
 //! - [`rules`]: reactor rules from YAML files, hot-reloaded (match, render, run, report).
 //! - [`lifecycle`]: a server's key across registry, key files and master (rekey, retire, bundle).
 //! - [`api`]: inbound requests (the registry on the bus: parse, receipts, serve).
-//! - [`dispatch`]: intent into Salt actions (acceptor, outbox notifier).
+//! - [`exec`]: exec translation: a function run on a server named in the registry, allow-listed, recorded.
+//! - [`dispatch`]: intent into Salt actions (acceptor, outbox notifier, inventory dispatcher).
 //! - [`daemon`]: the long-running process: a supervisor of named components, signals.
 //! - [`telemetry`]: logging and the one place each occurrence is logged.
 //! - [`cli`]: the command line.
@@ -23,6 +24,7 @@ pub(crate) mod clock;
 pub mod config;
 pub(crate) mod daemon;
 pub(crate) mod dispatch;
+pub(crate) mod exec;
 pub(crate) mod lifecycle;
 pub mod master_config;
 pub mod pki;

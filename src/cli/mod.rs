@@ -2,6 +2,7 @@
 //! 1 anything else, with a one-line message). One file per command family.
 
 mod events;
+mod exec;
 mod forward;
 mod pki;
 mod registry;
@@ -62,6 +63,10 @@ enum Command {
     Dispatch(forward::DispatchCommand),
     /// What needs attention: pending, running, failed and waiting targets.
     Status(forward::StatusArgs),
+    /// Run an execution function on a server named in the registry (its minion, if Salt-managed).
+    Exec(exec::ExecArgs),
+    /// The record of exec requests: who asked, server, function, jid, outcome.
+    ExecLog(exec::ExecLogArgs),
     /// Reactor rules: check files, test which rules an event triggers.
     #[command(subcommand)]
     Rules(rules::RulesCommand),
@@ -135,6 +140,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Forward(cmd) => forward::run_forward(&ctx, cmd).await,
             Command::Dispatch(cmd) => forward::run_dispatch(&ctx, cmd).await,
             Command::Status(args) => forward::run_status(&ctx, args).await,
+            Command::Exec(args) => exec::run_exec(&ctx, args).await,
+            Command::ExecLog(args) => exec::run_exec_log(&ctx, args).await,
             Command::Rules(cmd) => rules::run(&ctx, cmd).await,
             Command::Pki(cmd) => pki::run(&ctx, cmd),
         }

@@ -115,7 +115,7 @@ pub(crate) async fn run(ctx: &Context, cmd: SaltCommand) -> anyhow::Result<ExitC
 }
 
 /// A client whose tracker is subscribed to the bus and connected.
-async fn connect(
+pub(super) async fn connect(
     ctx: &Context,
     master: &crate::master_config::MasterConfig,
     timeout: Duration,

@@ -22,6 +22,7 @@
 //! the old one can never be taken for the new one.
 
 pub mod dispatch;
+pub mod exec;
 pub mod group_commit;
 pub mod inventory;
 pub mod outbox;

@@ -29,8 +29,10 @@ use sqlx::sqlite::{
 use sqlx::Row as _;
 
 pub use self::dispatch::DispatchStore;
+pub use self::exec::ExecStore;
 pub use self::inventory::{InventoryStore, NewHostnameForward, NewPortForward};
 use super::dispatch::{Debounce, DispatchRun, DispatchStatus, DispatchTarget, Finish, StateKind};
+use super::exec::{ExecEnd, ExecRecord, NewExec};
 use super::inventory::{HostnameForward, PortForward};
 use super::outbox::{self, ConsumerStatus, OutboxRow, Quarantined};
 use super::{Error, OutboxKind, Server, ServerModel, Status};
@@ -1367,7 +1369,27 @@ impl Store for DbStore {
 // The inventory and dispatcher SQL, in files of their own; declared here,
 // after the macros they use.
 mod dispatch;
+mod exec;
 mod inventory;
+
+impl ExecStore for DbStore {
+    async fn exec_insert(&self, e: &NewExec) -> Result<ExecRecord, Error> {
+        dispatch!(self, s => s.exec_insert(e))
+    }
+    async fn exec_finish(&self, id: i64, end: &ExecEnd) -> Result<(), Error> {
+        dispatch!(self, s => s.exec_finish(id, end))
+    }
+    async fn exec_list(
+        &self,
+        server_id: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<ExecRecord>, Error> {
+        dispatch!(self, s => s.exec_list(server_id, limit))
+    }
+    async fn exec_recover(&self) -> Result<u64, Error> {
+        dispatch!(self, s => s.exec_recover())
+    }
+}
 
 impl InventoryStore for DbStore {
     async fn insert_port_forward(&self, f: &NewPortForward) -> Result<PortForward, Error> {

@@ -83,7 +83,7 @@ pub fn bundle(h: &SaltHarness, cfg: &Path, name: &str, file: &str) -> PathBuf {
 }
 
 /// Waits until `server show` reports `status`.
-fn wait_status(cfg: &Path, name: &str, status: &str) {
+pub fn wait_status(cfg: &Path, name: &str, status: &str) {
     let deadline = Instant::now() + T;
     loop {
         let s = show(cfg, name);
