@@ -17,7 +17,6 @@ mod reconcile;
 mod registry;
 mod rules;
 mod salt_client;
-mod scratch_dispatch;
 mod states;
 mod support;
 mod transport_tcp;
