@@ -10,6 +10,7 @@ mod bus_salt;
 mod cli;
 mod daemon;
 mod failover;
+mod forward_bus;
 mod job_reconcile;
 mod pki;
 mod reconcile;
