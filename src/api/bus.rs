@@ -1,7 +1,9 @@
 //! The registry's Server service on the event bus (capability 4).
 //!
-//! Requests are events `steward/v1/<server|model>/<create|find|update|delete>`
-//! whose data is a map with a `request_id` beside the arguments; the reply is
+//! Requests are events `steward/v1/<entity>/<create|find|update|delete>`,
+//! the entity `server`, `model`, `forward/port` or `forward/hostname` (their
+//! arguments: [`super::forward`]), whose data is a map with a `request_id`
+//! beside the arguments; the reply is
 //! fired as `steward/v1/reply/<request_id>`: `{ok: true, result}` or
 //! `{ok: false, error: {code, message}}`. A server `update` may carry the
 //! `revision` it was made from: refused with `conflict` if the server moved
@@ -44,6 +46,7 @@ use serde_json::{json, Map, Value as Json};
 use sha2::{Digest as _, Sha256};
 use tokio::time::Instant;
 
+use super::args::{encode, Args};
 use crate::bus::event::{to_json, Event, EventKind};
 use crate::bus::origin::REQUEST_OPS;
 use crate::bus::Origin;
@@ -78,6 +81,34 @@ const NOTIFICATIONS: [&str; 3] = ["created", "updated", "deleted"];
 pub enum Entity {
     Server,
     Model,
+    /// `forward/port` (see [`super::forward`]).
+    PortForward,
+    /// `forward/hostname` (see [`super::forward`]).
+    HostnameForward,
+}
+
+impl Entity {
+    /// Every entity, in the order of [`crate::bus::origin::REQUEST_ENTITIES`].
+    pub const ALL: [Entity; 4] = [
+        Entity::Server,
+        Entity::Model,
+        Entity::PortForward,
+        Entity::HostnameForward,
+    ];
+
+    /// Its part of a request tag (`steward/v1/<entity>/<op>`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Entity::Server => "server",
+            Entity::Model => "model",
+            Entity::PortForward => "forward/port",
+            Entity::HostnameForward => "forward/hostname",
+        }
+    }
+
+    fn from_tag_part(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|e| e.as_str() == s)
+    }
 }
 
 /// What a request asks.
@@ -145,12 +176,9 @@ pub struct Malformed {
 /// service (replies and notifications share the prefix and are not requests).
 pub fn parse(event: &Event) -> Option<Result<Request, Malformed>> {
     let rest = event.tag.strip_prefix(REQUEST_PREFIX)?;
-    let (entity, op) = rest.split_once('/')?;
-    let entity = match entity {
-        "server" => Entity::Server,
-        "model" => Entity::Model,
-        _ => return None,
-    };
+    // The op is the last segment: a forward's entity has two.
+    let (entity, op) = rest.rsplit_once('/')?;
+    let entity = Entity::from_tag_part(entity)?;
     let (origin, payload) = match event.kind() {
         EventKind::MinionFired(m) => (Origin::Minion(m.id.to_owned()), to_json(m.payload)),
         _ => (Origin::Unverified, event.data_json()),
@@ -652,75 +680,92 @@ async fn execute<S: Store>(
     service: &registry::Service<S>,
     req: &Request,
 ) -> Result<Json, registry::Error> {
-    let text = |key: &str| -> Result<String, registry::Error> {
-        match req.args.get(key) {
-            Some(Json::String(s)) => Ok(s.clone()),
-            Some(Json::Number(n)) => Ok(n.to_string()),
-            Some(other) => Err(registry::Error::invalid(
-                key,
-                format!("must be text, not {other}"),
-            )),
-            None => Err(registry::Error::invalid(key, "required".to_owned())),
-        }
-    };
-    let opt_text = |key: &str| req.args.get(key).and_then(Json::as_str).map(str::to_owned);
-    let server_ref = || -> Result<ServerRef, registry::Error> {
-        let key = text("server")
-            .or_else(|_| text("id"))
-            .or_else(|_| text("name"))?;
-        Ok(key.parse().unwrap_or(ServerRef::Name(key)))
-    };
-    match (req.entity, req.op) {
-        (Entity::Server, Op::Create) => {
-            let patch = registry::ServerPatch::from_json(&req.args, &[])?;
+    let args = Args(&req.args);
+    match req.entity {
+        Entity::Server => server(service, req.op, args).await,
+        Entity::Model => model(service, req.op, args).await,
+        Entity::PortForward => super::forward::port(service, req.op, args).await,
+        Entity::HostnameForward => super::forward::hostname(service, req.op, args).await,
+    }
+}
+
+/// The server referred to as `server`, `id` or `name` (an id or a name, as the CLI reads one).
+const SERVER: &[&str] = &["server", "id", "name"];
+
+async fn server<S: Store>(
+    service: &registry::Service<S>,
+    op: Op,
+    args: Args<'_>,
+) -> Result<Json, registry::Error> {
+    match op {
+        Op::Create => {
+            let patch = registry::ServerPatch::from_json(args.0, &[])?;
             encode(&service.create_server(patch).await?)
         }
-        (Entity::Server, Op::Find) => {
-            let status = match opt_text("status") {
+        Op::Find => {
+            let status = match args.opt_text("status")? {
                 Some(s) => Some(s.parse()?),
                 None => None,
             };
             let filter = registry::ServerFilter {
-                name: opt_text("name"),
-                model: opt_text("model"),
-                minion_id: opt_text("minion_id"),
+                name: args.opt_text("name")?,
+                model: args.opt_text("model")?,
+                minion_id: args.opt_text("minion_id")?,
                 status,
                 changed_since: None,
             };
             encode(&service.find_servers(&filter).await?)
         }
-        (Entity::Server, Op::Update) => {
-            let target = server_ref()?;
-            let patch = registry::ServerPatch::from_json(&req.args, &["server", "id"])?;
+        Op::Update => {
+            let target = server_ref(args)?;
+            let patch = registry::ServerPatch::from_json(args.0, &["server", "id"])?;
             encode(&service.update_server(&target, patch).await?)
         }
-        (Entity::Server, Op::Delete) => encode(&service.delete_server(&server_ref()?).await?),
-        (Entity::Model, Op::Create) => {
-            let states = string_list(req.args.get("states"))?;
+        Op::Delete => encode(&service.delete_server(&server_ref(args)?).await?),
+    }
+}
+
+/// The server a request names: the first of `server`, `id`, `name` given.
+fn server_ref(args: Args<'_>) -> Result<ServerRef, registry::Error> {
+    let key = SERVER
+        .iter()
+        .find_map(|k| args.text(k).ok())
+        .ok_or_else(|| registry::Error::invalid("server", "required"))?;
+    Ok(key.parse().unwrap_or(ServerRef::Name(key)))
+}
+
+async fn model<S: Store>(
+    service: &registry::Service<S>,
+    op: Op,
+    args: Args<'_>,
+) -> Result<Json, registry::Error> {
+    match op {
+        Op::Create => {
+            let states = string_list(args.0.get("states"))?;
             let model = service
                 .create_model(
-                    &text("name")?,
-                    &opt_text("description").unwrap_or_default(),
+                    &args.text("name")?,
+                    &args.opt_text("description")?.unwrap_or_default(),
                     &states,
                 )
                 .await?;
             encode(&model)
         }
-        (Entity::Model, Op::Find) => match opt_text("name") {
+        Op::Find => match args.opt_text("name")? {
             Some(name) => encode(&vec![service.get_model(&name).await?]),
             None => encode(&service.list_models().await?),
         },
-        (Entity::Model, Op::Update) => {
+        Op::Update => {
             let patch = registry::ModelPatch {
-                description: opt_text("description"),
-                states: match req.args.get("states") {
+                description: args.opt_text("description")?,
+                states: match args.0.get("states") {
                     Some(v) => Some(string_list(Some(v))?),
                     None => None,
                 },
             };
-            encode(&service.update_model(&text("name")?, patch).await?)
+            encode(&service.update_model(&args.text("name")?, patch).await?)
         }
-        (Entity::Model, Op::Delete) => encode(&service.delete_model(&text("name")?).await?),
+        Op::Delete => encode(&service.delete_model(&args.text("name")?).await?),
     }
 }
 
@@ -745,12 +790,6 @@ fn string_list(v: Option<&Json>) -> Result<Vec<String>, registry::Error> {
             format!("must be a list, not {other}"),
         )),
     }
-}
-
-/// A result as reply JSON.
-fn encode<T: serde::Serialize>(v: &T) -> Result<Json, registry::Error> {
-    serde_json::to_value(v)
-        .map_err(|e| registry::Error::invalid("result", format!("cannot encode: {e}")))
 }
 
 #[cfg(test)]
@@ -794,6 +833,41 @@ mod tests {
         let r = parse(&minion).unwrap().unwrap();
         assert_eq!(r.origin, Origin::Minion("web1".into()));
         assert!(r.args.is_empty());
+
+        let fwd = ev(
+            "steward/v1/forward/port/update",
+            json!({"request_id": "r9", "id": 3, "to_port": 80}),
+        );
+        let r = parse(&fwd).unwrap().unwrap();
+        assert_eq!((r.entity, r.op), (Entity::PortForward, Op::Update));
+        let r = request(
+            "steward/v1/forward/hostname/find",
+            json!({"request_id": "r10"}),
+        );
+        assert_eq!((r.entity, r.op), (Entity::HostnameForward, Op::Find));
+        let unknown = parse(&ev(
+            "steward/v1/forward/port/frob",
+            json!({"request_id": "r11"}),
+        ))
+        .unwrap()
+        .unwrap_err();
+        assert_eq!(unknown.request_id.as_deref(), Some("r11"));
+        for not_requests in [
+            "steward/v1/forward/port/created",
+            "steward/v1/forward/hostname/deleted",
+            "steward/v1/forward/create",
+            "steward/v1/forward/port/create/extra",
+        ] {
+            assert!(
+                parse(&ev(not_requests, json!({"request_id": "r"}))).is_none(),
+                "{not_requests}"
+            );
+        }
+        // One list of entities for the tag rules and the parser.
+        assert_eq!(
+            Entity::ALL.map(Entity::as_str),
+            crate::bus::origin::REQUEST_ENTITIES
+        );
 
         assert!(parse(&ev("steward/v1/reply/r1", json!({"ok": true}))).is_none());
         assert!(parse(&ev("steward/v1/server/created", json!({}))).is_none());
@@ -908,6 +982,17 @@ mod tests {
             let r = receipt_of(&runner_new("2", args.clone())).unwrap();
             assert_eq!(r.digest, req.digest, "{args}");
         }
+        // A forward request's receipt.
+        let fwd = request(
+            "steward/v1/forward/port/delete",
+            json!({"request_id": "r2", "id": 1}),
+        );
+        let r = receipt_of(&runner_new(
+            "3",
+            json!(["steward/v1/forward/port/delete", {"request_id": "r2", "id": 1}]),
+        ))
+        .unwrap();
+        assert_eq!(r.digest, fwd.digest);
         // A minion's salt-call event.send, as its return event says.
         let ret = ev(
             "salt/job/20261202134117861877/ret/web1",

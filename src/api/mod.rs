@@ -5,7 +5,12 @@
 //! - [`bus`]: a request event parsed (tag → entity/op, `request_id`,
 //!   origin, payload digest), its receipt, the job-cache confirmation, the
 //!   reply.
+//! - [`forward`]: port and hostname forward requests read into the
+//!   registry's forward operations.
+//! - [`args`]: a request's arguments read the same way for every entity.
 //! - [`server`]: the request-server component that runs them.
 
+pub mod args;
 pub mod bus;
+pub mod forward;
 pub mod server;

@@ -31,8 +31,9 @@ use super::event::{Event, EventKind};
 /// The prefix of every tag salt-steward serves or fires.
 pub const STEWARD_PREFIX: &str = "steward/v1/";
 
-/// The entities of registry requests (`steward/v1/<entity>/<op>`).
-pub const REQUEST_ENTITIES: [&str; 2] = ["server", "model"];
+/// The entities of registry requests (`steward/v1/<entity>/<op>`; a
+/// forward's entity has two segments).
+pub const REQUEST_ENTITIES: [&str; 4] = ["server", "model", "forward/port", "forward/hostname"];
 
 /// The operations of registry requests (`steward/v1/<entity>/<op>`).
 pub const REQUEST_OPS: [&str; 4] = ["create", "find", "update", "delete"];
@@ -80,10 +81,11 @@ impl Origin {
     }
 }
 
-/// Whether `tag` is a registry request (`steward/v1/<server|model>/<create|find|update|delete>`).
+/// Whether `tag` is a registry request
+/// (`steward/v1/<server|model|forward/port|forward/hostname>/<create|find|update|delete>`).
 pub fn is_request_tag(tag: &str) -> bool {
     tag.strip_prefix(STEWARD_PREFIX)
-        .and_then(|rest| rest.split_once('/'))
+        .and_then(|rest| rest.rsplit_once('/'))
         .is_some_and(|(entity, op)| REQUEST_ENTITIES.contains(&entity) && REQUEST_OPS.contains(&op))
 }
 
@@ -201,6 +203,10 @@ mod tests {
             "steward/v1/alert/key-mismatch",
             "steward/v1/rule/x/done",
             "steward/v1/server/create/extra",
+            "steward/v1/forward/port/created",
+            "steward/v1/forward/hostname/deleted",
+            "steward/v1/forward/create",
+            "steward/v1/forward/port/create/extra",
         ] {
             assert!(is_own_tag(own), "{own}");
         }
@@ -208,6 +214,10 @@ mod tests {
             "steward/v1/server/create",
             "steward/v1/server/find",
             "steward/v1/model/delete",
+            "steward/v1/forward/port/create",
+            "steward/v1/forward/port/find",
+            "steward/v1/forward/hostname/update",
+            "steward/v1/forward/hostname/delete",
             "salt/auth",
             "myapp/deploy",
             "steward/v2/x",

@@ -11,6 +11,7 @@ mod cli;
 mod daemon;
 mod exec;
 mod failover;
+mod forward_bus;
 mod job_reconcile;
 mod pki;
 mod reconcile;
