@@ -25,7 +25,6 @@ use crate::salt::{Publish, RequestError, SaltClient, TargetType};
 
 /// Who asks for an exec: decides which functions it may run.
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[allow(dead_code)] // TEMP: the bus requester lands with steward/v1/server/exec
 pub enum Requester {
     /// The CLI (it holds the master's root key anyway).
     Cli,
@@ -55,8 +54,12 @@ pub struct ExecPolicy {
 
 impl ExecPolicy {
     /// `master`: globs for the master and the CLI; `minions`: per minion id
-    /// glob, the globs that minion may run. A bad glob is an error naming it.
-    pub fn new(master: &[String], minions: &[(String, Vec<String>)]) -> Result<Self, String> {
+    /// glob, the globs that minion may run (the `exec:` settings). A bad glob
+    /// is an error naming it.
+    pub fn new<'a>(
+        master: &[String],
+        minions: impl IntoIterator<Item = (&'a String, &'a Vec<String>)>,
+    ) -> Result<Self, String> {
         let compile = |g: &String| {
             Glob::new(g)
                 .map(|g| g.compile_matcher())
@@ -65,7 +68,7 @@ impl ExecPolicy {
         Ok(Self {
             master: master.iter().map(compile).collect::<Result<_, _>>()?,
             minions: minions
-                .iter()
+                .into_iter()
                 .map(|(id, funs)| {
                     Ok((
                         compile(id)?,
@@ -400,14 +403,15 @@ mod tests {
     use super::*;
 
     fn policy() -> ExecPolicy {
-        ExecPolicy::new(
-            &["*".into()],
-            &[
-                ("web*".into(), vec!["test.*".into()]),
-                ("ops01".into(), vec!["cmd.run".into(), "service.*".into()]),
-            ],
-        )
-        .unwrap()
+        let minions: std::collections::BTreeMap<String, Vec<String>> = [
+            ("web*".to_owned(), vec!["test.*".to_owned()]),
+            (
+                "ops01".to_owned(),
+                vec!["cmd.run".to_owned(), "service.*".to_owned()],
+            ),
+        ]
+        .into();
+        ExecPolicy::new(&["*".into()], &minions).unwrap()
     }
 
     #[test]
@@ -419,9 +423,10 @@ mod tests {
         assert!(!p.allows(&Requester::Minion("web1".into()), "cmd.run"));
         assert!(p.allows(&Requester::Minion("ops01".into()), "service.restart"));
         assert!(!p.allows(&Requester::Minion("db1".into()), "test.ping"));
-        let none = ExecPolicy::new(&[], &[]).unwrap();
+        let no_minions = std::collections::BTreeMap::new();
+        let none = ExecPolicy::new(&[], &no_minions).unwrap();
         assert!(!none.allows(&Requester::Master, "test.ping"));
-        assert!(ExecPolicy::new(&["[".into()], &[]).is_err());
+        assert!(ExecPolicy::new(&["[".into()], &no_minions).is_err());
     }
 
     #[test]

@@ -118,6 +118,9 @@ pub enum Op {
     Find,
     Update,
     Delete,
+    /// `steward/v1/server/exec`: exec translation (`crate::exec`), served by
+    /// the request server with the Salt client, not by [`serve`].
+    Exec,
 }
 
 /// A sha256 over a request's whole payload: its tag and its data, without
@@ -188,6 +191,7 @@ pub fn parse(event: &Event) -> Option<Result<Request, Malformed>> {
         "find" => Op::Find,
         "update" => Op::Update,
         "delete" => Op::Delete,
+        "exec" => Op::Exec,
         other if NOTIFICATIONS.contains(&other) => return None,
         other => {
             return Some(Err(Malformed {
@@ -722,7 +726,64 @@ async fn server<S: Store>(
             encode(&service.update_server(&target, patch).await?)
         }
         Op::Delete => encode(&service.delete_server(&server_ref(args)?).await?),
+        Op::Exec => Err(not_here("server")),
     }
+}
+
+/// `exec` on an entity that has none (or, for servers, outside the request
+/// server's exec path).
+pub(super) fn not_here(entity: &str) -> registry::Error {
+    registry::Error::invalid(
+        "op",
+        format!("exec is not a {entity} operation here (steward/v1/server/exec runs a function on a server)"),
+    )
+}
+
+/// The exec request `req` asks: `server` (id or name), `fun`, optional
+/// `arg` (list), `kwarg` (map) and `timeout` (seconds, at most `max_timeout`).
+pub fn exec_request(
+    req: &Request,
+    max_timeout: std::time::Duration,
+) -> Result<crate::exec::ExecRequest, registry::Error> {
+    let args = Args(&req.args);
+    args.only(&["server", "id", "name", "fun", "arg", "kwarg", "timeout"])?;
+    let arg = match req.args.get("arg") {
+        None | Some(Json::Null) => Vec::new(),
+        Some(Json::Array(a)) => a.clone(),
+        Some(other) => {
+            return Err(registry::Error::invalid(
+                "arg",
+                format!("{other} is not a list"),
+            ))
+        }
+    };
+    let kwarg = match req.args.get("kwarg") {
+        None | Some(Json::Null) => Map::new(),
+        Some(Json::Object(m)) => m.clone(),
+        Some(other) => {
+            return Err(registry::Error::invalid(
+                "kwarg",
+                format!("{other} is not a map"),
+            ))
+        }
+    };
+    let timeout = match args.opt_int(&["timeout"])? {
+        Some(t) if t >= 1 => std::time::Duration::from_secs(t.unsigned_abs()).min(max_timeout),
+        Some(t) => {
+            return Err(registry::Error::invalid(
+                "timeout",
+                format!("{t} is not a positive number of seconds"),
+            ))
+        }
+        None => max_timeout,
+    };
+    Ok(crate::exec::ExecRequest {
+        server: server_ref(args)?,
+        fun: args.text("fun")?,
+        arg,
+        kwarg,
+        timeout,
+    })
 }
 
 /// The server a request names: the first of `server`, `id`, `name` given.
@@ -766,6 +827,7 @@ async fn model<S: Store>(
             encode(&service.update_model(&args.text("name")?, patch).await?)
         }
         Op::Delete => encode(&service.delete_model(&args.text("name")?).await?),
+        Op::Exec => Err(not_here("model")),
     }
 }
 

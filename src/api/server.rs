@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
-use serde_json::Value as Json;
+use serde_json::{json, Value as Json};
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -15,6 +15,7 @@ use tracing::warn;
 
 use super::bus::{self as service_bus, Corroborations, Pairing, Receipt, Request};
 use crate::bus::{BusItem, Firer, Origin, Subscription};
+use crate::exec::{ExecPolicy, Requester};
 use crate::registry::{DbStore, Service};
 use crate::salt::SaltClient;
 
@@ -113,6 +114,9 @@ pub struct Answering {
     helpers: TaskTracker,
     salt: SaltClient,
     pki_dir: PathBuf,
+    /// Exec translation: who may run what, and the longest wait.
+    exec: Arc<ExecPolicy>,
+    exec_timeout: Duration,
     /// Request ids served lately: a refusal of another request with the
     /// same id (a forgery, or a replay) is not fired on the same reply tag.
     served: Arc<std::sync::Mutex<VecDeque<String>>>,
@@ -167,6 +171,7 @@ impl Answering {
         salt: SaltClient,
         pki_dir: PathBuf,
         helpers: TaskTracker,
+        exec: (ExecPolicy, Duration),
     ) -> Self {
         Self {
             service,
@@ -176,6 +181,8 @@ impl Answering {
             helpers,
             salt,
             pki_dir,
+            exec: Arc::new(exec.0),
+            exec_timeout: exec.1,
             served: Arc::default(),
             busy: Arc::default(),
         }
@@ -214,7 +221,11 @@ impl Answering {
             if req.op != service_bus::Op::Find {
                 me.remember_served(&req.request_id);
             }
-            let result = service_bus::serve(&me.service, &req).await;
+            let result = if req.op == service_bus::Op::Exec {
+                me.exec(&req).await
+            } else {
+                service_bus::serve(&me.service, &req).await
+            };
             if req.op != service_bus::Op::Find && result.get("ok") == Some(&Json::Bool(true)) {
                 me.changed.notify_one();
             }
@@ -222,6 +233,31 @@ impl Answering {
             drop(busy);
             drop(slot);
         });
+    }
+
+    /// Serves a confirmed `steward/v1/server/exec`: the requester is the
+    /// trusted minion that sent it, or the master (a confirmed runner
+    /// receipt); the reply carries the jid and the minion's return.
+    async fn exec(&self, req: &Request) -> Json {
+        if req.entity != service_bus::Entity::Server {
+            let e = service_bus::not_here(req.entity.as_str());
+            return service_bus::error_reply(e.code(), &e.to_string());
+        }
+        let who = match &req.origin {
+            Origin::Minion(id) => Requester::Minion(id.clone()),
+            _ => Requester::Master,
+        };
+        let exec_req = match service_bus::exec_request(req, self.exec_timeout) {
+            Ok(r) => r,
+            Err(e) => return service_bus::error_reply(e.code(), &e.to_string()),
+        };
+        match crate::exec::exec(&self.service, &self.salt, &self.exec, &who, &exec_req).await {
+            Ok(reply) => json!({"ok": true, "result": reply}),
+            Err(e) => {
+                warn!(message = "Exec request refused or failed.", request_id = %req.request_id, requester = %who, code = e.code(), error = %e);
+                service_bus::error_reply(e.code(), &e.to_string())
+            }
+        }
     }
 
     fn remember_served(&self, request_id: &str) {

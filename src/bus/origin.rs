@@ -36,7 +36,7 @@ pub const STEWARD_PREFIX: &str = "steward/v1/";
 pub const REQUEST_ENTITIES: [&str; 4] = ["server", "model", "forward/port", "forward/hostname"];
 
 /// The operations of registry requests (`steward/v1/<entity>/<op>`).
-pub const REQUEST_OPS: [&str; 4] = ["create", "find", "update", "delete"];
+pub const REQUEST_OPS: [&str; 5] = ["create", "find", "update", "delete", "exec"];
 
 /// How many in-process events wait for a slow consumer before the oldest are
 /// dropped for it (counted by that consumer, as for the bus).

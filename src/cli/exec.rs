@@ -51,13 +51,7 @@ pub struct ExecLogArgs {
 
 /// The allow-list the `exec:` settings describe.
 pub(crate) fn policy(settings: &Settings) -> anyhow::Result<ExecPolicy> {
-    let minions: Vec<(String, Vec<String>)> = settings
-        .exec
-        .minions
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    ExecPolicy::new(&settings.exec.master, &minions).map_err(anyhow::Error::msg)
+    ExecPolicy::new(&settings.exec.master, &settings.exec.minions).map_err(anyhow::Error::msg)
 }
 
 /// Runs `exec`: exit 0 when the minion reported success, 1 otherwise (a

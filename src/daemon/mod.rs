@@ -46,10 +46,12 @@ use crate::config::Settings;
 use crate::dispatch::accept::{self as acceptor, AcceptorConfig};
 use crate::dispatch::inventory::{self, DispatcherConfig};
 use crate::dispatch::notify::dispatch_outbox;
+use crate::exec::ExecPolicy;
 use crate::master_config::MasterConfig;
 use crate::pki::KeyIssuer;
 use crate::registry;
 use crate::registry::dispatch::Debounce;
+use crate::registry::store::ExecStore as _;
 use crate::salt::{JobTracker, ReqClient, SaltClient};
 
 /// How long shutdown waits for the components.
@@ -71,6 +73,16 @@ pub async fn run(settings: &Settings, master: &MasterConfig) -> anyhow::Result<(
             .with_context(|| format!("opening the registry {}", redact(&settings.registry)))?
             .with_keys(keys.clone()),
     );
+    let exec_policy = ExecPolicy::new(&settings.exec.master, &settings.exec.minions)
+        .map_err(anyhow::Error::msg)?;
+    match service.store().exec_recover().await {
+        Ok(0) => {}
+        Ok(records) => info!(
+            message = "Exec requests cut by the last stop recorded as interrupted.",
+            records
+        ),
+        Err(error) => warn!(message = "Exec records of the last run not closed.", %error),
+    }
     let cancel = CancellationToken::new();
     let mut sup = Supervisor::new(cancel.clone());
     let bus = BusHandle::new(
@@ -162,6 +174,7 @@ pub async fn run(settings: &Settings, master: &MasterConfig) -> anyhow::Result<(
         salt,
         master.pki_dir.clone(),
         sup.helpers(),
+        (exec_policy, Duration::from_secs(settings.exec.timeout)),
     );
     sup.spawn(
         TaskName::RequestServer,

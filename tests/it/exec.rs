@@ -5,7 +5,9 @@
 use serde_json::Value;
 
 use crate::accept::{add_server, bundle, signing_master, wait_status};
-use crate::support::{cli, run_ok, start_daemon, steward_config, text, SaltHarness};
+use crate::support::{
+    assert_ok, cli, reply, run_ok, start_daemon, steward_config, text, watch_steward, SaltHarness,
+};
 
 /// The minion jobs the master's job cache holds (`jobs.list_jobs`; not the
 /// runner and wheel calls, ours included), as (function, target).
@@ -55,7 +57,17 @@ fn exec_runs_only_on_salt_managed_servers_and_records_every_request() {
     let web_minion = web["minion_id"].as_str().unwrap().to_owned();
     let bare = add_server(&cfg, "bare01.example.org");
     let bare_minion = bare["minion_id"].as_str().unwrap().to_owned();
-    let _daemon = start_daemon(&cfg);
+    // web01's own minion is trusted, and may run test.* through the bus.
+    let cfg = steward_config(
+        &h,
+        &[&web_minion],
+        &format!(
+            "keys: {{dir: {}/keys, pool_size: 1}}\nexec: {{master: [\"test.*\"], timeout: 30, \
+             minions: {{\"{web_minion}\": [\"test.*\"]}}}}\n",
+            h.root().display()
+        ),
+    );
+    let mut daemon = start_daemon(&cfg);
     let b = bundle(&h, &cfg, "web01.example.org", "web01.tgz");
     h.start_minion_from_bundle("web01", &web_minion, &b);
     wait_status(&cfg, "web01.example.org", "online");
@@ -95,9 +107,64 @@ fn exec_runs_only_on_salt_managed_servers_and_records_every_request() {
         "{after:?}"
     );
 
-    // The record lists all five, newest first, with who asked.
+    // On the bus: from the master (salt-run event.send) the reply carries the
+    // jid and the return; the trusted minion may run test.* but not cmd.run;
+    // an unknown server is refused.
+    let mut w = watch_steward(&cfg);
+    let send = |tag: &str, data: Value| {
+        assert_ok(&h.master_cmd("salt-run", &["event.send", tag, &data.to_string()]));
+    };
+    send(
+        "steward/v1/server/exec",
+        serde_json::json!({"request_id": "x1", "server": "web01.example.org", "fun": "test.echo", "arg": ["from the bus"]}),
+    );
+    let r = reply(&mut w, &mut daemon, "x1");
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["result"]["return"], "from the bus", "{r}");
+    assert!(r["result"]["jid"].as_str().is_some(), "{r}");
+    send(
+        "steward/v1/server/exec",
+        serde_json::json!({"request_id": "x2", "server": "ghost", "fun": "test.ping"}),
+    );
+    assert_eq!(
+        reply(&mut w, &mut daemon, "x2")["error"]["code"],
+        "unknown_server"
+    );
+    let minion_send = |data: Value| {
+        assert_ok(&h.minion_call(
+            &web_minion,
+            &["event.send", "steward/v1/server/exec", &data.to_string()],
+        ));
+    };
+    minion_send(
+        serde_json::json!({"request_id": "x3", "server": "web01.example.org", "fun": "test.ping"}),
+    );
+    let r = reply(&mut w, &mut daemon, "x3");
+    assert_eq!(r["result"]["return"], true, "{r}");
+    minion_send(
+        serde_json::json!({"request_id": "x4", "server": "web01.example.org", "fun": "cmd.run", "arg": ["id"]}),
+    );
+    let r = reply(&mut w, &mut daemon, "x4");
+    assert_eq!(r["error"]["code"], "forbidden_function", "{r}");
+    let out = run_ok(cli(&cfg, &["exec-log", "--limit", "4", "--json"]));
+    let log: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let by: Vec<&str> = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["requested_by"].as_str().unwrap())
+        .collect();
+    let me = format!("minion:{web_minion}");
+    assert_eq!(
+        by,
+        vec![me.as_str(), me.as_str(), "master", "master"],
+        "{log}"
+    );
+
+    // The CLI's five, newest first, with who asked.
     let out = run_ok(cli(&cfg, &["exec-log", "--json"]));
     let log: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let log = Value::Array(log.as_array().unwrap()[4..].to_vec());
     let rows: Vec<(String, String, String)> = log
         .as_array()
         .unwrap()
