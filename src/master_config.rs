@@ -82,6 +82,9 @@ pub struct MasterConfig {
     pub master_use_pubkey_signature: bool,
     /// 3007's `keys.cache_driver` (`localfs_key`, the plain files, by default).
     pub keys_cache_driver: String,
+    /// `file_roots` of the `base` environment (Salt's default `/srv/salt`,
+    /// `/srv/spm/salt`): where `salt-states/` must be for the daemon's states.
+    pub file_roots_base: Vec<PathBuf>,
 }
 
 impl MasterConfig {
@@ -206,6 +209,25 @@ impl MasterConfig {
             master_sign_pubkey: get_bool("master_sign_pubkey", false)?,
             master_use_pubkey_signature: get_bool("master_use_pubkey_signature", false)?,
             keys_cache_driver: get_str("keys.cache_driver", "localfs_key")?,
+            file_roots_base: match opts.get("file_roots") {
+                None | Some(Value::Null) => {
+                    vec![PathBuf::from("/srv/salt"), PathBuf::from("/srv/spm/salt")]
+                }
+                Some(Value::Mapping(envs)) => envs
+                    .get("base")
+                    .map(string_list)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(PathBuf::from)
+                    .collect(),
+                Some(other) => {
+                    return Err(bad(
+                        path,
+                        "file_roots",
+                        format!("must map environments to directories, not {other:?}"),
+                    ))
+                }
+            },
         })
     }
 

@@ -1,6 +1,7 @@
 //! The command line: argument parsing, settings, exit codes (0 ok, 2 usage,
 //! 1 anything else, with a one-line message). One file per command family.
 
+mod doctor;
 mod events;
 mod exec;
 mod forward;
@@ -67,6 +68,8 @@ enum Command {
     Exec(exec::ExecArgs),
     /// The record of exec requests: who asked, server, function, jid, outcome.
     ExecLog(exec::ExecLogArgs),
+    /// Check the installation: config, master, bus, root key, request server, registry, rules, states, file modes.
+    Doctor,
     /// Reactor rules: check files, test which rules an event triggers.
     #[command(subcommand)]
     Rules(rules::RulesCommand),
@@ -119,7 +122,11 @@ pub fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let ctx = Context::load(&cli)?;
+    let ctx = match Context::load(&cli) {
+        Ok(ctx) => ctx,
+        Err(e) if matches!(cli.command, Command::Doctor) => return Ok(doctor::config_failed(&e)),
+        Err(e) => return Err(e),
+    };
     crate::telemetry::init(&ctx.settings.log.level, ctx.settings.log.format);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -142,6 +149,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Status(args) => forward::run_status(&ctx, args).await,
             Command::Exec(args) => exec::run_exec(&ctx, args).await,
             Command::ExecLog(args) => exec::run_exec_log(&ctx, args).await,
+            Command::Doctor => doctor::run(&ctx).await,
             Command::Rules(cmd) => rules::run(&ctx, cmd).await,
             Command::Pki(cmd) => pki::run(&ctx, cmd),
         }

@@ -501,6 +501,24 @@ impl SqliteStore {
                     )
                 })?;
             }
+            // A new registry is readable by its owner only (it will hold
+            // password hashes); SQLite gives its -wal/-shm files the same mode.
+            use std::os::unix::fs::OpenOptionsExt as _;
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&file)
+            {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => {
+                    return Err(Error::invalid(
+                        "registry",
+                        format!("cannot create {}: {e}", file.display()),
+                    ))
+                }
+            }
         }
         // An in-memory database lives as long as its one connection. A local
         // file's connection does not go stale: no ping before each use.

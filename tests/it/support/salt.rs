@@ -685,7 +685,7 @@ impl SaltHarness {
     }
 }
 
-fn current_user() -> String {
+pub fn current_user() -> String {
     let out = Command::new("id")
         .arg("-un")
         .output()
