@@ -20,9 +20,16 @@ use crate::support::{
 /// A master that signs its public key (bundles make minions verify it) and
 /// does not auto-accept; the provisioning state in its file roots.
 pub fn signing_master() -> SaltHarness {
+    signing_master_serving(Vec::new())
+}
+
+/// [`signing_master`], also serving `file_roots` (e.g. the repository's
+/// `salt-states/`).
+pub fn signing_master_serving(file_roots: Vec<PathBuf>) -> SaltHarness {
     let h = SaltHarness::start_with(MasterOptions {
         auto_accept: false,
         extra: "master_sign_pubkey: True\n".into(),
+        file_roots,
         ..MasterOptions::default()
     });
     h.wait_req_ready();

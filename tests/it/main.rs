@@ -9,6 +9,7 @@ mod bus_fake_publisher;
 mod bus_salt;
 mod cli;
 mod daemon;
+mod dispatch;
 mod doctor;
 mod exec;
 mod failover;

@@ -6,12 +6,11 @@
 //!   iptables-nft rules left byte for byte;
 //! - `steward.hostfwd` against a private nginx on loopback ([`NginxLab`]).
 
-use std::time::{Duration, Instant};
-
 use serde_json::{json, Value};
 
-use crate::support::netns::{NatLab, Netns, PVE_PUBLIC, VM_IP};
-use crate::support::nginx::NginxLab;
+use crate::support::eventually;
+use crate::support::netns::{refused, NatLab, Netns, PVE_PUBLIC, VM_IP};
+use crate::support::nginx::{backend_of, NginxLab};
 use crate::support::salt_local::{LocalMinion, StateRun};
 use crate::support::{MasterOptions, SaltHarness};
 
@@ -21,12 +20,7 @@ const UDP_PORT: u16 = 15353;
 /// A masterless minion in the lab's pve namespace with every portfwd path
 /// redirected into its temp dir.
 fn pve_minion(lab: &NatLab) -> LocalMinion {
-    let d = lab.dir.path();
-    let settings = format!(
-        "steward:\n  portfwd:\n    config_dir: {d}/etc\n    sysctl_conf: {d}/sysctl.d/90-salt-steward-portfwd.conf\n    unit_dir: {d}/systemd\n",
-        d = d.display()
-    );
-    LocalMinion::new("pve-test", &settings).in_netns(lab.pve.name())
+    LocalMinion::new("pve-test", &lab.portfwd_settings()).in_netns(lab.pve.name())
 }
 
 fn forward(id: u64, proto: &str, port: u16, to_port: u16) -> Value {
@@ -64,74 +58,11 @@ fn assert_unchanged(run: &StateRun) {
     assert!(!run.changed(), "second run reported changes:\n{}", run.raw);
 }
 
-/// A connection refused: curl's exit 7 ("Couldn't connect to server", an
-/// RST from pve, where nothing listens) or the UDP client's ICMP port
-/// unreachable; not a timeout.
-fn refused(err: &str) -> bool {
-    err.contains("exit Some(7)") || err.contains("connection refused")
-}
-
-/// Our table as nft lists it (empty when it does not exist).
-fn our_table(pve: &Netns) -> String {
-    let out = pve.exec(&["nft", "list", "table", "ip", "salt_steward_portfwd"]);
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Polls `f` (bounded) until it returns `Some`; the value, or a panic with
-/// `what` and the last attempt's description.
-fn eventually<T>(what: &str, mut f: impl FnMut() -> Result<T, String>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        match f() {
-            Ok(v) => return v,
-            Err(e) if Instant::now() >= deadline => panic!("{what}: still {e}"),
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
-        }
-    }
-}
-
-/// Loads state that is not ours into pve: an nft table of another owner and
-/// an iptables-nft rule in `ip nat`. Returns how to read both back.
-fn load_foreign(pve: &Netns) {
-    pve.exec_ok(&["nft", "add", "table", "inet", "other"]);
-    pve.exec_ok(&[
-        "nft",
-        "add chain inet other input { type filter hook input priority 10; policy accept; }",
-    ]);
-    pve.exec_ok(&[
-        "nft",
-        "add rule inet other input tcp dport 9999 counter accept comment \"not ours\"",
-    ]);
-    pve.exec_ok(&[
-        "iptables",
-        "-t",
-        "nat",
-        "-A",
-        "POSTROUTING",
-        "-s",
-        "10.77.0.0/24",
-        "-j",
-        "MASQUERADE",
-    ]);
-}
-
-fn foreign_state(pve: &Netns) -> (String, String) {
-    let nft = pve.exec_ok(&["nft", "list", "table", "inet", "other"]);
-    // iptables-save's comment lines carry the time.
-    let ipt = pve
-        .exec_ok(&["iptables-save", "-t", "nat"])
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .collect::<Vec<_>>()
-        .join("\n");
-    (nft, ipt)
-}
-
 #[test]
 fn portfwd_forwards_masquerades_and_leaves_foreign_rules_alone() {
     let lab = NatLab::start();
-    load_foreign(&lab.pve);
-    let before = foreign_state(&lab.pve);
+    lab.load_foreign();
+    let before = lab.foreign_state();
     assert!(
         before
             .1
@@ -149,7 +80,7 @@ fn portfwd_forwards_masquerades_and_leaves_foreign_rules_alone() {
     let minion = pve_minion(&lab);
     let run = minion.apply("steward.portfwd", &both_forwards(42));
     assert_applied(&run);
-    let table = our_table(&lab.pve);
+    let table = lab.portfwd_table();
     assert!(table.contains("comment \"rev=42 sha256="), "{table}");
     assert!(
         table.contains(
@@ -202,13 +133,13 @@ fn portfwd_forwards_masquerades_and_leaves_foreign_rules_alone() {
     let again = minion.apply("steward.portfwd", &both_forwards(42));
     assert_unchanged(&again);
     assert_eq!(
-        our_table(&lab.pve),
+        lab.portfwd_table(),
         table,
         "a no-change run reloaded the table"
     );
 
     // Foreign state byte for byte.
-    assert_eq!(foreign_state(&lab.pve), before);
+    assert_eq!(lab.foreign_state(), before);
 }
 
 #[test]
@@ -303,7 +234,7 @@ fn portfwd_removing_forwards_closes_the_ports() {
         }
     });
     assert!(refused(&err), "{err}");
-    let table = our_table(&lab.pve);
+    let table = lab.portfwd_table();
     assert!(!table.contains("dnat"), "{table}");
     assert!(table.contains("masquerade"), "{table}");
     assert_eq!(lab.vm_fetch_outside().unwrap(), PVE_PUBLIC);
@@ -317,7 +248,7 @@ fn portfwd_removing_forwards_closes_the_ports() {
         }}}),
     );
     assert_applied(&run);
-    let table = our_table(&lab.pve);
+    let table = lab.portfwd_table();
     assert!(table.contains("chain prerouting"), "{table}");
     assert!(!table.contains("masquerade"), "{table}");
     assert!(lab.vm_fetch_outside().is_err());
@@ -328,7 +259,7 @@ fn portfwd_broken_candidate_fails_and_keeps_the_live_table() {
     let lab = NatLab::start();
     let minion = pve_minion(&lab);
     assert_applied(&minion.apply("steward.portfwd", &both_forwards(10)));
-    let live = our_table(&lab.pve);
+    let live = lab.portfwd_table();
     let file_path = lab.dir.path().join("etc/portfwd.nft");
     let file = std::fs::read(&file_path).unwrap();
 
@@ -344,7 +275,7 @@ fn portfwd_broken_candidate_fails_and_keeps_the_live_table() {
         run.raw
     );
     assert!(comment.contains("10.99.0.999"), "{comment}");
-    assert_eq!(our_table(&lab.pve), live);
+    assert_eq!(lab.portfwd_table(), live);
     assert_eq!(std::fs::read(&file_path).unwrap(), file);
     assert!(!lab.dir.path().join("etc/portfwd.nft.new").exists());
 
@@ -359,7 +290,7 @@ fn portfwd_broken_candidate_fails_and_keeps_the_live_table() {
         run.raw
     );
     assert!(run.comments().contains("external_interface"), "{}", run.raw);
-    assert_eq!(our_table(&lab.pve), live);
+    assert_eq!(lab.portfwd_table(), live);
     assert_eq!(std::fs::read(&file_path).unwrap(), file);
 
     // Traffic still flows through the table that was there.
@@ -488,11 +419,7 @@ fn portfwd_applied_by_a_minion_inside_the_pve_namespace() {
         file_roots: vec![crate::support::salt::salt_states_dir()],
         ..MasterOptions::default()
     });
-    let d = lab.dir.path().display().to_string();
-    let settings = format!(
-        "steward:\n  portfwd:\n    config_dir: {d}/etc\n    sysctl_conf: {d}/sysctl.conf\n    unit_dir: {d}/systemd\n"
-    );
-    h.start_minion_in_netns("pve", "pve-minion", &settings, lab.pve.name());
+    h.start_minion_in_netns("pve", "pve-minion", &lab.portfwd_settings(), lab.pve.name());
     eventually("the minion in pve answers", || {
         let out = h.master_cmd(
             "salt",
@@ -539,11 +466,6 @@ fn site(id: u64, domain: &str, port: u16, upstream: u16) -> Value {
 
 fn hostfwd_pillar(revision: u64, sites: Vec<Value>) -> Value {
     json!({"steward": {"hostfwd": {"revision": revision, "target": "proxy-test", "sites": sites}}})
-}
-
-fn backend_of(body: &str) -> String {
-    let v: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"));
-    v["backend"].as_str().unwrap().to_owned()
 }
 
 #[test]

@@ -225,6 +225,28 @@ pub fn json_line(line: &str) -> serde_json::Value {
     serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"))
 }
 
+/// Polls `f` (every 100 ms, for 15 s at most) until it returns `Ok`; the
+/// value, or a panic with `what` and the last attempt's `Err`.
+pub fn eventually<T>(what: &str, f: impl FnMut() -> Result<T, String>) -> T {
+    eventually_within(what, Duration::from_secs(15), f)
+}
+
+/// [`eventually`] with another bound.
+pub fn eventually_within<T>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> Result<T, String>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(e) if Instant::now() >= deadline => panic!("{what}: still {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
 /// Timeout of the daemon tests' waits.
 pub const T: Duration = Duration::from_secs(60);
 

@@ -519,6 +519,66 @@ impl NatLab {
         }
     }
 
+    /// The minion config lines that point steward.portfwd's files (config
+    /// dir, sysctl file, boot unit) into this lab's temp dir; nft and
+    /// conntrack are the system's, run inside the pve namespace.
+    pub fn portfwd_settings(&self) -> String {
+        format!(
+            "steward:\n  portfwd:\n    config_dir: {d}/etc\n    sysctl_conf: {d}/sysctl.d/90-salt-steward-portfwd.conf\n    unit_dir: {d}/systemd\n",
+            d = self.dir.path().display()
+        )
+    }
+
+    /// Our table (`ip salt_steward_portfwd`) as nft lists it in pve (empty
+    /// when it does not exist).
+    pub fn portfwd_table(&self) -> String {
+        let out = self
+            .pve
+            .exec(&["nft", "list", "table", "ip", "salt_steward_portfwd"]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Loads state that is not ours into pve: an nft table of another owner
+    /// and an iptables-nft rule in `ip nat`; [`foreign_state`](Self::foreign_state)
+    /// reads both back.
+    pub fn load_foreign(&self) {
+        let pve = &self.pve;
+        pve.exec_ok(&["nft", "add", "table", "inet", "other"]);
+        pve.exec_ok(&[
+            "nft",
+            "add chain inet other input { type filter hook input priority 10; policy accept; }",
+        ]);
+        pve.exec_ok(&[
+            "nft",
+            "add rule inet other input tcp dport 9999 counter accept comment \"not ours\"",
+        ]);
+        pve.exec_ok(&[
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-s",
+            "10.77.0.0/24",
+            "-j",
+            "MASQUERADE",
+        ]);
+    }
+
+    /// The foreign table and pve's `iptables-save -t nat` (without its
+    /// timestamped comment lines), to compare byte for byte.
+    pub fn foreign_state(&self) -> (String, String) {
+        let nft = self.pve.exec_ok(&["nft", "list", "table", "inet", "other"]);
+        let ipt = self
+            .pve
+            .exec_ok(&["iptables-save", "-t", "nat"])
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .collect::<Vec<_>>()
+            .join("\n");
+        (nft, ipt)
+    }
+
     /// From the vm: `GET http://198.51.100.2:8000/`: the source address the
     /// outside server saw (198.51.100.1 when masqueraded). Without the
     /// masquerade the answer cannot come back (ext has no route to
@@ -526,6 +586,13 @@ impl NatLab {
     pub fn vm_fetch_outside(&self) -> Result<String, String> {
         curl_in(&self.vm, &format!("http://{EXT_CLIENT}:{EXT_PEER_PORT}/"))
     }
+}
+
+/// A connection refused: curl's exit 7 ("Couldn't connect to server", an
+/// RST from pve, where nothing listens) or the UDP client's ICMP port
+/// unreachable; not a timeout.
+pub fn refused(err: &str) -> bool {
+    err.contains("exit Some(7)") || err.contains("connection refused")
 }
 
 /// `curl -sS --max-time 3 URL` inside `ns`: the body or curl's error.

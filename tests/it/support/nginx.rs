@@ -140,9 +140,15 @@ impl NginxLab {
 
     /// The minion config lines that point steward.hostfwd at this nginx.
     pub fn minion_settings(&self) -> String {
+        self.minion_settings_with(&nginx_bin())
+    }
+
+    /// [`minion_settings`](Self::minion_settings) with another program in
+    /// place of nginx (a wrapper that fails or stalls, then runs nginx).
+    pub fn minion_settings_with(&self, nginx: &Path) -> String {
         format!(
             "steward:\n  hostfwd:\n    nginx: {}\n    nginx_args: {}\n    site_file: {}\n    listen_address: 127.0.0.1\n",
-            nginx_bin().display(),
+            nginx.display(),
             serde_json::to_string(&self.nginx_args().join(" ")).unwrap(),
             self.site_file().display(),
         )
@@ -218,6 +224,12 @@ impl Drop for NginxLab {
             );
         }
     }
+}
+
+/// The `backend` an answer of [`Backend`] names ("A", "B").
+pub fn backend_of(body: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    v["backend"].as_str().unwrap().to_owned()
 }
 
 /// The nginx binary (`/usr/sbin/nginx` on Debian).
