@@ -223,7 +223,7 @@ pub enum UnknownMinions {
 }
 
 /// The `keys:` section.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeysConfig {
     /// Private keys of issued pairs (0700 dir, 0600 files) and the pool.
@@ -268,7 +268,7 @@ fn default_pool() -> usize {
 }
 
 /// `log:` section.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
     /// `error`, `warn`, `info` (default), `debug`, `trace`, or a tracing filter.
@@ -293,7 +293,7 @@ fn default_level() -> String {
 }
 
 /// `bus:` section.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BusConfig {
     /// Events buffered per consumer before the oldest are dropped (counted).
@@ -324,7 +324,7 @@ fn default_max_event() -> usize {
 }
 
 /// `rules:` section: the rules engine.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RulesConfig {
     /// Rule actions (jobs) running at once, all senders together. Default 8; 1 to 1024.
@@ -372,7 +372,7 @@ fn default_max_waiting() -> usize {
 }
 
 /// `dispatch:` section: the inventory dispatcher (`dispatch::inventory`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DispatchConfig {
     /// Quiet time after a change before its targets run, so a burst becomes
@@ -434,7 +434,7 @@ fn default_retry_max_ms() -> u64 {
 
 /// `exec:` section: exec translation (`salt-steward exec`, the bus's
 /// `steward/v1/server/exec`), which is remote execution, so allow-listed.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExecConfig {
     /// Function globs the master (`salt-run event.send`) and the CLI may run.
@@ -469,7 +469,7 @@ fn default_exec_timeout() -> u64 {
 }
 
 /// The resolved settings the program runs with.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Settings {
     pub master_config: PathBuf,
     pub registry: String,
@@ -482,9 +482,34 @@ pub struct Settings {
     pub exec: ExecConfig,
     pub keys: KeysConfig,
     pub masters: Vec<String>,
+    /// The file these settings were read from (`None`: the defaults), read
+    /// again on SIGHUP.
+    pub source: Option<PathBuf>,
 }
 
 impl Settings {
+    /// The settings that differ in `new` and that the daemon only takes at
+    /// start (named in the log on a reload); the others — `log.level`,
+    /// `trusted_minions`, `exec` — are applied by the reload.
+    pub fn restart_needed(&self, new: &Settings) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        let mut differs = |key: &'static str, d: bool| {
+            if d {
+                out.push(key);
+            }
+        };
+        differs("master_config", self.master_config != new.master_config);
+        differs("registry", self.registry != new.registry);
+        differs("rules_dir", self.rules_dir != new.rules_dir);
+        differs("log.format", self.log.format != new.log.format);
+        differs("bus", self.bus != new.bus);
+        differs("rules", self.rules != new.rules);
+        differs("dispatch", self.dispatch != new.dispatch);
+        differs("keys", self.keys != new.keys);
+        differs("masters", self.masters != new.masters);
+        out
+    }
+
     /// The key issuer the `keys` settings describe. In preseed mode it needs
     /// the master's pki_dir, and refuses a master whose key cache is not the
     /// plain files (3007's `keys.cache_driver`), where a written file would
@@ -512,18 +537,17 @@ impl Settings {
     /// Reads `path`, or the default file if `path` is `None` (a missing
     /// default file means all defaults; a missing explicit one is an error).
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
-        let file = match path {
-            Some(p) => Some(read(p)?),
-            None => {
-                let p = Path::new(DEFAULT_CONFIG);
-                if p.exists() {
-                    Some(read(p)?)
-                } else {
-                    None
-                }
-            }
+        let source = match path {
+            Some(p) => Some(p.to_owned()),
+            None => Some(PathBuf::from(DEFAULT_CONFIG)).filter(|p| p.exists()),
         };
-        Ok(Self::from_file(file.unwrap_or_default()))
+        let file = match &source {
+            Some(p) => read(p)?,
+            None => ConfigFile::default(),
+        };
+        let mut settings = Self::from_file(file);
+        settings.source = source;
+        Ok(settings)
     }
 
     fn from_file(f: ConfigFile) -> Self {
@@ -545,6 +569,7 @@ impl Settings {
             exec: f.exec,
             keys: f.keys,
             masters: f.masters,
+            source: None,
         }
     }
 }

@@ -27,7 +27,7 @@ pub const MAX_REQUESTS_IN_FLIGHT: usize = 64;
 pub async fn serve_requests(
     mut sub: Subscription,
     answering: Answering,
-    trusted: HashSet<String>,
+    policy: PolicyHandle,
     cancel: CancellationToken,
 ) {
     let mut corroborations = Corroborations::default();
@@ -61,7 +61,7 @@ pub async fn serve_requests(
                 Some(Ok(req)) => match (&req.origin, req.op) {
                     // A lookup changes nothing: anyone may ask.
                     (_, service_bus::Op::Find) => answering.start(req).await,
-                    (Origin::Minion(id), _) if !trusted.contains(id) => {
+                    (Origin::Minion(id), _) if !policy.get().trusted.contains(id) => {
                         warn!(message = "Registry request refused: minion not trusted.", minion_id = %id, tag = %req.tag);
                         let msg = format!(
                             "minion {id} is not in trusted_minions; the registry was not changed"
@@ -115,8 +115,8 @@ pub struct Answering {
     salt: SaltClient,
     pki_dir: PathBuf,
     /// Exec translation: who may run what, and the longest wait.
-    exec: Arc<ExecPolicy>,
-    exec_timeout: Duration,
+    /// Trusted minions and the exec allow-list (reloaded on SIGHUP).
+    policy: PolicyHandle,
     /// Request ids served lately: a refusal of another request with the
     /// same id (a forgery, or a replay) is not fired on the same reply tag.
     served: Arc<std::sync::Mutex<VecDeque<String>>>,
@@ -157,6 +157,42 @@ impl Drop for Busy {
     }
 }
 
+/// Who may ask what: the trusted minions and the exec allow-list. Read at
+/// each request, replaced as a whole on SIGHUP.
+#[derive(Debug)]
+pub struct Policy {
+    /// `trusted_minions`.
+    pub trusted: HashSet<String>,
+    /// `exec.master` / `exec.minions`.
+    pub exec: ExecPolicy,
+    /// `exec.timeout`.
+    pub exec_timeout: Duration,
+}
+
+/// The current [`Policy`], shared by the request server and the reload.
+#[derive(Debug, Clone)]
+pub struct PolicyHandle(Arc<std::sync::RwLock<Arc<Policy>>>);
+
+impl PolicyHandle {
+    /// A handle on `policy`.
+    pub fn new(policy: Policy) -> Self {
+        Self(Arc::new(std::sync::RwLock::new(Arc::new(policy))))
+    }
+
+    /// The policy now (a request keeps the one it started with).
+    pub fn get(&self) -> Arc<Policy> {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces the policy for the requests that come next.
+    pub fn set(&self, policy: Policy) {
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(policy);
+    }
+}
+
 /// How many served request ids [`Answering`] remembers.
 const SERVED_MEMORY: usize = 4096;
 
@@ -171,7 +207,7 @@ impl Answering {
         salt: SaltClient,
         pki_dir: PathBuf,
         helpers: TaskTracker,
-        exec: (ExecPolicy, Duration),
+        policy: PolicyHandle,
     ) -> Self {
         Self {
             service,
@@ -181,8 +217,7 @@ impl Answering {
             helpers,
             salt,
             pki_dir,
-            exec: Arc::new(exec.0),
-            exec_timeout: exec.1,
+            policy,
             served: Arc::default(),
             busy: Arc::default(),
         }
@@ -247,11 +282,12 @@ impl Answering {
             Origin::Minion(id) => Requester::Minion(id.clone()),
             _ => Requester::Master,
         };
-        let exec_req = match service_bus::exec_request(req, self.exec_timeout) {
+        let policy = self.policy.get();
+        let exec_req = match service_bus::exec_request(req, policy.exec_timeout) {
             Ok(r) => r,
             Err(e) => return service_bus::error_reply(e.code(), &e.to_string()),
         };
-        match crate::exec::exec(&self.service, &self.salt, &self.exec, &who, &exec_req).await {
+        match crate::exec::exec(&self.service, &self.salt, &policy.exec, &who, &exec_req).await {
             Ok(reply) => json!({"ok": true, "result": reply}),
             Err(e) => {
                 warn!(message = "Exec request refused or failed.", request_id = %req.request_id, requester = %who, code = e.code(), error = %e);

@@ -138,7 +138,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Salt(cmd) => salt::run(&ctx, cmd).await,
             Command::Daemon => {
                 let master = ctx.master()?;
-                crate::daemon::run(&ctx.settings, &master).await?;
+                crate::daemon::run(&ctx.settings, &master, cli.master_config.clone()).await?;
                 Ok(ExitCode::SUCCESS)
             }
             Command::Model(cmd) => registry::run_model(&ctx, cmd).await,

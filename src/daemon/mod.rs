@@ -26,11 +26,13 @@
 //! the entry in hand, exit 0 within [`SHUTDOWN_GRACE`]; a second signal
 //! stops at once (non-zero).
 
+mod reload;
 mod signals;
 pub mod supervisor;
 
 pub use supervisor::{Supervisor, TaskName};
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,13 +42,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::api::server::{serve_requests, Answering};
+use crate::api::server::{serve_requests, Answering, PolicyHandle};
 use crate::bus::{BusHandle, EventFirer, Firer, LocalEvents, SubscriberOptions};
 use crate::config::Settings;
 use crate::dispatch::accept::{self as acceptor, AcceptorConfig};
 use crate::dispatch::inventory::{self, DispatcherConfig};
 use crate::dispatch::notify::dispatch_outbox;
-use crate::exec::ExecPolicy;
 use crate::master_config::MasterConfig;
 use crate::pki::KeyIssuer;
 use crate::registry;
@@ -63,7 +64,11 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Runs the daemon until SIGTERM/SIGINT (a second one while stopping: at
 /// once) or until a component ends, which is an error: the caller exits
 /// non-zero.
-pub async fn run(settings: &Settings, master: &MasterConfig) -> anyhow::Result<()> {
+pub async fn run(
+    settings: &Settings,
+    master: &MasterConfig,
+    master_from_cli: Option<PathBuf>,
+) -> anyhow::Result<()> {
     supervisor::install_panic_hook();
     let (signals, _signal_task) = signals::install().context("installing signal handlers")?;
     let keys = settings.key_issuer()?;
@@ -73,8 +78,7 @@ pub async fn run(settings: &Settings, master: &MasterConfig) -> anyhow::Result<(
             .with_context(|| format!("opening the registry {}", redact(&settings.registry)))?
             .with_keys(keys.clone()),
     );
-    let exec_policy = ExecPolicy::new(&settings.exec.master, &settings.exec.minions)
-        .map_err(anyhow::Error::msg)?;
+    let policy = PolicyHandle::new(reload::policy_of(settings)?);
     match service.store().exec_recover().await {
         Ok(0) => {}
         Ok(records) => info!(
@@ -174,14 +178,19 @@ pub async fn run(settings: &Settings, master: &MasterConfig) -> anyhow::Result<(
         salt,
         master.pki_dir.clone(),
         sup.helpers(),
-        (exec_policy, Duration::from_secs(settings.exec.timeout)),
+        policy.clone(),
     );
     sup.spawn(
         TaskName::RequestServer,
-        serve_requests(
-            requests,
-            answering,
-            settings.trusted_minions.iter().cloned().collect(),
+        serve_requests(requests, answering, policy.clone(), cancel.clone()),
+    );
+    sup.spawn(
+        TaskName::ConfigReload,
+        reload::run(
+            settings.clone(),
+            master_from_cli,
+            signals.reload.clone(),
+            policy,
             cancel.clone(),
         ),
     );

@@ -42,6 +42,8 @@ pub enum TaskName {
     Rules,
     /// Applies the inventory's states when it changes (`dispatch::inventory`).
     InventoryDispatcher,
+    /// Reads the config again on SIGHUP (`daemon::reload`).
+    ConfigReload,
 }
 
 impl TaskName {
@@ -57,6 +59,7 @@ impl TaskName {
             Self::KeyPool => "key-pool",
             Self::Rules => "rules",
             Self::InventoryDispatcher => "inventory-dispatcher",
+            Self::ConfigReload => "config-reload",
         }
     }
 }

@@ -282,6 +282,8 @@ fn a_component_that_panics_is_named_and_the_daemon_exits_non_zero() {
         "acceptor",
         "key-pool",
         "rules",
+        "inventory-dispatcher",
+        "config-reload",
     ];
     let stopped = |seen: &[String], name: &str| {
         seen.iter()

@@ -18,6 +18,7 @@ mod job_reconcile;
 mod pki;
 mod reconcile;
 mod registry;
+mod reload;
 mod rules;
 mod salt_client;
 mod states;

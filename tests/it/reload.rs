@@ -1,0 +1,81 @@
+//! SIGHUP against a running daemon (issue #14): the config is read again;
+//! `log.level` and `trusted_minions` apply without a restart, a setting only
+//! taken at start is named, a broken file changes nothing.
+
+use serde_json::json;
+
+use crate::support::{
+    assert_ok, cli, reply, run_ok, start_daemon, steward_config, watch_steward, SaltHarness, T,
+};
+
+fn hup(pid: i32) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+}
+
+#[test]
+fn sighup_applies_the_log_level_and_trusted_minions_without_a_restart() {
+    let mut h = SaltHarness::start();
+    h.wait_req_ready();
+    h.start_minions_and_wait(&["r-minion"]);
+    let rules = h.root().join("rules.d");
+    std::fs::create_dir_all(&rules).unwrap();
+    let rules_dir = format!("rules_dir: {}\n", rules.display());
+    let cfg = steward_config(&h, &[], &format!("log: {{level: info}}\n{rules_dir}"));
+    // The CLI's view of the registry the daemon started with.
+    let listing = h.root().join("listing.yaml");
+    std::fs::copy(&cfg, &listing).unwrap();
+    run_ok(cli(&cfg, &["model", "add", "web"]));
+    let mut daemon = start_daemon(&cfg);
+    let mut w = watch_steward(&cfg);
+    let create = |request_id: &str, name: &str| {
+        let data = json!({"request_id": request_id, "name": name, "model": "web"});
+        assert_ok(&h.minion_call(
+            "r-minion",
+            &["event.send", "steward/v1/server/create", &data.to_string()],
+        ));
+    };
+
+    create("q1", "a.example.org");
+    let r = reply(&mut w, &mut daemon, "q1");
+    assert_eq!(r["error"]["code"], "untrusted_sender", "{r}");
+
+    // The minion trusted, the level debug, and another registry (only taken at start).
+    let other_registry = format!("registry: sqlite://{}/other.db\n", h.root().display());
+    steward_config(
+        &h,
+        &["r-minion"],
+        &format!("log: {{level: debug}}\n{rules_dir}{other_registry}"),
+    );
+    hup(daemon.pid());
+    daemon.wait_err_line("reload applied", T, |l| {
+        l.contains("Config reloaded.") && l.contains("log.level") && l.contains("trusted_minions")
+    });
+    daemon.wait_err_line("restart named", T, |l| {
+        l.contains("only taken at start") && l.contains("registry")
+    });
+    create("q2", "b.example.org");
+    let r = reply(&mut w, &mut daemon, "q2");
+    assert_eq!(r["ok"], true, "{r}");
+    // Served from the registry the daemon runs with, not the new file's.
+    let names = crate::support::server_names(&listing);
+    assert_eq!(names, vec!["b.example.org".to_owned()], "{names:?}");
+    assert!(!h.root().join("other.db").exists());
+
+    // Debug lines now: the rules' reload on the next SIGHUP says it at debug.
+    hup(daemon.pid());
+    daemon.wait_err_line("a debug line", T, |l| l.contains("Rules unchanged."));
+
+    // A broken file: refused, the running settings stay (the minion still trusted).
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, format!("{text}dispatch: {{concurrency: 0}}\n")).unwrap();
+    hup(daemon.pid());
+    daemon.wait_err_line("broken file refused", T, |l| {
+        l.contains("Config not reloaded") && l.contains("dispatch.concurrency")
+    });
+    create("q3", "c.example.org");
+    assert_eq!(reply(&mut w, &mut daemon, "q3")["ok"], true);
+}
