@@ -42,6 +42,8 @@ pub enum TaskName {
     Rules,
     /// Applies the inventory's states when it changes (`dispatch::inventory`).
     InventoryDispatcher,
+    /// Serves `GET /metrics` (`daemon::metrics`), when `metrics_listen` is set.
+    Metrics,
 }
 
 impl TaskName {
@@ -57,6 +59,7 @@ impl TaskName {
             Self::KeyPool => "key-pool",
             Self::Rules => "rules",
             Self::InventoryDispatcher => "inventory-dispatcher",
+            Self::Metrics => "metrics",
         }
     }
 }

@@ -14,6 +14,7 @@ mod exec;
 mod failover;
 mod forward_bus;
 mod job_reconcile;
+mod metrics;
 mod pki;
 mod reconcile;
 mod registry;
