@@ -9,6 +9,7 @@
 //! YAML is parsed with `serde_yaml_ng`, the maintained continuation of the
 //! archived `serde_yaml`.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -39,7 +40,8 @@ pub enum ConfigError {
         path: PathBuf,
         source: serde_yaml_ng::Error,
     },
-    /// Numbers outside their allowed range, each with its key and range.
+    /// Values outside what is allowed (numbers out of range, a
+    /// non-loopback `metrics_listen`), each with its key and line.
     #[error("config {path}: {}", problems.join("; "))]
     OutOfRange {
         path: PathBuf,
@@ -197,6 +199,10 @@ pub struct ConfigFile {
     /// 65535); empty: this master.
     #[serde(default)]
     pub masters: Vec<String>,
+    /// Where the daemon serves `GET /metrics` (Prometheus text format), an
+    /// `IP:port` on a loopback address (the endpoint has no authentication;
+    /// put a reverse proxy in front to expose it). Default: off.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// How minion keys are accepted.
@@ -485,6 +491,8 @@ pub struct Settings {
     /// The file these settings were read from (`None`: the defaults), read
     /// again on SIGHUP.
     pub source: Option<PathBuf>,
+    /// `metrics_listen`: a loopback address, or `None` (off).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Settings {
@@ -570,6 +578,7 @@ impl Settings {
             keys: f.keys,
             masters: f.masters,
             source: None,
+            metrics_listen: f.metrics_listen,
         }
     }
 }
@@ -644,7 +653,25 @@ fn check(f: &ConfigFile, text: &str) -> Vec<String> {
             ));
         }
     }
+    if let Some(addr) = f.metrics_listen {
+        if !addr.ip().is_loopback() {
+            problems.push(format!(
+                "metrics_listen: {addr} is not a loopback address (the metrics endpoint has no \
+                 authentication: listen on 127.0.0.1 or [::1] and put a reverse proxy in front \
+                 to expose it){}",
+                at_line(top_level_line(text, "metrics_listen"))
+            ));
+        }
+    }
     problems
+}
+
+/// The 1-based line where the top-level `key` is written, if it is.
+fn top_level_line(text: &str, key: &str) -> Option<usize> {
+    let header = format!("{key}:");
+    text.lines()
+        .position(|l| l.starts_with(&header))
+        .map(|i| i + 1)
 }
 
 /// The port of `host:port` or `[v6]:port`; `None` for a bare host or IPv6 address.
@@ -732,6 +759,29 @@ mod tests {
         assert_eq!(s.keys.accept_mode, d.keys.accept_mode);
         assert_eq!(s.keys.unknown_minions, d.keys.unknown_minions);
         assert_eq!(s.masters, d.masters);
+        assert_eq!(s.metrics_listen, d.metrics_listen);
+    }
+
+    #[test]
+    fn metrics_listen_is_loopback_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("config.yaml");
+        for ok in ["127.0.0.1:9467", "\"[::1]:9467\""] {
+            std::fs::write(&p, format!("metrics_listen: {ok}\n")).unwrap();
+            let s = Settings::load(Some(&p)).unwrap();
+            assert!(s.metrics_listen.unwrap().ip().is_loopback());
+        }
+        std::fs::write(&p, "log:\n  level: info\nmetrics_listen: 0.0.0.0:9467\n").unwrap();
+        let err = Settings::load(Some(&p)).unwrap_err().to_string();
+        assert!(err.contains("config.yaml"), "{err}");
+        assert!(
+            err.contains("metrics_listen: 0.0.0.0:9467 is not a loopback address"),
+            "{err}"
+        );
+        assert!(err.ends_with("at line 3"), "{err}");
+        std::fs::write(&p, "metrics_listen: localhost\n").unwrap();
+        let err = Settings::load(Some(&p)).unwrap_err().to_string();
+        assert!(err.contains("metrics_listen"), "{err}");
     }
 
     #[test]

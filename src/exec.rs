@@ -192,6 +192,28 @@ impl ExecError {
     }
 }
 
+/// Exec requests served by the daemon, by outcome: `ok`, `failed` (the
+/// function ran and failed) or the refusal's code ([`ExecError::code`]);
+/// read by the metrics endpoint.
+#[derive(Debug, Default)]
+pub struct ExecStats(crate::telemetry::Counts<&'static str>);
+
+impl ExecStats {
+    /// Counts one request by what [`exec`] returned.
+    pub fn count(&self, result: &Result<ExecReply, ExecError>) {
+        self.0.add(match result {
+            Ok(reply) if reply.success => "ok",
+            Ok(_) => "failed",
+            Err(e) => e.code(),
+        });
+    }
+
+    /// Every outcome counted so far with its count.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        self.0.snapshot()
+    }
+}
+
 /// Runs `req` for `who` (see the module docs): refused requests are
 /// recorded and nothing is published; a run is recorded with its jid before
 /// it is published, and its end after.

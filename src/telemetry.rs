@@ -67,3 +67,42 @@ pub fn set_level(level: &str) -> Result<(), LevelError> {
         .reload(filter)
         .map_err(|e| LevelError::Reload(e.to_string()))
 }
+
+/// Counters keyed by a small set of labels (`(entity, op, outcome)` …),
+/// for occurrences whose label values are a bounded set (error codes, ops)
+/// but not fixed fields. Counted where they happen, read by the metrics
+/// endpoint at scrape time; the lock is held for one map update.
+#[derive(Debug)]
+pub struct Counts<K> {
+    map: std::sync::Mutex<std::collections::BTreeMap<K, u64>>,
+}
+
+impl<K> Default for Counts<K> {
+    fn default() -> Self {
+        Self {
+            map: std::sync::Mutex::default(),
+        }
+    }
+}
+
+impl<K: Ord + Clone> Counts<K> {
+    /// Adds one to `key`'s counter.
+    pub fn add(&self, key: K) {
+        *self
+            .map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(key)
+            .or_default() += 1;
+    }
+
+    /// Every key counted so far with its count, in key order.
+    pub fn snapshot(&self) -> Vec<(K, u64)> {
+        self.map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .map(|(k, n)| (k.clone(), *n))
+            .collect()
+    }
+}

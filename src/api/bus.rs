@@ -123,6 +123,19 @@ pub enum Op {
     Exec,
 }
 
+impl Op {
+    /// Its part of a request tag (`create`, `find` …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Create => "create",
+            Op::Find => "find",
+            Op::Update => "update",
+            Op::Delete => "delete",
+            Op::Exec => "exec",
+        }
+    }
+}
+
 /// A sha256 over a request's whole payload: its tag and its data, without
 /// the keys Salt adds (`_stamp`, `__pub_*`), as canonical JSON.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

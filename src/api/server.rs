@@ -15,9 +15,42 @@ use tracing::warn;
 
 use super::bus::{self as service_bus, Corroborations, Pairing, Receipt, Request};
 use crate::bus::{BusItem, Firer, Origin, Subscription};
-use crate::exec::{ExecPolicy, Requester};
+use crate::exec::{ExecPolicy, ExecStats, Requester};
 use crate::registry::{DbStore, Service};
 use crate::salt::SaltClient;
+use crate::telemetry::Counts;
+
+/// Registry requests by entity, op and outcome (`ok` or the reply's error
+/// code: `untrusted_sender`, `not_found` …); a malformed request, whose
+/// entity or op may be unreadable, is `unknown`/`unknown`/`bad_request`.
+/// Read by the metrics endpoint.
+#[derive(Debug, Default)]
+pub struct RequestStats(Counts<(&'static str, &'static str, String)>);
+
+impl RequestStats {
+    /// Counts one request of `entity`/`op` answered (or refused) with `outcome`.
+    pub fn count(&self, entity: &'static str, op: &'static str, outcome: &str) {
+        self.0.add((entity, op, outcome.to_owned()));
+    }
+
+    /// Counts `req` by the reply it got.
+    fn count_reply(&self, req: &Request, reply: &Json) {
+        let outcome = if reply.get("ok") == Some(&Json::Bool(true)) {
+            "ok"
+        } else {
+            reply
+                .pointer("/error/code")
+                .and_then(Json::as_str)
+                .unwrap_or("error")
+        };
+        self.count(req.entity.as_str(), req.op.as_str(), outcome);
+    }
+
+    /// Every (entity, op, outcome) counted so far with its count.
+    pub fn snapshot(&self) -> Vec<((&'static str, &'static str, String), u64)> {
+        self.0.snapshot()
+    }
+}
 
 /// Registry requests answered at the same time.
 pub const MAX_REQUESTS_IN_FLIGHT: usize = 64;
@@ -53,6 +86,7 @@ pub async fn serve_requests(
                 None => {}
                 Some(Err(bad)) => {
                     warn!(message = "Malformed registry request.", tag = %event.tag, request_id = ?bad.request_id, reason = %bad.message);
+                    answering.stats.count("unknown", "unknown", "bad_request");
                     if let Some(id) = &bad.request_id {
                         let reply_data = service_bus::error_reply("bad_request", &bad.message);
                         answering.reply(id, &reply_data).await;
@@ -122,6 +156,10 @@ pub struct Answering {
     served: Arc<std::sync::Mutex<VecDeque<String>>>,
     /// Request ids being confirmed or served now, with how many.
     busy: BusyIds,
+    /// Requests by entity, op and outcome.
+    stats: Arc<RequestStats>,
+    /// Exec requests by outcome.
+    exec_stats: Arc<ExecStats>,
 }
 
 type BusyIds = Arc<std::sync::Mutex<HashMap<String, usize>>>;
@@ -220,7 +258,19 @@ impl Answering {
             policy,
             served: Arc::default(),
             busy: Arc::default(),
+            stats: Arc::default(),
+            exec_stats: Arc::default(),
         }
+    }
+
+    /// The requests counted by entity, op and outcome.
+    pub fn stats(&self) -> Arc<RequestStats> {
+        self.stats.clone()
+    }
+
+    /// The exec requests counted by outcome.
+    pub fn exec_stats(&self) -> Arc<ExecStats> {
+        self.exec_stats.clone()
     }
 
     /// Starts answering `req`; waits for a free slot first (backpressure: the
@@ -264,6 +314,7 @@ impl Answering {
             if req.op != service_bus::Op::Find && result.get("ok") == Some(&Json::Bool(true)) {
                 me.changed.notify_one();
             }
+            me.stats.count_reply(&req, &result);
             me.reply(&req.request_id, &result).await;
             drop(busy);
             drop(slot);
@@ -287,7 +338,10 @@ impl Answering {
             Ok(r) => r,
             Err(e) => return service_bus::error_reply(e.code(), &e.to_string()),
         };
-        match crate::exec::exec(&self.service, &self.salt, &policy.exec, &who, &exec_req).await {
+        let result =
+            crate::exec::exec(&self.service, &self.salt, &policy.exec, &who, &exec_req).await;
+        self.exec_stats.count(&result);
+        match result {
             Ok(reply) => json!({"ok": true, "result": reply}),
             Err(e) => {
                 warn!(message = "Exec request refused or failed.", request_id = %req.request_id, requester = %who, code = e.code(), error = %e);
@@ -316,6 +370,7 @@ impl Answering {
     /// served, is in hand, or (`twin`) waits for its receipt: that one's
     /// reply is the one for the id; this refusal is logged only.
     async fn refuse(&self, req: &Request, code: &str, message: &str, twin: bool) {
+        self.stats.count(req.entity.as_str(), req.op.as_str(), code);
         let busy = self
             .busy
             .lock()

@@ -20,12 +20,15 @@
 //!   presence, first-start states; and the key-pool filler;
 //! - the inventory dispatcher (`dispatch::inventory`): the states of the
 //!   hosts and proxies whose forwards changed, applied once per burst,
-//!   recorded and retried; a run cut by a stop is due again at start-up.
+//!   recorded and retried; a run cut by a stop is due again at start-up;
+//! - the metrics endpoint (`metrics`, with `metrics_listen`): `GET /metrics`
+//!   reads the components' counters at scrape time.
 //!
 //! Shutdown (SIGTERM/SIGINT): stop taking requests, let the dispatcher finish
 //! the entry in hand, exit 0 within [`SHUTDOWN_GRACE`]; a second signal
 //! stops at once (non-zero).
 
+pub mod metrics;
 mod reload;
 mod signals;
 pub mod supervisor;
@@ -115,6 +118,19 @@ pub async fn run(
     );
     let firer = firer.with_local(local);
     let changed = Arc::new(Notify::new());
+    // Bound before anything starts: a taken port fails the start, named.
+    let metrics_listener = match settings.metrics_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("metrics_listen {addr}: binding the metrics endpoint"))?,
+        ),
+        None => None,
+    };
+    let key_stats = Arc::new(acceptor::KeyStats::default());
+    let dispatcher = dispatcher_config(settings, sup.helpers());
+    let rule_stats = rules.stats();
+    let job_stats = salt.job_stats().clone();
 
     info!(message = "Daemon started.", master_config = %master.path.display(), registry_backend = service.store().backend());
     sup.spawn(TaskName::BusReader, bus.reader(cancel.clone()));
@@ -140,6 +156,7 @@ pub async fn run(
                 unknown: settings.keys.unknown_minions,
                 sync_keys: settings.masters.len() > 1,
                 helpers: sup.helpers(),
+                stats: key_stats.clone(),
             },
             acceptor_events,
             service.clone(),
@@ -155,7 +172,7 @@ pub async fn run(
     sup.spawn(
         TaskName::InventoryDispatcher,
         inventory::run(
-            dispatcher_config(settings, sup.helpers()),
+            dispatcher.clone(),
             service.clone(),
             salt.clone(),
             firer.clone(),
@@ -172,7 +189,7 @@ pub async fn run(
         ),
     );
     let answering = Answering::new(
-        service,
+        service.clone(),
         firer,
         changed,
         salt,
@@ -180,6 +197,23 @@ pub async fn run(
         sup.helpers(),
         policy.clone(),
     );
+    if let Some(listener) = metrics_listener {
+        let sources = metrics::Sources {
+            bus: bus.stats().clone(),
+            requests: answering.stats(),
+            exec: answering.exec_stats(),
+            rules: rule_stats,
+            dispatch: dispatcher.stats.clone(),
+            keys: key_stats,
+            jobs: job_stats,
+            service,
+        };
+        info!(message = "Metrics endpoint listening.", address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default());
+        sup.spawn(
+            TaskName::Metrics,
+            metrics::serve(listener, sources, cancel.clone()),
+        );
+    }
     sup.spawn(
         TaskName::RequestServer,
         serve_requests(requests, answering, policy.clone(), cancel.clone()),
@@ -221,6 +255,7 @@ fn dispatcher_config(settings: &Settings, helpers: TaskTracker) -> DispatcherCon
         retry_max_ms: ms(d.retry_max_ms),
         drift_interval: (d.drift_interval > 0).then(|| Duration::from_secs(d.drift_interval)),
         helpers,
+        stats: Arc::default(),
     }
 }
 

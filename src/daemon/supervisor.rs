@@ -44,6 +44,8 @@ pub enum TaskName {
     InventoryDispatcher,
     /// Reads the config again on SIGHUP (`daemon::reload`).
     ConfigReload,
+    /// Serves `GET /metrics` (`daemon::metrics`), when `metrics_listen` is set.
+    Metrics,
 }
 
 impl TaskName {
@@ -60,6 +62,7 @@ impl TaskName {
             Self::Rules => "rules",
             Self::InventoryDispatcher => "inventory-dispatcher",
             Self::ConfigReload => "config-reload",
+            Self::Metrics => "metrics",
         }
     }
 }

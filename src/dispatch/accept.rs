@@ -45,6 +45,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::hash::Hash;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -118,6 +119,45 @@ enum Trigger {
     Reconcile,
 }
 
+/// What the acceptor did with keys, and the alerts it fired; read by the
+/// metrics endpoint.
+#[derive(Debug, Default)]
+pub struct KeyStats {
+    /// Keys accepted (verified byte for byte against the issued one).
+    pub accepted: AtomicU64,
+    /// Keys the master rejected on our call (not the issued key, or an
+    /// unknown id with `unknown_minions: reject`).
+    pub rejected: AtomicU64,
+    /// `alert/key-mismatch` fired.
+    pub alert_key_mismatch: AtomicU64,
+    /// `alert/unknown-minion` fired.
+    pub alert_unknown_minion: AtomicU64,
+    /// `alert/key-retired` fired.
+    pub alert_key_retired: AtomicU64,
+}
+
+impl KeyStats {
+    /// The alert counters with the alert's name (`key-mismatch` …).
+    pub fn alerts(&self) -> [(&'static str, u64); 3] {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        [
+            ("key-mismatch", g(&self.alert_key_mismatch)),
+            ("key-retired", g(&self.alert_key_retired)),
+            ("unknown-minion", g(&self.alert_unknown_minion)),
+        ]
+    }
+
+    fn alert(&self, tag: &str) {
+        let counter = match tag {
+            ALERT_KEY_MISMATCH => &self.alert_key_mismatch,
+            ALERT_UNKNOWN_MINION => &self.alert_unknown_minion,
+            ALERT_KEY_RETIRED => &self.alert_key_retired,
+            _ => return,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// The acceptor's settings.
 #[derive(Debug, Clone)]
 pub struct AcceptorConfig {
@@ -134,6 +174,8 @@ pub struct AcceptorConfig {
     /// Where provisioning runs (first-start states) are started, so the
     /// daemon's shutdown waits for them.
     pub helpers: TaskTracker,
+    /// Where keys accepted, rejected and alerts are counted.
+    pub stats: Arc<KeyStats>,
 }
 
 /// Runs the acceptor until `cancel`: reads `sub`, watches `minions_pre/`.
@@ -543,7 +585,10 @@ impl Acceptor {
             }
         }
         if !reject.is_empty() {
-            self.wheel_dict("key.reject_dict", &reject).await;
+            if let Some(moved) = self.wheel_dict("key.reject_dict", &reject).await {
+                let n = u64::try_from(moved.len()).unwrap_or(u64::MAX);
+                self.config.stats.rejected.fetch_add(n, Ordering::Relaxed);
+            }
         }
         if accept.is_empty() {
             return;
@@ -570,6 +615,7 @@ impl Acceptor {
                 continue;
             }
             info!(message = "Minion key verified and accepted.", minion_id = %server.minion_id, server = %server.name);
+            self.config.stats.accepted.fetch_add(1, Ordering::Relaxed);
             self.fx.registered(&server).await;
         }
         self.retire(stale).await;
@@ -770,6 +816,7 @@ impl Acceptor {
     }
 
     async fn fire(&self, tag: &str, data: Json) {
+        self.config.stats.alert(tag);
         self.fx.firer.fire_or_warn(tag, &data).await;
     }
 }

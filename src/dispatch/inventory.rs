@@ -26,6 +26,7 @@
 //!   ago than that is applied again.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -78,6 +79,16 @@ const FIND_JOB_GRACE: Duration = Duration::from_secs(5);
 /// Attempts at recording a run's end before leaving it to the next start-up.
 const FINISH_TRIES: u32 = 5;
 
+/// Runs finished by the dispatcher, by outcome; read by the metrics
+/// endpoint (the queue itself is the registry's `dispatch_targets`).
+#[derive(Debug, Default)]
+pub struct DispatchStats {
+    /// Runs that applied their state.
+    pub done: AtomicU64,
+    /// Runs that failed (retried with backoff).
+    pub failed: AtomicU64,
+}
+
 /// What the dispatcher needs from the settings (`dispatch:` in the config).
 #[derive(Debug, Clone)]
 pub struct DispatcherConfig {
@@ -95,6 +106,8 @@ pub struct DispatcherConfig {
     pub drift_interval: Option<Duration>,
     /// Where runs are started, so shutdown waits for them.
     pub helpers: TaskTracker,
+    /// Where finished runs are counted.
+    pub stats: Arc<DispatchStats>,
 }
 
 impl DispatcherConfig {
@@ -618,6 +631,11 @@ impl Runner {
         data.insert("revision".into(), json!(revision));
         data.insert("jid".into(), json!(jid));
         data.insert("attempts".into(), json!(attempt));
+        let counter = match finish {
+            Finish::Applied { .. } => &self.cfg.stats.done,
+            Finish::Failed { .. } => &self.cfg.stats.failed,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
         let verb = match finish {
             Finish::Applied { summary, .. } => {
                 data.insert("summary".into(), parse_summary(summary));
@@ -781,6 +799,7 @@ mod tests {
             retry_max_ms: max,
             drift_interval: None,
             helpers: TaskTracker::new(),
+            stats: Arc::default(),
         }
     }
 

@@ -57,6 +57,7 @@ pub struct RulesComponent {
     concurrency: usize,
     queue_per_sender: usize,
     intake_opts: engine::IntakeOptions,
+    stats: Arc<RuleStats>,
 }
 
 impl RulesComponent {
@@ -74,7 +75,14 @@ impl RulesComponent {
                 job_timeout: Duration::from_secs(cfg.job_timeout),
                 max_waiting: cfg.max_waiting,
             },
+            stats: Arc::default(),
         }
+    }
+
+    /// The engine's counters (matches, actions, drops), shared with the
+    /// running engine.
+    pub fn stats(&self) -> Arc<RuleStats> {
+        self.stats.clone()
     }
 
     /// Loads the rules, starts watching them (and reloads at each change of
@@ -88,7 +96,7 @@ impl RulesComponent {
         reload_requests: watch::Receiver<u64>,
         cancel: CancellationToken,
     ) {
-        let stats = Arc::new(RuleStats::default());
+        let stats = self.stats;
         let runner = Arc::new(exec::SaltRunner::new(salt, firer));
         let executor = exec::Executor::new(
             runner,

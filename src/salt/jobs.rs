@@ -257,6 +257,32 @@ impl Drop for JobWatch {
     }
 }
 
+/// Jobs followed to their end through the client (the job cache
+/// confirming the returns), by outcome; read by the metrics endpoint.
+#[derive(Debug, Default)]
+pub struct JobStats {
+    /// Every expected minion answered and succeeded.
+    pub ok: AtomicU64,
+    /// Every expected minion answered, at least one failed.
+    pub failed: AtomicU64,
+    /// At least one expected minion did not answer in time.
+    pub no_answer: AtomicU64,
+}
+
+impl JobStats {
+    /// Counts one followed job by its outcome.
+    pub fn count(&self, outcome: &JobOutcome) {
+        let counter = if !outcome.no_answer.is_empty() {
+            &self.no_answer
+        } else if outcome.all_ok() {
+            &self.ok
+        } else {
+            &self.failed
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// What came back for a published job.
 #[derive(Debug, Clone, Serialize)]
 pub struct JobOutcome {
@@ -392,12 +418,14 @@ impl JobWatch {
             .filter(|m| !confirmed.contains_key(*m))
             .cloned()
             .collect();
-        JobOutcome {
+        let outcome = JobOutcome {
             jid: self.jid.clone(),
             returns: confirmed,
             no_answer,
             unconfirmed: hinted.into_keys().collect(),
-        }
+        };
+        client.job_stats().count(&outcome);
+        outcome
     }
 
     /// Without a job cache to ask: every return event counts (the tracker's

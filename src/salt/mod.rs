@@ -21,7 +21,7 @@ use serde::Serialize;
 use serde_json::{Map, Value as Json};
 
 use crate::bus::event::{as_str, from_json, map_get, to_json};
-pub use jobs::{JobOutcome, JobTracker, JobWatch, MinionReturn, StateSummary};
+pub use jobs::{JobOutcome, JobStats, JobTracker, JobWatch, MinionReturn, StateSummary};
 pub use request::{ReqClient, RequestError};
 
 /// How a publish target is matched (Salt's `tgt_type`).
@@ -105,6 +105,8 @@ pub struct SaltClient {
     tracker: JobTracker,
     /// The tracker's reconnect count when the request pool was last reset.
     reset_at: Arc<AtomicU64>,
+    /// Jobs followed to their end, by outcome (shared by every clone).
+    job_stats: Arc<JobStats>,
 }
 
 /// A wheel call's result.
@@ -125,7 +127,13 @@ impl SaltClient {
             req,
             tracker,
             reset_at: Arc::default(),
+            job_stats: Arc::default(),
         }
+    }
+
+    /// Jobs followed through this client (and its clones), by outcome.
+    pub fn job_stats(&self) -> &Arc<JobStats> {
+        &self.job_stats
     }
 
     /// The request client. After a bus reconnect (the master may have

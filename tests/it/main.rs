@@ -15,6 +15,7 @@ mod exec;
 mod failover;
 mod forward_bus;
 mod job_reconcile;
+mod metrics;
 mod pki;
 mod reconcile;
 mod registry;
