@@ -348,7 +348,12 @@ fn print_targets(all: &[DispatchTarget]) -> anyhow::Result<()> {
             t.applied,
             t.attempts,
             t.last_jid.as_deref().unwrap_or(""),
-            t.last_error.as_deref().unwrap_or("")
+            // A tool's message may span lines (nginx -t): its first one here,
+            // all of it in `dispatch show` and --json.
+            t.last_error
+                .as_deref()
+                .and_then(|e| e.lines().find(|l| !l.trim().is_empty()))
+                .unwrap_or("")
         ))?;
     }
     Ok(())

@@ -110,7 +110,7 @@ mod sql {
 
     /// `$1` server, `$2` state, `$3` outbox id, `$4` now, `$5` debounce,
     /// `$6` max delay. A running target stays running (its end sees
-    /// desired > rendered and makes it pending).
+    /// desired > rendered and makes it pending); a waiting one's reason goes.
     pub const BUMP: &str = "INSERT INTO dispatch_targets (server_id, state, desired, status, \
          next_attempt_at, pending_since, updated_at) \
          SELECT CAST($1 AS BIGINT), CAST($2 AS TEXT), CAST($3 AS BIGINT), 'pending', \
@@ -120,6 +120,8 @@ mod sql {
          desired = CASE WHEN excluded.desired > dispatch_targets.desired \
              THEN excluded.desired ELSE dispatch_targets.desired END, \
          status = CASE WHEN dispatch_targets.status = 'running' THEN 'running' ELSE 'pending' END, \
+         last_error = CASE WHEN dispatch_targets.status = 'waiting' THEN NULL \
+             ELSE dispatch_targets.last_error END, \
          pending_since = COALESCE(dispatch_targets.pending_since, excluded.pending_since), \
          next_attempt_at = CASE \
              WHEN COALESCE(dispatch_targets.pending_since, excluded.pending_since) + $6 \
