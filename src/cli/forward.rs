@@ -339,6 +339,14 @@ fn print_targets(all: &[DispatchTarget]) -> anyhow::Result<()> {
         } else {
             t.status.to_string()
         };
+        // A tool's message may span lines (nginx -t): its first line in the
+        // row, the rest indented under it, so the table stays one row a target.
+        let mut reason = t
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .lines()
+            .filter(|l| !l.trim().is_empty());
         out(format_args!(
             "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
             t.server,
@@ -348,13 +356,11 @@ fn print_targets(all: &[DispatchTarget]) -> anyhow::Result<()> {
             t.applied,
             t.attempts,
             t.last_jid.as_deref().unwrap_or(""),
-            // A tool's message may span lines (nginx -t): its first one here,
-            // all of it in `dispatch show` and --json.
-            t.last_error
-                .as_deref()
-                .and_then(|e| e.lines().find(|l| !l.trim().is_empty()))
-                .unwrap_or("")
+            reason.next().unwrap_or("")
         ))?;
+        for line in reason {
+            out(format_args!("    {}", line.trim_end()))?;
+        }
     }
     Ok(())
 }
