@@ -460,6 +460,20 @@ impl SaltHarness {
         extra: &str,
         netns: &str,
     ) -> &Minion {
+        self.start_minion_in_netns_with(label, id, extra, netns, |_| {})
+    }
+
+    /// [`start_minion_in_netns`](Self::start_minion_in_netns) with
+    /// `prepare` run on the minion's config dir first (e.g.
+    /// [`install_bundle`]).
+    pub fn start_minion_in_netns_with(
+        &mut self,
+        label: &str,
+        id: &str,
+        extra: &str,
+        netns: &str,
+        prepare: impl FnOnce(&Path),
+    ) -> &Minion {
         super::netns::require_tools(&["socat", "ip", "ss"]);
         let relay_dir = self.root().join(format!("relay-{label}"));
         fs::create_dir_all(&relay_dir).expect("relay dir");
@@ -495,7 +509,7 @@ impl SaltHarness {
             ));
             wait_listen_in(netns, port, Duration::from_secs(10));
         }
-        self.start_minion_inner(label, id, extra, |_| {}, Some(netns))
+        self.start_minion_inner(label, id, extra, prepare, Some(netns))
     }
 
     fn start_minion_inner(
