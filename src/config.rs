@@ -94,6 +94,48 @@ pub const RULES_MAX_WAITING: Limit = Limit {
     min: 1,
     max: 1_000_000,
 };
+/// `dispatch.debounce_ms`: quiet time after a change, up to an hour.
+pub const DISPATCH_DEBOUNCE_MS: Limit = Limit {
+    key: "dispatch.debounce_ms",
+    min: 0,
+    max: 3_600_000,
+};
+/// `dispatch.max_delay_ms`: cap on the wait under a stream of changes, up to a day.
+pub const DISPATCH_MAX_DELAY_MS: Limit = Limit {
+    key: "dispatch.max_delay_ms",
+    min: 0,
+    max: 86_400_000,
+};
+/// `dispatch.concurrency`: state runs in flight at once.
+pub const DISPATCH_CONCURRENCY: Limit = Limit {
+    key: "dispatch.concurrency",
+    min: 1,
+    max: 1024,
+};
+/// `dispatch.job_timeout`, seconds: 1 s to 1 day.
+pub const DISPATCH_JOB_TIMEOUT: Limit = Limit {
+    key: "dispatch.job_timeout",
+    min: 1,
+    max: 86_400,
+};
+/// `dispatch.retry_base_ms`: the first retry delay, 10 ms to 1 hour.
+pub const DISPATCH_RETRY_BASE_MS: Limit = Limit {
+    key: "dispatch.retry_base_ms",
+    min: 10,
+    max: 3_600_000,
+};
+/// `dispatch.retry_max_ms`: the longest retry delay, 10 ms to 1 day.
+pub const DISPATCH_RETRY_MAX_MS: Limit = Limit {
+    key: "dispatch.retry_max_ms",
+    min: 10,
+    max: 86_400_000,
+};
+/// `dispatch.drift_interval`, seconds: 0 (off) to 30 days.
+pub const DISPATCH_DRIFT_INTERVAL: Limit = Limit {
+    key: "dispatch.drift_interval",
+    min: 0,
+    max: 2_592_000,
+};
 /// `keys.bits`: what [`crate::pki::keys::KeyPair::generate`] accepts.
 pub const KEYS_BITS: Limit = Limit {
     key: "keys.bits",
@@ -136,6 +178,9 @@ pub struct ConfigFile {
     /// The rules engine (the rule files are in `rules_dir`).
     #[serde(default)]
     pub rules: RulesConfig,
+    /// The inventory dispatcher (states applied when the inventory changes).
+    #[serde(default)]
+    pub dispatch: DispatchConfig,
     /// Minion keys: where they are kept, their size, how they are accepted.
     #[serde(default)]
     pub keys: KeysConfig,
@@ -317,6 +362,67 @@ fn default_max_waiting() -> usize {
     10_000
 }
 
+/// `dispatch:` section: the inventory dispatcher (`dispatch::inventory`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DispatchConfig {
+    /// Quiet time after a change before its targets run, so a burst becomes
+    /// one run per target. Default 2000; 0 to 3600000.
+    #[serde(default = "default_debounce_ms")]
+    pub debounce_ms: u64,
+    /// Longest wait under a steady stream of changes. Default 30000; 0 to 86400000.
+    #[serde(default = "default_max_delay_ms")]
+    pub max_delay_ms: u64,
+    /// State runs in flight at once, all targets together. Default 8; 1 to 1024.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+    /// Seconds a run's return is waited for. Default 300; 1 to 86400.
+    #[serde(default = "default_job_timeout")]
+    pub job_timeout: u64,
+    /// Delay before the first retry of a failed run, doubled for each
+    /// further failure. Default 5000; 10 to 3600000.
+    #[serde(default = "default_retry_base_ms")]
+    pub retry_base_ms: u64,
+    /// Longest delay between retries. Default 600000 (10 min); 10 to 86400000.
+    #[serde(default = "default_retry_max_ms")]
+    pub retry_max_ms: u64,
+    /// Seconds between drift repairs: every applied target is applied again
+    /// this long after its last run (hand edits undone). 0 (default): off;
+    /// up to 2592000 (30 days).
+    #[serde(default)]
+    pub drift_interval: u64,
+}
+
+impl Default for DispatchConfig {
+    fn default() -> Self {
+        Self {
+            debounce_ms: default_debounce_ms(),
+            max_delay_ms: default_max_delay_ms(),
+            concurrency: default_concurrency(),
+            job_timeout: default_job_timeout(),
+            retry_base_ms: default_retry_base_ms(),
+            retry_max_ms: default_retry_max_ms(),
+            drift_interval: 0,
+        }
+    }
+}
+
+fn default_debounce_ms() -> u64 {
+    2000
+}
+
+fn default_max_delay_ms() -> u64 {
+    30_000
+}
+
+fn default_retry_base_ms() -> u64 {
+    5000
+}
+
+fn default_retry_max_ms() -> u64 {
+    600_000
+}
+
 /// The resolved settings the program runs with.
 #[derive(Debug)]
 pub struct Settings {
@@ -327,6 +433,7 @@ pub struct Settings {
     pub log: LogConfig,
     pub bus: BusConfig,
     pub rules: RulesConfig,
+    pub dispatch: DispatchConfig,
     pub keys: KeysConfig,
     pub masters: Vec<String>,
 }
@@ -388,6 +495,7 @@ impl Settings {
             log: f.log,
             bus: f.bus,
             rules: f.rules,
+            dispatch: f.dispatch,
             keys: f.keys,
             masters: f.masters,
         }
@@ -437,6 +545,13 @@ fn check(f: &ConfigFile, text: &str) -> Vec<String> {
     number(RULES_QUEUE_PER_SENDER, wide(f.rules.queue_per_sender));
     number(RULES_JOB_TIMEOUT, f.rules.job_timeout);
     number(RULES_MAX_WAITING, wide(f.rules.max_waiting));
+    number(DISPATCH_DEBOUNCE_MS, f.dispatch.debounce_ms);
+    number(DISPATCH_MAX_DELAY_MS, f.dispatch.max_delay_ms);
+    number(DISPATCH_CONCURRENCY, wide(f.dispatch.concurrency));
+    number(DISPATCH_JOB_TIMEOUT, f.dispatch.job_timeout);
+    number(DISPATCH_RETRY_BASE_MS, f.dispatch.retry_base_ms);
+    number(DISPATCH_RETRY_MAX_MS, f.dispatch.retry_max_ms);
+    number(DISPATCH_DRIFT_INTERVAL, f.dispatch.drift_interval);
     number(KEYS_BITS, wide(f.keys.bits));
     number(KEYS_POOL_SIZE, wide(f.keys.pool_size));
     for (i, master) in f.masters.iter().enumerate() {

@@ -17,7 +17,10 @@
 //!   what the daemon fires under its own tags reaches it in memory
 //!   ([`Firer::with_local`], `bus::origin`);
 //! - the acceptor (`dispatch::accept`): verified auto-accept of minion keys,
-//!   presence, first-start states; and the key-pool filler.
+//!   presence, first-start states; and the key-pool filler;
+//! - the inventory dispatcher (`dispatch::inventory`): the states of the
+//!   hosts and proxies whose forwards changed, applied once per burst,
+//!   recorded and retried; a run cut by a stop is due again at start-up.
 //!
 //! Shutdown (SIGTERM/SIGINT): stop taking requests, let the dispatcher finish
 //! the entry in hand, exit 0 within [`SHUTDOWN_GRACE`]; a second signal
@@ -34,16 +37,19 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::api::server::{serve_requests, Answering};
 use crate::bus::{BusHandle, EventFirer, Firer, LocalEvents, SubscriberOptions};
 use crate::config::Settings;
 use crate::dispatch::accept::{self as acceptor, AcceptorConfig};
+use crate::dispatch::inventory::{self, DispatcherConfig};
 use crate::dispatch::notify::dispatch_outbox;
 use crate::master_config::MasterConfig;
 use crate::pki::KeyIssuer;
 use crate::registry;
+use crate::registry::dispatch::Debounce;
 use crate::salt::{JobTracker, ReqClient, SaltClient};
 
 /// How long shutdown waits for the components.
@@ -131,6 +137,16 @@ pub async fn run(settings: &Settings, master: &MasterConfig) -> anyhow::Result<(
         fill_key_pool(keys, settings.keys.pool_size, cancel.clone()),
     );
     sup.spawn(
+        TaskName::InventoryDispatcher,
+        inventory::run(
+            dispatcher_config(settings, sup.helpers()),
+            service.clone(),
+            salt.clone(),
+            firer.clone(),
+            cancel.clone(),
+        ),
+    );
+    sup.spawn(
         TaskName::Rules,
         rules.run(
             salt.clone(),
@@ -166,6 +182,24 @@ pub async fn run(settings: &Settings, master: &MasterConfig) -> anyhow::Result<(
         .await;
     info!(message = "Stopped.");
     Ok(result?)
+}
+
+/// The dispatcher's settings from `dispatch:` (numbers range-checked at load).
+fn dispatcher_config(settings: &Settings, helpers: TaskTracker) -> DispatcherConfig {
+    let d = &settings.dispatch;
+    let ms = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    DispatcherConfig {
+        debounce: Debounce {
+            debounce_ms: ms(d.debounce_ms),
+            max_delay_ms: ms(d.max_delay_ms),
+        },
+        concurrency: d.concurrency,
+        job_timeout: Duration::from_secs(d.job_timeout),
+        retry_base_ms: ms(d.retry_base_ms),
+        retry_max_ms: ms(d.retry_max_ms),
+        drift_interval: (d.drift_interval > 0).then(|| Duration::from_secs(d.drift_interval)),
+        helpers,
+    }
 }
 
 /// A database URL with any password hidden, for messages.

@@ -40,6 +40,8 @@ pub enum TaskName {
     KeyPool,
     /// Reactor rules (`rules`).
     Rules,
+    /// Applies the inventory's states when it changes (`dispatch::inventory`).
+    InventoryDispatcher,
 }
 
 impl TaskName {
@@ -54,6 +56,7 @@ impl TaskName {
             Self::Acceptor => "acceptor",
             Self::KeyPool => "key-pool",
             Self::Rules => "rules",
+            Self::InventoryDispatcher => "inventory-dispatcher",
         }
     }
 }

@@ -1,9 +1,12 @@
 //! Turning intent into Salt actions and notifications: the acceptor
 //! (verified keys accepted, stale ones retired, presence, first-start
-//! states) and the outbox notifier; next the inventory and exec.
+//! states), the outbox notifier and the inventory dispatcher; next exec.
 //!
 //! - [`accept`]: the acceptor component.
 //! - [`notify`]: the outbox notifier component.
+//! - [`inventory`]: the inventory dispatcher component (states applied when
+//!   the inventory changes).
 
 pub mod accept;
+pub mod inventory;
 pub mod notify;

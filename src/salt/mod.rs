@@ -142,7 +142,18 @@ impl SaltClient {
     /// Publishes a job under a jid chosen here, registered with the tracker
     /// before the request goes out.
     pub async fn publish(&self, p: &Publish) -> Result<(Published, JobWatch), RequestError> {
-        let jid = jobs::new_jid();
+        self.publish_as(p, &jobs::new_jid()).await
+    }
+
+    /// Publishes a job under `jid`, chosen (and recorded) by the caller
+    /// beforehand with [`jobs::new_jid`], so a record made before the job
+    /// went out names it.
+    pub async fn publish_as(
+        &self,
+        p: &Publish,
+        jid: &str,
+    ) -> Result<(Published, JobWatch), RequestError> {
+        let jid = jid.to_owned();
         let watch = self.tracker.watch(&jid).with_lookup(self.clone());
         let mut arg: Vec<Value> = p.arg.iter().map(from_json).collect();
         if !p.kwarg.is_empty() {

@@ -172,8 +172,10 @@ mod sql {
          running_revision = NULL, updated_at = $3 \
          WHERE server_id = $4 AND state = $5 AND last_jid = $6 AND status = 'running'";
     /// `$1` error, `$2` summary, `$3` retry at, `$4` now, `$5` server, `$6` state, `$7` jid.
+    /// A failed run may have changed part of the configuration: the next one
+    /// runs whatever it renders (`applied_hash` cleared).
     pub const FAILED: &str = "UPDATE dispatch_targets SET status = 'failed', \
-         last_error = $1, last_summary = $2, next_attempt_at = $3, running_revision = NULL, \
+         applied_hash = NULL, last_error = $1, last_summary = $2, next_attempt_at = $3, running_revision = NULL, \
          updated_at = $4 \
          WHERE server_id = $5 AND state = $6 AND last_jid = $7 AND status = 'running'";
     /// `$1` now, `$2` outcome, `$3` summary, `$4` error, `$5` jid, `$6` server, `$7` state.
