@@ -193,28 +193,47 @@ impl JobRecorder {
         }
     }
 
-    /// (published, returned, returned by `by`) of jobs published after `t0`.
-    fn counts(&self, t0: Instant, by: Option<Instant>) -> (usize, usize, usize) {
+    /// The `state.apply` jobs published after `t0`: (target, job) pairs
+    /// published and returned, in all and by `by`; when the last was
+    /// published and returned.
+    fn counts(&self, t0: Instant, by: Option<Instant>) -> JobCounts {
         let log = self.log.lock().unwrap();
-        let mut published = 0;
-        let mut returned = 0;
-        let mut returned_by = 0;
+        let mut c = JobCounts::default();
+        let by_ok = |at: &Instant| by.is_none_or(|b| *at <= b);
         for (jid, (minions, at)) in &log.new {
             if *at < t0 {
                 continue;
             }
+            let s = at.duration_since(t0).as_secs_f64();
+            c.last_published_s = Some(c.last_published_s.map_or(s, |l: f64| l.max(s)));
             for m in minions {
-                published += 1;
+                c.published += 1;
+                if by_ok(at) {
+                    c.published_by += 1;
+                }
                 if let Some(r) = log.ret.get(&(jid.clone(), m.clone())) {
-                    returned += 1;
-                    if by.is_none_or(|b| *r <= b) {
-                        returned_by += 1;
+                    c.returned += 1;
+                    let s = r.duration_since(t0).as_secs_f64();
+                    c.last_returned_s = Some(c.last_returned_s.map_or(s, |l: f64| l.max(s)));
+                    if by_ok(r) {
+                        c.returned_by += 1;
                     }
                 }
             }
         }
-        (published, returned, returned_by)
+        c
     }
+}
+
+/// What [`JobRecorder::counts`] found.
+#[derive(Debug, Default)]
+struct JobCounts {
+    published: usize,
+    returned: usize,
+    published_by: usize,
+    returned_by: usize,
+    last_published_s: Option<f64>,
+    last_returned_s: Option<f64>,
 }
 
 impl Drop for JobRecorder {
@@ -487,7 +506,7 @@ impl Bench {
             f64::NAN
         };
         let by = converged.then(|| t0 + Duration::from_secs_f64(converge_s));
-        let (published, returned, returned_by) = self.recorder.counts(t0, by);
+        let at_conv = self.recorder.counts(t0, by);
         let total: usize = runs.values().sum();
         json!({
             "side": side,
@@ -505,9 +524,12 @@ impl Bench {
             "runs": total,
             "runs_max_per_host": runs.values().max().copied().unwrap_or(0),
             "runs_min_per_host": runs.values().min().copied().unwrap_or(0),
-            "bus_jobs_published": published,
-            "bus_jobs_returned": returned,
-            "bus_jobs_returned_by_convergence": returned_by,
+            "bus_published_by_convergence": at_conv.published_by,
+            "bus_returned_by_convergence": at_conv.returned_by,
+            "bus_published": at_conv.published,
+            "bus_returned": at_conv.returned,
+            "last_published_s": at_conv.last_published_s,
+            "last_returned_s": at_conv.last_returned_s,
         })
     }
 
@@ -621,29 +643,40 @@ impl Bench {
         ));
         let give_up = Duration::from_secs(env_num("BENCH_SALT_GIVE_UP_S", 600));
         let conv = wait_converged(&self.hosts, self.changes / n, t0, give_up);
-        let runs = runs_per_host(&self.h, &before, &self.hosts);
-        let mut s = self.summary("salt-reactor", burst_s, t0, conv, runs);
-        // How long the queued runs keep the minions busy after convergence
-        // (bounded by the same give-up time from the first change).
+        say(&format!(
+            "salt: every table final: {} (at {:?} s); waiting for every run to return",
+            conv.0.iter().all(Option::is_some),
+            conv.0.iter().flatten().copied().reduce(f64::max)
+        ));
+        // How long the queued runs keep the minions busy after convergence:
+        // every change's job (one per event) published and returned, bounded
+        // by the same give-up time from the first change.
         let mut drained = Value::Null;
+        let mut last_report = Instant::now();
         loop {
-            let (published, returned, _) = self.recorder.counts(t0, None);
-            if published > 0 && returned >= published {
+            let c = self.recorder.counts(t0, None);
+            if c.published >= self.changes && c.returned >= c.published {
                 drained = json!(t0.elapsed().as_secs_f64());
                 break;
             }
             if t0.elapsed() > give_up || mem_available_mib() < 2048 {
                 break;
             }
+            if last_report.elapsed() > Duration::from_secs(30) {
+                last_report = Instant::now();
+                say(&format!(
+                    "salt: {:.0} s: {} jobs published, {} returned",
+                    t0.elapsed().as_secs_f64(),
+                    c.published,
+                    c.returned
+                ));
+            }
             nap(500);
         }
-        let (published, returned, _) = self.recorder.counts(t0, None);
+        let runs = runs_per_host(&self.h, &before, &self.hosts);
+        let mut s = self.summary("salt-reactor", burst_s, t0, conv, runs);
         s["drained_s"] = drained;
-        s["bus_jobs_published_final"] = json!(published);
-        s["bus_jobs_returned_final"] = json!(returned);
-        s["runs_final"] = json!(runs_per_host(&self.h, &before, &self.hosts)
-            .values()
-            .sum::<usize>());
+        s["give_up_s"] = json!(give_up.as_secs());
         s["live_after"] = json!(self
             .hosts
             .iter()
@@ -832,7 +865,7 @@ fn bench_dispatch() {
     });
     if sides.contains("ours") {
         result["ours"] = bench.ours(&mut daemon);
-        say(&format!("ours: {}", result["ours"]));
+        say(&format!("ours: {}", brief(&result["ours"])));
     }
     // The Salt side runs without the daemon.
     let _ = daemon.terminate();
@@ -841,11 +874,25 @@ fn bench_dispatch() {
             x.reset();
         }
         result["salt"] = bench.salt();
-        say(&format!("salt: {}", result["salt"]));
+        say(&format!("salt: {}", brief(&result["salt"])));
     }
     read_load(&mut result);
     fs::write(&out_file, serde_json::to_vec_pretty(&result).unwrap()).unwrap();
     say("tearing down");
+}
+
+/// One line for the log: converged when, how many runs.
+fn brief(side: &Value) -> String {
+    format!(
+        "converged {} ({}), {} runs ({}–{} per host), forwards live {}/{}",
+        side["converged"],
+        side["converge_s"],
+        side["runs"],
+        side["runs_min_per_host"],
+        side["runs_max_per_host"],
+        side["forwards_live"],
+        side["forwards_wanted"]
+    )
 }
 
 fn read_load(result: &mut Value) {
