@@ -677,6 +677,7 @@ impl Bench {
         let mut s = self.summary("salt-reactor", burst_s, t0, conv, runs);
         s["drained_s"] = drained;
         s["give_up_s"] = json!(give_up.as_secs());
+        s["reactor_failures"] = reactor_failures(&self.h.root().join("m/master.log"));
         s["live_after"] = json!(self
             .hosts
             .iter()
@@ -886,6 +887,33 @@ fn bench_dispatch() {
     read_load(&mut result);
     fs::write(&out_file, serde_json::to_vec_pretty(&result).unwrap()).unwrap();
     say("tearing down");
+}
+
+/// The reactions the master logged as failed ("Reactor 'apply_portfwd'
+/// failed to execute local 'state.apply'"): how many, and the last line of
+/// the first one's traceback (why).
+fn reactor_failures(master_log: &Path) -> Value {
+    let text = fs::read_to_string(master_log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let hits: Vec<usize> = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.contains("Reactor '") && l.contains("failed"))
+        .map(|(i, _)| i)
+        .collect();
+    let why = hits.first().map(|&i| {
+        let mut last = lines[i];
+        for l in &lines[i + 1..] {
+            if l.starts_with("20") {
+                break;
+            }
+            if !l.trim().is_empty() {
+                last = l;
+            }
+        }
+        last.to_owned()
+    });
+    json!({"count": hits.len(), "why": why})
 }
 
 /// One line for the log: converged when, how many runs.
