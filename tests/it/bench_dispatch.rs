@@ -891,7 +891,8 @@ fn bench_dispatch() {
 
 /// The reactions the master logged as failed ("Reactor 'apply_portfwd'
 /// failed to execute local 'state.apply'"): how many, and the last line of
-/// the first one's traceback (why).
+/// the first one's traceback (why); the slow subscribers its event
+/// publisher discarded.
 fn reactor_failures(master_log: &Path) -> Value {
     let text = fs::read_to_string(master_log).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
@@ -913,7 +914,13 @@ fn reactor_failures(master_log: &Path) -> Value {
         }
         last.to_owned()
     });
-    json!({"count": hits.len(), "why": why})
+    // The master's event publisher drops a subscriber that reads too slowly
+    // (Salt 3008: "Publisher discarding slow subscriber"); the reactor is one.
+    let discarded = lines
+        .iter()
+        .filter(|l| l.contains("discarding slow subscriber"))
+        .count();
+    json!({"count": hits.len(), "why": why, "slow_subscribers_discarded": discarded})
 }
 
 /// One line for the log: converged when, how many runs.
