@@ -16,9 +16,12 @@ use std::time::{Duration, Instant};
 
 pub use salt::{MasterOptions, SaltHarness};
 
-/// `salt-steward` as built by cargo for this test run.
+/// `salt-steward` as built by cargo for this test run, or the binary
+/// `SALT_STEWARD_BIN` names (`scripts/bench-dispatch` runs the release build).
 pub fn steward() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_salt-steward"));
+    let bin = std::env::var_os("SALT_STEWARD_BIN")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_salt-steward").into());
+    let mut cmd = Command::new(bin);
     // No user config from the machine leaks into a test.
     cmd.env_remove("SALT_STEWARD_CONFIG").env_remove("RUST_LOG");
     cmd

@@ -482,7 +482,10 @@ impl SaltHarness {
         })
     }
 
-    fn start_minion_in_netns_with(
+    /// [`start_minion_in_netns`](Self::start_minion_in_netns) with
+    /// `prepare` run on the minion's config dir first (e.g.
+    /// [`install_bundle`]).
+    pub fn start_minion_in_netns_with(
         &mut self,
         label: &str,
         id: &str,
