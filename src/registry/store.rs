@@ -491,7 +491,10 @@ impl SqliteStore {
             .busy_timeout(Duration::from_secs(10))
             .pragma("mmap_size", "268435456");
         let file = opts.get_filename().to_owned();
-        let in_memory = file.as_os_str() == ":memory:" || url.contains("mode=memory");
+        // `sqlite::memory:` becomes a `file:sqlx-in-memory-N` name: no file.
+        let in_memory = file.as_os_str() == ":memory:"
+            || url.contains(":memory:")
+            || url.contains("mode=memory");
         if !in_memory {
             if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir).map_err(|e| {
