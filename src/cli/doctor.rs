@@ -137,11 +137,52 @@ pub async fn run(ctx: &Context) -> anyhow::Result<ExitCode> {
     }
     rules(&mut r, &s.rules_dir);
     modes(&mut r, &s.keys.dir, &s.registry);
+    if let Some(addr) = s.metrics_listen {
+        match tokio::time::timeout(WAIT, scrape(addr)).await {
+            Ok(Ok(status)) if status.contains(" 200 ") => r.line(
+                Verdict::Ok,
+                "daemon endpoint",
+                format!("http://{addr}/metrics answers ({})", status.trim()),
+            ),
+            Ok(Ok(status)) => r.line(
+                Verdict::Fail,
+                "daemon endpoint",
+                format!("http://{addr}/metrics answered {}", status.trim()),
+            ),
+            Ok(Err(e)) => r.line(
+                Verdict::Warn,
+                "daemon endpoint",
+                format!("http://{addr}/metrics: {e} (is the daemon running?)"),
+            ),
+            Err(_) => r.line(
+                Verdict::Fail,
+                "daemon endpoint",
+                format!("http://{addr}/metrics: no answer within {WAIT:?}"),
+            ),
+        }
+    }
     Ok(if r.failed {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// The status line of `GET /metrics` from the daemon's endpoint.
+async fn scrape(addr: std::net::SocketAddr) -> std::io::Result<String> {
+    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(
+            format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await?;
+    let mut line = String::new();
+    tokio::io::BufReader::new(stream)
+        .read_line(&mut line)
+        .await?;
+    Ok(line)
 }
 
 async fn connect(ep: &BusEndpoint) -> std::io::Result<()> {

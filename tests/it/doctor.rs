@@ -63,6 +63,21 @@ fn doctor_passes_on_a_working_master_and_names_what_is_broken() {
         0o600
     );
 
+    // With the daemon's metrics endpoint: doctor asks it too.
+    let port = crate::support::salt::free_port();
+    let cfg = steward_config(&h, &[], &format!("metrics_listen: 127.0.0.1:{port}\n"));
+    let (ok, out, all) = doctor(&cfg, None);
+    assert!(ok, "{all}");
+    assert!(
+        has_line(&out, "warn", "daemon endpoint:"),
+        "no daemon yet\n{all}"
+    );
+    let daemon = crate::support::start_daemon(&cfg);
+    let (ok, out, all) = doctor(&cfg, None);
+    assert!(ok, "{all}");
+    assert!(has_line(&out, "ok", "daemon endpoint:"), "{all}");
+    assert!(daemon.terminate().success());
+
     // The states are not in file_roots (the same master, another config).
     let states = salt_states_dir().display().to_string();
     let text_of = std::fs::read_to_string(h.master_config()).unwrap();
