@@ -751,6 +751,18 @@ fn changes_made_while_the_daemon_is_stopped_give_one_run_per_target() {
 
 #[test]
 fn a_daemon_killed_during_a_run_converges_after_restart() {
+    stopped_during_a_run(nix::sys::signal::Signal::SIGKILL);
+}
+
+/// SIGTERM with a run in flight: the daemon stops within its grace period
+/// and exits 0, the run stays recorded as running (nothing lost), and the
+/// next start converges the target.
+#[test]
+fn a_daemon_stopped_during_a_run_exits_0_and_converges_after_restart() {
+    stopped_during_a_run(nix::sys::signal::Signal::SIGTERM);
+}
+
+fn stopped_during_a_run(signal: nix::sys::signal::Signal) {
     let dir = tempfile::tempdir().unwrap();
     let wrapper = nginx_wrapper(dir.path());
     let mut s = ProxyStack::start("", Some(&wrapper), true);
@@ -772,11 +784,21 @@ fn a_daemon_killed_during_a_run_converges_after_restart() {
     });
     let mut daemon = s.daemon.take().unwrap();
     let pid = nix::unistd::Pid::from_raw(daemon.pid());
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
-    let status = daemon.wait_exit(Duration::from_secs(10));
-    assert!(!status.success(), "{status:?}");
+    nix::sys::signal::kill(pid, signal).unwrap();
+    // SIGTERM: within the daemon's grace period (10 s), exit 0.
+    let status = daemon.wait_exit(Duration::from_secs(15));
+    if signal == nix::sys::signal::Signal::SIGTERM {
+        daemon.drain_err();
+        assert!(
+            status.success(),
+            "{status:?}\n{}",
+            daemon.seen_err.join("\n")
+        );
+    } else {
+        assert!(!status.success(), "{status:?}");
+    }
     let t = target(&s.cfg, PROXY, "hostfwd").unwrap();
-    assert_eq!(t["status"], "running", "the record of the killed run: {t}");
+    assert_eq!(t["status"], "running", "the record of the stopped run: {t}");
 
     s.daemon = Some(start_daemon(&s.cfg));
     let t = s.converged();
