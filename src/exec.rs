@@ -353,11 +353,10 @@ async fn run(
         minion: minion.to_owned(),
         source,
     };
-    let (published, watch) = salt
-        .publish_as(&publish, jid)
+    let (_, outcome) = salt
+        .run_job_as(&publish, jid, req.timeout)
         .await
         .map_err(publish_error)?;
-    let outcome = watch.collect(&published.minions, req.timeout).await;
     match outcome.returns.get(minion) {
         Some(r) => Ok((r.success, r.retcode, r.ret.clone())),
         None => Err(ExecError::NoAnswer {

@@ -118,7 +118,6 @@ impl DispatcherConfig {
         self.retry_base_ms
             .saturating_mul(1_i64.checked_shl(doublings).unwrap_or(i64::MAX))
             .min(self.retry_max_ms)
-            .max(self.retry_base_ms.min(self.retry_max_ms))
     }
 }
 
@@ -222,19 +221,23 @@ async fn intake(store: &DbStore, debounce: Debounce) -> Result<(), Error> {
         let n = rows.len();
         for row in rows {
             let (id, targets) = match row {
-                OutboxRow::Entry(entry) => match targets_of(store, &entry).await? {
-                    Ok(targets) => (entry.id, targets),
-                    Err(reason) => (entry.id, quarantine(store, entry.id, &reason).await?),
-                },
-                OutboxRow::Unreadable { id, reason } => (id, quarantine(store, id, &reason).await?),
+                OutboxRow::Entry(entry) => (entry.id, targets_of(store, &entry).await?),
+                OutboxRow::Unreadable { id, reason } => (id, Err(reason)),
             };
-            // None: quarantined, the cursor already moved past it.
-            if let Some(targets) = targets {
-                store
-                    .dispatch_bump(DISPATCH_CONSUMER, id, &targets, debounce)
-                    .await?;
-                if !targets.is_empty() {
-                    debug!(message = "Targets bumped.", outbox_id = id, targets = ?targets);
+            match targets {
+                Ok(targets) => {
+                    store
+                        .dispatch_bump(DISPATCH_CONSUMER, id, &targets, debounce)
+                        .await?;
+                    if !targets.is_empty() {
+                        debug!(message = "Targets bumped.", outbox_id = id, targets = ?targets);
+                    }
+                }
+                Err(reason) => {
+                    error!(message = "Outbox row cannot be read; quarantined.", consumer = DISPATCH_CONSUMER, outbox_id = id, %reason);
+                    store
+                        .outbox_quarantine(DISPATCH_CONSUMER, id, &reason)
+                        .await?;
                 }
             }
         }
@@ -244,26 +247,13 @@ async fn intake(store: &DbStore, debounce: Debounce) -> Result<(), Error> {
     }
 }
 
-/// Quarantines row `id` for the dispatcher; nothing to bump after.
-async fn quarantine(
-    store: &DbStore,
-    id: i64,
-    reason: &str,
-) -> Result<Option<Vec<(i64, StateKind)>>, Error> {
-    error!(message = "Outbox row cannot be read; quarantined.", consumer = DISPATCH_CONSUMER, outbox_id = id, %reason);
-    store
-        .outbox_quarantine(DISPATCH_CONSUMER, id, reason)
-        .await?;
-    Ok(None)
-}
-
 /// The targets an outbox entry affects; `Err(reason)` for an entry whose
 /// payload does not say (quarantined by the caller).
 async fn targets_of(
     store: &DbStore,
     entry: &OutboxEntry,
-) -> Result<Result<Option<Vec<(i64, StateKind)>>, String>, Error> {
-    let forward_targets = |state: StateKind| -> Result<Option<Vec<(i64, StateKind)>>, String> {
+) -> Result<Result<Vec<(i64, StateKind)>, String>, Error> {
+    let forward_targets = |state: StateKind| -> Result<Vec<(i64, StateKind)>, String> {
         let list = entry
             .payload
             .get("targets")
@@ -281,7 +271,7 @@ async fn targets_of(
         }
         out.sort();
         out.dedup();
-        Ok(Some(out))
+        Ok(out)
     };
     Ok(match entry.kind {
         OutboxKind::PortForwardCreated
@@ -295,12 +285,12 @@ async fn targets_of(
                 .server_id
                 .or_else(|| entry.payload.get("id").and_then(Json::as_i64));
             match id {
-                Some(id) => Ok(Some(store.dispatch_affected(id).await?)),
+                Some(id) => Ok(store.dispatch_affected(id).await?),
                 None => Err(format!("{} entry without a server id", entry.kind.as_str())),
             }
         }
         OutboxKind::ModelCreated | OutboxKind::ModelUpdated | OutboxKind::ModelDeleted => {
-            Ok(Some(Vec::new()))
+            Ok(Vec::new())
         }
     })
 }
@@ -764,19 +754,14 @@ async fn render(
             json!({ "target": t.server, "sites": sites })
         }
     };
-    let hash = hex(&Sha256::digest(body.to_string().as_bytes()));
+    let hash: String = Sha256::digest(body.to_string().as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     if let Json::Object(m) = &mut body {
         m.insert("revision".into(), json!(revision));
     }
     Ok(Ok(Rendered { pillar: body, hash }))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    bytes.iter().fold(String::with_capacity(64), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
 }
 
 fn millis(d: Duration) -> i64 {

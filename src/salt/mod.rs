@@ -231,7 +231,18 @@ impl SaltClient {
         p: &Publish,
         timeout: Duration,
     ) -> Result<(Published, JobOutcome), RequestError> {
-        let (published, watch) = self.publish(p).await?;
+        self.run_job_as(p, &jobs::new_jid(), timeout).await
+    }
+
+    /// [`run_job`](Self::run_job) under `jid`, chosen (and recorded) by the
+    /// caller beforehand.
+    pub async fn run_job_as(
+        &self,
+        p: &Publish,
+        jid: &str,
+        timeout: Duration,
+    ) -> Result<(Published, JobOutcome), RequestError> {
+        let (published, watch) = self.publish_as(p, jid).await?;
         let outcome = watch.collect(&published.minions, timeout).await;
         Ok((published, outcome))
     }

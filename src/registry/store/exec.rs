@@ -28,12 +28,13 @@ pub trait ExecStore {
 }
 
 mod sql {
-    pub const SELECT: &str = "SELECT id, requested_by, server_id, server, minion_id, fun, args, \
-         jid, outcome, error_code, error, summary, created_at, finished_at FROM exec_jobs ";
+    /// Every column, in the order the row reader takes them.
+    pub const COLUMNS: &str = "id, requested_by, server_id, server, minion_id, fun, args, \
+         jid, outcome, error_code, error, summary, created_at, finished_at";
     pub const INSERT: &str = "INSERT INTO exec_jobs (requested_by, server_id, server, minion_id, \
          fun, args, jid, outcome, error_code, error, created_at, finished_at) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, \
-         CASE WHEN $8 = 'running' THEN NULL ELSE CAST($11 AS BIGINT) END) RETURNING id";
+         CASE WHEN $8 = 'running' THEN NULL ELSE CAST($11 AS BIGINT) END) RETURNING ";
     pub const FINISH: &str = "UPDATE exec_jobs SET outcome = $1, error_code = $2, error = $3, \
          summary = $4, finished_at = $5 WHERE id = $6 AND outcome = 'running'";
     pub const RECOVER: &str = "UPDATE exec_jobs SET outcome = 'interrupted', finished_at = $1 \
@@ -69,7 +70,7 @@ macro_rules! exec_impl {
         impl ExecStore for $store {
             async fn exec_insert(&self, e: &NewExec) -> Result<ExecRecord, Error> {
                 let op = || format!("recording exec of {} on {}", e.fun, e.server);
-                let id: i64 = sqlx::query(sql::INSERT)
+                let row = sqlx::query(&format!("{}{}", sql::INSERT, sql::COLUMNS))
                     .bind(&e.requested_by)
                     .bind(e.server_id)
                     .bind(&e.server)
@@ -81,12 +82,6 @@ macro_rules! exec_impl {
                     .bind(&e.error_code)
                     .bind(&e.error)
                     .bind(now_ms())
-                    .fetch_one(&self.pool)
-                    .await
-                    .and_then(|r| r.try_get(0))
-                    .map_err(db(op()))?;
-                let row = sqlx::query(&format!("{}WHERE id = $1", sql::SELECT))
-                    .bind(id)
                     .fetch_one(&self.pool)
                     .await
                     .map_err(db(op()))?;
@@ -115,8 +110,8 @@ macro_rules! exec_impl {
                 let rows = match server_id {
                     Some(s) => {
                         sqlx::query(&format!(
-                            "{}WHERE server_id = $1 ORDER BY id DESC LIMIT $2",
-                            sql::SELECT
+                            "SELECT {} FROM exec_jobs WHERE server_id = $1 ORDER BY id DESC LIMIT $2",
+                            sql::COLUMNS
                         ))
                         .bind(s)
                         .bind(limit)
@@ -124,7 +119,10 @@ macro_rules! exec_impl {
                         .await
                     }
                     None => {
-                        sqlx::query(&format!("{}ORDER BY id DESC LIMIT $1", sql::SELECT))
+                        sqlx::query(&format!(
+                            "SELECT {} FROM exec_jobs ORDER BY id DESC LIMIT $1",
+                            sql::COLUMNS
+                        ))
                             .bind(limit)
                             .fetch_all(&self.pool)
                             .await
