@@ -66,7 +66,12 @@ fn sighup_applies_the_log_level_and_trusted_minions_without_a_restart() {
     assert!(!h.root().join("other.db").exists());
 
     // Debug lines now: the rules' reload on the next SIGHUP says it at debug.
+    // (The first SIGHUP's may say it too, so the config's second reload is
+    // awaited: the next write must not race with its read.)
     hup(daemon.pid());
+    daemon.wait_err_lines("the second reload", T, 2, |l| {
+        l.contains("Config reloaded.")
+    });
     daemon.wait_err_line("a debug line", T, |l| l.contains("Rules unchanged."));
 
     // A broken file: refused, the running settings stay (the minion still trusted).
@@ -77,5 +82,6 @@ fn sighup_applies_the_log_level_and_trusted_minions_without_a_restart() {
         l.contains("Config not reloaded") && l.contains("dispatch.concurrency")
     });
     create("q3", "c.example.org");
-    assert_eq!(reply(&mut w, &mut daemon, "q3")["ok"], true);
+    let r = reply(&mut w, &mut daemon, "q3");
+    assert_eq!(r["ok"], true, "{r}");
 }

@@ -163,6 +163,29 @@ impl LineChild {
         );
     }
 
+    /// Waits until `n` stderr lines satisfying `pred` have come (counting
+    /// lines already received): for a line each of several signals prints.
+    pub fn wait_err_lines(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        n: usize,
+        pred: impl Fn(&str) -> bool,
+    ) {
+        let deadline = Instant::now() + timeout;
+        while self.seen_err.iter().filter(|l| pred(l)).count() < n {
+            if Instant::now() >= deadline {
+                panic!(
+                    "{what}: not {n} times on stderr within {timeout:?}:\n{}",
+                    self.seen_err.join("\n")
+                );
+            }
+            if let Ok(l) = self.err.recv_timeout(Duration::from_millis(200)) {
+                self.seen_err.push(l);
+            }
+        }
+    }
+
     /// The child's process id.
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
