@@ -508,7 +508,6 @@ impl Settings {
         };
         differs("master_config", self.master_config != new.master_config);
         differs("registry", self.registry != new.registry);
-        differs("rules_dir", self.rules_dir != new.rules_dir);
         differs("log.format", self.log.format != new.log.format);
         differs("bus", self.bus != new.bus);
         differs("rules", self.rules != new.rules);

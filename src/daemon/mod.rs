@@ -179,12 +179,16 @@ pub async fn run(
             cancel.clone(),
         ),
     );
+    // Each SIGHUP reaches the rules through the config reload, with the
+    // rules directory the config names then.
+    let (rules_reload, rules_reload_requests) =
+        tokio::sync::watch::channel(settings.rules_dir.clone());
     sup.spawn(
         TaskName::Rules,
         rules.run(
             salt.clone(),
             firer.clone(),
-            signals.reload.clone(),
+            rules_reload_requests,
             cancel.clone(),
         ),
     );
@@ -225,6 +229,7 @@ pub async fn run(
             master_from_cli,
             signals.reload.clone(),
             policy,
+            rules_reload,
             cancel.clone(),
         ),
     );

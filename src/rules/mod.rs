@@ -85,15 +85,15 @@ impl RulesComponent {
         self.stats.clone()
     }
 
-    /// Loads the rules, starts watching them (and reloads at each change of
-    /// `reload_requests`: SIGHUP) and serving events, running actions through
+    /// Loads the rules, starts watching them (and reloads at each value sent
+    /// on `reload_requests`, the directory to load: SIGHUP) and serving events, running actions through
     /// the daemon's Salt client and event firer; ends once `cancel` fired and
     /// every part stopped.
     pub async fn run(
         self,
         salt: SaltClient,
         firer: Firer,
-        reload_requests: watch::Receiver<u64>,
+        reload_requests: watch::Receiver<PathBuf>,
         cancel: CancellationToken,
     ) {
         let stats = self.stats;

@@ -1,6 +1,7 @@
 //! Hot reload: the rules directory is watched (notify, inotify on Linux) and
-//! SIGHUP asks for a reload too (the daemon owns the signal and passes the
-//! requests on). Both lead to the same step: parse and
+//! SIGHUP asks for a reload too (the daemon's config reload passes each one
+//! on with the directory its config names now, so `rules_dir` can move
+//! without a restart). Both lead to the same step: parse and
 //! compile every file; if all are valid, the new set replaces the old one
 //! atomically (a `watch` channel of `Arc<RuleSet>`); otherwise every problem
 //! is logged with file:line:column and rule, and the previous set stays.
@@ -85,11 +86,13 @@ fn log_refused(dir: &Path, errors: &[super::RuleError], consequence: &str) {
 }
 
 /// Watches `dir` and publishes each valid new rule set on `tx`, until `cancel`.
+/// Each value sent on `reload_requests` asks for a reload from that
+/// directory (watched from then on when it differs).
 pub async fn watch_dir(
-    dir: PathBuf,
+    mut dir: PathBuf,
     tx: watch::Sender<Arc<RuleSet>>,
     stats: Arc<RuleStats>,
-    mut reload_requests: watch::Receiver<u64>,
+    mut reload_requests: watch::Receiver<PathBuf>,
     cancel: CancellationToken,
 ) {
     let (changes_tx, mut changes) = mpsc::channel::<Change>(64);
@@ -127,7 +130,16 @@ pub async fn watch_dir(
                     requests_open = false;
                     continue;
                 }
-                info!(message = "SIGHUP: reloading the rules.");
+                let asked_dir = reload_requests.borrow_and_update().clone();
+                if asked_dir != dir {
+                    info!(message = "SIGHUP: the rules directory changed.", from = %dir.display(), to = %asked_dir.display());
+                    dir = asked_dir;
+                    watcher = attach(&dir, &changes_tx);
+                    if watcher.is_none() {
+                        warn!(message = "Rules directory not watched (missing?); looking again periodically.", dir = %dir.display(), every = ?RETRY);
+                    }
+                }
+                info!(message = "SIGHUP: reloading the rules.", dir = %dir.display());
                 reload(&dir, &tx, &stats).await;
             }
         }
@@ -188,7 +200,7 @@ mod tests {
         let (tx, mut rx) = watch::channel(Arc::new(initial(dir.path(), &stats).await));
         assert_eq!(rx.borrow().rules()[0].on, ["one"]);
         let cancel = CancellationToken::new();
-        let (_reload_tx, reload_rx) = watch::channel(0u64);
+        let (_reload_tx, reload_rx) = watch::channel(dir.path().to_owned());
         let task = tokio::spawn(watch_dir(
             dir.path().to_owned(),
             tx,

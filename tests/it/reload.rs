@@ -1,11 +1,14 @@
 //! SIGHUP against a running daemon (issue #14): the config is read again;
-//! `log.level` and `trusted_minions` apply without a restart, a setting only
-//! taken at start is named, a broken file changes nothing.
+//! `log.level`, `trusted_minions` and `rules_dir` apply without a restart, a
+//! setting only taken at start is named, a broken file changes nothing.
 
 use serde_json::json;
 
+use std::time::{Duration, Instant};
+
 use crate::support::{
-    assert_ok, cli, reply, run_ok, start_daemon, steward_config, watch_steward, SaltHarness, T,
+    assert_ok, cli, reply, run_ok, start_daemon, steward_config, watch_steward, LineChild,
+    SaltHarness, T,
 };
 
 fn hup(pid: i32) {
@@ -17,7 +20,7 @@ fn hup(pid: i32) {
 }
 
 #[test]
-fn sighup_applies_the_log_level_and_trusted_minions_without_a_restart() {
+fn sighup_applies_the_log_level_trusted_minions_and_rules_dir_without_a_restart() {
     let mut h = SaltHarness::start();
     h.wait_req_ready();
     h.start_minions_and_wait(&["r-minion"]);
@@ -43,20 +46,55 @@ fn sighup_applies_the_log_level_and_trusted_minions_without_a_restart() {
     let r = reply(&mut w, &mut daemon, "q1");
     assert_eq!(r["error"]["code"], "untrusted_sender", "{r}");
 
-    // The minion trusted, the level debug, and another registry (only taken at start).
+    // The minion trusted, the level debug, another rules directory, and
+    // another registry (only taken at start).
+    let rules2 = h.root().join("rules2.d");
+    std::fs::create_dir_all(&rules2).unwrap();
+    std::fs::write(
+        rules2.join("pong.yaml"),
+        "rules:\n  - name: pong\n    on: reload/ping\n    do:\n      - fire: { tag: reload/pong }\n",
+    )
+    .unwrap();
+    let rules_dir2 = format!("rules_dir: {}\n", rules2.display());
     let other_registry = format!("registry: sqlite://{}/other.db\n", h.root().display());
     steward_config(
         &h,
         &["r-minion"],
-        &format!("log: {{level: debug}}\n{rules_dir}{other_registry}"),
+        &format!("log: {{level: debug}}\n{rules_dir2}{other_registry}"),
     );
     hup(daemon.pid());
     daemon.wait_err_line("reload applied", T, |l| {
-        l.contains("Config reloaded.") && l.contains("log.level") && l.contains("trusted_minions")
+        l.contains("Config reloaded.")
+            && l.contains("log.level")
+            && l.contains("trusted_minions")
+            && l.contains("rules_dir")
     });
     daemon.wait_err_line("restart named", T, |l| {
-        l.contains("only taken at start") && l.contains("registry")
+        l.contains("only taken at start") && l.contains("registry") && !l.contains("rules_dir")
     });
+    // The rule of the new directory runs.
+    let mut pongs = LineChild::spawn(cli(
+        &cfg,
+        &["events", "watch", "--json", "--tag", "reload/pong"],
+    ));
+    pongs.wait_err_line("watch connected", T, |l| {
+        l.contains("Connected to the master event bus")
+    });
+    let start = Instant::now();
+    loop {
+        run_ok(cli(&cfg, &["events", "fire", "reload/ping", "{}"]));
+        if pongs
+            .try_wait_line(Duration::from_millis(500), |l| l.contains("reload/pong"))
+            .is_ok()
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < T,
+            "no pong from the rule of {}",
+            rules2.display()
+        );
+    }
     create("q2", "b.example.org");
     let r = reply(&mut w, &mut daemon, "q2");
     assert_eq!(r["ok"], true, "{r}");
