@@ -27,8 +27,9 @@ pub fn policy_of(settings: &Settings) -> anyhow::Result<Policy> {
     })
 }
 
-/// Reloads on each SIGHUP (`reload` counts them) until `cancel`, then asks
-/// the rules to reload through `rules` (with the rules directory in force).
+/// Reloads on each SIGHUP (`reload` counts them) until `cancel`; after each,
+/// asks the rules to reload through `rules`, with the rules directory in
+/// force.
 /// `current` are the settings the daemon started with; `master_config` is
 /// kept when it came from the command line.
 pub async fn run(
