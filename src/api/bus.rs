@@ -517,6 +517,10 @@ impl<T> Pool<T> {
         self.len
     }
 
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     fn any(&self, pred: impl Fn(&T) -> bool) -> bool {
         self.by_digest
             .values()
@@ -580,6 +584,11 @@ impl Corroborations {
     pub fn expired(&mut self, now: Instant) -> Vec<Request> {
         self.receipts.expire(now);
         self.waiting.expire(now)
+    }
+
+    /// Nothing waits: no request for its receipt, no receipt for its request.
+    pub fn is_empty(&self) -> bool {
+        self.waiting.is_empty() && self.receipts.is_empty()
     }
 
     /// Whether a request with `request_id` waits for its receipt.
@@ -729,7 +738,7 @@ async fn server<S: Store>(
                 model: args.opt_text("model")?,
                 minion_id: args.opt_text("minion_id")?,
                 status,
-                changed_since: None,
+                ..registry::ServerFilter::default()
             };
             encode(&service.find_servers(&filter).await?)
         }

@@ -68,7 +68,8 @@ pub async fn serve_requests(
     loop {
         let item = tokio::select! {
             _ = cancel.cancelled() => return answering.drain().await,
-            _ = tick.tick() => None,
+            // Expiry is looked at only while something waits.
+            _ = tick.tick(), if !corroborations.is_empty() => None,
             item = sub.recv() => match item {
                 Some(item) => Some(item),
                 None => return answering.drain().await,

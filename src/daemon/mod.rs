@@ -118,6 +118,8 @@ pub async fn run(
     );
     let firer = firer.with_local(local);
     let changed = Arc::new(Notify::new());
+    // Writes to the registry by any process wake its readers (SQLite).
+    let registry_changes = registry::changes::ChangeFeed::new(service.store().sqlite_file());
     // Bound before anything starts: a taken port fails the start, named.
     let metrics_listener = match settings.metrics_listen {
         Some(addr) => Some(
@@ -144,6 +146,7 @@ pub async fn run(
             service.clone(),
             firer.clone(),
             changed.clone(),
+            registry_changes.subscribe(),
             cancel.clone(),
         ),
     );
@@ -176,6 +179,7 @@ pub async fn run(
             service.clone(),
             salt.clone(),
             firer.clone(),
+            registry_changes.subscribe(),
             cancel.clone(),
         ),
     );
@@ -241,6 +245,7 @@ pub async fn run(
             SHUTDOWN_GRACE,
         )
         .await;
+    drop(registry_changes);
     info!(message = "Stopped.");
     Ok(result?)
 }

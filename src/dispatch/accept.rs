@@ -84,6 +84,10 @@ const BATCH_WINDOW: Duration = Duration::from_millis(50);
 const TRIGGER_QUEUE: usize = 65_536;
 /// How often keys accepted elsewhere are installed on this master.
 pub const SYNC_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Servers read per page by a sweep (sync, reconcile): what one sweep holds
+/// in memory at a time, whatever the size of the registry.
+const SWEEP_PAGE: i64 = 500;
 /// A sync reads only servers changed since the last one, minus this margin
 /// (other masters' clocks write `updated_at` into a shared registry).
 const SYNC_OVERLAP_MS: i64 = 5 * 60 * 1000;
@@ -459,30 +463,40 @@ impl Acceptor {
             matches!(st, Status::Registered | Status::Online | Status::Offline)
                 || (st == Status::KeysIssued && self.config.mode == AcceptMode::Preseed)
         };
-        let filter = ServerFilter {
+        let mut filter = ServerFilter {
             changed_since,
+            limit: Some(SWEEP_PAGE),
             ..ServerFilter::default()
         };
-        let servers = match self.fx.service.find_servers(&filter).await {
-            Ok(s) => s,
-            Err(error) => {
-                warn!(message = "Registry read failed; keys not synced.", %error);
-                return;
+        let mut stale = Vec::new();
+        // Page by page: a sweep of many servers keeps little in memory.
+        loop {
+            let servers = match self.fx.service.find_servers(&filter).await {
+                Ok(s) => s,
+                Err(error) => {
+                    warn!(message = "Registry read failed; keys not synced.", %error);
+                    return;
+                }
+            };
+            let Some(last) = servers.last().map(|s| s.id) else {
+                break;
+            };
+            filter.after_id = Some(last);
+            let install: Vec<(String, String)> = servers
+                .iter()
+                .filter(|s| wanted(s.status) && safe_id(&s.minion_id))
+                .filter_map(|s| Some((s.minion_id.clone(), clean_key(s.public_key.as_deref()?))))
+                .collect();
+            // File checks and the fsync'd writes run on the blocking pool.
+            let pki_dir = self.config.pki_dir.clone();
+            let installing =
+                tokio::task::spawn_blocking(move || install_missing(&pki_dir, install));
+            if let Err(error) = installing.await {
+                warn!(message = "Keys accepted elsewhere not installed.", %error);
             }
-        };
-        let install: Vec<(String, String)> = servers
-            .iter()
-            .filter(|s| wanted(s.status) && safe_id(&s.minion_id))
-            .filter_map(|s| Some((s.minion_id.clone(), clean_key(s.public_key.as_deref()?))))
-            .collect();
-        // File checks and the fsync'd writes run on the blocking pool.
-        let pki_dir = self.config.pki_dir.clone();
-        let installing = tokio::task::spawn_blocking(move || install_missing(&pki_dir, install));
-        if let Err(error) = installing.await {
-            warn!(message = "Keys accepted elsewhere not installed.", %error);
+            // A key another master's rekey replaced is retired here too.
+            stale.extend(stale_accepted(&self.config.pki_dir, servers).await);
         }
-        // A key another master's rekey replaced is retired here too.
-        let stale = stale_accepted(&self.config.pki_dir, servers).await;
         self.retire(stale).await;
         self.synced_until = Some(started);
     }
@@ -490,14 +504,25 @@ impl Acceptor {
     /// Retires every key this master accepted for a registry server that is
     /// not the one issued for it.
     async fn reconcile(&mut self) {
-        let servers = match self.fx.service.find_servers(&ServerFilter::default()).await {
-            Ok(s) => s,
-            Err(error) => {
-                warn!(message = "Registry read failed; accepted keys not reconciled.", %error);
-                return;
-            }
+        let mut filter = ServerFilter {
+            limit: Some(SWEEP_PAGE),
+            ..ServerFilter::default()
         };
-        let stale = stale_accepted(&self.config.pki_dir, servers).await;
+        let mut stale = Vec::new();
+        loop {
+            let servers = match self.fx.service.find_servers(&filter).await {
+                Ok(s) => s,
+                Err(error) => {
+                    warn!(message = "Registry read failed; accepted keys not reconciled.", %error);
+                    return;
+                }
+            };
+            let Some(last) = servers.last().map(|s| s.id) else {
+                break;
+            };
+            filter.after_id = Some(last);
+            stale.extend(stale_accepted(&self.config.pki_dir, servers).await);
+        }
         self.retire(stale).await;
     }
 

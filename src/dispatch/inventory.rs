@@ -39,6 +39,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::bus::origin::STEWARD_PREFIX;
 use crate::bus::Firer;
+use crate::registry::changes::{Changes, WATCHED_POLL};
 use crate::registry::dispatch::{Debounce, Finish};
 use crate::registry::store::{now_ms, DispatchStore as _, InventoryStore as _};
 use crate::registry::{
@@ -53,8 +54,11 @@ use crate::salt::{
 /// The outbox consumer of the dispatcher (its cursor is created by migration 0006).
 pub const DISPATCH_CONSUMER: &str = "dispatch";
 
-/// How often the outbox and the due targets are looked at when nothing woke
-/// the dispatcher (changes made by the CLI, in another process).
+/// The shortest pause between two looks at the due targets.
+const MIN_WAIT: Duration = Duration::from_millis(20);
+
+/// How often the outbox is looked at when writes of other processes (the
+/// CLI) are not seen (PostgreSQL).
 const POLL: Duration = Duration::from_millis(500);
 
 /// Outbox rows read per pass.
@@ -128,6 +132,7 @@ pub async fn run(
     service: Arc<Service<DbStore>>,
     salt: SaltClient,
     firer: Firer,
+    mut registry_changes: Changes,
     cancel: CancellationToken,
 ) {
     if !startup(service.store(), &cancel).await {
@@ -171,15 +176,27 @@ pub async fn run(
         if let Err(error) = launch_due(&runner, &inflight, &permits, &wake).await {
             warn!(message = "Reading the due dispatch targets failed; will retry.", %error);
         }
-        let wait = match store.dispatch_next_due().await {
+        // Until the next due target, a drift check, a finished run or a
+        // change of the registry (by any process when its writes are seen;
+        // otherwise polled every POLL).
+        let mut wait = match store.dispatch_next_due().await {
             Ok(Some(at)) => Duration::from_millis(u64::try_from(at - now_ms()).unwrap_or(0)),
-            Ok(None) => POLL,
+            Ok(None) => WATCHED_POLL,
             Err(_) => DB_RETRY,
+        };
+        if permits.available_permits() == 0 {
+            // A finished run wakes it (`wake`), not the due time.
+            wait = WATCHED_POLL;
         }
-        .min(POLL);
+        if let Some(every) = drift_every {
+            wait = wait.min(every.saturating_sub(drift_at.elapsed()));
+        }
+        // A due target whose run is starting is not due again at once.
+        let wait = wait.max(MIN_WAIT);
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = wake.notified() => {}
+            _ = registry_changes.next(POLL) => {}
             _ = tokio::time::sleep(wait) => {}
         }
     }

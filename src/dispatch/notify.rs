@@ -14,9 +14,11 @@ use tracing::{error, info, warn};
 
 use crate::bus::origin::STEWARD_PREFIX;
 use crate::bus::Firer;
+use crate::registry::changes::Changes;
 use crate::registry::{DbStore, OutboxRow, Service, Store as _};
 
-/// How often the outbox is polled for changes made by other processes (the CLI).
+/// How often the outbox is polled for changes made by other processes (the
+/// CLI) when their writes are not seen (PostgreSQL).
 const OUTBOX_POLL: Duration = Duration::from_secs(1);
 
 /// The outbox consumer that fires the bus notifications.
@@ -32,6 +34,7 @@ pub async fn dispatch_outbox(
     service: Arc<Service<DbStore>>,
     firer: Firer,
     changed: Arc<Notify>,
+    mut registry_changes: Changes,
     cancel: CancellationToken,
 ) {
     let store = service.store();
@@ -60,7 +63,7 @@ pub async fn dispatch_outbox(
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = changed.notified() => {}
-            _ = tokio::time::sleep(OUTBOX_POLL) => {}
+            _ = registry_changes.next(OUTBOX_POLL) => {}
         }
     }
 }

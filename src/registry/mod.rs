@@ -21,6 +21,7 @@
 //! later with the same hostname gets a different minion id, so a key issued for
 //! the old one can never be taken for the new one.
 
+pub mod changes;
 pub mod dispatch;
 pub mod exec;
 pub mod group_commit;

@@ -271,6 +271,10 @@ pub struct ServerFilter {
     pub status: Option<Status>,
     /// Changed at or after this time (Unix ms): what moved since a last look.
     pub changed_since: Option<i64>,
+    /// Only ids greater than this: the page after the last id seen.
+    pub after_id: Option<i64>,
+    /// At most this many servers (a page).
+    pub limit: Option<i64>,
 }
 
 /// Makes a minion id for a hostname.
@@ -583,6 +587,8 @@ impl<S: Store> Service<S> {
                 minion_id: filter.minion_id.as_deref(),
                 status: filter.status,
                 changed_since: filter.changed_since,
+                after_id: filter.after_id,
+                limit: filter.limit,
             })
             .await
     }

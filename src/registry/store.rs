@@ -18,6 +18,7 @@
 //! `sslrootcert` are honoured, roots from the system's store plus that file.
 
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -180,6 +181,10 @@ pub struct Filter<'a> {
     pub status: Option<Status>,
     /// Changed at or after this time (Unix ms, `updated_at`).
     pub changed_since: Option<i64>,
+    /// Only ids greater than this: the next page after a last seen id.
+    pub after_id: Option<i64>,
+    /// At most this many rows (pages keep a sweep's memory bounded).
+    pub limit: Option<i64>,
 }
 
 // ---------------------------------------------------------------- the SQL
@@ -306,6 +311,7 @@ mod sql {
             ("s.minion_id =", text(filter.minion_id)),
             ("s.status =", text(filter.status.map(|s| s.as_str()))),
             ("s.updated_at >=", filter.changed_since.map(Arg::Int)),
+            ("s.id >", filter.after_id.map(Arg::Int)),
         ];
         for (column, value) in conds {
             if let Some(v) = value {
@@ -315,6 +321,10 @@ mod sql {
             }
         }
         sql.push_str("ORDER BY s.id");
+        if let Some(limit) = filter.limit {
+            args.push(Arg::Int(limit));
+            sql.push_str(&format!(" LIMIT ${}", args.len()));
+        }
         (sql, args)
     }
 }
@@ -471,6 +481,8 @@ impl ServerRow {
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// The database file; `None` in memory.
+    file: Option<PathBuf>,
 }
 
 /// The registry on a PostgreSQL database (several masters share one).
@@ -542,7 +554,10 @@ impl SqliteStore {
                 op: format!("migrating {}", file.display()),
                 source: e.into(),
             })?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            file: (!in_memory).then_some(file),
+        })
     }
 
     /// The connection pool (tests and tools count rows with it).
@@ -1298,6 +1313,15 @@ impl DbStore {
         }
     }
 
+    /// The SQLite database file (`None` in memory and on PostgreSQL): its
+    /// writes, by any process, can be watched.
+    pub fn sqlite_file(&self) -> Option<&Path> {
+        match self {
+            DbStore::Sqlite(s) => s.file.as_deref(),
+            DbStore::Postgres(_) => None,
+        }
+    }
+
     /// `sqlite` or `postgres`.
     pub fn backend(&self) -> &'static str {
         match self {
@@ -1565,6 +1589,16 @@ mod tests {
             "{text}"
         );
         assert_eq!(args, [sql::Arg::Int(42)]);
+        let (text, args) = sql::find(&Filter {
+            after_id: Some(7),
+            limit: Some(500),
+            ..Filter::default()
+        });
+        assert!(
+            text.ends_with("WHERE s.id > $1 ORDER BY s.id LIMIT $2"),
+            "{text}"
+        );
+        assert_eq!(args, [sql::Arg::Int(7), sql::Arg::Int(500)]);
         let (text, args) = sql::find(&Filter::default());
         assert!(!text.contains("WHERE"), "{text}");
         assert!(args.is_empty());

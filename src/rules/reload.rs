@@ -118,6 +118,10 @@ pub async fn watch_dir(
                 reload(&dir, &tx, &stats).await;
             }
             _ = retry.tick(), if watcher.is_none() => {
+                // A watcher (a thread) only once there is a directory.
+                if !dir.is_dir() {
+                    continue;
+                }
                 watcher = attach(&dir, &changes_tx);
                 if watcher.is_some() {
                     info!(message = "Watching the rules directory.", dir = %dir.display());
