@@ -3,7 +3,9 @@
 //! minions on this machine: `backup-1` (the backup server: `steward.backup`,
 //! `steward.backup.run`) and `web-1` (the source: `steward.backup_source`),
 //! whose SSH is a private sshd on loopback ([`Sshd`]). Real rsnapshot, rsync,
-//! rrsync, ssh and sshd; ssh always with `StrictHostKeyChecking=yes`.
+//! rrsync, ssh and sshd; ssh always with `StrictHostKeyChecking=yes`. One
+//! test runs the server as a salt-minion of a real master instead, to see
+//! the result event reach the master's bus.
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -956,4 +958,145 @@ fn dir_names(dir: &Path) -> Vec<String> {
 
 fn text(o: &Output) -> String {
     crate::support::text(o)
+}
+
+/// The dispatcher's path through a real master: `salt backup-1 state.apply
+/// steward.backup …` on a salt-minion (the server), the source's grant by a
+/// masterless source, `steward.backup.run` through the master; the wrapper's
+/// `salt-call event.send` reaches the master's bus with the result, from
+/// the server's authenticated minion id.
+#[test]
+fn backup_result_event_reaches_a_real_master() {
+    use crate::support::salt::{salt_states_dir, SaltHarness};
+    use crate::support::{eventually, LineChild, MasterOptions, T};
+
+    let sshd = Sshd::start();
+    let dir = tempfile::Builder::new()
+        .prefix("ss-backup-")
+        .tempdir()
+        .unwrap();
+    let src = dir.path().join("src");
+    let (files, size) = populate(&src);
+    let state_dir = dir.path().join("state");
+    let mut h = SaltHarness::start_with(MasterOptions {
+        file_roots: vec![salt_states_dir()],
+        ..MasterOptions::default()
+    });
+    h.start_minion_with(
+        "backup",
+        SERVER,
+        &format!(
+            "steward:\n  backup:\n    state_dir: {}\n    cron_file: {}\n",
+            state_dir.display(),
+            dir.path().join("cron.d/salt-steward-backup").display()
+        ),
+        |_| {},
+    );
+    eventually("the backup server answers", || {
+        let out = h.master_cmd("salt", &[SERVER, "test.ping", "--out=json", "-t", "5"]);
+        if String::from_utf8_lossy(&out.stdout).contains("true") {
+            Ok(())
+        } else {
+            Err(crate::support::text(&out))
+        }
+    });
+    let apply = |mods: &str, pillar: Value| -> Value {
+        let out = h.master_cmd(
+            "salt",
+            &[
+                SERVER,
+                "state.apply",
+                mods,
+                &format!("pillar={pillar}"),
+                "--out=json",
+                "-t",
+                "120",
+            ],
+        );
+        let text = crate::support::text(&out);
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{text}"));
+        let states = v[SERVER].as_object().unwrap_or_else(|| panic!("{text}"));
+        assert_eq!(states.len(), 1, "{text}");
+        states.values().next().unwrap().clone()
+    };
+    let last_json = |state: &Value, prefix: &str| -> Value {
+        let comment = state["comment"].as_str().unwrap();
+        let line = comment
+            .lines()
+            .rev()
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no report in {state}"));
+        serde_json::from_str(line).unwrap()
+    };
+    let backup_pillar = |revision: u64, known_hosts: Vec<String>| {
+        json!({"steward": {"backup": {"revision": revision, "target": SERVER, "backups": [{
+            "id": 7,
+            "source": {"host": "127.0.0.1", "port": sshd.port, "user": "root"},
+            "source_folder": src, "dest_folder": dir.path().join("backups/web1"),
+            "excludes": ["cache/", "*.tmp"], "exclude_proc_sys": false, "active": true,
+            "known_hosts": known_hosts,
+            "retain": [{"level": "hourly", "count": 6, "cron": "0 */4 * * *"}],
+        }]}}})
+    };
+
+    let first = apply("steward.backup", backup_pillar(1, vec![]));
+    assert_eq!(first["result"], json!(true), "{first}");
+    let pubkey = last_json(&first, BACKUP_REPORT)["pubkey"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let source = LocalMinion::new(
+        SOURCE,
+        &format!(
+            "steward:\n  backup_source:\n    authorized_keys: {}\n    host_keys_dir: {}\n",
+            sshd.authorized_keys.display(),
+            sshd.host_keys_dir.display()
+        ),
+    );
+    let run = source.apply(
+        "steward.backup_source",
+        &json!({"steward": {"backup_source": {"revision": 1, "target": SOURCE,
+            "authorized": [grant(7, &src, &pubkey)]}}}),
+    );
+    assert_ok(&run);
+    let host_keys = strings(&report(&run, SOURCE_REPORT)["host_keys"]);
+    let second = apply("steward.backup", backup_pillar(2, host_keys));
+    assert_eq!(second["result"], json!(true), "{second}");
+
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/it/support/salt_events.py"
+    );
+    let mut cmd = Command::new(h.python());
+    cmd.arg(script)
+        .arg("listen")
+        .arg(h.master_config())
+        .arg("steward/v1/backup/result")
+        .arg("1")
+        .arg("120");
+    let mut listener = LineChild::spawn(cmd);
+    listener.wait_line("salt listener READY", T, |l| l == "READY");
+
+    let state = apply(
+        "steward.backup.run",
+        json!({"steward": {"backup_run": {"target": SERVER, "id": 7}}}),
+    );
+    assert_eq!(state["result"], json!(true), "{state}");
+    let ran = last_json(&state, RUN_REPORT);
+    assert_eq!(ran["event_sent"], json!(true), "{state}");
+    let result = ran["result"].clone();
+    assert_eq!(result["outcome"], "ok", "{state}");
+    assert_eq!(result["files"], files);
+    assert_eq!(result["size"], size);
+
+    let line = listener.wait_line("the result event", T, |l| l.starts_with('{'));
+    let event: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(event["tag"], "steward/v1/backup/result");
+    // salt-call event.send: the master fires the minion's whole load, its
+    // authenticated `id` beside our `data` (to which salt-call adds its
+    // `__pub_*` keys).
+    assert_eq!(event["data"]["id"], SERVER, "{event}");
+    let mut data = event["data"]["data"].as_object().unwrap().clone();
+    data.retain(|k, _| !k.starts_with("__pub_"));
+    assert_eq!(Value::Object(data), result, "{event}");
 }
