@@ -577,12 +577,33 @@ fn backup_vanished_file_is_a_warning_and_still_rotates() {
 }
 
 #[test]
-fn backup_failures_are_never_success_and_nothing_rotates() {
+fn backup_failures_are_never_success() {
     let lab = BackupLab::start();
     populate(&lab.src);
     let pubkey = lab.set_up(7, "web1");
     let dest = lab.dest("web1");
     assert_eq!(result(&lab.run(7, None))["outcome"], "ok");
+
+    // A partial transfer (rsync 23): a name deeper than rsync's max path.
+    // Attention (the state fails); what came is kept and rotated.
+    let deep = lab.src.join("deep");
+    deep_tree(&deep, 18);
+    let run = lab.run(7, None);
+    assert_failed(&run);
+    let r = result(&run);
+    assert_eq!(r["outcome"], "attention", "{}", run.raw);
+    assert_eq!(r["rsync_exit"], 23);
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("overflows max-path len"),
+        "{}",
+        run.raw
+    );
+    assert_eq!(snapshots(&dest), ["hourly.0", "hourly.1"]);
+    assert!(dest.join("hourly.0/sub/b.txt").is_file());
+    fs::remove_dir_all(&deep).unwrap();
     let before = snapshots(&dest);
 
     // A source folder that does not exist (on the source, and so in the key).
@@ -942,6 +963,27 @@ fn backup_cron_lists_active_runnable_and_removal_keeps_snapshots() {
     assert!(!fs::read_to_string(&lab.sshd.authorized_keys)
         .unwrap()
         .contains("steward-backup-10"));
+}
+
+/// `levels` nested directories of 250-character names under `top`: deeper
+/// than PATH_MAX, made relative to each parent's descriptor.
+fn deep_tree(top: &Path, levels: usize) {
+    fs::create_dir_all(top).unwrap();
+    let script = "import os, sys\n\
+                  fd = os.open(sys.argv[1], os.O_RDONLY)\n\
+                  for _ in range(int(sys.argv[2])):\n\
+                  \x20   os.mkdir('d' * 250, dir_fd=fd)\n\
+                  \x20   sub = os.open('d' * 250, os.O_RDONLY, dir_fd=fd)\n\
+                  \x20   os.close(fd)\n\
+                  \x20   fd = sub\n";
+    let o = Command::new(crate::support::netns::python3())
+        .arg("-c")
+        .arg(script)
+        .arg(top)
+        .arg(levels.to_string())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
 }
 
 fn dir_names(dir: &Path) -> Vec<String> {

@@ -101,9 +101,29 @@ def rsync_messages(output):
     return "\n".join(lines)
 
 
-def tail(text, limit=4000):
-    text = text.strip()
-    return text if len(text) <= limit else "…" + text[-limit:]
+def tail(text, limit=4000, line_limit=300):
+    """``text`` for the result's ``error``: long lines cut in the middle, and
+    at most ``limit`` characters (its first and last lines kept)."""
+    lines = []
+    for line in text.strip().splitlines():
+        if len(line) > line_limit:
+            half = line_limit // 2
+            line = "{} … {}".format(line[:half], line[-half:])
+        lines.append(line)
+    total = sum(len(l) + 1 for l in lines)
+    if total <= limit:
+        return "\n".join(lines)
+    head = lines[:10]
+    budget = limit - sum(len(l) + 1 for l in head) - 40
+    tail_lines = []
+    for line in reversed(lines[10:]):
+        if budget - len(line) - 1 < 0:
+            break
+        budget -= len(line) + 1
+        tail_lines.append(line)
+    tail_lines.reverse()
+    left_out = len(lines) - len(head) - len(tail_lines)
+    return "\n".join(head + ["… ({} lines left out)".format(left_out)] + tail_lines)
 
 
 def take_lock(path, wait):
