@@ -608,7 +608,9 @@ fn backup_failures_are_never_success() {
 
     // A source folder that does not exist (on the source, and so in the key).
     let missing = lab.dir.path().join("no-such-folder");
-    assert_ok(&lab.apply_source(2, vec![grant(7, &missing, &pubkey)]));
+    let run = lab.apply_source(2, vec![grant(7, &missing, &pubkey)]);
+    assert_ok(&run);
+    assert!(run.comments().contains("folder missing"), "{}", run.raw);
     let host_keys = vec![lab.sshd.host_key()];
     assert_ok(&lab.apply_backup(3, vec![lab.backup(7, &missing, "web1", &host_keys)]));
     let run = lab.run(7, None);

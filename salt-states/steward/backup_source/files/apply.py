@@ -141,7 +141,7 @@ def main():
     if not path.startswith("/"):
         raise Failure("setting steward:backup_source:authorized_keys {!r}: not an absolute path".format(path))
 
-    wanted, skipped, seen = {}, [], set()
+    wanted, skipped, seen, absent = {}, [], set(), []
     for a in pillar.get("authorized") or []:
         bid = a.get("id")
         if isinstance(bid, bool) or not isinstance(bid, int) or bid < 1:
@@ -155,6 +155,8 @@ def main():
             skipped.append(bid)
             continue
         key = public_key("{} pubkey".format(what), a.get("pubkey"))
+        if not os.path.isdir(d):
+            absent.append(bid)
         wanted[bid] = 'command="{} -ro {}",restrict {} steward-backup-{}'.format(rrsync, d, key, bid)
     if wanted and not os.access(rrsync, os.X_OK):
         raise Failure(
@@ -196,6 +198,8 @@ def main():
         parts.append("skipped, the backup server's key is not known yet: {}".format(sorted(skipped)))
     if removed:
         parts.append("removed: {}".format(removed))
+    if absent:
+        parts.append("folder missing on this host, those backups will fail: {}".format(sorted(absent)))
     comment = "; ".join(parts)
     if unchanged:
         out(False, comment)
