@@ -24,6 +24,7 @@ mod reload;
 mod rules;
 mod salt_client;
 mod states;
+mod states_share;
 mod support;
 mod transport_tcp;
 mod trust;
