@@ -242,9 +242,11 @@ fn shares_serve_their_users_change_passwords_and_go_away_keeping_data() {
     assert_applied(&run);
     let c = &run.single().changes;
     assert_eq!(c["shares"]["team"]["share"], "removed", "{}", run.raw);
+    let team_dir = lab.base.join("dept/team");
     assert_eq!(
         c["removed_users"][&u2],
-        json!({"passdb": "deleted", "user": "deleted"}),
+        json!({"passdb": "deleted", "user": "deleted",
+               "data": format!("kept in {}, locked root:root 0700", team_dir.display())}),
         "{}",
         run.raw
     );
@@ -272,10 +274,51 @@ fn shares_serve_their_users_change_passwords_and_go_away_keeping_data() {
     assert!(!shares.contains("[team]"), "{shares}");
     assert!(can_login(&lab, "projects", &u1, "Proj-pw-2").is_ok());
 
+    // The freed uid goes to the next system user created: the kept folder
+    // is root's until a share takes it again.
+    let meta = std::fs::metadata(&team_dir).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (0, 0));
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o700);
+
     // And that is stable too.
     assert_unchanged(&m.apply(
         "steward.share",
         &pillar(&lab, &public, 3, &[projects("Proj-pw-2")]),
+    ));
+
+    // The share added again on its folder: a new user, the kept data is
+    // handed to it and served again.
+    let team = Share {
+        password: "Team-pw-2",
+        ..team
+    };
+    let run = m.apply(
+        "steward.share",
+        &pillar(&lab, &public, 4, &[projects("Proj-pw-2"), team]),
+    );
+    assert_applied(&run);
+    let t = &run.single().changes["shares"]["team"];
+    assert_eq!(t["user"], "created", "{}", run.raw);
+    assert!(
+        t["folder"].as_str().unwrap().starts_with(&format!(
+            "kept data handed to {u2} (entries re-owned from uid "
+        )) && t["folder"].as_str().unwrap().ends_with(": 1)"),
+        "{}",
+        run.raw
+    );
+    let out = lab
+        .smbclient("team", &u2, "Team-pw-2", "get kept.txt /dev/null; ls")
+        .unwrap();
+    assert!(out.contains("kept.txt"), "{out}");
+    let meta = std::fs::metadata(&team_dir).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o770);
+    assert_eq!(
+        std::fs::metadata(team_dir.join("kept.txt")).unwrap().uid(),
+        meta.uid()
+    );
+    assert_unchanged(&m.apply(
+        "steward.share",
+        &pillar(&lab, &public, 4, &[projects("Proj-pw-2"), team]),
     ));
 }
 

@@ -43,7 +43,10 @@ and makes smbd serve exactly those shares:
 - after a change, ``smbcontrol -s <smb_conf> smbd reload-config`` (and
   ``close-share`` for the shares that went away);
 - users that left the pillar (and that we created): ``pdbedit -x``, then
-  ``userdel`` (not -r); their folders stay.
+  ``userdel`` (not -r); their folders stay, made root's (0700, the top
+  folder only) since the freed uid would go to the next system user created
+  along with the data; a share added again on such a folder hands it to its
+  (new) user: the entries of the old uid/gid are re-owned.
 
 Prints one JSON object for Salt's ``cmd.run stateful: True`` (never the
 hash) and exits non-zero on failure. Needs the ``cryptography`` package of
@@ -59,6 +62,7 @@ import posixpath
 import pwd
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -377,6 +381,41 @@ def getpw(user):
         return None
 
 
+def lock(folder, mine):
+    """Makes the kept folder of a deleted user root's (0700, the top only:
+    the data is not touched). False when it is not that user's folder."""
+    try:
+        st = os.lstat(folder)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != mine.get("uid"):
+        return False
+    os.chown(folder, 0, 0, follow_symlinks=False)
+    os.chmod(folder, 0o700)
+    return True
+
+
+def hand_over(folder, old, pw):
+    """Gives a retired folder to the share's (new) user: every entry owned by
+    the old uid (gid) is re-owned, nothing followed through symlinks; the top
+    back to 0770. The number of entries re-owned."""
+    n = 0
+    for top, dirs, files in os.walk(folder, followlinks=False):
+        # Each directory is a `top` of its own; symlinks to directories are
+        # not walked into, only re-owned themselves.
+        links = [d for d in dirs if os.path.islink(os.path.join(top, d))]
+        for entry in [top] + [os.path.join(top, x) for x in files + links]:
+            st = os.lstat(entry)
+            uid = pw.pw_uid if st.st_uid == old.get("uid") else -1
+            gid = pw.pw_gid if st.st_gid == old.get("gid") else -1
+            if uid != -1 or gid != -1:
+                os.chown(entry, uid, gid, follow_symlinks=False)
+                n += 1
+    os.chown(folder, pw.pw_uid, pw.pw_gid, follow_symlinks=False)
+    os.chmod(folder, 0o770)
+    return n
+
+
 def userdel(settings, user):
     """userdel (not -r); while one of the user's processes is still ending
     (an smbd child of a closed share) userdel refuses: retried for 15 s."""
@@ -474,6 +513,7 @@ def main():
 
     state = load_state(state_dir)
     ours = state["users"]
+    retired = state.setdefault("retired", {})
 
     # Base folder; every folder checked where it resolves NOW.
     base_real = os.path.realpath(base)
@@ -579,9 +619,25 @@ def main():
             if rc != 0:
                 raise Failure("useradd {} failed (exit {}): {}".format(user, rc, (o + e).strip()))
             pw = getpw(user)
-            ours[user] = {"uid": pw.pw_uid, "share_id": s["id"]}
+            ours[user] = {"uid": pw.pw_uid, "gid": pw.pw_gid, "share_id": s["id"], "folder": s["path"]}
             save_state(state_dir, state)
             did(name, "user", "created")
+        elif ours[user].get("folder") != s["path"]:
+            ours[user]["folder"] = s["path"]
+            save_state(state_dir, state)
+        if s["path"] in retired and os.path.isdir(s["path"]):
+            old_ids = retired[s["path"]]
+            n = hand_over(s["path"], old_ids, pw)
+            del retired[s["path"]]
+            save_state(state_dir, state)
+            did(
+                name,
+                "folder",
+                "kept data handed to {} (entries re-owned from uid {}: {})".format(user, old_ids.get("uid"), n),
+            )
+        elif s["path"] in retired:
+            del retired[s["path"]]
+            save_state(state_dir, state)
         if not os.path.isdir(s["path"]):
             parent = os.path.dirname(s["path"])
             os.makedirs(parent, mode=0o755, exist_ok=True)
@@ -641,6 +697,14 @@ def main():
         if pw is not None and pw.pw_uid == mine.get("uid"):
             userdel(settings, user)
             what["user"] = "deleted"
+        folder = mine.get("folder")
+        if folder:
+            what["data"] = "kept in {}".format(folder)
+            if lock(folder, mine):
+                # Its uid is free now: the next system user created would
+                # get it, and with it the data. Root's until handed over.
+                retired[folder] = {"uid": mine["uid"], "gid": mine.get("gid"), "user": user}
+                what["data"] += ", locked root:root 0700"
         elif pw is not None:
             what["user"] = "kept: uid {} is not the one we created ({})".format(pw.pw_uid, mine.get("uid"))
         del ours[user]
