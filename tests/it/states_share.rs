@@ -72,14 +72,20 @@ fn assert_failed(run: &StateRun, why: &str) {
     );
 }
 
-/// No NT hash of `passwords` anywhere in what salt-call printed.
-fn assert_no_hash(run: &StateRun, passwords: &[&str]) {
+/// No NT hash of `passwords` anywhere in what salt-call printed or in the
+/// minion's log.
+fn assert_no_hash(m: &LocalMinion, run: &StateRun, passwords: &[&str]) {
+    let log = std::fs::read_to_string(m.dir().join("root/minion.log")).unwrap_or_default();
     for p in passwords {
         let h = nt_hash_hex(p);
         assert!(
             !run.raw.to_lowercase().contains(&h),
             "the NT hash is in the state's output:\n{}",
             run.raw
+        );
+        assert!(
+            !log.to_lowercase().contains(&h),
+            "the NT hash is in the minion log"
         );
     }
 }
@@ -137,7 +143,7 @@ fn shares_serve_their_users_change_passwords_and_go_away_keeping_data() {
         &pillar(&lab, &public, 1, &[projects("Proj-pw-1"), team]),
     );
     assert_applied(&run);
-    assert_no_hash(&run, &["Proj-pw-1", "Team-pw-1"]);
+    assert_no_hash(&m, &run, &["Proj-pw-1", "Team-pw-1"]);
     let c = &run.single().changes;
     let p = &c["shares"]["projects"];
     assert_eq!(p["user"], "created", "{}", run.raw);
@@ -218,7 +224,7 @@ fn shares_serve_their_users_change_passwords_and_go_away_keeping_data() {
         &pillar(&lab, &public, 2, &[projects("Proj-pw-2"), team]),
     );
     assert_applied(&run);
-    assert_no_hash(&run, &["Proj-pw-1", "Proj-pw-2"]);
+    assert_no_hash(&m, &run, &["Proj-pw-1", "Proj-pw-2"]);
     let c = &run.single().changes;
     assert_eq!(
         c["shares"]["projects"],
@@ -365,7 +371,7 @@ fn a_candidate_testparm_refuses_is_never_written_and_smbd_keeps_serving() {
     let run = m2.apply("steward.share", &pillar(&lab, &public, 2, &[keep(), new]));
     assert_failed(&run, "Unknown parameter encountered: \"bogus option\"");
     assert_failed(&run, "not written");
-    assert_no_hash(&run, &["Keep-pw-1", "New-pw-1"]);
+    assert_no_hash(&m2, &run, &["Keep-pw-1", "New-pw-1"]);
     assert_eq!(std::fs::read(&lab.shares_file).unwrap(), live);
     assert_eq!(std::fs::read(&lab.smb_conf).unwrap(), conf);
     // Refused before anything: no user, no folder for the new share.
