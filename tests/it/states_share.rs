@@ -120,7 +120,20 @@ fn md4_and_nt_hash_match_the_references() {
 fn shares_serve_their_users_change_passwords_and_go_away_keeping_data() {
     let lab = SmbdLab::start();
     let users = TestUsers::new();
-    let (m, public) = minion(&lab, "");
+    // pdbedit through a wrapper that logs its command lines: the hash must
+    // never be on one (/proc/*/cmdline is world-readable).
+    let argv_log = lab.dir().join("pdbedit-argv.log");
+    let wrapper = lab.dir().join("pdbedit-logged");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nprintf '%s\\n' \"$*\" >> {}\nexec pdbedit \"$@\"\n",
+            argv_log.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (m, public) = minion(&lab, &format!("    pdbedit: {}\n", wrapper.display()));
     let (u1, u2) = (users.name("proj"), users.name("team"));
     let projects = |pw| Share {
         id: 3,
@@ -326,6 +339,18 @@ fn shares_serve_their_users_change_passwords_and_go_away_keeping_data() {
         "steward.share",
         &pillar(&lab, &public, 4, &[projects("Proj-pw-2"), team]),
     ));
+
+    let argv = std::fs::read_to_string(&argv_log).unwrap();
+    assert!(
+        argv.contains("-i smbpasswd:/proc/self/fd/"),
+        "no import seen:\n{argv}"
+    );
+    for p in ["Proj-pw-1", "Proj-pw-2", "Team-pw-1", "Team-pw-2"] {
+        assert!(
+            !argv.to_lowercase().contains(&nt_hash_hex(p)),
+            "an NT hash on pdbedit's command line:\n{argv}"
+        );
+    }
 }
 
 #[test]

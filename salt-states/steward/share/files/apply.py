@@ -515,11 +515,8 @@ def main():
     ours = state["users"]
     retired = state.setdefault("retired", {})
 
-    # Base folder; every folder checked where it resolves NOW.
+    # Every folder checked where it resolves NOW.
     base_real = os.path.realpath(base)
-    if not os.path.isdir(base_real):
-        os.makedirs(base_real, mode=0o755, exist_ok=True)
-        changes["base"] = "created {}".format(base_real)
     for s in shares:
         if s["refused"] is None:
             try:
@@ -597,6 +594,9 @@ def main():
         shutil.rmtree(tmp, ignore_errors=True)
 
     # Users, folders, passdb of the accepted shares, before smbd serves them.
+    if accepted and not os.path.isdir(base_real):
+        os.makedirs(base_real, mode=0o755, exist_ok=True)
+        changes["base"] = "created {}".format(base_real)
     for s in accepted:
         name, user = s["name"], s["user"]
         pw = getpw(user)
