@@ -25,6 +25,7 @@ mod rules;
 mod salt_client;
 mod states;
 mod states_backup;
+mod states_share;
 mod support;
 mod transport_tcp;
 mod trust;

@@ -7,6 +7,7 @@ pub mod netns;
 pub mod nginx;
 pub mod salt;
 pub mod salt_local;
+pub mod smbd;
 pub mod sshd;
 
 use std::io::{BufRead, BufReader};
