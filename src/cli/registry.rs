@@ -242,7 +242,8 @@ pub(super) async fn open(ctx: &Context) -> anyhow::Result<Service<DbStore>> {
     Ok(registry::open(url)
         .await
         .with_context(|| format!("opening the registry {url}"))?
-        .with_keys(keys))
+        .with_keys(keys)
+        .with_share_user_prefix(&ctx.settings.shares.user_prefix))
 }
 
 pub(super) fn print_json<T: Serialize>(v: &T) -> anyhow::Result<()> {
