@@ -1,0 +1,345 @@
+//! Issue #13's samba shares end to end: the CLI exactly as an operator types
+//! it, a running `salt-steward daemon` dispatching `steward.share` through a
+//! real master to a real minion (registered from its bundle by the daemon's
+//! acceptor) whose samba is the private smbd of [`SmbdLab`], and the result
+//! checked with `smbclient` and the password `share add` printed once:
+//! writes and lists work, a wrong password and the old one after `share
+//! passwd` are refused, `share rm` takes the share and its user away and
+//! keeps the data; bad input is refused with its specific error and nothing
+//! is written or dispatched; the NT hash is never in the daemon's log, on
+//! the bus (`steward/v1/*`) or in clear in the master's job cache.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::accept::{bundle, signing_master_serving, wait_status};
+use crate::support::salt::{install_bundle, salt_states_dir};
+use crate::support::smbd::{nt_hash_hex, SmbdLab, TestUsers};
+use crate::support::{
+    assert_ok, cli, eventually_within, run_ok, start_daemon, steward_config, text, watch_steward,
+    LineChild, SaltHarness,
+};
+
+const FILES: &str = "files1.example.org";
+const PLAIN: &str = "plain1.example.org";
+
+/// How long a target may take to converge (a state run through the master
+/// on a loaded 2-core machine, after the debounce).
+const CONVERGE: Duration = Duration::from_secs(120);
+
+/// The daemon's config: bundles name this master, short dispatch delays,
+/// share users named with the test users' prefix (deleted on drop).
+fn config(h: &SaltHarness, user_prefix: &str) -> PathBuf {
+    steward_config(
+        h,
+        &[],
+        &format!(
+            "masters: [\"127.0.0.1:{}\"]\n\
+             dispatch:\n  debounce_ms: 300\n  job_timeout: 120\n  retry_base_ms: 2000\n\
+             shares:\n  user_prefix: \"{user_prefix}\"\n",
+            h.ret_port
+        ),
+    )
+}
+
+/// `salt-steward ARGS` (it must succeed): its stdout.
+fn steward(cfg: &Path, args: &[&str]) -> String {
+    String::from_utf8_lossy(&run_ok(cli(cfg, args)).stdout).into_owned()
+}
+
+/// `salt-steward ARGS` whose stdout is JSON.
+fn steward_json(cfg: &Path, args: &[&str]) -> Value {
+    let out = steward(cfg, args);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {out}"))
+}
+
+/// `salt-steward ARGS` that must fail with exit 1 and `why` in its message.
+fn refused(cfg: &Path, args: &[&str], why: &str) {
+    let out = cli(cfg, args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{args:?}: {}", text(&out));
+    assert!(err.contains(why), "{args:?}: {why:?} not in {err}");
+}
+
+/// A share as `share add|passwd --json` prints it: (id, user, password).
+fn added(v: &Value) -> (String, String, String) {
+    (
+        v["id"].as_i64().unwrap().to_string(),
+        v["user"].as_str().unwrap().to_owned(),
+        v["password"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// The (server, state) target as `dispatch show SERVER --json` lists it.
+fn target(cfg: &Path, server: &str, state: &str) -> Option<Value> {
+    let show = steward_json(cfg, &["dispatch", "show", server, "--json"]);
+    show["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["state"] == state)
+        .cloned()
+}
+
+/// The dispatcher's outbox consumer: (position, pending).
+fn dispatcher_cursor(cfg: &Path) -> (Option<i64>, Option<i64>) {
+    let status = steward_json(cfg, &["outbox", "status", "--json"]);
+    let c = status
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["consumer"] == "dispatch")
+        .cloned()
+        .unwrap_or(Value::Null);
+    (c["position"].as_i64(), c["pending"].as_i64())
+}
+
+/// Waits until the dispatcher read every change and `server`'s share target
+/// is `done` with `applied == desired`, at least at outbox id `at_least`;
+/// the target.
+fn converged(cfg: &Path, daemon: &mut LineChild, at_least: i64) -> Value {
+    eventually_within("share target converged", CONVERGE, || {
+        let (_, pending) = dispatcher_cursor(cfg);
+        let t = target(cfg, FILES, "share");
+        match (&pending, &t) {
+            (Some(0), Some(t))
+                if t["status"] == "done"
+                    && t["applied"] == t["desired"]
+                    && t["applied"].as_i64() >= Some(at_least) =>
+            {
+                Ok(t.clone())
+            }
+            _ => {
+                daemon.drain_err();
+                Err(format!(
+                    "pending {pending:?}, target {}\ndaemon:\n{}",
+                    t.map(|t| t.to_string()).unwrap_or_default(),
+                    daemon.seen_err[daemon.seen_err.len().saturating_sub(15)..].join("\n")
+                ))
+            }
+        }
+    })
+}
+
+/// The outbox position after the last change (every change read).
+fn last_change(cfg: &Path) -> i64 {
+    eventually_within(
+        "dispatcher read every change",
+        CONVERGE,
+        || match dispatcher_cursor(cfg) {
+            (Some(pos), Some(0)) => Ok(pos),
+            other => Err(format!("{other:?}")),
+        },
+    )
+}
+
+/// Every `state.apply` job of `minion` in the master's job cache, as text.
+fn job_cache_text(h: &SaltHarness, minion: &str) -> String {
+    let out = h.master_cmd(
+        "salt-run",
+        &[
+            "jobs.list_jobs",
+            "search_function=state.apply",
+            "--out=json",
+        ],
+    );
+    assert_ok(&out);
+    let all: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut text = String::new();
+    for (jid, job) in all.as_object().unwrap() {
+        let targets = job["Target"].to_string();
+        if !targets.contains(minion) {
+            continue;
+        }
+        text.push_str(&job.to_string());
+        let ret = h.master_cmd("salt-run", &["jobs.lookup_jid", jid, "--out=json"]);
+        text.push_str(&String::from_utf8_lossy(&ret.stdout));
+    }
+    text
+}
+
+fn logon_refused(r: Result<String, String>) {
+    match r {
+        Ok(out) => panic!("the login was accepted:\n{out}"),
+        Err(e) => assert!(e.contains("NT_STATUS_LOGON_FAILURE"), "{e}"),
+    }
+}
+
+#[test]
+fn shares_added_by_the_cli_serve_with_the_printed_password_and_go_away_keeping_data() {
+    let lab = SmbdLab::start();
+    let users = TestUsers::new();
+    let prefix = users.name("");
+    let mut h = signing_master_serving(vec![salt_states_dir()]);
+    let cfg = config(&h, &prefix);
+    steward(&cfg, &["model", "add", "files"]);
+    let base = lab.base.display().to_string();
+    let server = steward_json(
+        &cfg,
+        &[
+            "server",
+            "add",
+            FILES,
+            "--model",
+            "files",
+            "--samba-base",
+            &base,
+            "--json",
+        ],
+    );
+    assert_eq!(server["samba_managed"], true, "{server}");
+    assert_eq!(server["samba_base_folder"], base.as_str(), "{server}");
+    let minion = server["minion_id"].as_str().unwrap().to_owned();
+    steward(&cfg, &["server", "add", PLAIN, "--model", "files"]);
+
+    let mut daemon = start_daemon(&cfg);
+    let mut w = watch_steward(&cfg);
+    let b = bundle(&h, &cfg, FILES, "files1.tgz");
+    h.start_minion_with(FILES, &minion, &lab.minion_settings(""), |dir| {
+        install_bundle(&b, dir)
+    });
+    wait_status(&cfg, FILES, "online");
+
+    // Two shares; each password printed once.
+    let projects = steward_json(
+        &cfg,
+        &["share", "add", FILES, "Projects", "projects", "--json"],
+    );
+    let (p_id, p_user, p_pw1) = added(&projects);
+    assert_eq!(p_user, format!("{prefix}projects"));
+    let team = steward_json(
+        &cfg,
+        &["share", "add", FILES, "team", "groups/team", "--json"],
+    );
+    let (_, t_user, t_pw) = added(&team);
+    let text_add = steward(&cfg, &["share", "list"]);
+    assert!(!text_add.contains(&p_pw1), "share list shows a password");
+    let t = converged(&cfg, &mut daemon, 0);
+    assert_eq!(t["attempts"], 0, "{t}");
+
+    // Real SMB with the printed password: write and list a file; a wrong
+    // password is refused.
+    let hello = lab.dir().join("hello.txt");
+    std::fs::write(&hello, "hello through salt-steward\n").unwrap();
+    let out = lab
+        .smbclient(
+            "Projects",
+            &p_user,
+            &p_pw1,
+            &format!("put {} hello.txt; ls", hello.display()),
+        )
+        .unwrap();
+    assert!(out.contains("hello.txt"), "{out}");
+    let kept = lab.base.join("projects/hello.txt");
+    assert_eq!(
+        std::fs::read_to_string(&kept).unwrap(),
+        "hello through salt-steward\n"
+    );
+    logon_refused(lab.smbclient("Projects", &p_user, "wrong-password", "ls"));
+    lab.smbclient("team", &t_user, &t_pw, "ls").unwrap();
+
+    // A new password: the old one is refused once applied, the new one works.
+    let at = last_change(&cfg);
+    let (_, _, p_pw2) = added(&steward_json(&cfg, &["share", "passwd", &p_id, "--json"]));
+    assert_ne!(p_pw1, p_pw2);
+    converged(&cfg, &mut daemon, at + 1);
+    logon_refused(lab.smbclient("Projects", &p_user, &p_pw1, "ls"));
+    let out = lab.smbclient("Projects", &p_user, &p_pw2, "ls").unwrap();
+    assert!(out.contains("hello.txt"), "{out}");
+
+    // Bad input: the specific error, nothing written, nothing dispatched.
+    let settled = converged(&cfg, &mut daemon, 0);
+    let at = last_change(&cfg);
+    let shares_before = steward_json(&cfg, &["share", "list", "--json"]);
+    let too_long = "a".repeat(32 - prefix.len() + 1);
+    for (args, why) in [
+        (
+            vec!["share", "add", FILES, "up", "../etc"],
+            "leaves the samba base",
+        ),
+        (vec!["share", "add", FILES, "abs", "/etc"], "is absolute"),
+        (
+            vec!["share", "add", PLAIN, "plain", "plain"],
+            "is not samba-managed",
+        ),
+        (
+            vec!["share", "add", FILES, "PROJECTS", "other"],
+            "is taken by share #",
+        ),
+        (
+            vec!["share", "add", FILES, "other", "projects/"],
+            "folder \"projects\" on files1.example.org is taken by share #",
+        ),
+        (
+            vec!["share", "add", FILES, too_long.as_str(), "long"],
+            "is longer than 32 characters",
+        ),
+        (vec!["share", "add", FILES, "homes", "h"], "reserves"),
+    ] {
+        refused(&cfg, &args, why);
+    }
+    assert_eq!(
+        steward_json(&cfg, &["share", "list", "--json"]),
+        shares_before
+    );
+    assert_eq!(dispatcher_cursor(&cfg), (Some(at), Some(0)));
+    assert_eq!(target(&cfg, FILES, "share"), Some(settled.clone()));
+    assert_eq!(target(&cfg, PLAIN, "share"), None);
+    // A server with shares can neither go nor stop being samba-managed.
+    refused(&cfg, &["server", "rm", FILES], "share #");
+    refused(&cfg, &["server", "set", FILES, "samba_base="], "share #");
+
+    // Removing a share: gone from the list, its user gone, its data kept.
+    steward(&cfg, &["share", "rm", &p_id]);
+    let last = converged(&cfg, &mut daemon, at + 1);
+    let listed = lab.list_shares(&t_user, &t_pw).unwrap();
+    assert!(listed.iter().any(|s| s == "team"), "{listed:?}");
+    assert!(
+        !listed.iter().any(|s| s.eq_ignore_ascii_case("projects")),
+        "{listed:?}"
+    );
+    assert!(!TestUsers::exists(&p_user), "{p_user} still exists");
+    assert!(!lab.passdb_users().contains(&p_user));
+    assert_eq!(
+        std::fs::read_to_string(&kept).unwrap(),
+        "hello through salt-steward\n"
+    );
+
+    // `status` and `dispatch list` show the share target like the others.
+    let list = steward(&cfg, &["dispatch", "list"]);
+    assert!(
+        list.lines()
+            .any(|l| l.contains(FILES) && l.contains("share")),
+        "{list}"
+    );
+
+    // The secrets never left the registry in clear: not in the daemon's
+    // log, not on the bus, not in the master's job cache (the pillar holds
+    // them encrypted for the minion).
+    let jobs = job_cache_text(&h, &minion);
+    assert!(
+        jobs.contains("nt_hash_enc"),
+        "no share pillar in the job cache"
+    );
+    daemon.drain_err();
+    let log = format!("{}\n{}", daemon.seen.join("\n"), daemon.seen_err.join("\n"));
+    // Every event up to the last run's end (the removal's notification
+    // comes before it).
+    let jid = last["last_jid"].as_str().unwrap().to_owned();
+    w.wait_line("the last run's done event", crate::support::T, |l| {
+        l.contains("steward/v1/dispatch/done") && l.contains(&jid)
+    });
+    let bus = w.seen.join("\n");
+    for tag in ["created", "updated", "deleted"] {
+        assert!(bus.contains(&format!("steward/v1/share/{tag}")), "{bus}");
+    }
+    for pw in [&p_pw1, &p_pw2, &t_pw] {
+        let hash = nt_hash_hex(pw);
+        for (place, text) in [("daemon log", &log), ("bus", &bus), ("job cache", &jobs)] {
+            assert!(!text.contains(&hash), "an NT hash is in the {place}");
+            assert!(!text.contains(pw.as_str()), "a password is in the {place}");
+        }
+    }
+}
