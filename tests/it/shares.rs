@@ -12,6 +12,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use salt_steward::registry;
 use serde_json::Value;
 
 use crate::accept::{bundle, signing_master_serving, wait_status};
@@ -342,4 +343,121 @@ fn shares_added_by_the_cli_serve_with_the_printed_password_and_go_away_keeping_d
             assert!(!text.contains(pw.as_str()), "a password is in the {place}");
         }
     }
+}
+
+// ---- the registry, on both backends ----
+
+/// Shares in the registry: the service's refusals write nothing; the
+/// database itself refuses what the service would (a writer that skips it,
+/// a race); every write has one outbox row naming the server, without the
+/// hash; a server with shares can neither go nor lose its samba base.
+async fn share_story(svc: registry::Service<registry::DbStore>) {
+    use registry::shares::{NtHash, Password};
+    use registry::store::{NewShare, ShareStore as _, Store as _};
+    use registry::{ServerPatch, ServerRef};
+
+    svc.create_model("files", "", &[]).await.unwrap();
+    let mut p = ServerPatch::default();
+    for kv in ["name=files1", "model=files", "samba_base=/srv/samba"] {
+        p.set_assignment(kv).unwrap();
+    }
+    let files = svc.create_server(p).await.unwrap();
+    assert!(files.samba_managed);
+    svc.store().outbox_subscribe("story").await.unwrap();
+    let all = || async { svc.store().outbox_pending("story", 1000).await.unwrap() };
+    // The rows of the story (the server's own rows before are not).
+    let before = all().await.len();
+    let outbox = || async { all().await.split_off(before) };
+    let server = ServerRef::Name("files1".into());
+
+    let (share, password) = svc
+        .create_share(&server, "Projects", "projects")
+        .await
+        .unwrap();
+    let hash = NtHash::of(&password);
+    let rows = outbox().await;
+    assert_eq!(rows.len(), 1);
+    let registry::OutboxRow::Entry(entry) = &rows[0] else {
+        panic!("{rows:?}")
+    };
+    assert_eq!(entry.kind, registry::OutboxKind::ShareCreated);
+    assert_eq!(entry.payload["targets"], serde_json::json!([files.id]));
+    assert!(!entry.payload.to_string().contains(hash.expose()));
+    assert!(entry.payload.get("password").is_none());
+
+    // Refused by the service: nothing written.
+    for (name, folder, code) in [
+        ("projects", "x", "duplicate_share"),
+        ("x", "projects", "duplicate_share"),
+        ("x", "../x", "invalid_value"),
+        ("x", "/x", "invalid_value"),
+        (&*"a".repeat(29), "y", "user_name_too_long"),
+    ] {
+        let e = svc.create_share(&server, name, folder).await.unwrap_err();
+        assert_eq!(e.code(), code, "{name} {folder}: {e}");
+    }
+    assert_eq!(outbox().await.len(), 1);
+
+    // Refused by the database when the service is skipped.
+    let raw = |name: &str, folder: &str, user: &str| NewShare {
+        server_id: files.id,
+        name: name.into(),
+        folder: folder.into(),
+        user: user.into(),
+        nt_hash: NtHash::of(&Password::generate().unwrap()),
+    };
+    for (s, code) in [
+        (raw("PROJECTS", "a", "u1"), "duplicate_share"),
+        (raw("b", "projects", "u2"), "duplicate_share"),
+        (raw("c", "c", &share.user), "duplicate_share"),
+        (raw("d", "../d", "u4"), "invalid_value"),
+        (raw("e", "/e", "u5"), "invalid_value"),
+        (raw("homes", "f", "u6"), "invalid_value"),
+    ] {
+        let e = svc.store().insert_share(&s).await.unwrap_err();
+        assert_eq!(e.code(), code, "{s:?}: {e}");
+    }
+    assert_eq!(svc.list_shares(None).await.unwrap().len(), 1);
+    assert_eq!(outbox().await.len(), 1);
+
+    // A new password: a new hash, one outbox row, revision + 1.
+    let (after, new_password) = svc.share_passwd(share.id).await.unwrap();
+    assert_eq!(after.revision, share.revision + 1);
+    let stored = svc.store().shares_with_hashes(files.id).await.unwrap();
+    assert_eq!(stored[0].1, NtHash::of(&new_password));
+    assert_ne!(stored[0].1, hash);
+    assert_eq!(outbox().await.len(), 2);
+
+    // The server keeps its shares possible.
+    let mut unset = ServerPatch::default();
+    unset.set("samba_base", "").unwrap();
+    for e in [
+        svc.update_server(&server, unset.clone()).await.unwrap_err(),
+        svc.delete_server(&server).await.unwrap_err(),
+    ] {
+        assert_eq!(e.code(), "server_in_use", "{e}");
+        assert!(e.to_string().contains("Projects"), "{e}");
+    }
+    let gone = svc.delete_share(share.id).await.unwrap();
+    assert_eq!(gone.id, share.id);
+    assert_eq!(
+        svc.delete_share(share.id).await.unwrap_err().code(),
+        "not_found"
+    );
+    svc.update_server(&server, unset).await.unwrap();
+    let e = svc.create_share(&server, "x", "x").await.unwrap_err();
+    assert_eq!(e.code(), "not_samba_managed", "{e}");
+    svc.delete_server(&server).await.unwrap();
+}
+
+#[tokio::test]
+async fn share_registry_on_sqlite() {
+    let db = crate::registry::TestDb::sqlite();
+    share_story(registry::open(&db.url).await.unwrap()).await;
+}
+
+#[tokio::test]
+async fn share_registry_on_postgres() {
+    let db = crate::registry::TestDb::postgres_required().await;
+    share_story(registry::open(&db.url).await.unwrap()).await;
 }
