@@ -461,3 +461,159 @@ async fn share_registry_on_postgres() {
     let db = crate::registry::TestDb::postgres_required().await;
     share_story(registry::open(&db.url).await.unwrap()).await;
 }
+
+// ---- the bus ----
+
+/// Fires a request from the master (`salt-run event.send`) and waits for its reply.
+fn ask(
+    h: &SaltHarness,
+    w: &mut LineChild,
+    daemon: &mut LineChild,
+    tag: &str,
+    request_id: &str,
+    mut data: Value,
+) -> Value {
+    data["request_id"] = serde_json::json!(request_id);
+    assert_ok(&h.master_cmd("salt-run", &["event.send", tag, &data.to_string()]));
+    crate::support::reply(w, daemon, request_id)
+}
+
+#[test]
+fn shares_on_the_bus_reply_the_password_to_the_trusted_requester_only() {
+    use serde_json::json;
+    let mut h = SaltHarness::start();
+    h.wait_req_ready();
+    h.start_minions_and_wait(&["s-trusted", "s-untrusted"]);
+    let cfg = steward_config(&h, &["s-trusted"], "");
+    steward(&cfg, &["model", "add", "files"]);
+    steward(
+        &cfg,
+        &[
+            "server",
+            "add",
+            "files1",
+            "--model",
+            "files",
+            "--samba-base",
+            "/srv/samba",
+        ],
+    );
+    steward(&cfg, &["server", "add", "plain1", "--model", "files"]);
+    let mut d = start_daemon(&cfg);
+    let mut w = watch_steward(&cfg);
+    let (w, d) = (&mut w, &mut d);
+    let create = "steward/v1/share/create";
+
+    let r = ask(
+        &h,
+        w,
+        d,
+        create,
+        "c1",
+        json!({"server": "files1", "name": "docs", "folder": "docs"}),
+    );
+    assert_eq!(r["ok"], true, "{r}");
+    let id = r["result"]["id"].clone();
+    let first = r["result"]["password"].as_str().unwrap().to_owned();
+    assert_eq!(r["result"]["user"], "smb-docs", "{r}");
+    let created =
+        crate::support::wait_event_data(w, d, "steward/v1/share/created", |v| v["id"] == id);
+    assert_eq!(
+        created["targets"].as_array().map(Vec::len),
+        Some(1),
+        "{created}"
+    );
+
+    // Refusals, with their codes; nothing written.
+    for (rid, data, code) in [
+        (
+            "b1",
+            json!({"server": "files1", "name": "x", "folder": "../x"}),
+            "invalid_value",
+        ),
+        (
+            "b2",
+            json!({"server": "files1", "name": "x", "folder": "/x"}),
+            "invalid_value",
+        ),
+        (
+            "b3",
+            json!({"server": "plain1", "name": "x", "folder": "x"}),
+            "not_samba_managed",
+        ),
+        (
+            "b4",
+            json!({"server": "files1", "name": "DOCS", "folder": "x"}),
+            "duplicate_share",
+        ),
+        (
+            "b5",
+            json!({"server": "files1", "name": "x", "folder": "docs"}),
+            "duplicate_share",
+        ),
+        (
+            "b6",
+            json!({"server": "files1", "name": "a".repeat(29), "folder": "y"}),
+            "user_name_too_long",
+        ),
+    ] {
+        let r = ask(&h, w, d, create, rid, data);
+        assert_eq!(r["error"]["code"], code, "{rid}: {r}");
+    }
+    let listed = steward_json(&cfg, &["share", "list", "--json"]);
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+
+    // find: for anyone, never a password.
+    assert_ok(&h.minion_call(
+        "s-untrusted",
+        &[
+            "event.send",
+            "steward/v1/share/find",
+            &json!({"request_id": "f1", "server": "files1"}).to_string(),
+        ],
+    ));
+    let r = crate::support::reply(w, d, "f1");
+    assert_eq!(r["result"][0]["name"], "docs", "{r}");
+    assert!(r["result"][0].get("password").is_none(), "{r}");
+
+    // passwd: an untrusted minion is refused; the trusted one gets the new password.
+    let passwd = |minion: &str, rid: &str| {
+        assert_ok(&h.minion_call(
+            minion,
+            &[
+                "event.send",
+                "steward/v1/share/passwd",
+                &json!({"request_id": rid, "id": id}).to_string(),
+            ],
+        ));
+    };
+    passwd("s-untrusted", "p1");
+    let r = crate::support::reply(w, d, "p1");
+    assert_eq!(r["error"]["code"], "untrusted_sender", "{r}");
+    passwd("s-trusted", "p2");
+    let r = crate::support::reply(w, d, "p2");
+    assert_eq!(r["ok"], true, "{r}");
+    let second = r["result"]["password"].as_str().unwrap().to_owned();
+    assert_ne!(first, second);
+    assert_eq!(r["result"]["revision"], 2, "{r}");
+
+    let r = ask(&h, w, d, "steward/v1/share/delete", "d1", json!({"id": id}));
+    assert_eq!(r["ok"], true, "{r}");
+    crate::support::wait_event_data(w, d, "steward/v1/share/deleted", |v| v["id"] == id);
+
+    // The passwords went in the replies to their requesters only: no other
+    // steward event carries them, nor their hashes.
+    for line in &w.seen {
+        let v = crate::support::json_line(line);
+        let tag = v["tag"].as_str().unwrap_or_default();
+        for pw in [&first, &second] {
+            assert!(
+                !line.contains(&nt_hash_hex(pw)),
+                "a hash on the bus: {line}"
+            );
+            if !tag.starts_with("steward/v1/reply/") {
+                assert!(!line.contains(pw.as_str()), "a password in {tag}: {line}");
+            }
+        }
+    }
+}
