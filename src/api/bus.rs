@@ -2,7 +2,8 @@
 //!
 //! Requests are events `steward/v1/<entity>/<create|find|update|delete>`,
 //! the entity `server`, `model`, `forward/port` or `forward/hostname` (their
-//! arguments: [`super::forward`]), whose data is a map with a `request_id`
+//! arguments: [`super::forward`]), or `share` (also `passwd`; its arguments:
+//! [`super::share`]), whose data is a map with a `request_id`
 //! beside the arguments; the reply is
 //! fired as `steward/v1/reply/<request_id>`: `{ok: true, result}` or
 //! `{ok: false, error: {code, message}}`. A server `update` may carry the
