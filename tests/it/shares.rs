@@ -292,6 +292,43 @@ fn shares_added_by_the_cli_serve_with_the_printed_password_and_go_away_keeping_d
     refused(&cfg, &["server", "rm", FILES], "share #");
     refused(&cfg, &["server", "set", FILES, "samba_base="], "share #");
 
+    // A share the state refuses (its folder leads out of the base through a
+    // symlink): the run fails, recorded with the state's comment, the other
+    // shares keep serving; removing it converges again.
+    std::os::unix::fs::symlink("/tmp", lab.base.join("escape")).unwrap();
+    let escape = steward_json(&cfg, &["share", "add", FILES, "escape", "escape", "--json"]);
+    let (e_id, _, _) = added(&escape);
+    let failed = eventually_within(
+        "the escaping share's run failed",
+        CONVERGE,
+        || match target(&cfg, FILES, "share") {
+            Some(t)
+                if t["status"] == "failed"
+                    && t["last_error"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .contains("escape") =>
+            {
+                Ok(t)
+            }
+            t => Err(format!("{t:?}")),
+        },
+    );
+    assert!(failed["attempts"].as_i64() >= Some(1), "{failed}");
+    let status = cli(&cfg, &["status"]).output().unwrap();
+    let shown = String::from_utf8_lossy(&status.stdout);
+    assert_eq!(status.status.code(), Some(1), "{shown}");
+    assert!(
+        shown
+            .lines()
+            .any(|l| l.contains(FILES) && l.contains("share") && l.contains("failed")),
+        "{shown}"
+    );
+    lab.smbclient("Projects", &p_user, &p_pw2, "ls").unwrap();
+    steward(&cfg, &["share", "rm", &e_id]);
+    let at = last_change(&cfg);
+    converged(&cfg, &mut daemon, at);
+
     // Removing a share: gone from the list, its user gone, its data kept.
     steward(&cfg, &["share", "rm", &p_id]);
     let last = converged(&cfg, &mut daemon, at + 1);
