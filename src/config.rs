@@ -795,6 +795,26 @@ mod tests {
         assert_eq!(s.keys.unknown_minions, d.keys.unknown_minions);
         assert_eq!(s.masters, d.masters);
         assert_eq!(s.metrics_listen, d.metrics_listen);
+        assert_eq!(s.shares, d.shares);
+    }
+
+    #[test]
+    fn a_share_user_prefix_is_a_user_name_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("config.yaml");
+        std::fs::write(&p, "shares:\n  user_prefix: smbx_\n").unwrap();
+        assert_eq!(
+            Settings::load(Some(&p)).unwrap().shares.user_prefix,
+            "smbx_"
+        );
+        std::fs::write(
+            &p,
+            "log:\n  level: info\nshares:\n  user_prefix: \"Smb \"\n",
+        )
+        .unwrap();
+        let err = Settings::load(Some(&p)).unwrap_err().to_string();
+        assert!(err.contains("shares.user_prefix"), "{err}");
+        assert!(err.ends_with("at line 4"), "{err}");
     }
 
     #[test]
