@@ -654,3 +654,84 @@ fn shares_on_the_bus_reply_the_password_to_the_trusted_requester_only() {
         }
     }
 }
+
+/// The `state.apply steward.share` jobs of `minion` in the master's job cache.
+fn share_runs(h: &SaltHarness, minion: &str) -> usize {
+    let out = h.master_cmd(
+        "salt-run",
+        &[
+            "jobs.list_jobs",
+            "search_function=state.apply",
+            "--out=json",
+        ],
+    );
+    assert_ok(&out);
+    let all: Value = serde_json::from_slice(&out.stdout).unwrap();
+    all.as_object()
+        .unwrap()
+        .values()
+        .filter(|j| j["Target"].to_string().contains(minion))
+        .filter(|j| j["Arguments"].to_string().contains("steward.share"))
+        .count()
+}
+
+#[test]
+fn share_changes_made_while_the_daemon_is_stopped_give_one_run() {
+    let lab = SmbdLab::start();
+    let users = TestUsers::new();
+    let prefix = users.name("");
+    let mut h = signing_master_serving(vec![salt_states_dir()]);
+    let cfg = config(&h, &prefix);
+    steward(&cfg, &["model", "add", "files"]);
+    let base = lab.base.display().to_string();
+    let server = steward_json(
+        &cfg,
+        &[
+            "server",
+            "add",
+            FILES,
+            "--model",
+            "files",
+            "--samba-base",
+            &base,
+            "--json",
+        ],
+    );
+    let minion = server["minion_id"].as_str().unwrap().to_owned();
+    let daemon = start_daemon(&cfg);
+    let b = bundle(&h, &cfg, FILES, "files1.tgz");
+    h.start_minion_with(FILES, &minion, &lab.minion_settings(""), |dir| {
+        install_bundle(&b, dir)
+    });
+    wait_status(&cfg, FILES, "online");
+    last_change(&cfg);
+    assert!(daemon.terminate().success());
+    let before = share_runs(&h, &minion);
+
+    // Five changes, one target, no daemon.
+    let add = |name: &str| {
+        added(&steward_json(
+            &cfg,
+            &["share", "add", FILES, name, name, "--json"],
+        ))
+    };
+    let (a_id, a_user, _) = add("alpha");
+    let (b_id, _, _) = add("beta");
+    let (_, g_user, g_pw) = add("gamma");
+    let (_, _, a_pw) = added(&steward_json(&cfg, &["share", "passwd", &a_id, "--json"]));
+    steward(&cfg, &["share", "rm", &b_id]);
+
+    let mut daemon = start_daemon(&cfg);
+    let at = last_change(&cfg);
+    let t = converged(&cfg, &mut daemon, at);
+    assert_eq!(t["attempts"], 0, "{t}");
+    assert_eq!(
+        share_runs(&h, &minion),
+        before + 1,
+        "one run for five changes"
+    );
+    lab.smbclient("alpha", &a_user, &a_pw, "ls").unwrap();
+    lab.smbclient("gamma", &g_user, &g_pw, "ls").unwrap();
+    let listed = lab.list_shares(&g_user, &g_pw).unwrap();
+    assert!(!listed.iter().any(|s| s == "beta"), "{listed:?}");
+}
