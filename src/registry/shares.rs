@@ -141,7 +141,7 @@ impl fmt::Debug for NtHash {
 pub struct Password(Zeroizing<String>);
 
 impl Password {
-    /// [`PASSWORD_LEN`] characters of [`PASSWORD_ALPHABET`] from the
+    /// [`PASSWORD_LEN`] characters of `PASSWORD_ALPHABET` from the
     /// operating system's random source (rejection sampling: no bias).
     pub fn generate() -> Result<Self, Error> {
         let n = PASSWORD_ALPHABET.len();
