@@ -192,6 +192,9 @@ pub struct ConfigFile {
     /// Exec translation: who may run which functions on a server by name.
     #[serde(default)]
     pub exec: ExecConfig,
+    /// Samba shares (`salt-steward share …`).
+    #[serde(default)]
+    pub shares: SharesConfig,
     /// Minion keys: where they are kept, their size, how they are accepted.
     #[serde(default)]
     pub keys: KeysConfig,
@@ -474,6 +477,29 @@ fn default_exec_timeout() -> u64 {
     60
 }
 
+/// `shares:` section: samba shares (`salt-steward share`, `steward.share`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharesConfig {
+    /// A share's system user is this prefix + the lower-cased share name
+    /// (32 characters at most in all). Empty, or `[a-z][a-z0-9_-]*`. Default
+    /// `smb-`.
+    #[serde(default = "default_share_user_prefix")]
+    pub user_prefix: String,
+}
+
+impl Default for SharesConfig {
+    fn default() -> Self {
+        Self {
+            user_prefix: default_share_user_prefix(),
+        }
+    }
+}
+
+fn default_share_user_prefix() -> String {
+    crate::registry::shares::DEFAULT_USER_PREFIX.to_owned()
+}
+
 /// The resolved settings the program runs with.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -488,6 +514,8 @@ pub struct Settings {
     pub exec: ExecConfig,
     pub keys: KeysConfig,
     pub masters: Vec<String>,
+    /// `shares:`.
+    pub shares: SharesConfig,
     /// The file these settings were read from (`None`: the defaults), read
     /// again on SIGHUP.
     pub source: Option<PathBuf>,
@@ -514,6 +542,7 @@ impl Settings {
         differs("dispatch", self.dispatch != new.dispatch);
         differs("keys", self.keys != new.keys);
         differs("masters", self.masters != new.masters);
+        differs("shares", self.shares != new.shares);
         out
     }
 
@@ -576,6 +605,7 @@ impl Settings {
             exec: f.exec,
             keys: f.keys,
             masters: f.masters,
+            shares: f.shares,
             source: None,
             metrics_listen: f.metrics_listen,
         }
@@ -651,6 +681,12 @@ fn check(f: &ConfigFile, text: &str) -> Vec<String> {
                 at_line(line_of(text, "masters", master))
             ));
         }
+    }
+    if let Err(why) = crate::registry::shares::validate_user_prefix(&f.shares.user_prefix) {
+        problems.push(format!(
+            "shares.user_prefix: {why}{}",
+            at_line(line_of(text, "shares", "user_prefix:"))
+        ));
     }
     if let Some(addr) = f.metrics_listen {
         if !addr.ip().is_loopback() {
@@ -759,6 +795,26 @@ mod tests {
         assert_eq!(s.keys.unknown_minions, d.keys.unknown_minions);
         assert_eq!(s.masters, d.masters);
         assert_eq!(s.metrics_listen, d.metrics_listen);
+        assert_eq!(s.shares, d.shares);
+    }
+
+    #[test]
+    fn a_share_user_prefix_is_a_user_name_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("config.yaml");
+        std::fs::write(&p, "shares:\n  user_prefix: smbx_\n").unwrap();
+        assert_eq!(
+            Settings::load(Some(&p)).unwrap().shares.user_prefix,
+            "smbx_"
+        );
+        std::fs::write(
+            &p,
+            "log:\n  level: info\nshares:\n  user_prefix: \"Smb \"\n",
+        )
+        .unwrap();
+        let err = Settings::load(Some(&p)).unwrap_err().to_string();
+        assert!(err.contains("shares.user_prefix"), "{err}");
+        assert!(err.ends_with("at line 4"), "{err}");
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //!
 //! Requests are events `steward/v1/<entity>/<create|find|update|delete>`,
 //! the entity `server`, `model`, `forward/port` or `forward/hostname` (their
-//! arguments: [`super::forward`]), whose data is a map with a `request_id`
+//! arguments: [`super::forward`]), or `share` (also `passwd`; its arguments:
+//! [`super::share`]), whose data is a map with a `request_id`
 //! beside the arguments; the reply is
 //! fired as `steward/v1/reply/<request_id>`: `{ok: true, result}` or
 //! `{ok: false, error: {code, message}}`. A server `update` may carry the
@@ -85,15 +86,18 @@ pub enum Entity {
     PortForward,
     /// `forward/hostname` (see [`super::forward`]).
     HostnameForward,
+    /// `share` (see [`super::share`]).
+    Share,
 }
 
 impl Entity {
     /// Every entity, in the order of [`crate::bus::origin::REQUEST_ENTITIES`].
-    pub const ALL: [Entity; 4] = [
+    pub const ALL: [Entity; 5] = [
         Entity::Server,
         Entity::Model,
         Entity::PortForward,
         Entity::HostnameForward,
+        Entity::Share,
     ];
 
     /// Its part of a request tag (`steward/v1/<entity>/<op>`).
@@ -103,6 +107,7 @@ impl Entity {
             Entity::Model => "model",
             Entity::PortForward => "forward/port",
             Entity::HostnameForward => "forward/hostname",
+            Entity::Share => "share",
         }
     }
 
@@ -121,6 +126,8 @@ pub enum Op {
     /// `steward/v1/server/exec`: exec translation (`crate::exec`), served by
     /// the request server with the Salt client, not by [`serve`].
     Exec,
+    /// `steward/v1/share/passwd`: a new password for a share.
+    Passwd,
 }
 
 impl Op {
@@ -132,6 +139,7 @@ impl Op {
             Op::Update => "update",
             Op::Delete => "delete",
             Op::Exec => "exec",
+            Op::Passwd => "passwd",
         }
     }
 }
@@ -205,6 +213,7 @@ pub fn parse(event: &Event) -> Option<Result<Request, Malformed>> {
         "update" => Op::Update,
         "delete" => Op::Delete,
         "exec" => Op::Exec,
+        "passwd" => Op::Passwd,
         other if NOTIFICATIONS.contains(&other) => return None,
         other => {
             return Some(Err(Malformed {
@@ -712,6 +721,7 @@ async fn execute<S: Store>(
         Entity::Model => model(service, req.op, args).await,
         Entity::PortForward => super::forward::port(service, req.op, args).await,
         Entity::HostnameForward => super::forward::hostname(service, req.op, args).await,
+        Entity::Share => super::share::serve(service, req.op, args).await,
     }
 }
 
@@ -748,7 +758,7 @@ async fn server<S: Store>(
             encode(&service.update_server(&target, patch).await?)
         }
         Op::Delete => encode(&service.delete_server(&server_ref(args)?).await?),
-        Op::Exec => Err(not_here("server")),
+        Op::Exec | Op::Passwd => Err(not_here("server")),
     }
 }
 
@@ -757,7 +767,7 @@ async fn server<S: Store>(
 pub(super) fn not_here(entity: &str) -> registry::Error {
     registry::Error::invalid(
         "op",
-        format!("exec is not a {entity} operation here (steward/v1/server/exec runs a function on a server)"),
+        format!("exec and passwd are not {entity} operations here (steward/v1/server/exec runs a function on a server, steward/v1/share/passwd sets a share's password)"),
     )
 }
 
@@ -849,7 +859,7 @@ async fn model<S: Store>(
             encode(&service.update_model(&args.text("name")?, patch).await?)
         }
         Op::Delete => encode(&service.delete_model(&args.text("name")?).await?),
-        Op::Exec => Err(not_here("model")),
+        Op::Exec | Op::Passwd => Err(not_here("model")),
     }
 }
 

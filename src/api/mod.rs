@@ -7,6 +7,7 @@
 //!   reply.
 //! - [`forward`]: port and hostname forward requests read into the
 //!   registry's forward operations.
+//! - [`share`]: samba share requests (the reply carries a new password).
 //! - [`args`]: a request's arguments read the same way for every entity.
 //! - [`server`]: the request-server component that runs them.
 
@@ -14,3 +15,4 @@ pub mod args;
 pub mod bus;
 pub mod forward;
 pub mod server;
+pub mod share;

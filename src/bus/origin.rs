@@ -33,10 +33,16 @@ pub const STEWARD_PREFIX: &str = "steward/v1/";
 
 /// The entities of registry requests (`steward/v1/<entity>/<op>`; a
 /// forward's entity has two segments).
-pub const REQUEST_ENTITIES: [&str; 4] = ["server", "model", "forward/port", "forward/hostname"];
+pub const REQUEST_ENTITIES: [&str; 5] = [
+    "server",
+    "model",
+    "forward/port",
+    "forward/hostname",
+    "share",
+];
 
 /// The operations of registry requests (`steward/v1/<entity>/<op>`).
-pub const REQUEST_OPS: [&str; 5] = ["create", "find", "update", "delete", "exec"];
+pub const REQUEST_OPS: [&str; 6] = ["create", "find", "update", "delete", "exec", "passwd"];
 
 /// How many in-process events wait for a slow consumer before the oldest are
 /// dropped for it (counted by that consumer, as for the bus).

@@ -21,7 +21,11 @@ use crate::master_config::MasterConfig;
 const WAIT: Duration = Duration::from_secs(5);
 
 /// The states the daemon applies, as files under a `file_roots` directory.
-const STATES: [&str; 2] = ["steward/portfwd/init.sls", "steward/hostfwd/init.sls"];
+const STATES: [&str; 3] = [
+    "steward/portfwd/init.sls",
+    "steward/hostfwd/init.sls",
+    "steward/share/init.sls",
+];
 
 /// The outcome of one check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -232,7 +236,10 @@ fn states_served(m: &MasterConfig) -> Result<String, String> {
         .iter()
         .find(|d| STATES.iter().all(|s| d.join(s).is_file()));
     match found {
-        Some(d) => Ok(format!("steward.portfwd and steward.hostfwd served from {}", d.display())),
+        Some(d) => Ok(format!(
+            "steward.portfwd, steward.hostfwd and steward.share served from {}",
+            d.display()
+        )),
         None => Err(format!(
             "salt-states/ is not in the master's file_roots (base: {}); add its path there and restart the master (salt-states/README.md)",
             m.file_roots_base

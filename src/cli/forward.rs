@@ -214,7 +214,7 @@ pub enum DispatchCommand {
     Retry {
         /// The server (id or name).
         server: String,
-        /// Only this state (portfwd, hostfwd).
+        /// Only this state (portfwd, hostfwd, share).
         #[arg(long)]
         state: Option<String>,
     },

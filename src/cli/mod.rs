@@ -9,6 +9,7 @@ mod pki;
 mod registry;
 mod rules;
 mod salt;
+mod share;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -59,6 +60,9 @@ enum Command {
     /// Port and hostname forwards in the inventory: add, list, rm.
     #[command(subcommand)]
     Forward(forward::ForwardCommand),
+    /// Samba shares of samba-managed servers: add, list, rm, passwd.
+    #[command(subcommand)]
+    Share(share::ShareCommand),
     /// What the dispatcher applies: targets, runs, retry.
     #[command(subcommand)]
     Dispatch(forward::DispatchCommand),
@@ -145,6 +149,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Server(cmd) => registry::run_server(&ctx, cmd).await,
             Command::Outbox(cmd) => registry::run_outbox(&ctx, cmd).await,
             Command::Forward(cmd) => forward::run_forward(&ctx, cmd).await,
+            Command::Share(cmd) => share::run_share(&ctx, cmd).await,
             Command::Dispatch(cmd) => forward::run_dispatch(&ctx, cmd).await,
             Command::Status(args) => forward::run_status(&ctx, args).await,
             Command::Exec(args) => exec::run_exec(&ctx, args).await,

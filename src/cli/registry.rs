@@ -77,7 +77,8 @@ pub enum ServerCommand {
     /// Change a server: KEY=VALUE… (an empty VALUE clears). Keys: name, model,
     /// status, is_vm, vm_host, external_ip, internal_ip, is_proxmox_host,
     /// proxmox_node, external_interface, nginx_proxy, samba_managed,
-    /// samba_base_folder, users (comma-separated); revision=N refuses the
+    /// samba_base_folder, samba_base (sets both samba keys; empty: not
+    /// samba-managed), users (comma-separated); revision=N refuses the
     /// change (conflict) if the server is no longer at revision N.
     Set {
         /// Server id or name.
@@ -155,6 +156,10 @@ pub struct ServerAddArgs {
     /// Directory the samba shares go under.
     #[arg(long, value_name = "PATH")]
     samba_base_folder: Option<String>,
+    /// Samba-managed, its shares under this absolute folder (`share add`);
+    /// the same as `--set samba_base=PATH`.
+    #[arg(long, value_name = "PATH")]
+    samba_base: Option<String>,
     /// A system user; repeat for several.
     #[arg(long = "user", value_name = "NAME")]
     users: Vec<String>,
@@ -242,7 +247,8 @@ pub(super) async fn open(ctx: &Context) -> anyhow::Result<Service<DbStore>> {
     Ok(registry::open(url)
         .await
         .with_context(|| format!("opening the registry {url}"))?
-        .with_keys(keys))
+        .with_keys(keys)
+        .with_share_user_prefix(&ctx.settings.shares.user_prefix))
 }
 
 pub(super) fn print_json<T: Serialize>(v: &T) -> anyhow::Result<()> {
@@ -436,6 +442,7 @@ fn add_patch(a: ServerAddArgs) -> Result<ServerPatch, registry::Error> {
         ("internal_network", a.internal_network),
         ("nginx_proxy", a.nginx_proxy),
         ("samba_base_folder", a.samba_base_folder),
+        ("samba_base", a.samba_base),
     ];
     for (k, v) in optional {
         if let Some(v) = v {

@@ -79,7 +79,8 @@ pub async fn run(
         registry::open(&settings.registry)
             .await
             .with_context(|| format!("opening the registry {}", redact(&settings.registry)))?
-            .with_keys(keys.clone()),
+            .with_keys(keys.clone())
+            .with_share_user_prefix(&settings.shares.user_prefix),
     );
     let policy = PolicyHandle::new(reload::policy_of(settings)?);
     match service.store().exec_recover().await {
@@ -130,7 +131,7 @@ pub async fn run(
         None => None,
     };
     let key_stats = Arc::new(acceptor::KeyStats::default());
-    let dispatcher = dispatcher_config(settings, sup.helpers());
+    let dispatcher = dispatcher_config(settings, master, sup.helpers());
     let rule_stats = rules.stats();
     let job_stats = salt.job_stats().clone();
 
@@ -251,7 +252,11 @@ pub async fn run(
 }
 
 /// The dispatcher's settings from `dispatch:` (numbers range-checked at load).
-fn dispatcher_config(settings: &Settings, helpers: TaskTracker) -> DispatcherConfig {
+fn dispatcher_config(
+    settings: &Settings,
+    master: &MasterConfig,
+    helpers: TaskTracker,
+) -> DispatcherConfig {
     let d = &settings.dispatch;
     let ms = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
     DispatcherConfig {
@@ -266,6 +271,7 @@ fn dispatcher_config(settings: &Settings, helpers: TaskTracker) -> DispatcherCon
         drift_interval: (d.drift_interval > 0).then(|| Duration::from_secs(d.drift_interval)),
         helpers,
         stats: Arc::default(),
+        master_pki_dir: master.pki_dir.clone(),
     }
 }
 

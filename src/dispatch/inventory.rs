@@ -112,6 +112,9 @@ pub struct DispatcherConfig {
     pub helpers: TaskTracker,
     /// Where finished runs are counted.
     pub stats: Arc<DispatchStats>,
+    /// The master's pki_dir: `share` pillars are encrypted for the minion
+    /// keys accepted in its `minions/`.
+    pub master_pki_dir: std::path::PathBuf,
 }
 
 impl DispatcherConfig {
@@ -297,6 +300,9 @@ async fn targets_of(
         OutboxKind::HostnameForwardCreated
         | OutboxKind::HostnameForwardUpdated
         | OutboxKind::HostnameForwardDeleted => forward_targets(StateKind::Hostfwd),
+        OutboxKind::ShareCreated | OutboxKind::ShareUpdated | OutboxKind::ShareDeleted => {
+            forward_targets(StateKind::Share)
+        }
         OutboxKind::ServerCreated | OutboxKind::ServerUpdated | OutboxKind::ServerDeleted => {
             let id = entry
                 .server_id
@@ -391,9 +397,11 @@ enum Applied {
 
 /// A rendered configuration: the pillar (with the revision) and the hash of
 /// what it configures (without the revision).
-struct Rendered {
-    pillar: Json,
-    hash: String,
+pub(super) struct Rendered {
+    /// The state's pillar.
+    pub(super) pillar: Json,
+    /// What decides whether a run is needed (`applied_hash`).
+    pub(super) hash: String,
 }
 
 impl Runner {
@@ -416,7 +424,21 @@ impl Runner {
             return Ok(());
         }
         let revision = t.desired;
-        let rendered = render(&self.service, t, revision).await?;
+        let rendered = match t.state {
+            StateKind::Share => {
+                let pki_dir = &self.cfg.master_pki_dir;
+                match super::share::prepare(&self.service, t, revision, pki_dir).await? {
+                    super::share::Prepared::Render(r) => r,
+                    super::share::Prepared::Wait(reason) => {
+                        if store.dispatch_wait(t.server_id, t.state, &reason).await? {
+                            info!(message = "Target waits.", server = %t.server, state = %t.state, %reason);
+                        }
+                        return Ok(());
+                    }
+                }
+            }
+            _ => render(&self.service, t, revision).await?,
+        };
         if let Ok(r) = &rendered {
             if !t.forced && t.applied_hash.as_deref() == Some(r.hash.as_str()) {
                 if store
@@ -770,6 +792,8 @@ async fn render(
             }
             json!({ "target": t.server, "sites": sites })
         }
+        // Its own renderer (`dispatch::share`), called by `try_run`.
+        StateKind::Share => return Ok(Err("share targets are rendered by dispatch::share".into())),
     };
     let hash: String = Sha256::digest(body.to_string().as_bytes())
         .iter()
@@ -802,6 +826,7 @@ mod tests {
             drift_interval: None,
             helpers: TaskTracker::new(),
             stats: Arc::default(),
+            master_pki_dir: std::path::PathBuf::new(),
         }
     }
 

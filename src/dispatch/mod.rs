@@ -6,7 +6,10 @@
 //! - [`notify`]: the outbox notifier component.
 //! - [`inventory`]: the inventory dispatcher component (states applied when
 //!   the inventory changes).
+//! - [`share`]: the `share` targets' pillar (samba shares, hashes encrypted
+//!   for the minion).
 
 pub mod accept;
 pub mod inventory;
 pub mod notify;
+pub mod share;

@@ -162,6 +162,19 @@ pub fn verify_sha1(public_pem: &str, message: &[u8], signature: &[u8]) -> Result
         .is_ok())
 }
 
+/// Encrypts `plaintext` for the holder of the private key of `public_pem`
+/// (SPKI or PKCS#1): RSA-OAEP with SHA-256 as the digest and MGF1's digest,
+/// empty label (what `steward.share` decrypts with Python's `cryptography`).
+pub fn encrypt_oaep_sha256(public_pem: &str, plaintext: &[u8]) -> Result<Vec<u8>, KeyError> {
+    let key = parse_public(public_pem)?;
+    key.encrypt(
+        &mut rand_core::OsRng,
+        rsa::Oaep::new::<sha2::Sha256>(),
+        plaintext,
+    )
+    .map_err(|e| KeyError::Rsa(e.to_string()))
+}
+
 /// Salt's `clean_key`: `"\n".join(text.strip().splitlines())`.
 pub fn clean_key(text: &str) -> String {
     text.trim().lines().collect::<Vec<_>>().join("\n")

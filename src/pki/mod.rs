@@ -9,5 +9,5 @@ pub mod keys;
 pub mod master;
 
 pub use issuer::{Claim, IssueError, Issued, KeyIssuer};
-pub use keys::{clean_key, fingerprint, KeyError, KeyPair};
+pub use keys::{clean_key, encrypt_oaep_sha256, fingerprint, KeyError, KeyPair};
 pub use master::{Covers, PkiError};

@@ -23,17 +23,20 @@ pub enum StateKind {
     Portfwd,
     /// Hostname forwarding (nginx) on a proxy: `steward.hostfwd`.
     Hostfwd,
+    /// Samba shares on a samba-managed server: `steward.share`.
+    Share,
 }
 
 impl StateKind {
     /// Every state, in the order shown.
-    pub const ALL: [StateKind; 2] = [StateKind::Portfwd, StateKind::Hostfwd];
+    pub const ALL: [StateKind; 3] = [StateKind::Portfwd, StateKind::Hostfwd, StateKind::Share];
 
     /// The stored name, also the pillar key under `steward:`.
     pub fn as_str(self) -> &'static str {
         match self {
             StateKind::Portfwd => "portfwd",
             StateKind::Hostfwd => "hostfwd",
+            StateKind::Share => "share",
         }
     }
 
@@ -42,6 +45,7 @@ impl StateKind {
         match self {
             StateKind::Portfwd => "steward.portfwd",
             StateKind::Hostfwd => "steward.hostfwd",
+            StateKind::Share => "steward.share",
         }
     }
 }
@@ -59,7 +63,9 @@ impl FromStr for StateKind {
         StateKind::ALL
             .into_iter()
             .find(|k| k.as_str() == s)
-            .ok_or_else(|| Error::invalid("state", format!("{s:?} is not portfwd or hostfwd")))
+            .ok_or_else(|| {
+                Error::invalid("state", format!("{s:?} is not portfwd, hostfwd or share"))
+            })
     }
 }
 

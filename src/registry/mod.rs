@@ -9,6 +9,7 @@
 //!   (SQLite, PostgreSQL) running the very same queries.
 //! - [`outbox`]: the change log a dispatcher reads (at-least-once, idempotent).
 //! - [`inventory`]: port and hostname forwards (the records, validation).
+//! - [`shares`]: samba shares (the records, validation, passwords).
 //! - [`dispatch`]: per (target server, state) what is wanted and what was
 //!   applied, for the inventory dispatcher.
 //!
@@ -28,6 +29,7 @@ pub mod group_commit;
 pub mod inventory;
 pub mod outbox;
 pub mod service;
+pub mod shares;
 pub mod store;
 
 use std::fmt;
@@ -40,6 +42,7 @@ pub use dispatch::{DispatchRun, DispatchStatus, DispatchTarget, StateKind};
 pub use inventory::{HostnameForward, HostnameForwardPatch, PortForward, PortForwardPatch, Proto};
 pub use outbox::{OutboxEntry, OutboxKind, OutboxRow};
 pub use service::{ModelPatch, ServerFilter, ServerPatch, Service};
+pub use shares::Share;
 pub use store::{open, DbStore, Store};
 
 /// A kind of server: which Salt states a server of this model gets.
@@ -333,6 +336,30 @@ pub enum Error {
         /// The forwards, described.
         by: Vec<String>,
     },
+    /// A share on a server that is not samba-managed (no samba base).
+    #[error("server {name:?} is not samba-managed (server set {name} samba_base=/ABSOLUTE/PATH)")]
+    NotSambaManaged {
+        /// The server.
+        name: String,
+    },
+    /// A share with the same name (ignoring case), folder or user exists on
+    /// that server.
+    #[error("{what} is taken by {by}")]
+    DuplicateShare {
+        /// The key asked for.
+        what: String,
+        /// The share holding it.
+        by: String,
+    },
+    /// The share user (`shares.user_prefix` + the share name) is longer than
+    /// `useradd` takes.
+    #[error("share user {user:?} is longer than {max} characters: choose a shorter share name")]
+    UserNameTooLong {
+        /// The user name it would be.
+        user: String,
+        /// The longest.
+        max: usize,
+    },
     /// The database failed (not a constraint the registry knows about).
     #[error("registry database, {op}: {source}")]
     Database {
@@ -362,6 +389,9 @@ impl Error {
             Error::NotAHost { .. } => "not_a_host",
             Error::NoProxy { .. } => "no_proxy",
             Error::ServerReferenced { .. } => "server_in_use",
+            Error::NotSambaManaged { .. } => "not_samba_managed",
+            Error::DuplicateShare { .. } => "duplicate_share",
+            Error::UserNameTooLong { .. } => "user_name_too_long",
             Error::Database { .. } => "database",
         }
     }

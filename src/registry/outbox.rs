@@ -68,10 +68,19 @@ pub enum OutboxKind {
     /// `forward.hostname.deleted`; payload: the change, the forward as it was.
     #[serde(rename = "forward.hostname.deleted")]
     HostnameForwardDeleted,
+    /// `share.created`; payload: `shares::ShareChange` (never the hash).
+    #[serde(rename = "share.created")]
+    ShareCreated,
+    /// `share.updated` (a new password); payload: the change.
+    #[serde(rename = "share.updated")]
+    ShareUpdated,
+    /// `share.deleted`; payload: the change, the share as it was.
+    #[serde(rename = "share.deleted")]
+    ShareDeleted,
 }
 
 impl OutboxKind {
-    const ALL: [OutboxKind; 12] = [
+    const ALL: [OutboxKind; 15] = [
         OutboxKind::ServerCreated,
         OutboxKind::ServerUpdated,
         OutboxKind::ServerDeleted,
@@ -84,6 +93,9 @@ impl OutboxKind {
         OutboxKind::HostnameForwardCreated,
         OutboxKind::HostnameForwardUpdated,
         OutboxKind::HostnameForwardDeleted,
+        OutboxKind::ShareCreated,
+        OutboxKind::ShareUpdated,
+        OutboxKind::ShareDeleted,
     ];
 
     /// The name stored in the `kind` column.
@@ -101,6 +113,9 @@ impl OutboxKind {
             OutboxKind::HostnameForwardCreated => "forward.hostname.created",
             OutboxKind::HostnameForwardUpdated => "forward.hostname.updated",
             OutboxKind::HostnameForwardDeleted => "forward.hostname.deleted",
+            OutboxKind::ShareCreated => "share.created",
+            OutboxKind::ShareUpdated => "share.updated",
+            OutboxKind::ShareDeleted => "share.deleted",
         }
     }
 }

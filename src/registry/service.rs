@@ -12,6 +12,9 @@ use std::sync::Arc;
 use serde_json::Value as Json;
 
 mod forwards;
+mod shares;
+
+pub use shares::samba_base;
 
 use super::group_commit::GroupCommit;
 use super::store::{Filter, KeyColumns, ServerKey};
@@ -101,6 +104,7 @@ pub const SERVER_KEYS: &[&str] = &[
     "nginx_proxy",
     "samba_managed",
     "samba_base_folder",
+    "samba_base",
     "users",
 ];
 
@@ -199,6 +203,13 @@ impl ServerPatch {
             "nginx_proxy" => self.nginx_proxy = Some(parse_ref(v)),
             "samba_managed" => self.samba_managed = Some(parse_bool(key, v)?),
             "samba_base_folder" => self.samba_base_folder = Some(opt_text(v)),
+            // The one switch for shares: a base folder makes the server
+            // samba-managed, an empty one makes it not.
+            "samba_base" => {
+                let base = opt_text(v);
+                self.samba_managed = Some(base.is_some());
+                self.samba_base_folder = Some(base);
+            }
             "users" => {
                 self.users = Some(
                     v.split(',')
@@ -297,6 +308,8 @@ pub struct Service<S> {
     creates: Arc<GroupCommit>,
     keys: Option<Arc<KeyIssuer>>,
     minion_ids: MinionIds,
+    /// `shares.user_prefix`: a share's user is this + its lower-cased name.
+    share_user_prefix: Arc<str>,
 }
 
 impl<S: Store> Service<S> {
@@ -307,7 +320,14 @@ impl<S: Store> Service<S> {
             creates: Arc::default(),
             keys: None,
             minion_ids: MinionIds(Arc::new(new_minion_id)),
+            share_user_prefix: Arc::from(super::shares::DEFAULT_USER_PREFIX),
         }
+    }
+
+    /// Share users are named `prefix` + the share name (`shares.user_prefix`).
+    pub fn with_share_user_prefix(mut self, prefix: &str) -> Self {
+        self.share_user_prefix = Arc::from(prefix);
+        self
     }
 
     /// Issues a minion key pair for every server created (status
@@ -629,6 +649,7 @@ impl<S: Store> Service<S> {
             let before = s.clone();
             self.apply(&mut s, patch.clone()).await?;
             self.check_forwards_kept(&before, &s).await?;
+            self.check_shares_kept(&before, &s).await?;
             match self.store.update_server(&s).await {
                 Err(Error::Conflict { .. }) if attempt < tries => continue,
                 done => return done,
@@ -640,7 +661,8 @@ impl<S: Store> Service<S> {
     /// no forward names (refused, naming them).
     pub async fn delete_server(&self, server: &ServerRef) -> Result<Server, Error> {
         let s = self.get_server(server).await?;
-        let by = self.store.forward_references(s.id).await?;
+        let mut by = self.store.forward_references(s.id).await?;
+        by.extend(self.store.share_references(s.id).await?);
         if !by.is_empty() {
             return Err(Error::ServerReferenced { name: s.name, by });
         }

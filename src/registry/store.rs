@@ -32,6 +32,7 @@ use sqlx::Row as _;
 pub use self::dispatch::DispatchStore;
 pub use self::exec::ExecStore;
 pub use self::inventory::{InventoryStore, NewHostnameForward, NewPortForward};
+pub use self::shares::{NewShare, ShareStore};
 use super::dispatch::{Debounce, DispatchRun, DispatchStatus, DispatchTarget, Finish, StateKind};
 use super::exec::{ExecEnd, ExecRecord, NewExec};
 use super::inventory::{HostnameForward, PortForward};
@@ -40,7 +41,9 @@ use super::{Error, OutboxKind, Server, ServerModel, Status};
 
 /// How the service reads and writes the registry. Writing methods append the
 /// outbox row of their change in the same transaction.
-pub trait Store: InventoryStore + DispatchStore + Send + Sync + Clone + 'static {
+pub trait Store:
+    InventoryStore + DispatchStore + ShareStore + Send + Sync + Clone + 'static
+{
     /// Inserts a model (its `id` is ignored) and returns it with its id.
     fn insert_model(
         &self,
@@ -1416,6 +1419,7 @@ impl Store for DbStore {
 mod dispatch;
 mod exec;
 mod inventory;
+mod shares;
 
 impl ExecStore for DbStore {
     async fn exec_insert(&self, e: &NewExec) -> Result<ExecRecord, Error> {

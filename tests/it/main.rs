@@ -23,6 +23,7 @@ mod registry;
 mod reload;
 mod rules;
 mod salt_client;
+mod shares;
 mod states;
 mod states_backup;
 mod states_share;

@@ -21,14 +21,14 @@ const PG_ENV: &str = "STEWARD_TEST_POSTGRES_URL";
 
 /// A database for one test, destroyed on drop (the PostgreSQL one is a fresh
 /// database created on the server the env var names).
-struct TestDb {
-    url: String,
+pub(crate) struct TestDb {
+    pub(crate) url: String,
     _dir: Option<tempfile::TempDir>,
     pg: Option<(String, String)>,
 }
 
 impl TestDb {
-    fn sqlite() -> Self {
+    pub(crate) fn sqlite() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("registry.db").display());
         Self {
@@ -68,7 +68,7 @@ impl TestDb {
 impl TestDb {
     /// A PostgreSQL database; never a silent skip: scripts/test always
     /// provides the server.
-    async fn postgres_required() -> Self {
+    pub(crate) async fn postgres_required() -> Self {
         match Self::postgres().await {
             Some(db) => db,
             None => panic!(
