@@ -96,6 +96,21 @@ impl LineChild {
         }
     }
 
+    /// The first stdout line already received that satisfies `pred`, or
+    /// else the next one ([`wait_line`](Self::wait_line)): for a
+    /// notification that may come before or after the reply awaited first.
+    pub fn seen_or_wait_line(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> String {
+        if let Some(l) = self.seen.iter().find(|l| pred(l)) {
+            return l.clone();
+        }
+        self.wait_line(what, timeout, pred)
+    }
+
     /// Waits for a stdout line satisfying `pred`; panics with what was seen.
     pub fn wait_line(
         &mut self,
