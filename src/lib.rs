@@ -25,6 +25,7 @@ pub mod config;
 pub(crate) mod daemon;
 pub(crate) mod dispatch;
 pub(crate) mod exec;
+pub(crate) mod hex;
 pub(crate) mod lifecycle;
 pub mod master_config;
 pub mod pki;

@@ -440,7 +440,7 @@ fn probe_nonce() -> String {
             .as_nanos();
         bytes = (nanos as u64).to_be_bytes();
     }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    crate::hex::encode(&bytes)
 }
 
 /// The probe event in `framing`; prefixed, padded until its length prefix

@@ -795,10 +795,7 @@ async fn render(
         // Its own renderer (`dispatch::share`), called by `try_run`.
         StateKind::Share => return Ok(Err("share targets are rendered by dispatch::share".into())),
     };
-    let hash: String = Sha256::digest(body.to_string().as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let hash = crate::hex::encode(&Sha256::digest(body.to_string().as_bytes()));
     if let Json::Object(m) = &mut body {
         m.insert("revision".into(), json!(revision));
     }

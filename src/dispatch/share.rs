@@ -103,14 +103,11 @@ pub(super) async fn prepare(
     }
     // What the state makes of it: equal for equal clear contents, whatever
     // the encryption drew.
-    let hash: String = Sha256::digest(
+    let hash = crate::hex::encode(&Sha256::digest(
         json!({"target": minion, "base": base, "shares": clear})
             .to_string()
             .as_bytes(),
-    )
-    .iter()
-    .map(|b| format!("{b:02x}"))
-    .collect();
+    ));
     let pillar = json!({
         "revision": revision,
         "target": minion,

@@ -370,7 +370,7 @@ fn random_name() -> String {
             .unwrap_or(0);
         b[..12].copy_from_slice(&t.to_le_bytes()[..12]);
     }
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    crate::hex::encode(&b)
 }
 
 #[cfg(test)]

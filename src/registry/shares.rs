@@ -99,12 +99,9 @@ impl NtHash {
                 .flat_map(u16::to_le_bytes)
                 .collect(),
         );
-        let digest = Md4::digest(utf16.as_slice());
-        let mut hex = String::with_capacity(32);
-        for b in digest {
-            hex.push_str(&format!("{b:02x}"));
-        }
-        Self(Zeroizing::new(hex))
+        Self(Zeroizing::new(crate::hex::encode(&Md4::digest(
+            utf16.as_slice(),
+        ))))
     }
 
     /// A stored hash, checked: 32 lower-case hex digits.
