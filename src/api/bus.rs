@@ -664,7 +664,8 @@ fn confirmed_by(
                 // The runner stores its return under the master's own id:
                 // never an accepted minion's (a minion can store returns
                 // for any jid, but only under its own id).
-                let a_minion = !safe_file_name(id) || pki_dir.join("minions").join(id).exists();
+                let a_minion =
+                    !crate::salt::is_key_file_name(id) || pki_dir.join("minions").join(id).exists();
                 let ret = entry.get("return");
                 !a_minion
                     && ret.and_then(|r| r.get("fun")).and_then(Json::as_str)
@@ -696,11 +697,6 @@ fn confirmed_by(
             }
         }
     }
-}
-
-/// A minion id usable as a file name under `pki_dir/minions/`.
-fn safe_file_name(id: &str) -> bool {
-    !id.is_empty() && !id.starts_with('.') && !id.contains(['/', '\\', '\0'])
 }
 
 /// Serves one authorised request against the registry; the reply data.

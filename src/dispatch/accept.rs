@@ -62,7 +62,7 @@ use crate::config::{AcceptMode, UnknownMinions};
 use crate::lifecycle::{stale_key_in, KEY_DIRS};
 use crate::pki::{clean_key, fingerprint};
 use crate::registry::{DbStore, Server, ServerFilter, Service, Status};
-use crate::salt::{key_dict, Publish, SaltClient, TargetType};
+use crate::salt::{is_key_file_name, key_dict, Publish, SaltClient, TargetType};
 
 /// Tag prefix of the acceptor's events.
 pub const MINION_REGISTERED: &str = "steward/v1/minion/registered";
@@ -315,7 +315,7 @@ async fn stale_accepted(pki_dir: &Path, servers: Vec<Server>) -> Vec<(Server, St
             .into_iter()
             // Only servers with an issued key: for the others there is
             // nothing to compare with.
-            .filter(|s| s.public_key.is_some() && safe_id(&s.minion_id))
+            .filter(|s| s.public_key.is_some() && is_key_file_name(&s.minion_id))
             .filter_map(|s| match stale_key_in(&pki_dir, "minions", &s) {
                 Ok(held) => held.map(|k| (s, k)),
                 Err(error) => {
@@ -332,16 +332,6 @@ async fn stale_accepted(pki_dir: &Path, servers: Vec<Server>) -> Vec<(Server, St
             Vec::new()
         }
     }
-}
-
-/// A minion id usable as a file name in the master's key directories
-/// (Salt's own `valid_id` refuses the same).
-fn safe_id(id: &str) -> bool {
-    !id.is_empty()
-        && id != "."
-        && id != ".."
-        && !id.starts_with('.')
-        && !id.contains(['/', '\\', '\0'])
 }
 
 /// A map that keeps at most `cap` entries, forgetting the oldest first.
@@ -484,7 +474,7 @@ impl Acceptor {
             filter.after_id = Some(last);
             let install: Vec<(String, String)> = servers
                 .iter()
-                .filter(|s| wanted(s.status) && safe_id(&s.minion_id))
+                .filter(|s| wanted(s.status) && is_key_file_name(&s.minion_id))
                 .filter_map(|s| Some((s.minion_id.clone(), clean_key(s.public_key.as_deref()?))))
                 .collect();
             // File checks and the fsync'd writes run on the blocking pool.
@@ -589,7 +579,7 @@ impl Acceptor {
     async fn decide(&mut self, ids: BTreeSet<String>) {
         let mut accept = Vec::new();
         let mut reject = Vec::new();
-        for id in ids.into_iter().filter(|id| safe_id(id)) {
+        for id in ids.into_iter().filter(|id| is_key_file_name(id)) {
             match self.decision(&id).await {
                 Decision::Accept(s) => accept.push(s),
                 Decision::Reject { server, presented } => {
@@ -728,7 +718,7 @@ impl Acceptor {
     /// key the master wrote into `minions_denied/<id>` (Salt writes it before
     /// firing the event). No such file: nothing to say.
     async fn denied(&mut self, id: &str) {
-        if !safe_id(id) {
+        if !is_key_file_name(id) {
             return;
         }
         let path = self.config.pki_dir.join("minions_denied").join(id);
@@ -761,7 +751,7 @@ impl Acceptor {
     /// (bundles set `rejected_retry: True`) is pending and then verified.
     /// The event only says where to look: the decision is the files'.
     async fn unblock(&self, id: &str, presented: &str) {
-        if !safe_id(id) {
+        if !is_key_file_name(id) {
             return;
         }
         let Ok(Some(server)) = self.fx.service.server_by_minion_id(id).await else {
@@ -788,7 +778,7 @@ impl Acceptor {
     /// A `salt/auth` `accept`, which anyone can forge, is never taken as
     /// proof: a preseeded server is registered by its confirmed start.
     async fn accepted(&self, id: &str) {
-        if self.config.mode != AcceptMode::Preseed || !safe_id(id) {
+        if self.config.mode != AcceptMode::Preseed || !is_key_file_name(id) {
             return;
         }
         if let Ok(Some(server)) = self.fx.service.server_by_minion_id(id).await {
@@ -802,7 +792,7 @@ impl Acceptor {
     /// yet online, the minion is asked to answer a `test.ping` (in the
     /// background); only a return the master's job cache holds confirms it.
     async fn started(&self, id: &str) {
-        if !safe_id(id) {
+        if !is_key_file_name(id) {
             return;
         }
         let server = match self.fx.service.server_by_minion_id(id).await {
@@ -969,7 +959,8 @@ impl Effects {
 
 #[cfg(test)]
 mod tests {
-    use super::{safe_id, Bounded};
+    use super::Bounded;
+    use crate::salt::is_key_file_name;
 
     #[test]
     fn alert_memory_is_bounded_and_forgets_the_oldest() {
@@ -998,8 +989,8 @@ mod tests {
     #[test]
     fn ids_that_would_escape_the_key_directory_are_never_used() {
         for bad in ["", ".", "..", "../x", "a/b", ".hidden", "a\0b"] {
-            assert!(!safe_id(bad), "{bad:?}");
+            assert!(!is_key_file_name(bad), "{bad:?}");
         }
-        assert!(safe_id("web01.example.org-0a1b2c3d"));
+        assert!(is_key_file_name("web01.example.org-0a1b2c3d"));
     }
 }

@@ -58,7 +58,7 @@ pub(super) async fn prepare(
         });
     };
     let minion = &t.minion_id;
-    if minion.is_empty() || minion.starts_with('.') || minion.contains(['/', '\\', '\0']) {
+    if !crate::salt::is_key_file_name(minion) {
         return Ok(Prepared::Render(Err(format!(
             "minion id {minion:?} is not a key file name"
         ))));

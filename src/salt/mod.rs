@@ -400,6 +400,13 @@ pub fn split_cli_args(items: &[String]) -> (Vec<Json>, Map<String, Json>) {
     (arg, kwarg)
 }
 
+/// A minion id usable as a file name in the master's key directories
+/// (`pki_dir/minions/<id>` …): not empty, no leading dot, no path separator
+/// or NUL — what Salt's own `valid_id` refuses too.
+pub fn is_key_file_name(id: &str) -> bool {
+    !id.is_empty() && !id.starts_with('.') && !id.contains(['/', '\\', '\0'])
+}
+
 /// A command-line value: JSON when it parses as JSON, else the text itself.
 pub fn parse_value(v: &str) -> Json {
     serde_json::from_str(v).unwrap_or_else(|_| Json::String(v.to_owned()))
