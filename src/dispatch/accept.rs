@@ -453,25 +453,21 @@ impl Acceptor {
             matches!(st, Status::Registered | Status::Online | Status::Offline)
                 || (st == Status::KeysIssued && self.config.mode == AcceptMode::Preseed)
         };
-        let mut filter = ServerFilter {
+        let filter = ServerFilter {
             changed_since,
-            limit: Some(SWEEP_PAGE),
             ..ServerFilter::default()
         };
+        let mut pages = self.fx.service.server_pages(filter, SWEEP_PAGE);
         let mut stale = Vec::new();
-        // Page by page: a sweep of many servers keeps little in memory.
         loop {
-            let servers = match self.fx.service.find_servers(&filter).await {
-                Ok(s) => s,
+            let servers = match pages.next().await {
+                Ok(Some(s)) => s,
+                Ok(None) => break,
                 Err(error) => {
                     warn!(message = "Registry read failed; keys not synced.", %error);
                     return;
                 }
             };
-            let Some(last) = servers.last().map(|s| s.id) else {
-                break;
-            };
-            filter.after_id = Some(last);
             let install: Vec<(String, String)> = servers
                 .iter()
                 .filter(|s| wanted(s.status) && is_key_file_name(&s.minion_id))
@@ -494,23 +490,20 @@ impl Acceptor {
     /// Retires every key this master accepted for a registry server that is
     /// not the one issued for it.
     async fn reconcile(&mut self) {
-        let mut filter = ServerFilter {
-            limit: Some(SWEEP_PAGE),
-            ..ServerFilter::default()
-        };
+        let mut pages = self
+            .fx
+            .service
+            .server_pages(ServerFilter::default(), SWEEP_PAGE);
         let mut stale = Vec::new();
         loop {
-            let servers = match self.fx.service.find_servers(&filter).await {
-                Ok(s) => s,
+            let servers = match pages.next().await {
+                Ok(Some(s)) => s,
+                Ok(None) => break,
                 Err(error) => {
                     warn!(message = "Registry read failed; accepted keys not reconciled.", %error);
                     return;
                 }
             };
-            let Some(last) = servers.last().map(|s| s.id) else {
-                break;
-            };
-            filter.after_id = Some(last);
             stale.extend(stale_accepted(&self.config.pki_dir, servers).await);
         }
         self.retire(stale).await;

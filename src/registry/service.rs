@@ -312,6 +312,25 @@ pub struct Service<S> {
     share_user_prefix: Arc<str>,
 }
 
+/// Pages of servers, from [`Service::server_pages`].
+#[derive(Debug)]
+pub struct ServerPages<'a, S> {
+    service: &'a Service<S>,
+    filter: ServerFilter,
+}
+
+impl<S: Store> ServerPages<'_, S> {
+    /// The next page; `None` after the last.
+    pub async fn next(&mut self) -> Result<Option<Vec<Server>>, Error> {
+        let servers = self.service.find_servers(&self.filter).await?;
+        let Some(last) = servers.last().map(|s| s.id) else {
+            return Ok(None);
+        };
+        self.filter.after_id = Some(last);
+        Ok(Some(servers))
+    }
+}
+
 impl<S: Store> Service<S> {
     /// Wraps a store.
     pub fn new(store: S) -> Self {
@@ -595,6 +614,19 @@ impl<S: Store> Service<S> {
     /// The server a minion belongs to, if any.
     pub async fn server_by_minion_id(&self, minion_id: &str) -> Result<Option<Server>, Error> {
         self.store.server(ServerKey::MinionId(minion_id)).await
+    }
+
+    /// The servers matching `filter` (its `after_id` and `limit` set here),
+    /// `page` at a time by id: a sweep over many servers holds one page.
+    pub fn server_pages(&self, filter: ServerFilter, page: i64) -> ServerPages<'_, S> {
+        ServerPages {
+            service: self,
+            filter: ServerFilter {
+                after_id: None,
+                limit: Some(page),
+                ..filter
+            },
+        }
     }
 
     /// Servers matching every given filter, by id.
@@ -901,6 +933,29 @@ fn new_minion_id(hostname: &str) -> Result<String, Error> {
 mod tests {
     use super::*;
     use std::sync::Mutex;
+
+    #[tokio::test]
+    async fn server_pages_cover_every_server_once_in_id_order() {
+        let svc = crate::registry::open("sqlite::memory:").await.unwrap();
+        svc.create_model("web", "", &[]).await.unwrap();
+        for k in 0..5 {
+            let mut p = ServerPatch::default();
+            for kv in [format!("name=s{k}.example.org"), "model=web".to_owned()] {
+                p.set_assignment(&kv).unwrap();
+            }
+            svc.create_server(p).await.unwrap();
+        }
+        let mut pages = svc.server_pages(ServerFilter::default(), 2);
+        let mut sizes = Vec::new();
+        let mut names = Vec::new();
+        while let Some(page) = pages.next().await.unwrap() {
+            sizes.push(page.len());
+            names.extend(page.into_iter().map(|s| s.name));
+        }
+        assert_eq!(sizes, [2, 2, 1]);
+        let want: Vec<String> = (0..5).map(|k| format!("s{k}.example.org")).collect();
+        assert_eq!(names, want);
+    }
 
     /// A service on a fresh in-memory registry whose minion ids come from
     /// `ids` in order, issuing keys into `keys`.
