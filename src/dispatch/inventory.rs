@@ -424,20 +424,14 @@ impl Runner {
             return Ok(());
         }
         let revision = t.desired;
-        let rendered = match t.state {
-            StateKind::Share => {
-                let pki_dir = &self.cfg.master_pki_dir;
-                match super::share::prepare(&self.service, t, revision, pki_dir).await? {
-                    super::share::Prepared::Render(r) => r,
-                    super::share::Prepared::Wait(reason) => {
-                        if store.dispatch_wait(t.server_id, t.state, &reason).await? {
-                            info!(message = "Target waits.", server = %t.server, state = %t.state, %reason);
-                        }
-                        return Ok(());
-                    }
+        let rendered = match render(&self.service, t, revision, &self.cfg.master_pki_dir).await? {
+            Prepared::Render(r) => r,
+            Prepared::Wait(reason) => {
+                if store.dispatch_wait(t.server_id, t.state, &reason).await? {
+                    info!(message = "Target waits.", server = %t.server, state = %t.state, %reason);
                 }
+                return Ok(());
             }
-            _ => render(&self.service, t, revision).await?,
         };
         if let Ok(r) = &rendered {
             if !t.forced && t.applied_hash.as_deref() == Some(r.hash.as_str()) {
@@ -741,23 +735,34 @@ fn parse_summary(s: &str) -> Json {
     serde_json::from_str(s).unwrap_or(Json::Null)
 }
 
+/// What the dispatcher can do with a target now.
+pub(super) enum Prepared {
+    /// Run it with this pillar, or fail the run with why: the registry
+    /// holds something the state cannot be given.
+    Render(Result<Rendered, String>),
+    /// It cannot be given a pillar yet: it waits (a server change makes it
+    /// due again), with why.
+    Wait(String),
+}
+
 /// The whole desired configuration of target `t` from the registry now, as
-/// its state's pillar (`salt-states/README.md`); `Ok(Err(why))` when the
-/// registry holds something the state cannot be given (the run fails with
-/// `why`).
+/// its state's pillar (`salt-states/README.md`). `pki_dir` is the master's
+/// (share pillars are encrypted for the minion keys it accepted).
 async fn render(
     service: &Service<DbStore>,
     t: &DispatchTarget,
     revision: i64,
-) -> Result<Result<Rendered, String>, Error> {
+    pki_dir: &std::path::Path,
+) -> Result<Prepared, Error> {
     let store = service.store();
+    let fail = |why: String| Ok(Prepared::Render(Err(why)));
     let mut body = match t.state {
         StateKind::Portfwd => {
             let host = service.get_server(&ServerRef::Id(t.server_id)).await?;
             let mut forwards = Vec::new();
             for f in store.port_forwards(Some(t.server_id)).await? {
                 let Some(ip) = f.dest_ip else {
-                    return Ok(Err(format!("{f}: the guest {} has no internal IP", f.dest)));
+                    return fail(format!("{f}: the guest {} has no internal IP", f.dest));
                 };
                 forwards.push(json!({
                     "id": f.id,
@@ -779,7 +784,7 @@ async fn render(
             let mut sites = Vec::new();
             for f in store.hostname_forwards(Some(t.server_id)).await? {
                 let Some(ip) = f.dest_ip else {
-                    return Ok(Err(format!("{f}: the guest {} has no internal IP", f.dest)));
+                    return fail(format!("{f}: the guest {} has no internal IP", f.dest));
                 };
                 sites.push(json!({
                     "id": f.id,
@@ -792,14 +797,13 @@ async fn render(
             }
             json!({ "target": t.server, "sites": sites })
         }
-        // Its own renderer (`dispatch::share`), called by `try_run`.
-        StateKind::Share => return Ok(Err("share targets are rendered by dispatch::share".into())),
+        StateKind::Share => return super::share::prepare(service, t, revision, pki_dir).await,
     };
     let hash = crate::hex::encode(&Sha256::digest(body.to_string().as_bytes()));
     if let Json::Object(m) = &mut body {
         m.insert("revision".into(), json!(revision));
     }
-    Ok(Ok(Rendered { pillar: body, hash }))
+    Ok(Prepared::Render(Ok(Rendered { pillar: body, hash })))
 }
 
 fn millis(d: Duration) -> i64 {

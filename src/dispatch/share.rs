@@ -17,20 +17,11 @@ use base64::Engine as _;
 use serde_json::{json, Value as Json};
 use sha2::{Digest as _, Sha256};
 
-use super::inventory::Rendered;
+use super::inventory::{Prepared, Rendered};
 use crate::pki::encrypt_oaep_sha256;
 use crate::registry::service::samba_base;
 use crate::registry::store::ShareStore as _;
 use crate::registry::{DbStore, DispatchTarget, Error, ServerRef, Service};
-
-/// What the dispatcher can do with a `share` target now.
-pub(super) enum Prepared {
-    /// Run it (or fail it with why, as the other targets).
-    Render(Result<Rendered, String>),
-    /// It cannot be given a pillar yet: it waits (a server change makes it
-    /// due again), with why.
-    Wait(String),
-}
 
 /// Renders target `t` (a `share` target) at `revision`; `pki_dir` is the
 /// master's.
