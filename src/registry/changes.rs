@@ -20,7 +20,7 @@ pub const WATCHED_POLL: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 pub struct ChangeFeed {
     tx: watch::Sender<u64>,
-    _watcher: Option<RecommendedWatcher>,
+    watcher: Option<RecommendedWatcher>,
 }
 
 /// One reader's end of a [`ChangeFeed`].
@@ -31,8 +31,8 @@ pub struct Changes {
 }
 
 impl ChangeFeed {
-    /// Watches `file` (a SQLite database) when given; otherwise the feed
-    /// only carries [`poke`](Self::poke)s.
+    /// Watches `file` (a SQLite database) when given; otherwise readers
+    /// only poll.
     pub fn new(file: Option<&Path>) -> Self {
         let (tx, _) = watch::channel(0u64);
         let watcher = file.and_then(|f| match watch_file(f, tx.clone()) {
@@ -44,7 +44,7 @@ impl ChangeFeed {
         });
         ChangeFeed {
             tx,
-            _watcher: watcher,
+            watcher,
         }
     }
 
@@ -52,13 +52,8 @@ impl ChangeFeed {
     pub fn subscribe(&self) -> Changes {
         Changes {
             rx: self.tx.subscribe(),
-            watched: self._watcher.is_some(),
+            watched: self.watcher.is_some(),
         }
-    }
-
-    /// Says the registry changed (a write this process made and knows of).
-    pub fn poke(&self) {
-        self.tx.send_modify(|n| *n = n.wrapping_add(1));
     }
 }
 
