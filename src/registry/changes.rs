@@ -42,10 +42,7 @@ impl ChangeFeed {
                 None
             }
         });
-        ChangeFeed {
-            tx,
-            watcher,
-        }
+        ChangeFeed { tx, watcher }
     }
 
     /// A reader's handle.

@@ -96,10 +96,7 @@ pub async fn watch_dir(
     cancel: CancellationToken,
 ) {
     let (changes_tx, mut changes) = mpsc::channel::<Change>(64);
-    let mut watcher = attach(&dir, &changes_tx);
-    if watcher.is_none() {
-        warn!(message = "Rules directory not watched (missing?); looking again periodically.", dir = %dir.display(), every = ?RETRY);
-    }
+    let mut watcher = watch_or_say(&dir, &changes_tx);
     let mut retry = tokio::time::interval(RETRY);
     let mut requests_open = true;
     loop {
@@ -138,16 +135,22 @@ pub async fn watch_dir(
                 if asked_dir != dir {
                     info!(message = "SIGHUP: the rules directory changed.", from = %dir.display(), to = %asked_dir.display());
                     dir = asked_dir;
-                    watcher = attach(&dir, &changes_tx);
-                    if watcher.is_none() {
-                        warn!(message = "Rules directory not watched (missing?); looking again periodically.", dir = %dir.display(), every = ?RETRY);
-                    }
+                    watcher = watch_or_say(&dir, &changes_tx);
                 }
                 info!(message = "SIGHUP: reloading the rules.", dir = %dir.display());
                 reload(&dir, &tx, &stats).await;
             }
         }
     }
+}
+
+/// [`attach`], saying so when the directory cannot be watched (yet).
+fn watch_or_say(dir: &Path, tx: &mpsc::Sender<Change>) -> Option<RecommendedWatcher> {
+    let watcher = attach(dir, tx);
+    if watcher.is_none() {
+        warn!(message = "Rules directory not watched (missing?); looking again periodically.", dir = %dir.display(), every = ?RETRY);
+    }
+    watcher
 }
 
 fn attach(dir: &Path, tx: &mpsc::Sender<Change>) -> Option<RecommendedWatcher> {
