@@ -414,94 +414,9 @@ pub fn nt_hash_hex(password: &str) -> String {
     md4(&utf16).iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// MD4 (RFC 1320), for the tests only: OpenSSL 3 has no MD4 without the
-/// legacy provider; the daemon uses the `md4` crate.
+/// MD4 (RFC 1320), from the `md4` crate the daemon uses (OpenSSL 3 has no
+/// MD4 without its legacy provider).
 pub fn md4(message: &[u8]) -> [u8; 16] {
-    let mut m = message.to_vec();
-    let bits = (message.len() as u64).wrapping_mul(8);
-    m.push(0x80);
-    while m.len() % 64 != 56 {
-        m.push(0);
-    }
-    m.extend_from_slice(&bits.to_le_bytes());
-    let mut h: [u32; 4] = [0x6745_2301, 0xefcd_ab89, 0x98ba_dcfe, 0x1032_5476];
-    let f = |x: u32, y: u32, z: u32| (x & y) | (!x & z);
-    let g = |x: u32, y: u32, z: u32| (x & y) | (x & z) | (y & z);
-    let hh = |x: u32, y: u32, z: u32| x ^ y ^ z;
-    for block in m.chunks(64) {
-        let x: Vec<u32> = block
-            .chunks(4)
-            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        let [mut a, mut b, mut c, mut d] = h;
-        for i in 0..16 {
-            let s = [3, 7, 11, 19][i % 4];
-            let (p, q, r, w) = match i % 4 {
-                0 => (b, c, d, a),
-                1 => (a, b, c, d),
-                2 => (d, a, b, c),
-                _ => (c, d, a, b),
-            };
-            let v = w.wrapping_add(f(p, q, r)).wrapping_add(x[i]).rotate_left(s);
-            match i % 4 {
-                0 => a = v,
-                1 => d = v,
-                2 => c = v,
-                _ => b = v,
-            }
-        }
-        for i in 0..16 {
-            let s = [3, 5, 9, 13][i % 4];
-            let k = [0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15][i];
-            let (p, q, r, w) = match i % 4 {
-                0 => (b, c, d, a),
-                1 => (a, b, c, d),
-                2 => (d, a, b, c),
-                _ => (c, d, a, b),
-            };
-            let v = w
-                .wrapping_add(g(p, q, r))
-                .wrapping_add(x[k])
-                .wrapping_add(0x5a82_7999)
-                .rotate_left(s);
-            match i % 4 {
-                0 => a = v,
-                1 => d = v,
-                2 => c = v,
-                _ => b = v,
-            }
-        }
-        for i in 0..16 {
-            let s = [3, 9, 11, 15][i % 4];
-            let k = [0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15][i];
-            let (p, q, r, w) = match i % 4 {
-                0 => (b, c, d, a),
-                1 => (a, b, c, d),
-                2 => (d, a, b, c),
-                _ => (c, d, a, b),
-            };
-            let v = w
-                .wrapping_add(hh(p, q, r))
-                .wrapping_add(x[k])
-                .wrapping_add(0x6ed9_eba1)
-                .rotate_left(s);
-            match i % 4 {
-                0 => a = v,
-                1 => d = v,
-                2 => c = v,
-                _ => b = v,
-            }
-        }
-        h = [
-            h[0].wrapping_add(a),
-            h[1].wrapping_add(b),
-            h[2].wrapping_add(c),
-            h[3].wrapping_add(d),
-        ];
-    }
-    let mut out = [0u8; 16];
-    for (i, w) in h.iter().enumerate() {
-        out[i * 4..i * 4 + 4].copy_from_slice(&w.to_le_bytes());
-    }
-    out
+    use md4::Digest as _;
+    md4::Md4::digest(message).into()
 }
