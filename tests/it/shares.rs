@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use crate::accept::{bundle, signing_master_serving, wait_status};
 use crate::support::salt::{install_bundle, salt_states_dir};
-use crate::support::smbd::{nt_hash_hex, SmbdLab, TestUsers};
+use crate::support::smbd::{logon_refused, nt_hash_hex, SmbdLab, TestUsers};
 use crate::support::{
     assert_ok, cli, eventually_within, run_ok, start_daemon, steward_config, text, watch_steward,
     LineChild, SaltHarness,
@@ -172,20 +172,14 @@ fn serves(lab: &SmbdLab, share: &str, user: &str, password: &str, commands: &str
     )
 }
 
-fn logon_refused(r: Result<String, String>) {
-    match r {
-        Ok(out) => panic!("the login was accepted:\n{out}"),
-        Err(e) => assert!(e.contains("NT_STATUS_LOGON_FAILURE"), "{e}"),
-    }
-}
-
-#[test]
-fn shares_added_by_the_cli_serve_with_the_printed_password_and_go_away_keeping_data() {
+/// The private smbd, the test users (deleted on drop), a signing master
+/// serving `salt-states/`, the daemon's config, the model `files` and the
+/// samba-managed server [`FILES`] on the lab's base (`server add --json`).
+fn files_server() -> (SmbdLab, TestUsers, SaltHarness, PathBuf, Value) {
     let lab = SmbdLab::start();
     let users = TestUsers::new();
-    let prefix = users.name("");
-    let mut h = signing_master_serving(vec![salt_states_dir()]);
-    let cfg = config(&h, &prefix);
+    let h = signing_master_serving(vec![salt_states_dir()]);
+    let cfg = config(&h, &users.name(""));
     steward(&cfg, &["model", "add", "files"]);
     let base = lab.base.display().to_string();
     let server = steward_json(
@@ -201,6 +195,14 @@ fn shares_added_by_the_cli_serve_with_the_printed_password_and_go_away_keeping_d
             "--json",
         ],
     );
+    (lab, users, h, cfg, server)
+}
+
+#[test]
+fn shares_added_by_the_cli_serve_with_the_printed_password_and_go_away_keeping_data() {
+    let (lab, users, mut h, cfg, server) = files_server();
+    let prefix = users.name("");
+    let base = lab.base.display().to_string();
     assert_eq!(server["samba_managed"], true, "{server}");
     assert_eq!(server["samba_base_folder"], base.as_str(), "{server}");
     let minion = server["minion_id"].as_str().unwrap().to_owned();
@@ -699,26 +701,8 @@ fn share_runs(h: &SaltHarness, minion: &str) -> usize {
 
 #[test]
 fn share_changes_made_while_the_daemon_is_stopped_give_one_run() {
-    let lab = SmbdLab::start();
-    let users = TestUsers::new();
-    let prefix = users.name("");
-    let mut h = signing_master_serving(vec![salt_states_dir()]);
-    let cfg = config(&h, &prefix);
-    steward(&cfg, &["model", "add", "files"]);
-    let base = lab.base.display().to_string();
-    let server = steward_json(
-        &cfg,
-        &[
-            "server",
-            "add",
-            FILES,
-            "--model",
-            "files",
-            "--samba-base",
-            &base,
-            "--json",
-        ],
-    );
+    // The test users stay until the end: the share users are deleted with them.
+    let (lab, _users, mut h, cfg, server) = files_server();
     let minion = server["minion_id"].as_str().unwrap().to_owned();
     let daemon = start_daemon(&cfg);
     let b = bundle(&h, &cfg, FILES, "files1.tgz");

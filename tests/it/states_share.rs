@@ -11,7 +11,9 @@ use serde_json::{json, Value};
 
 use crate::support::eventually;
 use crate::support::salt_local::{LocalMinion, StateRun};
-use crate::support::smbd::{md4, nt_hash_enc, nt_hash_hex, write_minion_key, SmbdLab, TestUsers};
+use crate::support::smbd::{
+    logon_refused, md4, nt_hash_enc, nt_hash_hex, write_minion_key, SmbdLab, TestUsers,
+};
 
 const MINION: &str = "files-test";
 
@@ -92,13 +94,6 @@ fn assert_no_hash(m: &LocalMinion, run: &StateRun, passwords: &[&str]) {
 
 fn can_login(lab: &SmbdLab, share: &str, user: &str, password: &str) -> Result<String, String> {
     lab.smbclient(share, user, password, "ls")
-}
-
-fn logon_refused(r: Result<String, String>) {
-    match r {
-        Ok(out) => panic!("the login was accepted:\n{out}"),
-        Err(e) => assert!(e.contains("NT_STATUS_LOGON_FAILURE"), "{e}"),
-    }
 }
 
 #[test]

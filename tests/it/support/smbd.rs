@@ -420,3 +420,11 @@ pub fn md4(message: &[u8]) -> [u8; 16] {
     use md4::Digest as _;
     md4::Md4::digest(message).into()
 }
+
+/// Asserts that an `smbclient` login was refused for its password.
+pub fn logon_refused(r: Result<String, String>) {
+    match r {
+        Ok(out) => panic!("the login was accepted:\n{out}"),
+        Err(e) => assert!(e.contains("NT_STATUS_LOGON_FAILURE"), "{e}"),
+    }
+}
