@@ -266,6 +266,7 @@ fn dispatcher_config(settings: &Settings, helpers: TaskTracker) -> DispatcherCon
         drift_interval: (d.drift_interval > 0).then(|| Duration::from_secs(d.drift_interval)),
         helpers,
         stats: Arc::default(),
+        backup_retain: settings.backups.retain.clone(),
     }
 }
 

@@ -39,6 +39,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::bus::origin::STEWARD_PREFIX;
 use crate::bus::Firer;
+use crate::registry::backup::Retain;
 use crate::registry::changes::{Changes, WATCHED_POLL};
 use crate::registry::dispatch::{Debounce, Finish};
 use crate::registry::store::{now_ms, DispatchStore as _, InventoryStore as _};
@@ -112,6 +113,8 @@ pub struct DispatcherConfig {
     pub helpers: TaskTracker,
     /// Where finished runs are counted.
     pub stats: Arc<DispatchStats>,
+    /// The backup levels of a backup without its own (`backups.retain`).
+    pub backup_retain: Vec<Retain>,
 }
 
 impl DispatcherConfig {
@@ -309,6 +312,9 @@ async fn targets_of(
         OutboxKind::ModelCreated | OutboxKind::ModelUpdated | OutboxKind::ModelDeleted => {
             Ok(Vec::new())
         }
+        OutboxKind::BackupCreated | OutboxKind::BackupDeleted | OutboxKind::BackupKeys => {
+            super::backup::entry_targets(entry)
+        }
     })
 }
 
@@ -416,7 +422,7 @@ impl Runner {
             return Ok(());
         }
         let revision = t.desired;
-        let rendered = render(&self.service, t, revision).await?;
+        let rendered = render(&self.service, t, revision, &self.cfg.backup_retain).await?;
         if let Ok(r) = &rendered {
             if !t.forced && t.applied_hash.as_deref() == Some(r.hash.as_str()) {
                 if store
@@ -454,6 +460,12 @@ impl Runner {
                     }
                     o = self.apply(&publish, &jid) => o,
                 };
+                if let Ok(Applied::Outcome(_, out)) = &outcome {
+                    if let Some(ret) = out.returns.get(&t.minion_id) {
+                        // What the backup states report (keys, results).
+                        super::backup::learn(&self.service, t, &ret.ret).await;
+                    }
+                }
                 self.judge(&t.minion_id, outcome, r.hash, claimed.attempts)
             }
         };
@@ -727,6 +739,7 @@ async fn render(
     service: &Service<DbStore>,
     t: &DispatchTarget,
     revision: i64,
+    backup_retain: &[Retain],
 ) -> Result<Result<Rendered, String>, Error> {
     let store = service.store();
     let mut body = match t.state {
@@ -770,6 +783,12 @@ async fn render(
             }
             json!({ "target": t.server, "sites": sites })
         }
+        StateKind::Backup | StateKind::BackupSource => {
+            match super::backup::render(service, t, backup_retain).await? {
+                Ok(body) => body,
+                Err(why) => return Ok(Err(why)),
+            }
+        }
     };
     let hash: String = Sha256::digest(body.to_string().as_bytes())
         .iter()
@@ -802,6 +821,7 @@ mod tests {
             drift_interval: None,
             helpers: TaskTracker::new(),
             stats: Arc::default(),
+            backup_retain: Vec::new(),
         }
     }
 

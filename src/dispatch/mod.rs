@@ -6,7 +6,9 @@
 //! - [`notify`]: the outbox notifier component.
 //! - [`inventory`]: the inventory dispatcher component (states applied when
 //!   the inventory changes).
+//! - [`backup`]: the backup targets' pillars and what their reports teach.
 
 pub mod accept;
+pub mod backup;
 pub mod inventory;
 pub mod notify;

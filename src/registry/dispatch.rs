@@ -23,17 +23,29 @@ pub enum StateKind {
     Portfwd,
     /// Hostname forwarding (nginx) on a proxy: `steward.hostfwd`.
     Hostfwd,
+    /// The backups a backup server pulls: `steward.backup`.
+    Backup,
+    /// A source's read-only keys for its backup servers: `steward.backup_source`.
+    #[serde(rename = "backup_source")]
+    BackupSource,
 }
 
 impl StateKind {
     /// Every state, in the order shown.
-    pub const ALL: [StateKind; 2] = [StateKind::Portfwd, StateKind::Hostfwd];
+    pub const ALL: [StateKind; 4] = [
+        StateKind::Portfwd,
+        StateKind::Hostfwd,
+        StateKind::Backup,
+        StateKind::BackupSource,
+    ];
 
     /// The stored name, also the pillar key under `steward:`.
     pub fn as_str(self) -> &'static str {
         match self {
             StateKind::Portfwd => "portfwd",
             StateKind::Hostfwd => "hostfwd",
+            StateKind::Backup => "backup",
+            StateKind::BackupSource => "backup_source",
         }
     }
 
@@ -42,6 +54,8 @@ impl StateKind {
         match self {
             StateKind::Portfwd => "steward.portfwd",
             StateKind::Hostfwd => "steward.hostfwd",
+            StateKind::Backup => "steward.backup",
+            StateKind::BackupSource => "steward.backup_source",
         }
     }
 }
@@ -59,7 +73,12 @@ impl FromStr for StateKind {
         StateKind::ALL
             .into_iter()
             .find(|k| k.as_str() == s)
-            .ok_or_else(|| Error::invalid("state", format!("{s:?} is not portfwd or hostfwd")))
+            .ok_or_else(|| {
+                Error::invalid(
+                    "state",
+                    format!("{s:?} is not portfwd, hostfwd, backup or backup_source"),
+                )
+            })
     }
 }
 

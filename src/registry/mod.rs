@@ -21,6 +21,7 @@
 //! later with the same hostname gets a different minion id, so a key issued for
 //! the old one can never be taken for the new one.
 
+pub mod backup;
 pub mod changes;
 pub mod dispatch;
 pub mod exec;
@@ -333,6 +334,15 @@ pub enum Error {
         /// The forwards, described.
         by: Vec<String>,
     },
+    /// A backup destination folder is taken (one backup per destination
+    /// folder of a server, none inside another).
+    #[error("{what} is taken by {by}")]
+    DuplicateBackup {
+        /// The destination asked for.
+        what: String,
+        /// The backup holding it.
+        by: String,
+    },
     /// The database failed (not a constraint the registry knows about).
     #[error("registry database, {op}: {source}")]
     Database {
@@ -362,6 +372,7 @@ impl Error {
             Error::NotAHost { .. } => "not_a_host",
             Error::NoProxy { .. } => "no_proxy",
             Error::ServerReferenced { .. } => "server_in_use",
+            Error::DuplicateBackup { .. } => "duplicate_backup",
             Error::Database { .. } => "database",
         }
     }

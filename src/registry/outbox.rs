@@ -68,10 +68,21 @@ pub enum OutboxKind {
     /// `forward.hostname.deleted`; payload: the change, the forward as it was.
     #[serde(rename = "forward.hostname.deleted")]
     HostnameForwardDeleted,
+    /// `backup.created`; payload: `backup::BackupChange` (targets: the
+    /// destination's `backup`, the source's `backup_source`).
+    #[serde(rename = "backup.created")]
+    BackupCreated,
+    /// `backup.deleted`; payload: the change, the backup as it was.
+    #[serde(rename = "backup.deleted")]
+    BackupDeleted,
+    /// `backup.keys`; payload: `backup::KeysChange` (a key learnt from a
+    /// state's report, and the targets to apply again with it).
+    #[serde(rename = "backup.keys")]
+    BackupKeys,
 }
 
 impl OutboxKind {
-    const ALL: [OutboxKind; 12] = [
+    const ALL: [OutboxKind; 15] = [
         OutboxKind::ServerCreated,
         OutboxKind::ServerUpdated,
         OutboxKind::ServerDeleted,
@@ -84,6 +95,9 @@ impl OutboxKind {
         OutboxKind::HostnameForwardCreated,
         OutboxKind::HostnameForwardUpdated,
         OutboxKind::HostnameForwardDeleted,
+        OutboxKind::BackupCreated,
+        OutboxKind::BackupDeleted,
+        OutboxKind::BackupKeys,
     ];
 
     /// The name stored in the `kind` column.
@@ -101,6 +115,9 @@ impl OutboxKind {
             OutboxKind::HostnameForwardCreated => "forward.hostname.created",
             OutboxKind::HostnameForwardUpdated => "forward.hostname.updated",
             OutboxKind::HostnameForwardDeleted => "forward.hostname.deleted",
+            OutboxKind::BackupCreated => "backup.created",
+            OutboxKind::BackupDeleted => "backup.deleted",
+            OutboxKind::BackupKeys => "backup.keys",
         }
     }
 }

@@ -11,7 +11,10 @@ use std::sync::Arc;
 
 use serde_json::Value as Json;
 
+mod backups;
 mod forwards;
+
+pub use backups::BackupSpec;
 
 use super::group_commit::GroupCommit;
 use super::store::{Filter, KeyColumns, ServerKey};
@@ -637,10 +640,11 @@ impl<S: Store> Service<S> {
     }
 
     /// Deletes a server that is no other server's VM host or proxy and that
-    /// no forward names (refused, naming them).
+    /// no forward or backup names (refused, naming them).
     pub async fn delete_server(&self, server: &ServerRef) -> Result<Server, Error> {
         let s = self.get_server(server).await?;
-        let by = self.store.forward_references(s.id).await?;
+        let mut by = self.store.forward_references(s.id).await?;
+        by.extend(self.store.backup_references(s.id).await?);
         if !by.is_empty() {
             return Err(Error::ServerReferenced { name: s.name, by });
         }
