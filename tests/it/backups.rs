@@ -1,0 +1,399 @@
+//! Issue #13, backups, end to end: `backup add` typed as an operator does,
+//! a running daemon dispatching `steward.backup` (backup server) and
+//! `steward.backup_source` (source) through a real master to two real
+//! minions registered from their bundles, the source's SSH a private sshd
+//! on loopback ([`Sshd`]); the keys exchanged through the states' reports
+//! alone; `backup run` copies the folder (excludes honoured) and the result
+//! reaches the registry. Bad input is refused with specific errors, nothing
+//! written, nothing to dispatch.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::accept::{bundle, signing_master_serving, wait_status};
+use crate::support::salt::{install_bundle, salt_states_dir};
+use crate::support::sshd::Sshd;
+use crate::support::{
+    cli, eventually_within, run_ok, start_daemon, steward_config, LineChild, SaltHarness,
+};
+
+const BACKUP: &str = "bk1.example.org";
+const SOURCE: &str = "web1.example.org";
+
+/// How long convergence may take (several state runs through the master
+/// on a loaded machine, after the debounce).
+const CONVERGE: Duration = Duration::from_secs(180);
+
+/// `salt-steward ARGS` (it must succeed): its stdout.
+fn steward(cfg: &Path, args: &[&str]) -> String {
+    String::from_utf8_lossy(&run_ok(cli(cfg, args)).stdout).into_owned()
+}
+
+/// `salt-steward ARGS` whose stdout is JSON.
+fn steward_json(cfg: &Path, args: &[&str]) -> Value {
+    let out = steward(cfg, args);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {out}"))
+}
+
+/// `salt-steward ARGS` that must fail: its stderr.
+fn refused(cfg: &Path, args: &[&str]) -> String {
+    let out = cli(cfg, args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{args:?} should fail: {err}");
+    err
+}
+
+/// Changes of the registry the dispatcher has not read yet.
+fn unread_by_dispatcher(cfg: &Path) -> i64 {
+    let status = steward_json(cfg, &["outbox", "status", "--json"]);
+    status
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["consumer"] == "dispatch")
+        .and_then(|c| c["pending"].as_i64())
+        .unwrap()
+}
+
+/// The (server, state) target as `dispatch show SERVER --json` lists it.
+fn target(cfg: &Path, server: &str, state: &str) -> Option<Value> {
+    let show = steward_json(cfg, &["dispatch", "show", server, "--json"]);
+    show["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["state"] == state)
+        .cloned()
+}
+
+fn write(path: &Path, text: &str) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, text).unwrap();
+}
+
+/// The source's data: (files rsync counts, their total size).
+fn populate(src: &Path) -> (i64, i64) {
+    write(&src.join("a.txt"), "hello\n");
+    write(&src.join("sub/b.txt"), "0123456789\n");
+    write(&src.join("sub/deeper/c.bin"), &"x".repeat(4096));
+    write(&src.join("cache/skipped"), "excluded by cache/\n");
+    write(&src.join("sub/scratch.tmp"), "excluded by *.tmp\n");
+    // ".", a.txt, sub, sub/b.txt, sub/deeper, sub/deeper/c.bin
+    (6, 6 + 11 + 4096)
+}
+
+#[test]
+fn bad_backups_are_refused_and_nothing_is_written() {
+    let dir = tempfile::Builder::new()
+        .prefix("ss-backups-")
+        .tempdir()
+        .unwrap();
+    let cfg = dir.path().join("steward.yaml");
+    write(
+        &cfg,
+        &format!(
+            "registry: sqlite://{}/registry.db\nkeys:\n  dir: {}/keys\n",
+            dir.path().display(),
+            dir.path().display()
+        ),
+    );
+    steward(&cfg, &["model", "add", "m"]);
+    steward(
+        &cfg,
+        &[
+            "server",
+            "add",
+            SOURCE,
+            "--model",
+            "m",
+            "--internal-ip",
+            "10.1.0.5",
+        ],
+    );
+    steward(&cfg, &["server", "add", BACKUP, "--model", "m"]);
+    let first = steward(
+        &cfg,
+        &["backup", "add", SOURCE, "/srv/data", BACKUP, "/b/web1"],
+    );
+    assert_eq!(first.trim(), "1");
+    let unread = unread_by_dispatcher(&cfg);
+
+    let cases: [(&[&str], &str); 7] = [
+        (
+            &[
+                "backup",
+                "add",
+                SOURCE,
+                "/srv",
+                "nosuch.example.org",
+                "/b/x",
+            ],
+            "no server nosuch.example.org",
+        ),
+        (
+            &["backup", "add", SOURCE, "/srv/other", BACKUP, "/b/web1"],
+            "destination /b/web1 on bk1.example.org is taken by backup #1",
+        ),
+        (
+            &[
+                "backup",
+                "add",
+                SOURCE,
+                "/srv/other",
+                BACKUP,
+                "/b/web1/inner",
+            ],
+            "one destination inside the other",
+        ),
+        (
+            &["backup", "add", SOURCE, "srv/data", BACKUP, "/b/x"],
+            "invalid source_folder: \"srv/data\" is not an absolute folder",
+        ),
+        (
+            &["backup", "add", SOURCE, "/srv", BACKUP, "b/x"],
+            "invalid dest_folder",
+        ),
+        (
+            &["backup", "add", SOURCE, "/srv/../etc", BACKUP, "/b/x"],
+            "has a .. segment",
+        ),
+        (
+            &[
+                "backup",
+                "add",
+                SOURCE,
+                "/srv",
+                BACKUP,
+                "/b/y",
+                "--exclude",
+                "../up",
+            ],
+            "invalid exclude",
+        ),
+    ];
+    for (args, want) in cases {
+        let err = refused(&cfg, args);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    // A source without an address needs --ssh-host.
+    let err = refused(&cfg, &["backup", "add", BACKUP, "/srv", SOURCE, "/b/z"]);
+    assert!(err.contains("no IPv4 address"), "{err}");
+    // A server a backup names cannot be deleted.
+    let err = refused(&cfg, &["server", "rm", BACKUP]);
+    assert!(err.contains("backup #1"), "{err}");
+
+    let all = steward_json(&cfg, &["backup", "list", "--json"]);
+    assert_eq!(all.as_array().unwrap().len(), 1, "{all}");
+    assert_eq!(all[0]["health"], "never_run", "{all}");
+    assert_eq!(
+        unread_by_dispatcher(&cfg),
+        unread,
+        "a refusal wrote an outbox row"
+    );
+
+    steward(&cfg, &["backup", "rm", "1"]);
+    steward(&cfg, &["server", "rm", BACKUP]);
+    assert_eq!(
+        steward_json(&cfg, &["backup", "list", "--json"]),
+        serde_json::json!([])
+    );
+}
+
+/// The master, the daemon, both minions registered, the source's sshd and
+/// the folders.
+/// Field order is drop order: the daemon first, the master and minions,
+/// then sshd and the folders.
+struct BackupStack {
+    _daemon: LineChild,
+    _h: SaltHarness,
+    cfg: PathBuf,
+    sshd: Sshd,
+    src: PathBuf,
+    dest: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl BackupStack {
+    fn start() -> Self {
+        crate::support::netns::require_tools(&["rsync", "rsnapshot", "rrsync"]);
+        let sshd = Sshd::start();
+        let dir = tempfile::Builder::new()
+            .prefix("ss-backups-")
+            .tempdir()
+            .unwrap();
+        let src = dir.path().join("src");
+        let dest = dir.path().join("backups/web1");
+        let mut h = signing_master_serving(vec![salt_states_dir()]);
+        let cfg = steward_config(
+            &h,
+            &[],
+            &format!(
+                "masters: [\"127.0.0.1:{}\"]\n\
+                 dispatch:\n  debounce_ms: 300\n  job_timeout: 120\n  retry_base_ms: 1000\n",
+                h.ret_port
+            ),
+        );
+        steward(&cfg, &["model", "add", "m"]);
+        let b = steward_json(&cfg, &["server", "add", BACKUP, "--model", "m", "--json"]);
+        let s = steward_json(
+            &cfg,
+            &[
+                "server",
+                "add",
+                SOURCE,
+                "--model",
+                "m",
+                "--internal-ip",
+                "127.0.0.1",
+                "--json",
+            ],
+        );
+        let daemon = start_daemon(&cfg);
+        let backup_settings = format!(
+            "steward:\n  backup:\n    state_dir: {}\n    cron_file: {}\n",
+            dir.path().join("state").display(),
+            dir.path().join("cron.d/salt-steward-backup").display()
+        );
+        let source_settings = format!(
+            "steward:\n  backup_source:\n    authorized_keys: {}\n    host_keys_dir: {}\n",
+            sshd.authorized_keys.display(),
+            sshd.host_keys_dir.display()
+        );
+        for (name, minion, settings) in [
+            (BACKUP, b["minion_id"].as_str().unwrap(), &backup_settings),
+            (SOURCE, s["minion_id"].as_str().unwrap(), &source_settings),
+        ] {
+            let bundle = bundle(&h, &cfg, name, &format!("{name}.tgz"));
+            h.start_minion_with(name, minion, settings, |d| install_bundle(&bundle, d));
+            wait_status(&cfg, name, "online");
+        }
+        Self {
+            _daemon: daemon,
+            _h: h,
+            cfg,
+            sshd,
+            src,
+            dest,
+            _dir: dir,
+        }
+    }
+
+    /// Waits until both targets are done at their desired revision, the
+    /// dispatcher has read every change, and the keys are exchanged.
+    fn converged(&self, id: &str) -> Value {
+        eventually_within("the backup converged", CONVERGE, || {
+            let unread = unread_by_dispatcher(&self.cfg);
+            let b = steward_json(&self.cfg, &["backup", "show", id, "--json"]);
+            let t = target(&self.cfg, BACKUP, "backup");
+            let s = target(&self.cfg, SOURCE, "backup_source");
+            let done = |t: &Option<Value>| {
+                t.as_ref()
+                    .is_some_and(|t| t["status"] == "done" && t["applied"] == t["desired"])
+            };
+            let keys = b["dest_pubkey"].is_string()
+                && !b["source_host_keys"].as_array().unwrap().is_empty();
+            if unread == 0 && done(&t) && done(&s) && keys {
+                Ok(b)
+            } else {
+                Err(format!("unread {unread}, backup {b}, targets {t:?} {s:?}"))
+            }
+        })
+    }
+}
+
+#[test]
+fn a_backup_converges_by_itself_then_runs_and_records_its_result() {
+    let s = BackupStack::start();
+    let (files, size) = populate(&s.src);
+    let src = s.src.to_str().unwrap();
+    let dest = s.dest.to_str().unwrap();
+    let port = s.sshd.port.to_string();
+    let id = steward(
+        &s.cfg,
+        &[
+            "backup",
+            "add",
+            SOURCE,
+            src,
+            BACKUP,
+            dest,
+            "--exclude",
+            "cache/",
+            "--exclude",
+            "*.tmp",
+            "--ssh-port",
+            &port,
+        ],
+    );
+    let id = id.trim();
+    assert_eq!(id, "1");
+    let b = s.converged(id);
+    // The keys came from the states' reports: the source's host key as its
+    // sshd has it, the backup server's key installed restricted on the source.
+    let host_key = s.sshd.host_key();
+    assert!(
+        b["source_host_keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|k| host_key.starts_with(k.as_str().unwrap())),
+        "{b}\n{host_key}"
+    );
+    let pubkey = b["dest_pubkey"].as_str().unwrap();
+    let blob = pubkey.split_whitespace().nth(1).unwrap();
+    let authorized = std::fs::read_to_string(&s.sshd.authorized_keys).unwrap();
+    let line = authorized
+        .lines()
+        .find(|l| l.contains(blob))
+        .unwrap_or_else(|| panic!("no key of the backup server in {authorized}"));
+    assert!(
+        line.contains("rrsync -ro") && line.contains("restrict"),
+        "{line}"
+    );
+    assert!(line.contains(src), "{line}");
+
+    // Run it now: a real copy, the result recorded.
+    let out = run_ok(cli(
+        &s.cfg,
+        &["backup", "run", id, "--json", "--timeout", "180"],
+    ));
+    let ran: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let result = &ran["result"];
+    assert_eq!(result["outcome"], "ok", "{ran}");
+    assert_eq!(result["files"], files, "{ran}");
+    assert_eq!(result["size"], size, "{ran}");
+    let snapshot = s.dest.join("hourly.0");
+    assert_eq!(
+        std::fs::read_to_string(snapshot.join("sub/deeper/c.bin")).unwrap(),
+        "x".repeat(4096)
+    );
+    assert!(snapshot.join("a.txt").exists());
+    assert!(!snapshot.join("cache").exists(), "cache/ was excluded");
+    assert!(
+        !snapshot.join("sub/scratch.tmp").exists(),
+        "*.tmp was excluded"
+    );
+
+    let shown = steward_json(&s.cfg, &["backup", "show", id, "--json"]);
+    let results = shown["results"].as_array().unwrap();
+    assert_eq!(results.len(), 1, "one run, recorded once: {shown}");
+    assert_eq!(results[0]["run_id"], result["run_id"], "{shown}");
+    assert_eq!(results[0]["files"], files, "{shown}");
+    assert_eq!(results[0]["size"], size, "{shown}");
+    assert_eq!(shown["health"], "green", "{shown}");
+    let list = steward(&s.cfg, &["backup", "list"]);
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("1\t") && l.contains("green")),
+        "{list}"
+    );
+    let status = steward(&s.cfg, &["status"]);
+    assert!(
+        status
+            .lines()
+            .any(|l| l.contains("backup #1") && l.contains("green")),
+        "{status}"
+    );
+}
