@@ -85,15 +85,18 @@ pub enum Entity {
     PortForward,
     /// `forward/hostname` (see [`super::forward`]).
     HostnameForward,
+    /// `backup` (see [`super::backup`]).
+    Backup,
 }
 
 impl Entity {
     /// Every entity, in the order of [`crate::bus::origin::REQUEST_ENTITIES`].
-    pub const ALL: [Entity; 4] = [
+    pub const ALL: [Entity; 5] = [
         Entity::Server,
         Entity::Model,
         Entity::PortForward,
         Entity::HostnameForward,
+        Entity::Backup,
     ];
 
     /// Its part of a request tag (`steward/v1/<entity>/<op>`).
@@ -103,6 +106,7 @@ impl Entity {
             Entity::Model => "model",
             Entity::PortForward => "forward/port",
             Entity::HostnameForward => "forward/hostname",
+            Entity::Backup => "backup",
         }
     }
 
@@ -121,6 +125,9 @@ pub enum Op {
     /// `steward/v1/server/exec`: exec translation (`crate::exec`), served by
     /// the request server with the Salt client, not by [`serve`].
     Exec,
+    /// `steward/v1/backup/result`: a backup server's run result, recorded
+    /// only when its own minion provably sent it ([`super::backup::result`]).
+    Result,
 }
 
 impl Op {
@@ -132,6 +139,7 @@ impl Op {
             Op::Update => "update",
             Op::Delete => "delete",
             Op::Exec => "exec",
+            Op::Result => "result",
         }
     }
 }
@@ -205,6 +213,7 @@ pub fn parse(event: &Event) -> Option<Result<Request, Malformed>> {
         "update" => Op::Update,
         "delete" => Op::Delete,
         "exec" => Op::Exec,
+        "result" => Op::Result,
         other if NOTIFICATIONS.contains(&other) => return None,
         other => {
             return Some(Err(Malformed {
@@ -225,6 +234,16 @@ pub fn parse(event: &Event) -> Option<Result<Request, Malformed>> {
     };
     let digest = Digest::of(&event.tag, &args);
     args.retain(|k, _| !salt_key(k));
+    if op == Op::Result && !args.contains_key("request_id") {
+        // A wrapper's result has no request id: its run id stands for one
+        // (no reply is fired for a result).
+        if let Some(Json::String(run)) = args.get("run_id") {
+            let id = format!("result-{run}");
+            if valid_request_id(&id) {
+                args.insert("request_id".into(), Json::String(id));
+            }
+        }
+    }
     let request_id = match args.remove("request_id") {
         Some(Json::String(id)) if valid_request_id(&id) => id,
         Some(Json::Number(n)) if valid_request_id(&n.to_string()) => {
@@ -712,6 +731,7 @@ async fn execute<S: Store>(
         Entity::Model => model(service, req.op, args).await,
         Entity::PortForward => super::forward::port(service, req.op, args).await,
         Entity::HostnameForward => super::forward::hostname(service, req.op, args).await,
+        Entity::Backup => super::backup::backup(service, req.op, args).await,
     }
 }
 
@@ -748,7 +768,7 @@ async fn server<S: Store>(
             encode(&service.update_server(&target, patch).await?)
         }
         Op::Delete => encode(&service.delete_server(&server_ref(args)?).await?),
-        Op::Exec => Err(not_here("server")),
+        Op::Exec | Op::Result => Err(not_here("server")),
     }
 }
 
@@ -849,7 +869,7 @@ async fn model<S: Store>(
             encode(&service.update_model(&args.text("name")?, patch).await?)
         }
         Op::Delete => encode(&service.delete_model(&args.text("name")?).await?),
-        Op::Exec => Err(not_here("model")),
+        Op::Exec | Op::Result => Err(not_here("model")),
     }
 }
 

@@ -8,9 +8,11 @@
 //! - [`forward`]: port and hostname forward requests read into the
 //!   registry's forward operations.
 //! - [`args`]: a request's arguments read the same way for every entity.
+//! - [`backup`]: backup requests, and the backup servers' results.
 //! - [`server`]: the request-server component that runs them.
 
 pub mod args;
+pub mod backup;
 pub mod bus;
 pub mod forward;
 pub mod server;

@@ -33,10 +33,18 @@ pub const STEWARD_PREFIX: &str = "steward/v1/";
 
 /// The entities of registry requests (`steward/v1/<entity>/<op>`; a
 /// forward's entity has two segments).
-pub const REQUEST_ENTITIES: [&str; 4] = ["server", "model", "forward/port", "forward/hostname"];
+pub const REQUEST_ENTITIES: [&str; 5] = [
+    "server",
+    "model",
+    "forward/port",
+    "forward/hostname",
+    "backup",
+];
 
-/// The operations of registry requests (`steward/v1/<entity>/<op>`).
-pub const REQUEST_OPS: [&str; 5] = ["create", "find", "update", "delete", "exec"];
+/// The operations of registry requests (`steward/v1/<entity>/<op>`);
+/// `result`: a backup server's run result (`steward/v1/backup/result`,
+/// sent by its wrapper with `salt-call event.send`).
+pub const REQUEST_OPS: [&str; 6] = ["create", "find", "update", "delete", "exec", "result"];
 
 /// How many in-process events wait for a slow consumer before the oldest are
 /// dropped for it (counted by that consumer, as for the bus).

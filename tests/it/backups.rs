@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::accept::{bundle, signing_master_serving, wait_status};
-use crate::support::salt::{install_bundle, salt_states_dir};
+use crate::support::salt::{free_port, install_bundle, salt_states_dir};
 use crate::support::sshd::Sshd;
 use crate::support::{
     cli, eventually_within, run_ok, start_daemon, steward_config, LineChild, SaltHarness,
@@ -21,6 +21,33 @@ use crate::support::{
 
 const BACKUP: &str = "bk1.example.org";
 const SOURCE: &str = "web1.example.org";
+
+/// The value of `salt_steward_requests_total` for backup results with
+/// `outcome` on the daemon's metrics endpoint (0 when not counted yet).
+fn results_counted(port: u16, outcome: &str) -> u64 {
+    use std::io::{Read as _, Write as _};
+    let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return 0;
+    };
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        c,
+        "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut body = String::new();
+    c.read_to_string(&mut body).unwrap();
+    let want = format!("outcome=\"{outcome}\"");
+    body.lines()
+        .filter(|l| {
+            l.starts_with("salt_steward_requests_total{")
+                && l.contains("entity=\"backup\"")
+                && l.contains("op=\"result\"")
+                && l.contains(&want)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
 
 /// How long convergence may take (several state runs through the master
 /// on a loaded machine, after the debounce).
@@ -207,7 +234,10 @@ fn bad_backups_are_refused_and_nothing_is_written() {
 /// then sshd and the folders.
 struct BackupStack {
     _daemon: LineChild,
-    _h: SaltHarness,
+    h: SaltHarness,
+    /// The daemon's metrics endpoint.
+    metrics_port: u16,
+    source_minion: String,
     cfg: PathBuf,
     sshd: Sshd,
     src: PathBuf,
@@ -226,11 +256,13 @@ impl BackupStack {
         let src = dir.path().join("src");
         let dest = dir.path().join("backups/web1");
         let mut h = signing_master_serving(vec![salt_states_dir()]);
+        let metrics_port = free_port();
         let cfg = steward_config(
             &h,
             &[],
             &format!(
-                "masters: [\"127.0.0.1:{}\"]\n\
+                "metrics_listen: 127.0.0.1:{metrics_port}\n\
+                 masters: [\"127.0.0.1:{}\"]\n\
                  dispatch:\n  debounce_ms: 300\n  job_timeout: 120\n  retry_base_ms: 1000\n",
                 h.ret_port
             ),
@@ -271,7 +303,9 @@ impl BackupStack {
         }
         Self {
             _daemon: daemon,
-            _h: h,
+            h,
+            metrics_port,
+            source_minion: s["minion_id"].as_str().unwrap().to_owned(),
             cfg,
             sshd,
             src,
@@ -396,4 +430,58 @@ fn a_backup_converges_by_itself_then_runs_and_records_its_result() {
             .any(|l| l.contains("backup #1") && l.contains("green")),
         "{status}"
     );
+
+    // The wrapper's own event (salt-call event.send on the backup server)
+    // is proved by its job and accepted (the run was recorded once already).
+    eventually_within(
+        "the genuine result event counted",
+        CONVERGE,
+        || match results_counted(s.metrics_port, "ok") {
+            0 => Err("not yet".into()),
+            n => Ok(n),
+        },
+    );
+
+    // The same result with a new run id, sent by the SOURCE's minion
+    // (salt-call event.send: wrapped with its own authenticated id, its
+    // job proves it sent it): refused (not the backup server), counted,
+    // not recorded. The same by the master's runner (unwrapped): refused.
+    // (The wrapper's own shape: files/run.py.)
+    let forged = serde_json::json!({
+        "backup_id": 1, "run_id": "forged-0001", "level": "hourly",
+        "started": result["started_at"].as_f64().unwrap() / 1000.0 + 60.0,
+        "duration_s": 0.5, "outcome": "ok", "rsync_exit": 0,
+        "files": files, "size": size, "transferred": size, "error": "",
+    });
+    let forged_text = forged.to_string();
+    let out = s.h.minion_call(
+        &s.source_minion,
+        &["event.send", "steward/v1/backup/result", &forged_text],
+    );
+    assert!(out.status.success(), "{}", crate::support::text(&out));
+    eventually_within(
+        "the forged result refused",
+        CONVERGE,
+        || match results_counted(s.metrics_port, "wrong_minion") {
+            1 => Ok(()),
+            n => Err(format!("counted {n}")),
+        },
+    );
+    let out = s.h.master_cmd(
+        "salt-run",
+        &["event.send", "steward/v1/backup/result", &forged_text],
+    );
+    assert!(out.status.success(), "{}", crate::support::text(&out));
+    eventually_within(
+        "the unwrapped result refused",
+        CONVERGE,
+        || match results_counted(s.metrics_port, "unverified_sender") {
+            0 => Err("not yet".into()),
+            _ => Ok(()),
+        },
+    );
+    let shown = steward_json(&s.cfg, &["backup", "show", id, "--json"]);
+    let runs: Vec<&Value> = shown["results"].as_array().unwrap().iter().collect();
+    assert_eq!(runs.len(), 1, "a forged result was recorded: {shown}");
+    assert_eq!(runs[0]["run_id"], result["run_id"], "{shown}");
 }
