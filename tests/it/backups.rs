@@ -485,3 +485,221 @@ fn a_backup_converges_by_itself_then_runs_and_records_its_result() {
     assert_eq!(runs.len(), 1, "a forged result was recorded: {shown}");
     assert_eq!(runs[0]["run_id"], result["run_id"], "{shown}");
 }
+
+// ------------------------------------------------------------ the registry
+
+/// A registry database for one test: a SQLite file, or a fresh database on
+/// the PostgreSQL server `STEWARD_TEST_POSTGRES_URL` names (dropped after).
+struct Db {
+    url: String,
+    _dir: Option<tempfile::TempDir>,
+    pg: Option<(String, String)>,
+}
+
+impl Db {
+    fn sqlite() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("registry.db").display());
+        Self {
+            url,
+            _dir: Some(dir),
+            pg: None,
+        }
+    }
+
+    /// Never a silent skip: scripts/test always provides the server.
+    async fn postgres() -> Self {
+        let admin = std::env::var("STEWARD_TEST_POSTGRES_URL")
+            .ok()
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| {
+                panic!(
+                    "STEWARD_TEST_POSTGRES_URL is not set: run `eval \"$(scripts/pg-test-env)\"` first"
+                )
+            });
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let name = format!("steward_backups_{}_{nanos}", std::process::id());
+        let pool = sqlx::PgPool::connect(&admin).await.unwrap();
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+        let (base, query) = match admin.split_once('?') {
+            Some((b, q)) => (b, format!("?{q}")),
+            None => (admin.as_str(), String::new()),
+        };
+        let (server, _) = base.rsplit_once('/').unwrap();
+        Self {
+            url: format!("{server}/{name}{query}"),
+            _dir: None,
+            pg: Some((admin, name)),
+        }
+    }
+}
+
+impl Drop for Db {
+    fn drop(&mut self) {
+        let Some((admin, name)) = self.pg.take() else {
+            return;
+        };
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok(pool) = sqlx::PgPool::connect(&admin).await {
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .execute(&pool)
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// The backup registry on one backend: create (both targets in the
+/// outbox), refusals writing nothing, keys learnt once (their targets in
+/// the outbox), results recorded once per run, the server kept while a
+/// backup names it, delete (results go with it).
+async fn registry_story(db: &Db) {
+    use salt_steward::registry::backup::{BackupResult, Outcome};
+    use salt_steward::registry::service::BackupSpec;
+    use salt_steward::registry::store::{BackupStore as _, Store as _};
+    use salt_steward::registry::{OutboxRow, ServerPatch, ServerRef};
+
+    let reg = salt_steward::registry::open(&db.url).await.unwrap();
+    reg.create_model("m", "", &[]).await.unwrap();
+    let server = |name: &str, ip: Option<&str>| {
+        let mut m = serde_json::Map::new();
+        m.insert("name".into(), Value::from(name));
+        m.insert("model".into(), Value::from("m"));
+        if let Some(ip) = ip {
+            m.insert("internal_ip".into(), Value::from(ip));
+        }
+        ServerPatch::from_json(&m, &[]).unwrap()
+    };
+    let src = reg
+        .create_server(server(SOURCE, Some("10.1.0.5")))
+        .await
+        .unwrap();
+    let bk = reg.create_server(server(BACKUP, None)).await.unwrap();
+    let spec = |folder: &str, dest: &str| BackupSpec {
+        source: ServerRef::Name(SOURCE.into()),
+        source_folder: folder.into(),
+        dest: ServerRef::Name(BACKUP.into()),
+        dest_folder: dest.into(),
+        excludes: vec!["cache/".into()],
+        exclude_proc_sys: true,
+        active: None,
+        retain: None,
+        ssh_host: None,
+        ssh_port: Some(2222),
+        ssh_user: None,
+    };
+    let store = reg.store();
+    store.outbox_subscribe("t").await.unwrap();
+    let b = reg
+        .create_backup(spec("/srv/data", "/b/web1/"))
+        .await
+        .unwrap();
+    assert_eq!(b.dest_folder, "/b/web1");
+    assert_eq!(b.host().as_deref(), Some("10.1.0.5"));
+    assert!(b.exclude_proc_sys && b.active);
+    let rows = store.outbox_pending("t", 100).await.unwrap();
+    let OutboxRow::Entry(e) = rows.last().unwrap() else {
+        panic!("{rows:?}")
+    };
+    assert_eq!(e.kind.as_str(), "backup.created");
+    assert_eq!(
+        e.payload["targets"],
+        serde_json::json!([[bk.id, "backup"], [src.id, "backup_source"]])
+    );
+    let before = rows.len();
+    for (folder, dest, code) in [
+        ("/srv/x", "/b/web1", "duplicate_backup"),
+        ("/srv/x", "/b", "duplicate_backup"),
+        ("srv", "/b/other", "invalid_value"),
+        ("/srv/../x", "/b/other", "invalid_value"),
+        ("/srv", "/", "invalid_value"),
+    ] {
+        let err = reg.create_backup(spec(folder, dest)).await.unwrap_err();
+        assert_eq!(err.code(), code, "{folder} {dest}: {err}");
+    }
+    assert_eq!(store.outbox_pending("t", 100).await.unwrap().len(), before);
+    assert_eq!(reg.list_backups(None).await.unwrap().len(), 1);
+
+    // Keys: stored once, each change naming the targets to apply again.
+    assert!(store
+        .set_backup_pubkey(bk.id, "ssh-ed25519 AAAA k")
+        .await
+        .unwrap());
+    assert!(!store
+        .set_backup_pubkey(bk.id, "ssh-ed25519 AAAA k")
+        .await
+        .unwrap());
+    let keys = vec!["ssh-ed25519 BBBB".to_owned()];
+    assert!(store.set_ssh_host_keys(src.id, &keys).await.unwrap());
+    assert!(!store.set_ssh_host_keys(src.id, &keys).await.unwrap());
+    let rows = store.outbox_pending("t", 100).await.unwrap();
+    let targets: Vec<Value> = rows[before..]
+        .iter()
+        .map(|r| match r {
+            OutboxRow::Entry(e) => e.payload["targets"].clone(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        targets,
+        vec![
+            serde_json::json!([[src.id, "backup_source"]]),
+            serde_json::json!([[bk.id, "backup"]])
+        ]
+    );
+    let b = reg.get_backup(b.id).await.unwrap();
+    assert_eq!(b.dest_pubkey.as_deref(), Some("ssh-ed25519 AAAA k"));
+    assert_eq!(b.source_host_keys, keys);
+
+    // Results: once per run id.
+    let r = BackupResult {
+        backup_id: b.id,
+        run_id: "r-1".into(),
+        level: "hourly".into(),
+        started_at: 1_000,
+        duration_ms: 5,
+        outcome: Outcome::Warning,
+        files: Some(3),
+        size: Some(30),
+        transferred: None,
+        rsync_exit: Some(24),
+        error: "vanished".into(),
+        received_at: 0,
+    };
+    assert!(reg.record_backup_result(&b, &r).await.unwrap());
+    assert!(!reg.record_backup_result(&b, &r).await.unwrap());
+    let got = reg.backup_results(b.id, 10).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].outcome, Outcome::Warning);
+    assert_eq!(got[0].rsync_exit, Some(24));
+
+    let err = reg.delete_server(&ServerRef::Id(src.id)).await.unwrap_err();
+    assert_eq!(err.code(), "server_in_use", "{err}");
+    reg.delete_backup(b.id).await.unwrap();
+    assert!(reg.backup_results(b.id, 10).await.unwrap().is_empty());
+    reg.delete_server(&ServerRef::Id(src.id)).await.unwrap();
+}
+
+#[tokio::test]
+async fn registry_story_on_sqlite() {
+    registry_story(&Db::sqlite()).await;
+}
+
+#[tokio::test]
+async fn registry_story_on_postgres() {
+    registry_story(&Db::postgres().await).await;
+}
