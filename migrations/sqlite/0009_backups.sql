@@ -24,6 +24,8 @@ CREATE TABLE backups (
     ssh_port         INTEGER NOT NULL DEFAULT 22 CONSTRAINT backups_ssh_port_check
         CHECK (ssh_port BETWEEN 1 AND 65535),
     ssh_user         TEXT    NOT NULL DEFAULT 'root',
+    -- Until when a run started by `backup run` may still be going (Unix ms).
+    running_until    INTEGER,
     revision         INTEGER NOT NULL DEFAULT 1,
     created_at       INTEGER NOT NULL,
     updated_at       INTEGER NOT NULL,

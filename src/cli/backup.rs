@@ -15,7 +15,7 @@ use super::salt::connect;
 use super::Context;
 use crate::registry::backup::{report_of, Backup, BackupResult, Health, RUN_REPORT};
 use crate::registry::service::BackupSpec;
-use crate::registry::store::now_ms;
+use crate::registry::store::{now_ms, BackupStore as _};
 use crate::registry::{DbStore, Service};
 use crate::salt::{Publish, TargetType};
 
@@ -158,7 +158,8 @@ pub async fn run(ctx: &Context, cmd: BackupCommand) -> anyhow::Result<ExitCode> 
         BackupCommand::Show { id, json } => {
             let b = reg.get_backup(id).await?;
             let results = reg.backup_results(id, SHOWN_RESULTS).await?;
-            let health = Health::of(&results, now_ms(), stale_ms, false);
+            let now = now_ms();
+            let health = Health::of(&results, now, stale_ms, b.running(now));
             if json {
                 let mut v = serde_json::to_value(&b)?;
                 if let Json::Object(m) = &mut v {
@@ -253,8 +254,14 @@ async fn run_now(
     };
     let master = ctx.master()?;
     let (client, cancel) = connect(ctx, &master, timeout).await?;
+    // Shown as running until it ends (or its timeout, if this process dies).
+    let until = now_ms().saturating_add(i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX));
+    reg.store().set_backup_running(b.id, Some(until)).await?;
     let job = client.run_job(&publish, timeout).await;
     cancel.cancel();
+    if let Err(e) = reg.store().set_backup_running(b.id, None).await {
+        eprintln!("salt-steward: warning: {e}");
+    }
     let (published, outcome) =
         job.with_context(|| format!("running {b} on {} ({})", b.dest, b.dest_minion_id))?;
     if !published.minions.iter().any(|m| m == &b.dest_minion_id) {
@@ -321,7 +328,7 @@ pub(super) async fn with_health(
     for b in reg.list_backups(None).await? {
         // The newest results: enough to find the last success behind a few failures.
         let results = reg.backup_results(b.id, SHOWN_RESULTS).await?;
-        let health = Health::of(&results, now, stale_ms, false);
+        let health = Health::of(&results, now, stale_ms, b.running(now));
         rows.push((b, health, results.into_iter().next()));
     }
     Ok(rows)

@@ -105,6 +105,10 @@ pub struct Backup {
     pub source_host_keys: Vec<String>,
     /// The backup server's SSH public key as last reported.
     pub dest_pubkey: Option<String>,
+    /// Until when a run started by `backup run` may still be going (Unix
+    /// ms); `None` when none was started or it ended.
+    #[serde(default)]
+    pub running_until: Option<i64>,
     /// Incremented by every write.
     pub revision: i64,
     /// Unix milliseconds.
@@ -114,6 +118,11 @@ pub struct Backup {
 }
 
 impl Backup {
+    /// Whether a run started by `backup run` is going on at `now_ms`.
+    pub fn running(&self, now_ms: i64) -> bool {
+        self.running_until.is_some_and(|t| t > now_ms)
+    }
+
     /// The host the backup server connects to: `ssh_host`, else the
     /// source's first IPv4 address (the state takes names or IPv4).
     pub fn host(&self) -> Option<String> {

@@ -233,11 +233,13 @@ fn bad_backups_are_refused_and_nothing_is_written() {
 /// Field order is drop order: the daemon first, the master and minions,
 /// then sshd and the folders.
 struct BackupStack {
-    _daemon: LineChild,
+    /// `None` while stopped.
+    daemon: Option<LineChild>,
     h: SaltHarness,
     /// The daemon's metrics endpoint.
     metrics_port: u16,
     source_minion: String,
+    backup_minion: String,
     cfg: PathBuf,
     sshd: Sshd,
     src: PathBuf,
@@ -302,10 +304,11 @@ impl BackupStack {
             wait_status(&cfg, name, "online");
         }
         Self {
-            _daemon: daemon,
+            daemon: Some(daemon),
             h,
             metrics_port,
             source_minion: s["minion_id"].as_str().unwrap().to_owned(),
+            backup_minion: b["minion_id"].as_str().unwrap().to_owned(),
             cfg,
             sshd,
             src,
@@ -484,6 +487,52 @@ fn a_backup_converges_by_itself_then_runs_and_records_its_result() {
     let runs: Vec<&Value> = shown["results"].as_array().unwrap().iter().collect();
     assert_eq!(runs.len(), 1, "a forged result was recorded: {shown}");
     assert_eq!(runs[0]["run_id"], result["run_id"], "{shown}");
+
+    // A run whose event is lost (the daemon is stopped; the cron wrapper
+    // would do the same) is recovered from the backup server's report at
+    // its next steward.backup run (here forced by `dispatch retry`).
+    let mut s = s;
+    assert!(s.daemon.take().unwrap().terminate().success());
+    let pillar =
+        serde_json::json!({"steward": {"backup_run": {"target": s.backup_minion, "id": 1}}});
+    let out = s.h.master_cmd(
+        "salt",
+        &[
+            &s.backup_minion,
+            "state.apply",
+            "steward.backup.run",
+            &format!("pillar={pillar}"),
+            "--out=json",
+            "-t",
+            "120",
+        ],
+    );
+    let text = crate::support::text(&out);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{text}"));
+    let comment = v[s.backup_minion.as_str()]
+        .as_object()
+        .and_then(|states| states.values().next())
+        .and_then(|state| state["comment"].as_str())
+        .unwrap_or_else(|| panic!("{text}"))
+        .to_owned();
+    let lost: Value = comment
+        .lines()
+        .find_map(|l| l.strip_prefix("steward.backup.run report: "))
+        .and_then(|j| serde_json::from_str(j).ok())
+        .unwrap_or_else(|| panic!("no run report: {text}"));
+    let lost_run = lost["result"]["run_id"].as_str().unwrap().to_owned();
+    assert_eq!(lost["result"]["outcome"], "ok", "{lost}");
+    s.daemon = Some(start_daemon(&s.cfg));
+    steward(&s.cfg, &["dispatch", "retry", BACKUP, "--state", "backup"]);
+    eventually_within("the lost result recovered", CONVERGE, || {
+        let shown = steward_json(&s.cfg, &["backup", "show", id, "--json"]);
+        let runs = shown["results"].as_array().unwrap();
+        if runs.iter().any(|r| r["run_id"] == lost_run.as_str()) {
+            Ok(runs.len())
+        } else {
+            Err(shown.to_string())
+        }
+    });
 }
 
 // ------------------------------------------------------------ the registry
@@ -680,6 +729,21 @@ async fn registry_story(db: &Db) {
         error: "vanished".into(),
         received_at: 0,
     };
+    // `backup run` marks it running until its end (or its deadline).
+    let now = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap();
+    store
+        .set_backup_running(b.id, Some(now + 60_000))
+        .await
+        .unwrap();
+    assert!(reg.get_backup(b.id).await.unwrap().running(now));
+    store.set_backup_running(b.id, None).await.unwrap();
+    assert!(!reg.get_backup(b.id).await.unwrap().running(now));
     assert!(reg.record_backup_result(&b, &r).await.unwrap());
     assert!(!reg.record_backup_result(&b, &r).await.unwrap());
     let got = reg.backup_results(b.id, 10).await.unwrap();

@@ -84,6 +84,13 @@ pub trait BackupStore {
         id: i64,
         keys: &[String],
     ) -> impl Future<Output = Result<bool, Error>> + Send;
+    /// Marks a run started by `backup run` as going on until `until` (Unix
+    /// ms), or ended (`None`); not a change of the backup (no outbox row).
+    fn set_backup_running(
+        &self,
+        id: i64,
+        until: Option<i64>,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
     /// Records a result once per (backup, run id): `true` if it was new.
     fn insert_backup_result(
         &self,
@@ -101,6 +108,7 @@ mod sql {
     pub const SELECT: &str = "SELECT b.id, b.source_id, s.name AS source, b.source_folder, \
          b.dest_id, d.name AS dest, d.minion_id AS dest_minion_id, b.dest_folder, b.excludes, \
          b.exclude_proc_sys, b.active, b.retain, b.ssh_host, b.ssh_port, b.ssh_user, \
+         b.running_until, \
          s.internal_ip AS source_internal_ip, s.external_ip AS source_external_ip, \
          s.ssh_host_keys AS source_host_keys, d.backup_pubkey AS dest_pubkey, \
          b.revision, b.created_at, b.updated_at \
@@ -110,6 +118,7 @@ mod sql {
          created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12) \
          RETURNING id";
     pub const DELETE: &str = "DELETE FROM backups WHERE id = $1";
+    pub const RUNNING: &str = "UPDATE backups SET running_until = $1 WHERE id = $2";
     pub const PUBKEY: &str = "SELECT backup_pubkey FROM servers WHERE id = $1";
     pub const SET_PUBKEY: &str = "UPDATE servers SET backup_pubkey = $1 WHERE id = $2";
     pub const SOURCES_OF: &str =
@@ -194,6 +203,7 @@ macro_rules! backup_impl {
                             r.try_get::<i64, _>("revision")?,
                             r.try_get::<i64, _>("created_at")?,
                             r.try_get::<i64, _>("updated_at")?,
+                            r.try_get::<Option<i64>, _>("running_until")?,
                         ),
                     ))
                 })()
@@ -228,6 +238,7 @@ macro_rules! backup_impl {
                         None => Vec::new(),
                     },
                     dest_pubkey: c.3.filter(|k| !k.is_empty()),
+                    running_until: c.7,
                     revision: c.4,
                     created_at: c.5,
                     updated_at: c.6,
@@ -472,6 +483,16 @@ macro_rules! backup_impl {
                 Ok(true)
             }
 
+            async fn set_backup_running(&self, id: i64, until: Option<i64>) -> Result<(), Error> {
+                sqlx::query(sql::RUNNING)
+                    .bind(until)
+                    .bind(id)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db(format!("marking backup #{id} running")))?;
+                Ok(())
+            }
+
             async fn insert_backup_result(&self, r: &BackupResult) -> Result<bool, Error> {
                 let done = sqlx::query(sql::INSERT_RESULT)
                     .bind(r.backup_id)
@@ -550,6 +571,9 @@ impl BackupStore for DbStore {
     }
     async fn set_ssh_host_keys(&self, id: i64, keys: &[String]) -> Result<bool, Error> {
         dispatch!(self, s => s.set_ssh_host_keys(id, keys))
+    }
+    async fn set_backup_running(&self, id: i64, until: Option<i64>) -> Result<(), Error> {
+        dispatch!(self, s => s.set_backup_running(id, until))
     }
     async fn insert_backup_result(&self, r: &BackupResult) -> Result<bool, Error> {
         dispatch!(self, s => s.insert_backup_result(r))
