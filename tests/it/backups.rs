@@ -767,3 +767,104 @@ async fn registry_story_on_sqlite() {
 async fn registry_story_on_postgres() {
     registry_story(&Db::postgres().await).await;
 }
+
+// ------------------------------------------------------------- the bus
+
+/// Fires a request from the master (`salt-run event.send`) and waits for its reply.
+fn ask(
+    h: &SaltHarness,
+    w: &mut LineChild,
+    d: &mut LineChild,
+    op: &str,
+    id: &str,
+    mut data: Value,
+) -> Value {
+    data["request_id"] = Value::from(id);
+    let tag = format!("steward/v1/backup/{op}");
+    crate::support::assert_ok(&h.master_cmd("salt-run", &["event.send", &tag, &data.to_string()]));
+    crate::support::reply(w, d, id)
+}
+
+#[test]
+fn backups_on_the_bus_with_trust_rules_and_bad_input_refused() {
+    let mut h = SaltHarness::start();
+    h.wait_req_ready();
+    h.start_minions_and_wait(&["b-untrusted"]);
+    let cfg = steward_config(&h, &[], "");
+    steward(&cfg, &["model", "add", "m"]);
+    steward(
+        &cfg,
+        &[
+            "server",
+            "add",
+            SOURCE,
+            "--model",
+            "m",
+            "--internal-ip",
+            "10.1.0.5",
+        ],
+    );
+    steward(&cfg, &["server", "add", BACKUP, "--model", "m"]);
+    let mut daemon = start_daemon(&cfg);
+    let mut w = crate::support::watch_steward(&cfg);
+    let (w, d) = (&mut w, &mut daemon);
+
+    let create = serde_json::json!({
+        "source": SOURCE, "source_folder": "/srv/data", "dest": BACKUP,
+        "dest_folder": "/b/web1", "excludes": ["cache/"], "ssh_port": 2222,
+    });
+    let r = ask(&h, w, d, "create", "b1", create.clone());
+    assert_eq!(r["ok"], true, "{r}");
+    let id = r["result"]["id"].clone();
+    assert_eq!(r["result"]["ssh_port"], 2222, "{r}");
+    assert_eq!(
+        r["result"]["excludes"],
+        serde_json::json!(["cache/"]),
+        "{r}"
+    );
+    let created =
+        crate::support::wait_event_data(w, d, "steward/v1/backup/created", |x| x["id"] == id);
+    assert_eq!(created["dest"], BACKUP, "{created}");
+
+    let r = ask(&h, w, d, "find", "b2", serde_json::json!({"id": id}));
+    assert_eq!(r["result"][0]["dest_folder"], "/b/web1", "{r}");
+
+    let mut dup = create.clone();
+    dup["source_folder"] = Value::from("/srv/other");
+    let r = ask(&h, w, d, "create", "b3", dup);
+    assert_eq!(r["error"]["code"], "duplicate_backup", "{r}");
+    let mut rel = create.clone();
+    rel["dest_folder"] = Value::from("b/x");
+    let r = ask(&h, w, d, "create", "b4", rel);
+    assert_eq!(r["error"]["code"], "invalid_value", "{r}");
+    let mut nodest = create.clone();
+    nodest["dest"] = Value::from("nosuch.example.org");
+    nodest["dest_folder"] = Value::from("/b/y");
+    let r = ask(&h, w, d, "create", "b5", nodest);
+    assert_eq!(r["error"]["code"], "not_found", "{r}");
+    let mut unknown = create.clone();
+    unknown["colour"] = Value::from("red");
+    let r = ask(&h, w, d, "create", "b6", unknown);
+    assert_eq!(r["error"]["code"], "invalid_value", "{r}");
+
+    // A minion not in trusted_minions changes nothing.
+    let mut other = create.clone();
+    other["dest_folder"] = Value::from("/b/z");
+    other["request_id"] = Value::from("b7");
+    let out = h.minion_call(
+        "b-untrusted",
+        &["event.send", "steward/v1/backup/create", &other.to_string()],
+    );
+    crate::support::assert_ok(&out);
+    let r = crate::support::reply(w, d, "b7");
+    assert_eq!(r["error"]["code"], "untrusted_sender", "{r}");
+    let all = steward_json(&cfg, &["backup", "list", "--json"]);
+    assert_eq!(all.as_array().unwrap().len(), 1, "{all}");
+
+    let r = ask(&h, w, d, "delete", "b8", serde_json::json!({"id": id}));
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(
+        steward_json(&cfg, &["backup", "list", "--json"]),
+        serde_json::json!([])
+    );
+}
