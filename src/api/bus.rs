@@ -213,7 +213,8 @@ pub fn parse(event: &Event) -> Option<Result<Request, Malformed>> {
         "update" => Op::Update,
         "delete" => Op::Delete,
         "exec" => Op::Exec,
-        "result" => Op::Result,
+        // Only backups have results (a backup server's run).
+        "result" if entity == Entity::Backup => Op::Result,
         other if NOTIFICATIONS.contains(&other) => return None,
         other => {
             return Some(Err(Malformed {
@@ -907,6 +908,33 @@ mod tests {
 
     fn request(tag: &str, data: Json) -> Request {
         parse(&ev(tag, data)).unwrap().unwrap()
+    }
+
+    #[test]
+    fn backup_results_are_requests_named_by_their_run() {
+        // salt-call event.send: the master fires the minion's whole load.
+        let wrapped = ev(
+            "steward/v1/backup/result",
+            json!({"id": "bk1-1", "cmd": "_minion_event", "tag": "steward/v1/backup/result",
+                "data": {"backup_id": 1, "run_id": "ab-12", "outcome": "ok", "__pub_jid": "1"}}),
+        );
+        let r = request_of(&wrapped);
+        assert_eq!((r.entity, r.op), (Entity::Backup, Op::Result));
+        assert_eq!(r.origin, Origin::Minion("bk1-1".into()));
+        assert_eq!(r.request_id, "result-ab-12");
+        // The receipt of that event.send names the same digest.
+        let args = json!([
+            "steward/v1/backup/result",
+            "{\"backup_id\": 1, \"run_id\": \"ab-12\", \"outcome\": \"ok\"}"
+        ]);
+        assert_eq!(sent_digest(&args), Some(r.digest));
+        // Only backups have results.
+        let other = parse(&ev("steward/v1/server/result", json!({"request_id": "x"})));
+        assert!(other.unwrap().is_err());
+    }
+
+    fn request_of(e: &Event) -> Request {
+        parse(e).unwrap().unwrap()
     }
 
     #[test]
