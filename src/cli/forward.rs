@@ -214,7 +214,7 @@ pub enum DispatchCommand {
     Retry {
         /// The server (id or name).
         server: String,
-        /// Only this state (portfwd, hostfwd).
+        /// Only this state (portfwd, hostfwd, backup, backup_source).
         #[arg(long)]
         state: Option<String>,
     },
