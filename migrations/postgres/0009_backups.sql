@@ -29,7 +29,12 @@ CREATE TABLE backups (
     revision         BIGINT  NOT NULL DEFAULT 1,
     created_at       BIGINT  NOT NULL,
     updated_at       BIGINT  NOT NULL,
-    CONSTRAINT backups_dest_folder_key UNIQUE (dest_id, dest_folder)
+    CONSTRAINT backups_dest_folder_key UNIQUE (dest_id, dest_folder),
+    -- One backup per (source, backup server): the backup server has one SSH
+    -- key, and sshd applies the first authorized_keys line of a key, so a
+    -- second folder granted to that key on one source would be pulled
+    -- through the first one's forced command.
+    CONSTRAINT backups_source_dest_key UNIQUE (source_id, dest_id)
 );
 CREATE INDEX backups_source_idx ON backups (source_id);
 

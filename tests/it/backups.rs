@@ -147,7 +147,11 @@ fn bad_backups_are_refused_and_nothing_is_written() {
     assert_eq!(first.trim(), "1");
     let unread = unread_by_dispatcher(&cfg);
 
-    let cases: [(&[&str], &str); 7] = [
+    let cases: [(&[&str], &str); 8] = [
+        (
+            &["backup", "add", SOURCE, "/srv/other", BACKUP, "/b/other"],
+            "a second backup of web1.example.org by bk1.example.org is taken by backup #1",
+        ),
         (
             &[
                 "backup",
@@ -533,6 +537,42 @@ fn a_backup_converges_by_itself_then_runs_and_records_its_result() {
             Err(shown.to_string())
         }
     });
+    // A wrong source folder is never a success: the run is recorded as
+    // an error, `backup run` exits 1, the backup is red. (One backup per
+    // source and backup server: the first goes first.)
+    steward(&s.cfg, &["backup", "rm", id]);
+    let top = s.src.parent().unwrap().to_owned();
+    let missing = top.join("missing");
+    let missing_dest = top.join("backups/missing");
+    let id2 = steward(
+        &s.cfg,
+        &[
+            "backup",
+            "add",
+            SOURCE,
+            missing.to_str().unwrap(),
+            BACKUP,
+            missing_dest.to_str().unwrap(),
+            "--ssh-port",
+            &port,
+        ],
+    );
+    let id2 = id2.trim();
+    s.converged(id2);
+    let out = cli(
+        &s.cfg,
+        &["backup", "run", id2, "--json", "--timeout", "180"],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", crate::support::text(&out));
+    let ran: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("{}", crate::support::text(&out)));
+    let outcome = ran["result"]["outcome"].as_str().unwrap();
+    assert!(outcome == "error" || outcome == "attention", "{ran}");
+    let shown = steward_json(&s.cfg, &["backup", "show", id2, "--json"]);
+    assert_eq!(shown["health"], "red", "{shown}");
+    assert_eq!(shown["results"][0]["outcome"], outcome, "{shown}");
 }
 
 // ------------------------------------------------------------ the registry
@@ -673,6 +713,7 @@ async fn registry_story(db: &Db) {
     for (folder, dest, code) in [
         ("/srv/x", "/b/web1", "duplicate_backup"),
         ("/srv/x", "/b", "duplicate_backup"),
+        ("/srv/x", "/b/other", "duplicate_backup"),
         ("srv", "/b/other", "invalid_value"),
         ("/srv/../x", "/b/other", "invalid_value"),
         ("/srv", "/", "invalid_value"),

@@ -43,7 +43,9 @@ impl<S: Store> Service<S> {
     /// Adds a backup of `spec.source`'s folder into `spec.dest`'s folder.
     /// Refused: a folder not absolute, with `..` or other characters; a
     /// destination folder equal to, inside or around another backup's on
-    /// that server; a source without an address when no SSH host is given.
+    /// that server; a second backup of the same source by the same backup
+    /// server (its one SSH key carries one forced folder on the source); a
+    /// source without an address when no SSH host is given.
     pub async fn create_backup(&self, spec: BackupSpec) -> Result<Backup, Error> {
         let source_folder = validate_folder("source_folder", &spec.source_folder)?;
         let dest_folder = validate_folder("dest_folder", &spec.dest_folder)?;
@@ -97,6 +99,20 @@ impl<S: Store> Service<S> {
                 } else {
                     format!("{b} (one destination inside the other)")
                 },
+            });
+        }
+        // The backup server has one SSH key, and sshd applies the first
+        // authorized_keys line of a key: a second folder of this source
+        // granted to it would be pulled through the first one's forced
+        // command. One backup per (source, backup server).
+        if let Some(b) = taken.iter().find(|b| b.source_id == source.id) {
+            return Err(Error::DuplicateBackup {
+                what: format!("a second backup of {} by {}", source.name, dest.name),
+                by: format!(
+                    "{b} (one backup per source and backup server: its single SSH key can be \
+                     restricted to one folder on the source; back up a common parent folder, \
+                     with excludes, instead)"
+                ),
             });
         }
         self.store
