@@ -96,6 +96,12 @@ pub const RULES_MAX_WAITING: Limit = Limit {
     min: 1,
     max: 1_000_000,
 };
+/// `backups.stale_after_hours`: 1 hour to a year.
+pub const BACKUPS_STALE_AFTER_HOURS: Limit = Limit {
+    key: "backups.stale_after_hours",
+    min: 1,
+    max: 8760,
+};
 /// `dispatch.debounce_ms`: quiet time after a change, up to an hour.
 pub const DISPATCH_DEBOUNCE_MS: Limit = Limit {
     key: "dispatch.debounce_ms",
@@ -195,6 +201,9 @@ pub struct ConfigFile {
     /// Samba shares (`salt-steward share …`).
     #[serde(default)]
     pub shares: SharesConfig,
+    /// Backups: default levels, when a backup turns red.
+    #[serde(default)]
+    pub backups: BackupsConfig,
     /// Minion keys: where they are kept, their size, how they are accepted.
     #[serde(default)]
     pub keys: KeysConfig,
@@ -500,6 +509,35 @@ fn default_share_user_prefix() -> String {
     crate::registry::shares::DEFAULT_USER_PREFIX.to_owned()
 }
 
+/// `backups:` section: backups (`salt-steward backup …`, the dispatcher's
+/// `steward.backup`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupsConfig {
+    /// Levels of a backup without its own, lowest first. Default: hourly 6
+    /// `0 */4 * * *`, daily 7 `30 3 * * *`, weekly 4 `0 3 * * 1`, monthly 3
+    /// `30 2 1 * *`.
+    #[serde(default = "crate::registry::backup::default_retain")]
+    pub retain: Vec<crate::registry::backup::Retain>,
+    /// A backup is red when its last success is older than this. Default
+    /// 26; 1 to 8760.
+    #[serde(default = "default_stale_after_hours")]
+    pub stale_after_hours: u64,
+}
+
+impl Default for BackupsConfig {
+    fn default() -> Self {
+        Self {
+            retain: crate::registry::backup::default_retain(),
+            stale_after_hours: default_stale_after_hours(),
+        }
+    }
+}
+
+fn default_stale_after_hours() -> u64 {
+    26
+}
+
 /// The resolved settings the program runs with.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -512,6 +550,7 @@ pub struct Settings {
     pub rules: RulesConfig,
     pub dispatch: DispatchConfig,
     pub exec: ExecConfig,
+    pub backups: BackupsConfig,
     pub keys: KeysConfig,
     pub masters: Vec<String>,
     /// `shares:`.
@@ -541,6 +580,7 @@ impl Settings {
         differs("rules", self.rules != new.rules);
         differs("dispatch", self.dispatch != new.dispatch);
         differs("keys", self.keys != new.keys);
+        differs("backups", self.backups != new.backups);
         differs("masters", self.masters != new.masters);
         differs("shares", self.shares != new.shares);
         out
@@ -603,6 +643,7 @@ impl Settings {
             rules: f.rules,
             dispatch: f.dispatch,
             exec: f.exec,
+            backups: f.backups,
             keys: f.keys,
             masters: f.masters,
             shares: f.shares,
@@ -663,8 +704,15 @@ fn check(f: &ConfigFile, text: &str) -> Vec<String> {
     number(DISPATCH_RETRY_MAX_MS, f.dispatch.retry_max_ms);
     number(DISPATCH_DRIFT_INTERVAL, f.dispatch.drift_interval);
     number(EXEC_TIMEOUT, f.exec.timeout);
+    number(BACKUPS_STALE_AFTER_HOURS, f.backups.stale_after_hours);
     number(KEYS_BITS, wide(f.keys.bits));
     number(KEYS_POOL_SIZE, wide(f.keys.pool_size));
+    if let Err(e) = crate::registry::backup::validate_retain(&f.backups.retain) {
+        problems.push(format!(
+            "backups.retain: {e}{}",
+            at_line(line_of(text, "backups", "retain:"))
+        ));
+    }
     for (i, master) in f.masters.iter().enumerate() {
         let Some(port) = master_port(master) else {
             continue;

@@ -88,16 +88,19 @@ pub enum Entity {
     HostnameForward,
     /// `share` (see [`super::share`]).
     Share,
+    /// `backup` (see [`super::backup`]).
+    Backup,
 }
 
 impl Entity {
     /// Every entity, in the order of [`crate::bus::origin::REQUEST_ENTITIES`].
-    pub const ALL: [Entity; 5] = [
+    pub const ALL: [Entity; 6] = [
         Entity::Server,
         Entity::Model,
         Entity::PortForward,
         Entity::HostnameForward,
         Entity::Share,
+        Entity::Backup,
     ];
 
     /// Its part of a request tag (`steward/v1/<entity>/<op>`).
@@ -108,6 +111,7 @@ impl Entity {
             Entity::PortForward => "forward/port",
             Entity::HostnameForward => "forward/hostname",
             Entity::Share => "share",
+            Entity::Backup => "backup",
         }
     }
 
@@ -128,6 +132,9 @@ pub enum Op {
     Exec,
     /// `steward/v1/share/passwd`: a new password for a share.
     Passwd,
+    /// `steward/v1/backup/result`: a backup server's run result, recorded
+    /// only when its own minion provably sent it ([`super::backup::result`]).
+    Result,
 }
 
 impl Op {
@@ -140,6 +147,7 @@ impl Op {
             Op::Delete => "delete",
             Op::Exec => "exec",
             Op::Passwd => "passwd",
+            Op::Result => "result",
         }
     }
 }
@@ -214,6 +222,8 @@ pub fn parse(event: &Event) -> Option<Result<Request, Malformed>> {
         "delete" => Op::Delete,
         "exec" => Op::Exec,
         "passwd" => Op::Passwd,
+        // Only backups have results (a backup server's run).
+        "result" if entity == Entity::Backup => Op::Result,
         other if NOTIFICATIONS.contains(&other) => return None,
         other => {
             return Some(Err(Malformed {
@@ -234,6 +244,16 @@ pub fn parse(event: &Event) -> Option<Result<Request, Malformed>> {
     };
     let digest = Digest::of(&event.tag, &args);
     args.retain(|k, _| !salt_key(k));
+    if op == Op::Result && !args.contains_key("request_id") {
+        // A wrapper's result has no request id: its run id stands for one
+        // (no reply is fired for a result).
+        if let Some(Json::String(run)) = args.get("run_id") {
+            let id = format!("result-{run}");
+            if valid_request_id(&id) {
+                args.insert("request_id".into(), Json::String(id));
+            }
+        }
+    }
     let request_id = match args.remove("request_id") {
         Some(Json::String(id)) if valid_request_id(&id) => id,
         Some(Json::Number(n)) if valid_request_id(&n.to_string()) => {
@@ -718,6 +738,7 @@ async fn execute<S: Store>(
         Entity::PortForward => super::forward::port(service, req.op, args).await,
         Entity::HostnameForward => super::forward::hostname(service, req.op, args).await,
         Entity::Share => super::share::serve(service, req.op, args).await,
+        Entity::Backup => super::backup::backup(service, req.op, args).await,
     }
 }
 
@@ -754,7 +775,7 @@ async fn server<S: Store>(
             encode(&service.update_server(&target, patch).await?)
         }
         Op::Delete => encode(&service.delete_server(&server_ref(args)?).await?),
-        Op::Exec | Op::Passwd => Err(not_here("server")),
+        Op::Exec | Op::Passwd | Op::Result => Err(not_here("server")),
     }
 }
 
@@ -855,7 +876,7 @@ async fn model<S: Store>(
             encode(&service.update_model(&args.text("name")?, patch).await?)
         }
         Op::Delete => encode(&service.delete_model(&args.text("name")?).await?),
-        Op::Exec | Op::Passwd => Err(not_here("model")),
+        Op::Exec | Op::Passwd | Op::Result => Err(not_here("model")),
     }
 }
 
@@ -893,6 +914,33 @@ mod tests {
 
     fn request(tag: &str, data: Json) -> Request {
         parse(&ev(tag, data)).unwrap().unwrap()
+    }
+
+    #[test]
+    fn backup_results_are_requests_named_by_their_run() {
+        // salt-call event.send: the master fires the minion's whole load.
+        let wrapped = ev(
+            "steward/v1/backup/result",
+            json!({"id": "bk1-1", "cmd": "_minion_event", "tag": "steward/v1/backup/result",
+                "data": {"backup_id": 1, "run_id": "ab-12", "outcome": "ok", "__pub_jid": "1"}}),
+        );
+        let r = request_of(&wrapped);
+        assert_eq!((r.entity, r.op), (Entity::Backup, Op::Result));
+        assert_eq!(r.origin, Origin::Minion("bk1-1".into()));
+        assert_eq!(r.request_id, "result-ab-12");
+        // The receipt of that event.send names the same digest.
+        let args = json!([
+            "steward/v1/backup/result",
+            "{\"backup_id\": 1, \"run_id\": \"ab-12\", \"outcome\": \"ok\"}"
+        ]);
+        assert_eq!(sent_digest(&args), Some(r.digest));
+        // Only backups have results.
+        let other = parse(&ev("steward/v1/server/result", json!({"request_id": "x"})));
+        assert!(other.unwrap().is_err());
+    }
+
+    fn request_of(e: &Event) -> Request {
+        parse(e).unwrap().unwrap()
     }
 
     #[test]

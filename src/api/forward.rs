@@ -81,7 +81,7 @@ pub async fn port<S: Store>(service: &Service<S>, op: Op, args: Args<'_>) -> Res
             args.only(ID)?;
             encode(&service.delete_port_forward(args.int(ID)?).await?)
         }
-        Op::Exec | Op::Passwd => Err(super::bus::not_here("port forward")),
+        Op::Exec | Op::Passwd | Op::Result => Err(super::bus::not_here("port forward")),
     }
 }
 
@@ -148,7 +148,7 @@ pub async fn hostname<S: Store>(
             args.only(ID)?;
             encode(&service.delete_hostname_forward(args.int(ID)?).await?)
         }
-        Op::Exec | Op::Passwd => Err(super::bus::not_here("hostname forward")),
+        Op::Exec | Op::Passwd | Op::Result => Err(super::bus::not_here("hostname forward")),
     }
 }
 

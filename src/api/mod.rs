@@ -9,9 +9,11 @@
 //!   registry's forward operations.
 //! - [`share`]: samba share requests (the reply carries a new password).
 //! - [`args`]: a request's arguments read the same way for every entity.
+//! - [`backup`]: backup requests, and the backup servers' results.
 //! - [`server`]: the request-server component that runs them.
 
 pub mod args;
+pub mod backup;
 pub mod bus;
 pub mod forward;
 pub mod server;

@@ -96,6 +96,36 @@ pub async fn serve_requests(
                 Some(Ok(req)) => match (&req.origin, req.op) {
                     // A lookup changes nothing: anyone may ask.
                     (_, service_bus::Op::Find) => answering.start(req).await,
+                    // A backup result: only a minion's, proved by its
+                    // event.send job (any minion may send one: the job
+                    // cache proves which, `api::backup::result` checks it
+                    // is the backup's server).
+                    (Origin::Minion(_), service_bus::Op::Result) => {
+                        match corroborations.request(req, now) {
+                            Pairing::Paired(req, receipt) => {
+                                answering.start_confirmed(req, receipt).await
+                            }
+                            Pairing::Waiting { evicted: None } => {}
+                            Pairing::Waiting { evicted: Some(old) } => {
+                                answering
+                                    .unverified(
+                                        &old,
+                                        "too many requests waiting for their receipt",
+                                        false,
+                                    )
+                                    .await
+                            }
+                        }
+                    }
+                    (_, service_bus::Op::Result) => {
+                        answering
+                            .unverified(
+                                &req,
+                                "a backup result must be a minion's event.send",
+                                false,
+                            )
+                            .await
+                    }
                     (Origin::Minion(id), _) if !policy.get().trusted.contains(id) => {
                         warn!(message = "Registry request refused: minion not trusted.", minion_id = %id, tag = %req.tag);
                         let msg = format!(
@@ -309,6 +339,13 @@ impl Answering {
             }
             let result = if req.op == service_bus::Op::Exec {
                 me.exec(&req).await
+            } else if req.op == service_bus::Op::Result {
+                let reply = super::backup::result(&me.service, &req).await;
+                // Nobody waits for a reply to a result: counted, not fired.
+                me.stats.count_reply(&req, &reply);
+                drop(busy);
+                drop(slot);
+                return;
             } else {
                 service_bus::serve(&me.service, &req).await
             };
@@ -372,6 +409,11 @@ impl Answering {
     /// reply is the one for the id; this refusal is logged only.
     async fn refuse(&self, req: &Request, code: &str, message: &str, twin: bool) {
         self.stats.count(req.entity.as_str(), req.op.as_str(), code);
+        if req.op == service_bus::Op::Result {
+            // A result gets no reply; the refusal is logged and counted.
+            warn!(message = "Backup result refused.", tag = %req.tag, request_id = %req.request_id, code, reason = %message);
+            return;
+        }
         let busy = self
             .busy
             .lock()

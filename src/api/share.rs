@@ -61,7 +61,7 @@ pub async fn serve<S: Store>(service: &Service<S>, op: Op, args: Args<'_>) -> Re
             args.only(ID)?;
             encode(&service.delete_share(args.int(ID)?).await?)
         }
-        Op::Update | Op::Exec => Err(Error::invalid(
+        Op::Update | Op::Exec | Op::Result => Err(Error::invalid(
             "op",
             format!(
                 "{} is not a share operation (create, find, passwd, delete)",

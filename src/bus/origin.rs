@@ -33,16 +33,21 @@ pub const STEWARD_PREFIX: &str = "steward/v1/";
 
 /// The entities of registry requests (`steward/v1/<entity>/<op>`; a
 /// forward's entity has two segments).
-pub const REQUEST_ENTITIES: [&str; 5] = [
+pub const REQUEST_ENTITIES: [&str; 6] = [
     "server",
     "model",
     "forward/port",
     "forward/hostname",
     "share",
+    "backup",
 ];
 
-/// The operations of registry requests (`steward/v1/<entity>/<op>`).
-pub const REQUEST_OPS: [&str; 6] = ["create", "find", "update", "delete", "exec", "passwd"];
+/// The operations of registry requests (`steward/v1/<entity>/<op>`);
+/// `result`: a backup server's run result (`steward/v1/backup/result`,
+/// sent by its wrapper with `salt-call event.send`).
+pub const REQUEST_OPS: [&str; 7] = [
+    "create", "find", "update", "delete", "exec", "passwd", "result",
+];
 
 /// How many in-process events wait for a slow consumer before the oldest are
 /// dropped for it (counted by that consumer, as for the bus).

@@ -214,7 +214,7 @@ pub enum DispatchCommand {
     Retry {
         /// The server (id or name).
         server: String,
-        /// Only this state (portfwd, hostfwd, share).
+        /// Only this state (portfwd, hostfwd, share, backup, backup_source).
         #[arg(long)]
         state: Option<String>,
     },
@@ -290,11 +290,17 @@ pub async fn run_status(ctx: &Context, args: StatusArgs) -> anyhow::Result<ExitC
         .collect();
     let failed = all.iter().any(|t| t.status == DispatchStatus::Failed);
     let outbox = store.outbox_status().await?;
+    let backups = super::backup::with_health(&reg, super::backup::stale_after_ms(ctx)).await?;
     if args.json {
+        let backups: Vec<serde_json::Value> = backups
+            .iter()
+            .map(|(b, h, last)| super::backup::row_json(b, *h, last.as_ref()))
+            .collect();
         print_json(&serde_json::json!({
             "targets": all.len(),
             "attention": open_items,
             "outbox": outbox,
+            "backups": backups,
         }))?;
     } else {
         let done = all.len() - open_items.len();
@@ -306,6 +312,17 @@ pub async fn run_status(ctx: &Context, args: StatusArgs) -> anyhow::Result<ExitC
         let owned: Vec<DispatchTarget> = open_items.into_iter().cloned().collect();
         if !owned.is_empty() {
             print_targets(&owned)?;
+        }
+        for (b, h, _) in &backups {
+            out(format_args!(
+                "backup #{} {}:{} → {}:{}\t{}",
+                b.id,
+                b.source,
+                b.source_folder,
+                b.dest,
+                b.dest_folder,
+                super::backup::paint(*h)
+            ))?;
         }
         for c in &outbox {
             if c.pending > 0 || c.quarantined > 0 {

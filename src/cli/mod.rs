@@ -1,6 +1,7 @@
 //! The command line: argument parsing, settings, exit codes (0 ok, 2 usage,
 //! 1 anything else, with a one-line message). One file per command family.
 
+mod backup;
 mod doctor;
 mod events;
 mod exec;
@@ -63,6 +64,9 @@ enum Command {
     /// Samba shares of samba-managed servers: add, list, rm, passwd.
     #[command(subcommand)]
     Share(share::ShareCommand),
+    /// Backups (a backup server pulls a source's folder): add, list, show, rm, run.
+    #[command(subcommand)]
+    Backup(backup::BackupCommand),
     /// What the dispatcher applies: targets, runs, retry.
     #[command(subcommand)]
     Dispatch(forward::DispatchCommand),
@@ -150,6 +154,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Outbox(cmd) => registry::run_outbox(&ctx, cmd).await,
             Command::Forward(cmd) => forward::run_forward(&ctx, cmd).await,
             Command::Share(cmd) => share::run_share(&ctx, cmd).await,
+            Command::Backup(cmd) => backup::run(&ctx, cmd).await,
             Command::Dispatch(cmd) => forward::run_dispatch(&ctx, cmd).await,
             Command::Status(args) => forward::run_status(&ctx, args).await,
             Command::Exec(args) => exec::run_exec(&ctx, args).await,

@@ -272,6 +272,7 @@ fn dispatcher_config(
         helpers,
         stats: Arc::default(),
         master_pki_dir: master.pki_dir.clone(),
+        backup_retain: settings.backups.retain.clone(),
     }
 }
 

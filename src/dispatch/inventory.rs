@@ -39,6 +39,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::bus::origin::STEWARD_PREFIX;
 use crate::bus::Firer;
+use crate::registry::backup::Retain;
 use crate::registry::changes::{Changes, WATCHED_POLL};
 use crate::registry::dispatch::{Debounce, Finish};
 use crate::registry::store::{now_ms, DispatchStore as _, InventoryStore as _};
@@ -115,6 +116,8 @@ pub struct DispatcherConfig {
     /// The master's pki_dir: `share` pillars are encrypted for the minion
     /// keys accepted in its `minions/`.
     pub master_pki_dir: std::path::PathBuf,
+    /// The backup levels of a backup without its own (`backups.retain`).
+    pub backup_retain: Vec<Retain>,
 }
 
 impl DispatcherConfig {
@@ -315,6 +318,9 @@ async fn targets_of(
         OutboxKind::ModelCreated | OutboxKind::ModelUpdated | OutboxKind::ModelDeleted => {
             Ok(Vec::new())
         }
+        OutboxKind::BackupCreated | OutboxKind::BackupDeleted | OutboxKind::BackupKeys => {
+            super::backup::entry_targets(entry)
+        }
     })
 }
 
@@ -424,7 +430,7 @@ impl Runner {
             return Ok(());
         }
         let revision = t.desired;
-        let rendered = match render(&self.service, t, revision, &self.cfg.master_pki_dir).await? {
+        let rendered = match render(&self.service, t, revision, &self.cfg).await? {
             Prepared::Render(r) => r,
             Prepared::Wait(reason) => {
                 if store.dispatch_wait(t.server_id, t.state, &reason).await? {
@@ -470,6 +476,12 @@ impl Runner {
                     }
                     o = self.apply(&publish, &jid) => o,
                 };
+                if let Ok(Applied::Outcome(_, out)) = &outcome {
+                    if let Some(ret) = out.returns.get(&t.minion_id) {
+                        // What the backup states report (keys, results).
+                        super::backup::learn(&self.service, t, &ret.ret).await;
+                    }
+                }
                 self.judge(&t.minion_id, outcome, r.hash, claimed.attempts)
             }
         };
@@ -746,13 +758,14 @@ pub(super) enum Prepared {
 }
 
 /// The whole desired configuration of target `t` from the registry now, as
-/// its state's pillar (`salt-states/README.md`). `pki_dir` is the master's
-/// (share pillars are encrypted for the minion keys it accepted).
+/// its state's pillar (`salt-states/README.md`). `cfg.master_pki_dir`:
+/// share pillars are encrypted for the minion keys the master accepted;
+/// `cfg.backup_retain`: the levels of a backup without its own.
 async fn render(
     service: &Service<DbStore>,
     t: &DispatchTarget,
     revision: i64,
-    pki_dir: &std::path::Path,
+    cfg: &DispatcherConfig,
 ) -> Result<Prepared, Error> {
     let store = service.store();
     let fail = |why: String| Ok(Prepared::Render(Err(why)));
@@ -797,7 +810,15 @@ async fn render(
             }
             json!({ "target": t.server, "sites": sites })
         }
-        StateKind::Share => return super::share::prepare(service, t, revision, pki_dir).await,
+        StateKind::Share => {
+            return super::share::prepare(service, t, revision, &cfg.master_pki_dir).await
+        }
+        StateKind::Backup | StateKind::BackupSource => {
+            match super::backup::render(service, t, &cfg.backup_retain).await? {
+                Ok(body) => body,
+                Err(why) => return fail(why),
+            }
+        }
     };
     let hash = crate::hex::encode(&Sha256::digest(body.to_string().as_bytes()));
     if let Json::Object(m) = &mut body {
@@ -828,6 +849,7 @@ mod tests {
             helpers: TaskTracker::new(),
             stats: Arc::default(),
             master_pki_dir: std::path::PathBuf::new(),
+            backup_retain: Vec::new(),
         }
     }
 

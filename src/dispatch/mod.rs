@@ -8,8 +8,10 @@
 //!   the inventory changes).
 //! - [`share`]: the `share` targets' pillar (samba shares, hashes encrypted
 //!   for the minion).
+//! - [`backup`]: the backup targets' pillars and what their reports teach.
 
 pub mod accept;
+pub mod backup;
 pub mod inventory;
 pub mod notify;
 pub mod share;

@@ -25,11 +25,22 @@ pub enum StateKind {
     Hostfwd,
     /// Samba shares on a samba-managed server: `steward.share`.
     Share,
+    /// The backups a backup server pulls: `steward.backup`.
+    Backup,
+    /// A source's read-only keys for its backup servers: `steward.backup_source`.
+    #[serde(rename = "backup_source")]
+    BackupSource,
 }
 
 impl StateKind {
     /// Every state, in the order shown.
-    pub const ALL: [StateKind; 3] = [StateKind::Portfwd, StateKind::Hostfwd, StateKind::Share];
+    pub const ALL: [StateKind; 5] = [
+        StateKind::Portfwd,
+        StateKind::Hostfwd,
+        StateKind::Share,
+        StateKind::Backup,
+        StateKind::BackupSource,
+    ];
 
     /// The stored name, also the pillar key under `steward:`.
     pub fn as_str(self) -> &'static str {
@@ -37,6 +48,8 @@ impl StateKind {
             StateKind::Portfwd => "portfwd",
             StateKind::Hostfwd => "hostfwd",
             StateKind::Share => "share",
+            StateKind::Backup => "backup",
+            StateKind::BackupSource => "backup_source",
         }
     }
 
@@ -46,6 +59,8 @@ impl StateKind {
             StateKind::Portfwd => "steward.portfwd",
             StateKind::Hostfwd => "steward.hostfwd",
             StateKind::Share => "steward.share",
+            StateKind::Backup => "steward.backup",
+            StateKind::BackupSource => "steward.backup_source",
         }
     }
 }
@@ -64,7 +79,10 @@ impl FromStr for StateKind {
             .into_iter()
             .find(|k| k.as_str() == s)
             .ok_or_else(|| {
-                Error::invalid("state", format!("{s:?} is not portfwd, hostfwd or share"))
+                Error::invalid(
+                    "state",
+                    format!("{s:?} is not portfwd, hostfwd, share, backup or backup_source"),
+                )
             })
     }
 }

@@ -22,6 +22,7 @@
 //! later with the same hostname gets a different minion id, so a key issued for
 //! the old one can never be taken for the new one.
 
+pub mod backup;
 pub mod changes;
 pub mod dispatch;
 pub mod exec;
@@ -360,6 +361,15 @@ pub enum Error {
         /// The longest.
         max: usize,
     },
+    /// A backup destination folder is taken (one backup per destination
+    /// folder of a server, none inside another).
+    #[error("{what} is taken by {by}")]
+    DuplicateBackup {
+        /// The destination asked for.
+        what: String,
+        /// The backup holding it.
+        by: String,
+    },
     /// The database failed (not a constraint the registry knows about).
     #[error("registry database, {op}: {source}")]
     Database {
@@ -392,6 +402,7 @@ impl Error {
             Error::NotSambaManaged { .. } => "not_samba_managed",
             Error::DuplicateShare { .. } => "duplicate_share",
             Error::UserNameTooLong { .. } => "user_name_too_long",
+            Error::DuplicateBackup { .. } => "duplicate_backup",
             Error::Database { .. } => "database",
         }
     }

@@ -77,10 +77,21 @@ pub enum OutboxKind {
     /// `share.deleted`; payload: the change, the share as it was.
     #[serde(rename = "share.deleted")]
     ShareDeleted,
+    /// `backup.created`; payload: `backup::BackupChange` (targets: the
+    /// destination's `backup`, the source's `backup_source`).
+    #[serde(rename = "backup.created")]
+    BackupCreated,
+    /// `backup.deleted`; payload: the change, the backup as it was.
+    #[serde(rename = "backup.deleted")]
+    BackupDeleted,
+    /// `backup.keys`; payload: `backup::KeysChange` (a key learnt from a
+    /// state's report, and the targets to apply again with it).
+    #[serde(rename = "backup.keys")]
+    BackupKeys,
 }
 
 impl OutboxKind {
-    const ALL: [OutboxKind; 15] = [
+    const ALL: [OutboxKind; 18] = [
         OutboxKind::ServerCreated,
         OutboxKind::ServerUpdated,
         OutboxKind::ServerDeleted,
@@ -96,6 +107,9 @@ impl OutboxKind {
         OutboxKind::ShareCreated,
         OutboxKind::ShareUpdated,
         OutboxKind::ShareDeleted,
+        OutboxKind::BackupCreated,
+        OutboxKind::BackupDeleted,
+        OutboxKind::BackupKeys,
     ];
 
     /// The name stored in the `kind` column.
@@ -116,6 +130,9 @@ impl OutboxKind {
             OutboxKind::ShareCreated => "share.created",
             OutboxKind::ShareUpdated => "share.updated",
             OutboxKind::ShareDeleted => "share.deleted",
+            OutboxKind::BackupCreated => "backup.created",
+            OutboxKind::BackupDeleted => "backup.deleted",
+            OutboxKind::BackupKeys => "backup.keys",
         }
     }
 }

@@ -11,10 +11,13 @@ use std::sync::Arc;
 
 use serde_json::Value as Json;
 
+mod backups;
 mod forwards;
 mod shares;
 
 pub use shares::samba_base;
+
+pub use backups::BackupSpec;
 
 use super::group_commit::GroupCommit;
 use super::store::{Filter, KeyColumns, ServerKey};
@@ -690,11 +693,12 @@ impl<S: Store> Service<S> {
     }
 
     /// Deletes a server that is no other server's VM host or proxy and that
-    /// no forward names (refused, naming them).
+    /// no forward or backup names (refused, naming them).
     pub async fn delete_server(&self, server: &ServerRef) -> Result<Server, Error> {
         let s = self.get_server(server).await?;
         let mut by = self.store.forward_references(s.id).await?;
         by.extend(self.store.share_references(s.id).await?);
+        by.extend(self.store.backup_references(s.id).await?);
         if !by.is_empty() {
             return Err(Error::ServerReferenced { name: s.name, by });
         }

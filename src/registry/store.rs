@@ -29,6 +29,7 @@ use sqlx::sqlite::{
 };
 use sqlx::Row as _;
 
+pub use self::backup::{BackupFilter, BackupStore, NewBackup};
 pub use self::dispatch::DispatchStore;
 pub use self::exec::ExecStore;
 pub use self::inventory::{InventoryStore, NewHostnameForward, NewPortForward};
@@ -42,7 +43,7 @@ use super::{Error, OutboxKind, Server, ServerModel, Status};
 /// How the service reads and writes the registry. Writing methods append the
 /// outbox row of their change in the same transaction.
 pub trait Store:
-    InventoryStore + DispatchStore + ShareStore + Send + Sync + Clone + 'static
+    InventoryStore + DispatchStore + ShareStore + BackupStore + Send + Sync + Clone + 'static
 {
     /// Inserts a model (its `id` is ignored) and returns it with its id.
     fn insert_model(
@@ -1420,6 +1421,8 @@ mod dispatch;
 mod exec;
 mod inventory;
 mod shares;
+// Backups (issue #13), after the macros it uses too.
+mod backup;
 
 impl ExecStore for DbStore {
     async fn exec_insert(&self, e: &NewExec) -> Result<ExecRecord, Error> {

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod accept;
+mod backups;
 mod bench_dispatch;
 mod bus_fake_publisher;
 mod bus_salt;

@@ -134,7 +134,9 @@ mod sql {
         "SELECT server_id, state FROM dispatch_targets WHERE server_id = $1 \
          UNION SELECT host_id, 'portfwd' FROM port_forwards WHERE dest_id = $1 OR host_id = $1 \
          UNION SELECT proxy_id, 'hostfwd' FROM hostname_forwards \
-             WHERE dest_id = $1 OR host_id = $1 OR proxy_id = $1";
+             WHERE dest_id = $1 OR host_id = $1 OR proxy_id = $1 \
+         UNION SELECT dest_id, 'backup' FROM backups WHERE source_id = $1 OR dest_id = $1 \
+         UNION SELECT source_id, 'backup_source' FROM backups WHERE source_id = $1 OR dest_id = $1";
 
     pub const RECOVER_RUNS: &str = "UPDATE dispatch_runs SET outcome = 'interrupted', \
          finished_at = $1 WHERE finished_at IS NULL";

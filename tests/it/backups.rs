@@ -1,0 +1,911 @@
+//! Issue #13, backups, end to end: `backup add` typed as an operator does,
+//! a running daemon dispatching `steward.backup` (backup server) and
+//! `steward.backup_source` (source) through a real master to two real
+//! minions registered from their bundles, the source's SSH a private sshd
+//! on loopback ([`Sshd`]); the keys exchanged through the states' reports
+//! alone; `backup run` copies the folder (excludes honoured) and the result
+//! reaches the registry. Bad input is refused with specific errors, nothing
+//! written, nothing to dispatch.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::accept::{bundle, signing_master_serving, wait_status};
+use crate::support::salt::{free_port, install_bundle, salt_states_dir};
+use crate::support::sshd::Sshd;
+use crate::support::{
+    cli, eventually_within, run_ok, start_daemon, steward_config, LineChild, SaltHarness,
+};
+
+const BACKUP: &str = "bk1.example.org";
+const SOURCE: &str = "web1.example.org";
+
+/// The value of `salt_steward_requests_total` for backup results with
+/// `outcome` on the daemon's metrics endpoint (0 when not counted yet).
+fn results_counted(port: u16, outcome: &str) -> u64 {
+    use std::io::{Read as _, Write as _};
+    let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return 0;
+    };
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        c,
+        "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut body = String::new();
+    c.read_to_string(&mut body).unwrap();
+    let want = format!("outcome=\"{outcome}\"");
+    body.lines()
+        .filter(|l| {
+            l.starts_with("salt_steward_requests_total{")
+                && l.contains("entity=\"backup\"")
+                && l.contains("op=\"result\"")
+                && l.contains(&want)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// How long convergence may take (several state runs through the master
+/// on a loaded machine, after the debounce).
+const CONVERGE: Duration = Duration::from_secs(180);
+
+/// `salt-steward ARGS` (it must succeed): its stdout.
+fn steward(cfg: &Path, args: &[&str]) -> String {
+    String::from_utf8_lossy(&run_ok(cli(cfg, args)).stdout).into_owned()
+}
+
+/// `salt-steward ARGS` whose stdout is JSON.
+fn steward_json(cfg: &Path, args: &[&str]) -> Value {
+    let out = steward(cfg, args);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {out}"))
+}
+
+/// `salt-steward ARGS` that must fail: its stderr.
+fn refused(cfg: &Path, args: &[&str]) -> String {
+    let out = cli(cfg, args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{args:?} should fail: {err}");
+    err
+}
+
+/// Changes of the registry the dispatcher has not read yet.
+fn unread_by_dispatcher(cfg: &Path) -> i64 {
+    let status = steward_json(cfg, &["outbox", "status", "--json"]);
+    status
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["consumer"] == "dispatch")
+        .and_then(|c| c["pending"].as_i64())
+        .unwrap()
+}
+
+/// The (server, state) target as `dispatch show SERVER --json` lists it.
+fn target(cfg: &Path, server: &str, state: &str) -> Option<Value> {
+    let show = steward_json(cfg, &["dispatch", "show", server, "--json"]);
+    show["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["state"] == state)
+        .cloned()
+}
+
+fn write(path: &Path, text: &str) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, text).unwrap();
+}
+
+/// The source's data: (files rsync counts, their total size).
+fn populate(src: &Path) -> (i64, i64) {
+    write(&src.join("a.txt"), "hello\n");
+    write(&src.join("sub/b.txt"), "0123456789\n");
+    write(&src.join("sub/deeper/c.bin"), &"x".repeat(4096));
+    write(&src.join("cache/skipped"), "excluded by cache/\n");
+    write(&src.join("sub/scratch.tmp"), "excluded by *.tmp\n");
+    // ".", a.txt, sub, sub/b.txt, sub/deeper, sub/deeper/c.bin
+    (6, 6 + 11 + 4096)
+}
+
+#[test]
+fn bad_backups_are_refused_and_nothing_is_written() {
+    let dir = tempfile::Builder::new()
+        .prefix("ss-backups-")
+        .tempdir()
+        .unwrap();
+    let cfg = dir.path().join("steward.yaml");
+    write(
+        &cfg,
+        &format!(
+            "registry: sqlite://{}/registry.db\nkeys:\n  dir: {}/keys\n",
+            dir.path().display(),
+            dir.path().display()
+        ),
+    );
+    steward(&cfg, &["model", "add", "m"]);
+    steward(
+        &cfg,
+        &[
+            "server",
+            "add",
+            SOURCE,
+            "--model",
+            "m",
+            "--internal-ip",
+            "10.1.0.5",
+        ],
+    );
+    steward(&cfg, &["server", "add", BACKUP, "--model", "m"]);
+    let first = steward(
+        &cfg,
+        &["backup", "add", SOURCE, "/srv/data", BACKUP, "/b/web1"],
+    );
+    assert_eq!(first.trim(), "1");
+    let unread = unread_by_dispatcher(&cfg);
+
+    let cases: [(&[&str], &str); 8] = [
+        (
+            &["backup", "add", SOURCE, "/srv/other", BACKUP, "/b/other"],
+            "a second backup of web1.example.org by bk1.example.org is taken by backup #1",
+        ),
+        (
+            &[
+                "backup",
+                "add",
+                SOURCE,
+                "/srv",
+                "nosuch.example.org",
+                "/b/x",
+            ],
+            "no server nosuch.example.org",
+        ),
+        (
+            &["backup", "add", SOURCE, "/srv/other", BACKUP, "/b/web1"],
+            "destination /b/web1 on bk1.example.org is taken by backup #1",
+        ),
+        (
+            &[
+                "backup",
+                "add",
+                SOURCE,
+                "/srv/other",
+                BACKUP,
+                "/b/web1/inner",
+            ],
+            "one destination inside the other",
+        ),
+        (
+            &["backup", "add", SOURCE, "srv/data", BACKUP, "/b/x"],
+            "invalid source_folder: \"srv/data\" is not an absolute folder",
+        ),
+        (
+            &["backup", "add", SOURCE, "/srv", BACKUP, "b/x"],
+            "invalid dest_folder",
+        ),
+        (
+            &["backup", "add", SOURCE, "/srv/../etc", BACKUP, "/b/x"],
+            "has a .. segment",
+        ),
+        (
+            &[
+                "backup",
+                "add",
+                SOURCE,
+                "/srv",
+                BACKUP,
+                "/b/y",
+                "--exclude",
+                "../up",
+            ],
+            "invalid exclude",
+        ),
+    ];
+    for (args, want) in cases {
+        let err = refused(&cfg, args);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    // A source without an address needs --ssh-host.
+    let err = refused(&cfg, &["backup", "add", BACKUP, "/srv", SOURCE, "/b/z"]);
+    assert!(err.contains("no IPv4 address"), "{err}");
+    // A server a backup names cannot be deleted.
+    let err = refused(&cfg, &["server", "rm", BACKUP]);
+    assert!(err.contains("backup #1"), "{err}");
+
+    let all = steward_json(&cfg, &["backup", "list", "--json"]);
+    assert_eq!(all.as_array().unwrap().len(), 1, "{all}");
+    assert_eq!(all[0]["health"], "never_run", "{all}");
+    assert_eq!(
+        unread_by_dispatcher(&cfg),
+        unread,
+        "a refusal wrote an outbox row"
+    );
+
+    steward(&cfg, &["backup", "rm", "1"]);
+    steward(&cfg, &["server", "rm", BACKUP]);
+    assert_eq!(
+        steward_json(&cfg, &["backup", "list", "--json"]),
+        serde_json::json!([])
+    );
+}
+
+/// The master, the daemon, both minions registered, the source's sshd and
+/// the folders.
+/// Field order is drop order: the daemon first, the master and minions,
+/// then sshd and the folders.
+struct BackupStack {
+    /// `None` while stopped.
+    daemon: Option<LineChild>,
+    h: SaltHarness,
+    /// The daemon's metrics endpoint.
+    metrics_port: u16,
+    source_minion: String,
+    backup_minion: String,
+    cfg: PathBuf,
+    sshd: Sshd,
+    src: PathBuf,
+    dest: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl BackupStack {
+    fn start() -> Self {
+        crate::support::netns::require_tools(&["rsync", "rsnapshot", "rrsync"]);
+        let sshd = Sshd::start();
+        let dir = tempfile::Builder::new()
+            .prefix("ss-backups-")
+            .tempdir()
+            .unwrap();
+        let src = dir.path().join("src");
+        let dest = dir.path().join("backups/web1");
+        let mut h = signing_master_serving(vec![salt_states_dir()]);
+        let metrics_port = free_port();
+        let cfg = steward_config(
+            &h,
+            &[],
+            &format!(
+                "metrics_listen: 127.0.0.1:{metrics_port}\n\
+                 masters: [\"127.0.0.1:{}\"]\n\
+                 dispatch:\n  debounce_ms: 300\n  job_timeout: 120\n  retry_base_ms: 1000\n",
+                h.ret_port
+            ),
+        );
+        steward(&cfg, &["model", "add", "m"]);
+        let b = steward_json(&cfg, &["server", "add", BACKUP, "--model", "m", "--json"]);
+        let s = steward_json(
+            &cfg,
+            &[
+                "server",
+                "add",
+                SOURCE,
+                "--model",
+                "m",
+                "--internal-ip",
+                "127.0.0.1",
+                "--json",
+            ],
+        );
+        let daemon = start_daemon(&cfg);
+        let backup_settings = format!(
+            "steward:\n  backup:\n    state_dir: {}\n    cron_file: {}\n",
+            dir.path().join("state").display(),
+            dir.path().join("cron.d/salt-steward-backup").display()
+        );
+        let source_settings = format!(
+            "steward:\n  backup_source:\n    authorized_keys: {}\n    host_keys_dir: {}\n",
+            sshd.authorized_keys.display(),
+            sshd.host_keys_dir.display()
+        );
+        for (name, minion, settings) in [
+            (BACKUP, b["minion_id"].as_str().unwrap(), &backup_settings),
+            (SOURCE, s["minion_id"].as_str().unwrap(), &source_settings),
+        ] {
+            let bundle = bundle(&h, &cfg, name, &format!("{name}.tgz"));
+            h.start_minion_with(name, minion, settings, |d| install_bundle(&bundle, d));
+            wait_status(&cfg, name, "online");
+        }
+        Self {
+            daemon: Some(daemon),
+            h,
+            metrics_port,
+            source_minion: s["minion_id"].as_str().unwrap().to_owned(),
+            backup_minion: b["minion_id"].as_str().unwrap().to_owned(),
+            cfg,
+            sshd,
+            src,
+            dest,
+            _dir: dir,
+        }
+    }
+
+    /// Waits until both targets are done at their desired revision, the
+    /// dispatcher has read every change, and the keys are exchanged.
+    fn converged(&self, id: &str) -> Value {
+        eventually_within("the backup converged", CONVERGE, || {
+            let unread = unread_by_dispatcher(&self.cfg);
+            let b = steward_json(&self.cfg, &["backup", "show", id, "--json"]);
+            let t = target(&self.cfg, BACKUP, "backup");
+            let s = target(&self.cfg, SOURCE, "backup_source");
+            let done = |t: &Option<Value>| {
+                t.as_ref()
+                    .is_some_and(|t| t["status"] == "done" && t["applied"] == t["desired"])
+            };
+            let keys = b["dest_pubkey"].is_string()
+                && !b["source_host_keys"].as_array().unwrap().is_empty();
+            if unread == 0 && done(&t) && done(&s) && keys {
+                Ok(b)
+            } else {
+                Err(format!("unread {unread}, backup {b}, targets {t:?} {s:?}"))
+            }
+        })
+    }
+}
+
+#[test]
+fn a_backup_converges_by_itself_then_runs_and_records_its_result() {
+    let s = BackupStack::start();
+    let (files, size) = populate(&s.src);
+    let src = s.src.to_str().unwrap();
+    let dest = s.dest.to_str().unwrap();
+    let port = s.sshd.port.to_string();
+    let id = steward(
+        &s.cfg,
+        &[
+            "backup",
+            "add",
+            SOURCE,
+            src,
+            BACKUP,
+            dest,
+            "--exclude",
+            "cache/",
+            "--exclude",
+            "*.tmp",
+            "--ssh-port",
+            &port,
+        ],
+    );
+    let id = id.trim();
+    assert_eq!(id, "1");
+    let b = s.converged(id);
+    // The keys came from the states' reports: the source's host key as its
+    // sshd has it, the backup server's key installed restricted on the source.
+    let host_key = s.sshd.host_key();
+    assert!(
+        b["source_host_keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|k| host_key.starts_with(k.as_str().unwrap())),
+        "{b}\n{host_key}"
+    );
+    let pubkey = b["dest_pubkey"].as_str().unwrap();
+    let blob = pubkey.split_whitespace().nth(1).unwrap();
+    let authorized = std::fs::read_to_string(&s.sshd.authorized_keys).unwrap();
+    let line = authorized
+        .lines()
+        .find(|l| l.contains(blob))
+        .unwrap_or_else(|| panic!("no key of the backup server in {authorized}"));
+    assert!(
+        line.contains("rrsync -ro") && line.contains("restrict"),
+        "{line}"
+    );
+    assert!(line.contains(src), "{line}");
+
+    // Run it now: a real copy, the result recorded.
+    let out = run_ok(cli(
+        &s.cfg,
+        &["backup", "run", id, "--json", "--timeout", "180"],
+    ));
+    let ran: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let result = &ran["result"];
+    assert_eq!(result["outcome"], "ok", "{ran}");
+    assert_eq!(result["files"], files, "{ran}");
+    assert_eq!(result["size"], size, "{ran}");
+    let snapshot = s.dest.join("hourly.0");
+    assert_eq!(
+        std::fs::read_to_string(snapshot.join("sub/deeper/c.bin")).unwrap(),
+        "x".repeat(4096)
+    );
+    assert!(snapshot.join("a.txt").exists());
+    assert!(!snapshot.join("cache").exists(), "cache/ was excluded");
+    assert!(
+        !snapshot.join("sub/scratch.tmp").exists(),
+        "*.tmp was excluded"
+    );
+
+    let shown = steward_json(&s.cfg, &["backup", "show", id, "--json"]);
+    let results = shown["results"].as_array().unwrap();
+    assert_eq!(results.len(), 1, "one run, recorded once: {shown}");
+    assert_eq!(results[0]["run_id"], result["run_id"], "{shown}");
+    assert_eq!(results[0]["files"], files, "{shown}");
+    assert_eq!(results[0]["size"], size, "{shown}");
+    assert_eq!(shown["health"], "green", "{shown}");
+    let list = steward(&s.cfg, &["backup", "list"]);
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("1\t") && l.contains("green")),
+        "{list}"
+    );
+    let status = steward(&s.cfg, &["status"]);
+    assert!(
+        status
+            .lines()
+            .any(|l| l.contains("backup #1") && l.contains("green")),
+        "{status}"
+    );
+
+    // The wrapper's own event (salt-call event.send on the backup server)
+    // is proved by its job and accepted (the run was recorded once already).
+    eventually_within(
+        "the genuine result event counted",
+        CONVERGE,
+        || match results_counted(s.metrics_port, "ok") {
+            0 => Err("not yet".into()),
+            n => Ok(n),
+        },
+    );
+
+    // The same result with a new run id, sent by the SOURCE's minion
+    // (salt-call event.send: wrapped with its own authenticated id, its
+    // job proves it sent it): refused (not the backup server), counted,
+    // not recorded. The same by the master's runner (unwrapped): refused.
+    // (The wrapper's own shape: files/run.py.)
+    let forged = serde_json::json!({
+        "backup_id": 1, "run_id": "forged-0001", "level": "hourly",
+        "started": result["started_at"].as_f64().unwrap() / 1000.0 + 60.0,
+        "duration_s": 0.5, "outcome": "ok", "rsync_exit": 0,
+        "files": files, "size": size, "transferred": size, "error": "",
+    });
+    let forged_text = forged.to_string();
+    let out = s.h.minion_call(
+        &s.source_minion,
+        &["event.send", "steward/v1/backup/result", &forged_text],
+    );
+    assert!(out.status.success(), "{}", crate::support::text(&out));
+    eventually_within(
+        "the forged result refused",
+        CONVERGE,
+        || match results_counted(s.metrics_port, "wrong_minion") {
+            1 => Ok(()),
+            n => Err(format!("counted {n}")),
+        },
+    );
+    let out = s.h.master_cmd(
+        "salt-run",
+        &["event.send", "steward/v1/backup/result", &forged_text],
+    );
+    assert!(out.status.success(), "{}", crate::support::text(&out));
+    eventually_within(
+        "the unwrapped result refused",
+        CONVERGE,
+        || match results_counted(s.metrics_port, "unverified_sender") {
+            0 => Err("not yet".into()),
+            _ => Ok(()),
+        },
+    );
+    let shown = steward_json(&s.cfg, &["backup", "show", id, "--json"]);
+    let runs: Vec<&Value> = shown["results"].as_array().unwrap().iter().collect();
+    assert_eq!(runs.len(), 1, "a forged result was recorded: {shown}");
+    assert_eq!(runs[0]["run_id"], result["run_id"], "{shown}");
+
+    // A run whose event is lost (the daemon is stopped; the cron wrapper
+    // would do the same) is recovered from the backup server's report at
+    // its next steward.backup run (here forced by `dispatch retry`).
+    let mut s = s;
+    assert!(s.daemon.take().unwrap().terminate().success());
+    let pillar =
+        serde_json::json!({"steward": {"backup_run": {"target": s.backup_minion, "id": 1}}});
+    let out = s.h.master_cmd(
+        "salt",
+        &[
+            &s.backup_minion,
+            "state.apply",
+            "steward.backup.run",
+            &format!("pillar={pillar}"),
+            "--out=json",
+            "-t",
+            "120",
+        ],
+    );
+    let text = crate::support::text(&out);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{text}"));
+    let comment = v[s.backup_minion.as_str()]
+        .as_object()
+        .and_then(|states| states.values().next())
+        .and_then(|state| state["comment"].as_str())
+        .unwrap_or_else(|| panic!("{text}"))
+        .to_owned();
+    let lost: Value = comment
+        .lines()
+        .find_map(|l| l.strip_prefix("steward.backup.run report: "))
+        .and_then(|j| serde_json::from_str(j).ok())
+        .unwrap_or_else(|| panic!("no run report: {text}"));
+    let lost_run = lost["result"]["run_id"].as_str().unwrap().to_owned();
+    assert_eq!(lost["result"]["outcome"], "ok", "{lost}");
+    s.daemon = Some(start_daemon(&s.cfg));
+    steward(&s.cfg, &["dispatch", "retry", BACKUP, "--state", "backup"]);
+    eventually_within("the lost result recovered", CONVERGE, || {
+        let shown = steward_json(&s.cfg, &["backup", "show", id, "--json"]);
+        let runs = shown["results"].as_array().unwrap();
+        if runs.iter().any(|r| r["run_id"] == lost_run.as_str()) {
+            Ok(runs.len())
+        } else {
+            Err(shown.to_string())
+        }
+    });
+    // A wrong source folder is never a success: the run is recorded as
+    // an error, `backup run` exits 1, the backup is red. (One backup per
+    // source and backup server: the first goes first.)
+    steward(&s.cfg, &["backup", "rm", id]);
+    let top = s.src.parent().unwrap().to_owned();
+    let missing = top.join("missing");
+    let missing_dest = top.join("backups/missing");
+    let id2 = steward(
+        &s.cfg,
+        &[
+            "backup",
+            "add",
+            SOURCE,
+            missing.to_str().unwrap(),
+            BACKUP,
+            missing_dest.to_str().unwrap(),
+            "--ssh-port",
+            &port,
+        ],
+    );
+    let id2 = id2.trim();
+    s.converged(id2);
+    let out = cli(
+        &s.cfg,
+        &["backup", "run", id2, "--json", "--timeout", "180"],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", crate::support::text(&out));
+    let ran: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("{}", crate::support::text(&out)));
+    let outcome = ran["result"]["outcome"].as_str().unwrap();
+    assert!(outcome == "error" || outcome == "attention", "{ran}");
+    let shown = steward_json(&s.cfg, &["backup", "show", id2, "--json"]);
+    assert_eq!(shown["health"], "red", "{shown}");
+    assert_eq!(shown["results"][0]["outcome"], outcome, "{shown}");
+}
+
+// ------------------------------------------------------------ the registry
+
+/// A registry database for one test: a SQLite file, or a fresh database on
+/// the PostgreSQL server `STEWARD_TEST_POSTGRES_URL` names (dropped after).
+struct Db {
+    url: String,
+    _dir: Option<tempfile::TempDir>,
+    pg: Option<(String, String)>,
+}
+
+impl Db {
+    fn sqlite() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("registry.db").display());
+        Self {
+            url,
+            _dir: Some(dir),
+            pg: None,
+        }
+    }
+
+    /// Never a silent skip: scripts/test always provides the server.
+    async fn postgres() -> Self {
+        let admin = std::env::var("STEWARD_TEST_POSTGRES_URL")
+            .ok()
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| {
+                panic!(
+                    "STEWARD_TEST_POSTGRES_URL is not set: run `eval \"$(scripts/pg-test-env)\"` first"
+                )
+            });
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let name = format!("steward_backups_{}_{nanos}", std::process::id());
+        let pool = sqlx::PgPool::connect(&admin).await.unwrap();
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+        let (base, query) = match admin.split_once('?') {
+            Some((b, q)) => (b, format!("?{q}")),
+            None => (admin.as_str(), String::new()),
+        };
+        let (server, _) = base.rsplit_once('/').unwrap();
+        Self {
+            url: format!("{server}/{name}{query}"),
+            _dir: None,
+            pg: Some((admin, name)),
+        }
+    }
+}
+
+impl Drop for Db {
+    fn drop(&mut self) {
+        let Some((admin, name)) = self.pg.take() else {
+            return;
+        };
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok(pool) = sqlx::PgPool::connect(&admin).await {
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .execute(&pool)
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// The backup registry on one backend: create (both targets in the
+/// outbox), refusals writing nothing, keys learnt once (their targets in
+/// the outbox), results recorded once per run, the server kept while a
+/// backup names it, delete (results go with it).
+async fn registry_story(db: &Db) {
+    use salt_steward::registry::backup::{BackupResult, Outcome};
+    use salt_steward::registry::service::BackupSpec;
+    use salt_steward::registry::store::{BackupStore as _, Store as _};
+    use salt_steward::registry::{OutboxRow, ServerPatch, ServerRef};
+
+    let reg = salt_steward::registry::open(&db.url).await.unwrap();
+    reg.create_model("m", "", &[]).await.unwrap();
+    let server = |name: &str, ip: Option<&str>| {
+        let mut m = serde_json::Map::new();
+        m.insert("name".into(), Value::from(name));
+        m.insert("model".into(), Value::from("m"));
+        if let Some(ip) = ip {
+            m.insert("internal_ip".into(), Value::from(ip));
+        }
+        ServerPatch::from_json(&m, &[]).unwrap()
+    };
+    let src = reg
+        .create_server(server(SOURCE, Some("10.1.0.5")))
+        .await
+        .unwrap();
+    let bk = reg.create_server(server(BACKUP, None)).await.unwrap();
+    let spec = |folder: &str, dest: &str| BackupSpec {
+        source: ServerRef::Name(SOURCE.into()),
+        source_folder: folder.into(),
+        dest: ServerRef::Name(BACKUP.into()),
+        dest_folder: dest.into(),
+        excludes: vec!["cache/".into()],
+        exclude_proc_sys: true,
+        active: None,
+        retain: None,
+        ssh_host: None,
+        ssh_port: Some(2222),
+        ssh_user: None,
+    };
+    let store = reg.store();
+    store.outbox_subscribe("t").await.unwrap();
+    let b = reg
+        .create_backup(spec("/srv/data", "/b/web1/"))
+        .await
+        .unwrap();
+    assert_eq!(b.dest_folder, "/b/web1");
+    assert_eq!(b.host().as_deref(), Some("10.1.0.5"));
+    assert!(b.exclude_proc_sys && b.active);
+    let rows = store.outbox_pending("t", 100).await.unwrap();
+    let OutboxRow::Entry(e) = rows.last().unwrap() else {
+        panic!("{rows:?}")
+    };
+    assert_eq!(e.kind.as_str(), "backup.created");
+    assert_eq!(
+        e.payload["targets"],
+        serde_json::json!([[bk.id, "backup"], [src.id, "backup_source"]])
+    );
+    let before = rows.len();
+    for (folder, dest, code) in [
+        ("/srv/x", "/b/web1", "duplicate_backup"),
+        ("/srv/x", "/b", "duplicate_backup"),
+        ("/srv/x", "/b/other", "duplicate_backup"),
+        ("srv", "/b/other", "invalid_value"),
+        ("/srv/../x", "/b/other", "invalid_value"),
+        ("/srv", "/", "invalid_value"),
+    ] {
+        let err = reg.create_backup(spec(folder, dest)).await.unwrap_err();
+        assert_eq!(err.code(), code, "{folder} {dest}: {err}");
+    }
+    assert_eq!(store.outbox_pending("t", 100).await.unwrap().len(), before);
+    assert_eq!(reg.list_backups(None).await.unwrap().len(), 1);
+
+    // Keys: stored once, each change naming the targets to apply again.
+    assert!(store
+        .set_backup_pubkey(bk.id, "ssh-ed25519 AAAA k")
+        .await
+        .unwrap());
+    assert!(!store
+        .set_backup_pubkey(bk.id, "ssh-ed25519 AAAA k")
+        .await
+        .unwrap());
+    let keys = vec!["ssh-ed25519 BBBB".to_owned()];
+    assert!(store.set_ssh_host_keys(src.id, &keys).await.unwrap());
+    assert!(!store.set_ssh_host_keys(src.id, &keys).await.unwrap());
+    let rows = store.outbox_pending("t", 100).await.unwrap();
+    let targets: Vec<Value> = rows[before..]
+        .iter()
+        .map(|r| match r {
+            OutboxRow::Entry(e) => e.payload["targets"].clone(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        targets,
+        vec![
+            serde_json::json!([[src.id, "backup_source"]]),
+            serde_json::json!([[bk.id, "backup"]])
+        ]
+    );
+    let b = reg.get_backup(b.id).await.unwrap();
+    assert_eq!(b.dest_pubkey.as_deref(), Some("ssh-ed25519 AAAA k"));
+    assert_eq!(b.source_host_keys, keys);
+
+    // Results: once per run id.
+    let r = BackupResult {
+        backup_id: b.id,
+        run_id: "r-1".into(),
+        level: "hourly".into(),
+        started_at: 1_000,
+        duration_ms: 5,
+        outcome: Outcome::Warning,
+        files: Some(3),
+        size: Some(30),
+        transferred: None,
+        rsync_exit: Some(24),
+        error: "vanished".into(),
+        received_at: 0,
+    };
+    // `backup run` marks it running until its end (or its deadline).
+    let now = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap();
+    store
+        .set_backup_running(b.id, Some(now + 60_000))
+        .await
+        .unwrap();
+    assert!(reg.get_backup(b.id).await.unwrap().running(now));
+    store.set_backup_running(b.id, None).await.unwrap();
+    assert!(!reg.get_backup(b.id).await.unwrap().running(now));
+    assert!(reg.record_backup_result(&b, &r).await.unwrap());
+    assert!(!reg.record_backup_result(&b, &r).await.unwrap());
+    let got = reg.backup_results(b.id, 10).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].outcome, Outcome::Warning);
+    assert_eq!(got[0].rsync_exit, Some(24));
+
+    let err = reg.delete_server(&ServerRef::Id(src.id)).await.unwrap_err();
+    assert_eq!(err.code(), "server_in_use", "{err}");
+    reg.delete_backup(b.id).await.unwrap();
+    assert!(reg.backup_results(b.id, 10).await.unwrap().is_empty());
+    reg.delete_server(&ServerRef::Id(src.id)).await.unwrap();
+}
+
+#[tokio::test]
+async fn registry_story_on_sqlite() {
+    registry_story(&Db::sqlite()).await;
+}
+
+#[tokio::test]
+async fn registry_story_on_postgres() {
+    registry_story(&Db::postgres().await).await;
+}
+
+// ------------------------------------------------------------- the bus
+
+/// Fires a request from the master (`salt-run event.send`) and waits for its reply.
+fn ask(
+    h: &SaltHarness,
+    w: &mut LineChild,
+    d: &mut LineChild,
+    op: &str,
+    id: &str,
+    mut data: Value,
+) -> Value {
+    data["request_id"] = Value::from(id);
+    let tag = format!("steward/v1/backup/{op}");
+    crate::support::assert_ok(&h.master_cmd("salt-run", &["event.send", &tag, &data.to_string()]));
+    crate::support::reply(w, d, id)
+}
+
+#[test]
+fn backups_on_the_bus_with_trust_rules_and_bad_input_refused() {
+    let mut h = SaltHarness::start();
+    h.wait_req_ready();
+    h.start_minions_and_wait(&["b-untrusted"]);
+    let cfg = steward_config(&h, &[], "");
+    steward(&cfg, &["model", "add", "m"]);
+    steward(
+        &cfg,
+        &[
+            "server",
+            "add",
+            SOURCE,
+            "--model",
+            "m",
+            "--internal-ip",
+            "10.1.0.5",
+        ],
+    );
+    steward(&cfg, &["server", "add", BACKUP, "--model", "m"]);
+    let mut daemon = start_daemon(&cfg);
+    let mut w = crate::support::watch_steward(&cfg);
+    let (w, d) = (&mut w, &mut daemon);
+
+    let create = serde_json::json!({
+        "source": SOURCE, "source_folder": "/srv/data", "dest": BACKUP,
+        "dest_folder": "/b/web1", "excludes": ["cache/"], "ssh_port": 2222,
+    });
+    let r = ask(&h, w, d, "create", "b1", create.clone());
+    assert_eq!(r["ok"], true, "{r}");
+    let id = r["result"]["id"].clone();
+    assert_eq!(r["result"]["ssh_port"], 2222, "{r}");
+    assert_eq!(
+        r["result"]["excludes"],
+        serde_json::json!(["cache/"]),
+        "{r}"
+    );
+    let created =
+        crate::support::wait_event_data(w, d, "steward/v1/backup/created", |x| x["id"] == id);
+    assert_eq!(created["dest"], BACKUP, "{created}");
+
+    let r = ask(&h, w, d, "find", "b2", serde_json::json!({"id": id}));
+    assert_eq!(r["result"][0]["dest_folder"], "/b/web1", "{r}");
+
+    let mut dup = create.clone();
+    dup["source_folder"] = Value::from("/srv/other");
+    let r = ask(&h, w, d, "create", "b3", dup);
+    assert_eq!(r["error"]["code"], "duplicate_backup", "{r}");
+    let mut rel = create.clone();
+    rel["dest_folder"] = Value::from("b/x");
+    let r = ask(&h, w, d, "create", "b4", rel);
+    assert_eq!(r["error"]["code"], "invalid_value", "{r}");
+    let mut nodest = create.clone();
+    nodest["dest"] = Value::from("nosuch.example.org");
+    nodest["dest_folder"] = Value::from("/b/y");
+    let r = ask(&h, w, d, "create", "b5", nodest);
+    assert_eq!(r["error"]["code"], "not_found", "{r}");
+    let mut unknown = create.clone();
+    unknown["colour"] = Value::from("red");
+    let r = ask(&h, w, d, "create", "b6", unknown);
+    assert_eq!(r["error"]["code"], "invalid_value", "{r}");
+
+    // A minion not in trusted_minions changes nothing.
+    let mut other = create.clone();
+    other["dest_folder"] = Value::from("/b/z");
+    other["request_id"] = Value::from("b7");
+    let out = h.minion_call(
+        "b-untrusted",
+        &["event.send", "steward/v1/backup/create", &other.to_string()],
+    );
+    crate::support::assert_ok(&out);
+    let r = crate::support::reply(w, d, "b7");
+    assert_eq!(r["error"]["code"], "untrusted_sender", "{r}");
+    let all = steward_json(&cfg, &["backup", "list", "--json"]);
+    assert_eq!(all.as_array().unwrap().len(), 1, "{all}");
+
+    let r = ask(&h, w, d, "delete", "b8", serde_json::json!({"id": id}));
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(
+        steward_json(&cfg, &["backup", "list", "--json"]),
+        serde_json::json!([])
+    );
+}
