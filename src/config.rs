@@ -534,6 +534,15 @@ impl Default for BackupsConfig {
     }
 }
 
+impl BackupsConfig {
+    /// `stale_after_hours` in milliseconds, as backups' health is judged.
+    pub fn stale_after_ms(&self) -> i64 {
+        i64::try_from(self.stale_after_hours)
+            .unwrap_or(i64::MAX)
+            .saturating_mul(3_600_000)
+    }
+}
+
 fn default_stale_after_hours() -> u64 {
     26
 }

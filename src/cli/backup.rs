@@ -90,7 +90,7 @@ pub enum BackupCommand {
 /// Runs a `backup` subcommand.
 pub async fn run(ctx: &Context, cmd: BackupCommand) -> anyhow::Result<ExitCode> {
     let reg = open(ctx).await?;
-    let stale_ms = stale_after_ms(ctx);
+    let stale_ms = ctx.settings.backups.stale_after_ms();
     match cmd {
         BackupCommand::Add {
             source,
@@ -125,7 +125,7 @@ pub async fn run(ctx: &Context, cmd: BackupCommand) -> anyhow::Result<ExitCode> 
             }
         }
         BackupCommand::List { json } => {
-            let rows = with_health(&reg, stale_ms).await?;
+            let rows = reg.backups_with_health(stale_ms).await?;
             if json {
                 let all: Vec<Json> = rows
                     .iter()
@@ -316,29 +316,6 @@ async fn run_now(
     } else {
         ExitCode::from(1)
     })
-}
-
-/// Every backup with its health and last result.
-pub(super) async fn with_health(
-    reg: &Service<DbStore>,
-    stale_ms: i64,
-) -> anyhow::Result<Vec<(Backup, Health, Option<BackupResult>)>> {
-    let now = now_ms();
-    let mut rows = Vec::new();
-    for b in reg.list_backups(None).await? {
-        // The newest results: enough to find the last success behind a few failures.
-        let results = reg.backup_results(b.id, SHOWN_RESULTS).await?;
-        let health = Health::of(&results, now, stale_ms, b.running(now));
-        rows.push((b, health, results.into_iter().next()));
-    }
-    Ok(rows)
-}
-
-/// `backups.stale_after_hours` in ms.
-pub(super) fn stale_after_ms(ctx: &Context) -> i64 {
-    i64::try_from(ctx.settings.backups.stale_after_hours)
-        .unwrap_or(i64::MAX)
-        .saturating_mul(3_600_000)
 }
 
 /// A backup as `list --json` and `status --json` show it.

@@ -290,7 +290,9 @@ pub async fn run_status(ctx: &Context, args: StatusArgs) -> anyhow::Result<ExitC
         .collect();
     let failed = all.iter().any(|t| t.status == DispatchStatus::Failed);
     let outbox = store.outbox_status().await?;
-    let backups = super::backup::with_health(&reg, super::backup::stale_after_ms(ctx)).await?;
+    let backups = reg
+        .backups_with_health(ctx.settings.backups.stale_after_ms())
+        .await?;
     if args.json {
         let backups: Vec<serde_json::Value> = backups
             .iter()

@@ -6,8 +6,10 @@
 //! `rules::RuleStats`, `dispatch::inventory::DispatchStats`,
 //! `dispatch::accept::KeyStats`, `salt::JobStats`) and [`Scrape`], a
 //! `prometheus-client` collector, reads them when the endpoint is scraped.
-//! The dispatch queue depth is read from the registry at scrape time
-//! (`dispatch_targets` by status).
+//! The dispatch queue depth and the backups' health and last results are
+//! read from the registry at scrape time (`dispatch_targets` by status,
+//! `Service::backups_with_health`), so results the CLI's `backup run`
+//! recorded count too.
 //!
 //! The endpoint has no authentication: `config` refuses a non-loopback
 //! `metrics_listen`. Served with axum, the crate the REST API builds on.
@@ -34,6 +36,7 @@ use crate::bus::BusStats;
 use crate::dispatch::accept::KeyStats;
 use crate::dispatch::inventory::DispatchStats;
 use crate::exec::ExecStats;
+use crate::registry::backup::{Health, Outcome, WithHealth};
 use crate::registry::dispatch::DispatchStatus;
 use crate::registry::store::DispatchStore as _;
 use crate::registry::{DbStore, Service};
@@ -68,8 +71,10 @@ pub struct Sources {
     pub keys: Arc<KeyStats>,
     /// Jobs followed to their end by the shared Salt client.
     pub jobs: Arc<JobStats>,
-    /// The registry, for the dispatch queue depth.
+    /// The registry, for the dispatch queue depth and the backups.
     pub service: Arc<Service<DbStore>>,
+    /// `backups.stale_after_hours` in ms: when a backup turns red.
+    pub backup_stale_after_ms: i64,
 }
 
 /// Serves `GET /metrics` on `listener` until `cancel` fires.
@@ -98,9 +103,21 @@ async fn metrics(State(sources): State<Arc<Sources>>) -> impl IntoResponse {
             }
         }
     }
+    let backups = match sources
+        .service
+        .backups_with_health(sources.backup_stale_after_ms)
+        .await
+    {
+        Ok(rows) => Some(BackupCounts::of(&rows)),
+        Err(error) => {
+            warn!(message = "Backups not read for the metrics.", %error);
+            None
+        }
+    };
     match render(Scrape {
         sources: sources.as_ref().clone(),
         queue,
+        backups,
     }) {
         Ok(text) => (StatusCode::OK, [(header::CONTENT_TYPE, CONTENT_TYPE)], text),
         Err(error) => {
@@ -128,6 +145,50 @@ pub struct Scrape {
     sources: Sources,
     /// Dispatch targets by status (empty: the registry could not be read).
     queue: Vec<(&'static str, usize)>,
+    /// The backups by health and by last outcome (`None`: not read).
+    backups: Option<BackupCounts>,
+}
+
+/// The backups counted for one scrape.
+#[derive(Debug, Default)]
+struct BackupCounts {
+    /// Backups by health (every health, zeros too).
+    health: Vec<(&'static str, i64)>,
+    /// Backups by their last result's outcome (every outcome, zeros too).
+    last: Vec<(&'static str, i64)>,
+}
+
+impl BackupCounts {
+    fn of(rows: &[WithHealth]) -> Self {
+        let count = |keep: &dyn Fn(&WithHealth) -> bool| {
+            i64::try_from(rows.iter().filter(|r| keep(r)).count()).unwrap_or(i64::MAX)
+        };
+        Self {
+            health: Health::ALL
+                .iter()
+                .map(|&h| (metric_name(h), count(&|r| r.1 == h)))
+                .collect(),
+            last: Outcome::ALL
+                .iter()
+                .map(|&o| {
+                    (
+                        o.as_str(),
+                        count(&|r| r.2.as_ref().map(|x| x.outcome) == Some(o)),
+                    )
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A health as a label value (no spaces).
+fn metric_name(h: Health) -> &'static str {
+    match h {
+        Health::Green => "green",
+        Health::Red => "red",
+        Health::NeverRun => "never_run",
+        Health::Running => "running",
+    }
 }
 
 impl std::fmt::Debug for Scrape {
@@ -146,6 +207,22 @@ fn get_u64(c: &AtomicU64) -> u64 {
 fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
     let c = ConstCounter::new(v);
     c.encode(e.encode_descriptor(name, help, None, c.metric_type())?)
+}
+
+/// Writes a gauge family with one label.
+fn gauge_by(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    label: &str,
+    values: &[(&str, i64)],
+) -> std::fmt::Result {
+    let mut family = e.encode_descriptor(name, help, None, ConstGauge::new(0i64).metric_type())?;
+    for (value, n) in values {
+        let labels = [(label, *value)];
+        ConstGauge::new(*n).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
 }
 
 /// Writes a counter family with one label.
@@ -302,6 +379,22 @@ impl Collector for Scrape {
                 ConstGauge::new(i64::try_from(*n).unwrap_or(i64::MAX))
                     .encode(family.encode_family(&labels)?)?;
             }
+        }
+        if let Some(b) = &self.backups {
+            gauge_by(
+                &mut e,
+                "salt_steward_backups",
+                "Backups by health: green (a recent success that copied something), red, never_run, running (read from the registry).",
+                "health",
+                &b.health,
+            )?;
+            gauge_by(
+                &mut e,
+                "salt_steward_backup_last_result",
+                "Backups by the outcome of their last recorded result (read from the registry).",
+                "outcome",
+                &b.last,
+            )?;
         }
         counter_by(
             &mut e,

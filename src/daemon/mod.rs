@@ -216,6 +216,7 @@ pub async fn run(
             keys: key_stats,
             jobs: job_stats,
             service,
+            backup_stale_after_ms: settings.backups.stale_after_ms(),
         };
         info!(message = "Metrics endpoint listening.", address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default());
         sup.spawn(

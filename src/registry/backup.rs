@@ -302,6 +302,9 @@ impl BackupResult {
     }
 }
 
+/// A backup with its health and its last result (`Service::backups_with_health`).
+pub type WithHealth = (Backup, Health, Option<BackupResult>);
+
 /// Green or red, as the dashboard shows a backup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -317,6 +320,14 @@ pub enum Health {
 }
 
 impl Health {
+    /// Every health, in the order shown.
+    pub const ALL: [Health; 4] = [
+        Health::Green,
+        Health::Red,
+        Health::NeverRun,
+        Health::Running,
+    ];
+
     /// The shown name.
     pub fn as_str(self) -> &'static str {
         match self {

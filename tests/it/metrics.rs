@@ -216,6 +216,8 @@ fn metrics_endpoint_scraped_during_a_burst_matches_what_was_sent() {
         ("salt_steward_rule_reloads", "counter"),
         ("salt_steward_dispatch_queue", "gauge"),
         ("salt_steward_dispatch_runs", "counter"),
+        ("salt_steward_backups", "gauge"),
+        ("salt_steward_backup_last_result", "gauge"),
         ("salt_steward_jobs", "counter"),
         ("salt_steward_keys_accepted", "counter"),
         ("salt_steward_keys_rejected", "counter"),
@@ -234,6 +236,17 @@ fn metrics_endpoint_scraped_during_a_burst_matches_what_was_sent() {
             0.0
         );
     }
+    // No backup yet: every health and outcome is there, at zero.
+    for health in ["green", "red", "never_run", "running"] {
+        assert_eq!(
+            before.must("salt_steward_backups", &[("health", health)]),
+            0.0
+        );
+    }
+    assert_eq!(
+        before.must("salt_steward_backup_last_result", &[("outcome", "ok")]),
+        0.0
+    );
     let received_before = before.must("salt_steward_events_received_total", &[]);
     assert!(before
         .samples
@@ -374,6 +387,27 @@ fn metrics_endpoint_scraped_during_a_burst_matches_what_was_sent() {
         0.0
     );
     assert_eq!(after.must("salt_steward_keys_accepted_total", &[]), 0.0);
+
+    // A backup defined (on the bus), never run yet: the health gauge reads
+    // the registry.
+    let data = json!({"request_id": "m-backup", "source": "m0.example.org",
+        "source_folder": "/srv/data", "dest": "m1.example.org",
+        "dest_folder": "/backups/m0", "ssh_host": "10.0.0.5"});
+    assert_ok(
+        &spawn_send(&h, "steward/v1/backup/create", &data)
+            .wait_with_output()
+            .unwrap(),
+    );
+    let reply = w
+        .try_wait_line(T, |l| json_line(l)["tag"] == "steward/v1/reply/m-backup")
+        .unwrap();
+    assert_eq!(json_line(&reply)["data"]["ok"], true, "{reply}");
+    let s = scrape(port);
+    assert_eq!(
+        s.must("salt_steward_backups", &[("health", "never_run")]),
+        1.0
+    );
+    assert_eq!(s.must("salt_steward_backups", &[("health", "green")]), 0.0);
 
     // Only /metrics is served.
     let (status, _, _) = get(port, "/").unwrap();

@@ -6,11 +6,16 @@
 use super::Service;
 use crate::registry::backup::{
     nested, validate_excludes, validate_folder, validate_retain, validate_ssh_host,
-    validate_ssh_user, Backup, BackupResult, Retain, DEFAULT_SSH_PORT, DEFAULT_SSH_USER,
+    validate_ssh_user, Backup, BackupResult, Health, Retain, WithHealth, DEFAULT_SSH_PORT,
+    DEFAULT_SSH_USER,
 };
 use crate::registry::inventory::validate_port;
-use crate::registry::store::{BackupFilter, NewBackup};
+use crate::registry::store::{now_ms, BackupFilter, NewBackup};
 use crate::registry::{Error, ServerRef, Store};
+
+/// How many of a backup's newest results its health is judged from: enough
+/// to find the last success behind a few failures.
+const HEALTH_RESULTS: i64 = 20;
 
 /// What `backup add` asks for (the optional parts `None` for their defaults).
 #[derive(Debug, Clone)]
@@ -178,6 +183,22 @@ impl<S: Store> Service<S> {
             ));
         }
         self.store.insert_backup_result(result).await
+    }
+
+    /// Every backup with its health (as `backup list`, `status` and the
+    /// metrics show it) and its last result; `stale_after_ms`:
+    /// `backups.stale_after_hours`.
+    pub async fn backups_with_health(&self, stale_after_ms: i64) -> Result<Vec<WithHealth>, Error> {
+        let now = now_ms();
+        let mut rows = Vec::new();
+        for b in self.list_backups(None).await? {
+            // The newest results: enough to find the last success behind a
+            // few failures.
+            let results = self.backup_results(b.id, HEALTH_RESULTS).await?;
+            let health = Health::of(&results, now, stale_after_ms, b.running(now));
+            rows.push((b, health, results.into_iter().next()));
+        }
+        Ok(rows)
     }
 
     /// A backup's results, newest first.
