@@ -16,16 +16,16 @@ use serde_json::{Map, Value as Json};
 use super::Context;
 use crate::bus::BusEndpoint;
 use crate::master_config::MasterConfig;
+use crate::registry::StateKind;
 
 /// How long each network check waits.
 const WAIT: Duration = Duration::from_secs(5);
 
-/// The states the daemon applies, as files under a `file_roots` directory.
-const STATES: [&str; 3] = [
-    "steward/portfwd/init.sls",
-    "steward/hostfwd/init.sls",
-    "steward/share/init.sls",
-];
+/// The file of the SLS `sls` under a `file_roots` directory
+/// (`steward.portfwd` → `steward/portfwd/init.sls`).
+fn sls_file(sls: &str) -> std::path::PathBuf {
+    std::path::Path::new(&sls.replace('.', "/")).join("init.sls")
+}
 
 /// The outcome of one check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -234,10 +234,15 @@ fn states_served(m: &MasterConfig) -> Result<String, String> {
     let found = m
         .file_roots_base
         .iter()
-        .find(|d| STATES.iter().all(|s| d.join(s).is_file()));
+        .find(|d| {
+            StateKind::ALL
+                .iter()
+                .all(|s| d.join(sls_file(s.sls())).is_file())
+        });
     match found {
         Some(d) => Ok(format!(
-            "steward.portfwd, steward.hostfwd and steward.share served from {}",
+            "{} served from {}",
+            StateKind::ALL.map(StateKind::sls).join(", "),
             d.display()
         )),
         None => Err(format!(
