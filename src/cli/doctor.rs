@@ -231,14 +231,11 @@ async fn request_server(ctx: &Context, m: &MasterConfig) -> Result<String, Strin
 }
 
 fn states_served(m: &MasterConfig) -> Result<String, String> {
-    let found = m
-        .file_roots_base
-        .iter()
-        .find(|d| {
-            StateKind::ALL
-                .iter()
-                .all(|s| d.join(sls_file(s.sls())).is_file())
-        });
+    let found = m.file_roots_base.iter().find(|d| {
+        StateKind::ALL
+            .iter()
+            .all(|s| d.join(sls_file(s.sls())).is_file())
+    });
     match found {
         Some(d) => Ok(format!(
             "{} served from {}",

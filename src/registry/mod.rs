@@ -24,6 +24,7 @@
 
 pub mod backup;
 pub mod changes;
+pub mod cluster;
 pub mod dispatch;
 pub mod exec;
 pub mod group_commit;

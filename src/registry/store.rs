@@ -30,6 +30,7 @@ use sqlx::sqlite::{
 use sqlx::Row as _;
 
 pub use self::backup::{BackupFilter, BackupStore, NewBackup};
+pub use self::cluster::ClusterStore;
 pub use self::dispatch::DispatchStore;
 pub use self::exec::ExecStore;
 pub use self::inventory::{InventoryStore, NewHostnameForward, NewPortForward};
@@ -1423,6 +1424,8 @@ mod inventory;
 mod shares;
 // Backups (issue #13), after the macros it uses too.
 mod backup;
+// Several daemons on one registry (issue #16).
+mod cluster;
 
 impl ExecStore for DbStore {
     async fn exec_insert(&self, e: &NewExec) -> Result<ExecRecord, Error> {

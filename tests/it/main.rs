@@ -10,6 +10,7 @@ mod bench_dispatch;
 mod bus_fake_publisher;
 mod bus_salt;
 mod cli;
+mod cluster;
 mod daemon;
 mod dispatch;
 mod doctor;

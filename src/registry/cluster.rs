@@ -1,0 +1,90 @@
+//! Several daemons on one registry (issue #16): each daemon's heartbeat,
+//! leases with a fencing epoch, and where each minion was last seen.
+//!
+//! Every time here is read from the database's clock (milliseconds since
+//! the epoch), never from a daemon's, so daemons whose clocks drift still
+//! agree on who is alive and when a lease expires. SQL in
+//! `registry::store::cluster` (`ClusterStore`, both backends from one body).
+//!
+//! A lease is a row, not a session advisory lock: it works behind a
+//! connection pooler and on SQLite, survives a reconnect, and its `epoch`
+//! (one more at every new tenure) is the fencing token a holder's writes
+//! carry, so a holder that stalled past its expiry cannot overwrite its
+//! successor's work.
+
+use serde::Serialize;
+
+/// A daemon as the registry knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DaemonInfo {
+    /// Its id (`cluster.daemon_id`).
+    pub id: String,
+    /// The master it serves (its request server's address).
+    pub master: String,
+    /// The salt-steward version it runs.
+    pub version: String,
+    /// When it started (database clock, ms).
+    pub started_at: i64,
+    /// Its last heartbeat (database clock, ms).
+    pub heartbeat_at: i64,
+}
+
+impl DaemonInfo {
+    /// Alive at database time `now`: a heartbeat within `dead_after_ms`.
+    pub fn alive(&self, now: i64, dead_after_ms: i64) -> bool {
+        now.saturating_sub(self.heartbeat_at) <= dead_after_ms
+    }
+}
+
+/// A lease as granted: `holder` has it until `expires_at`, in tenure `epoch`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Lease {
+    /// What it guards (`chore/prune`, …).
+    pub name: String,
+    /// The daemon holding it.
+    pub holder: String,
+    /// The tenure: one more each time the lease changes hands or lapses.
+    pub epoch: i64,
+    /// When this tenure began (database clock, ms).
+    pub acquired_at: i64,
+    /// When it lapses unless renewed (database clock, ms).
+    pub expires_at: i64,
+}
+
+/// How a minion was seen on a master's bus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SeenBy {
+    /// `salt/minion/<id>/start`: it (re)connected to that master.
+    Start,
+    /// `salt/auth` accepted: it authenticated there.
+    Auth,
+    /// `salt/job/<jid>/ret/<id>`: its return arrived there.
+    Return,
+}
+
+impl SeenBy {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SeenBy::Start => "start",
+            SeenBy::Auth => "auth",
+            SeenBy::Return => "return",
+        }
+    }
+}
+
+/// Where a minion was last seen.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Presence {
+    /// The minion.
+    pub minion_id: String,
+    /// The master whose bus saw it.
+    pub master: String,
+    /// The daemon that recorded it.
+    pub daemon_id: String,
+    /// How (`start`, `auth`, `return`).
+    pub seen_by: String,
+    /// When (database clock, ms).
+    pub seen_at: i64,
+}
