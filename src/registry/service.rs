@@ -13,8 +13,10 @@ use serde_json::Value as Json;
 
 mod forwards;
 mod shares;
+mod users;
 
 pub use shares::samba_base;
+pub use users::{SessionLimits, TokenPrincipal};
 
 use super::group_commit::GroupCommit;
 use super::store::{Filter, KeyColumns, ServerKey};

@@ -33,6 +33,7 @@ pub use self::dispatch::DispatchStore;
 pub use self::exec::ExecStore;
 pub use self::inventory::{InventoryStore, NewHostnameForward, NewPortForward};
 pub use self::shares::{NewShare, ShareStore};
+pub use self::users::{NewSession, NewToken, NewUser, UserStore};
 use super::dispatch::{Debounce, DispatchRun, DispatchStatus, DispatchTarget, Finish, StateKind};
 use super::exec::{ExecEnd, ExecRecord, NewExec};
 use super::inventory::{HostnameForward, PortForward};
@@ -42,7 +43,7 @@ use super::{Error, OutboxKind, Server, ServerModel, Status};
 /// How the service reads and writes the registry. Writing methods append the
 /// outbox row of their change in the same transaction.
 pub trait Store:
-    InventoryStore + DispatchStore + ShareStore + Send + Sync + Clone + 'static
+    InventoryStore + DispatchStore + ShareStore + UserStore + Send + Sync + Clone + 'static
 {
     /// Inserts a model (its `id` is ignored) and returns it with its id.
     fn insert_model(
@@ -1420,6 +1421,7 @@ mod dispatch;
 mod exec;
 mod inventory;
 mod shares;
+mod users;
 
 impl ExecStore for DbStore {
     async fn exec_insert(&self, e: &NewExec) -> Result<ExecRecord, Error> {
