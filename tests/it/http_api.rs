@@ -815,6 +815,19 @@ async fn http_api_login_is_rate_limited() {
     api.advance(60_001);
     let r = api.login_from("10.0.0.1", "admin1", PASSWORD, None).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    // Names no user can have (too long, any bytes) share one key: the
+    // limiter's memory does not grow with what is sent.
+    for i in 0..5 {
+        let name = format!("{i}{}", "x".repeat(10_000));
+        let r = api
+            .login_from(&format!("10.0.1.{i}"), &name, "wrong password!", None)
+            .await;
+        assert_error(&r, StatusCode::UNAUTHORIZED, "invalid_credentials");
+    }
+    let r = api
+        .login_from("10.0.1.9", "no such:name", "wrong password!", None)
+        .await;
+    assert_error(&r, StatusCode::TOO_MANY_REQUESTS, "rate_limited");
 }
 
 // ------------------------------------------------------------------- CLI
@@ -958,4 +971,145 @@ async fn http_api_cli_user_add_reads_stdin_and_token_add_prints_once() {
     assert!(out.status.success());
     let out = cli_with_stdin(&cfg, &["user", "list"], "");
     assert!(String::from_utf8_lossy(&out.stdout).contains("alice\toperator\ttrue"));
+}
+
+// ------------------------------------------------------ in the daemon
+
+/// One HTTP/1.1 request on loopback (connection closed after): status,
+/// headers (names lower-cased, repeated ones joined by "\n"), body.
+fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, std::collections::HashMap<String, String>, String) {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\
+         Content-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let mut map = std::collections::HashMap::<String, String>::new();
+    for (k, v) in lines.filter_map(|l| l.split_once(':')) {
+        let e = map.entry(k.trim().to_ascii_lowercase()).or_default();
+        if !e.is_empty() {
+            e.push('\n');
+        }
+        e.push_str(v.trim());
+    }
+    (status, map, body.to_owned())
+}
+
+/// The daemon serves the API as its `http` component on the configured
+/// loopback port: a user made with the CLI logs in, lists the servers the
+/// CLI made; the rate limit keys on the connection's address (the daemon
+/// passes it); an idle keep-alive connection does not hold up SIGTERM.
+#[test]
+fn http_api_served_by_the_daemon() {
+    use crate::support::salt::free_port;
+    use crate::support::{cli, run_ok, start_daemon, steward_config, SaltHarness};
+
+    let h = SaltHarness::start();
+    h.wait_req_ready();
+    let port = free_port();
+    let cfg = steward_config(
+        &h,
+        &[],
+        &format!("http:\n  listen: 127.0.0.1:{port}\n  cookie_secure: false\n"),
+    );
+    run_ok(cli(&cfg, &["model", "add", "web"]));
+    run_ok(cli(
+        &cfg,
+        &["server", "add", "web01.example.org", "--model", "web"],
+    ));
+    let out = cli_with_stdin(
+        &cfg,
+        &["user", "add", "alice", "--role", "viewer"],
+        &format!("{PASSWORD}\n"),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut daemon = start_daemon(&cfg);
+    daemon.wait_err_line("http started", crate::support::T, |l| {
+        l.contains("HTTP API listening")
+    });
+
+    let json_ct = ("Content-Type", "application/json");
+    let login = json!({"name": "alice", "password": PASSWORD}).to_string();
+    let (status, headers, body) = http(port, "POST", "/api/v1/login", &[json_ct], &login);
+    assert_eq!(status, 200, "{body}");
+    let set = &headers["set-cookie"];
+    assert!(!set.contains("Secure") && set.contains("HttpOnly"), "{set}");
+    let cookie = set.split(';').next().unwrap().to_owned();
+    let (status, headers, body) = http(port, "GET", "/api/v1/servers", &[("Cookie", &cookie)], "");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(headers["x-frame-options"], "DENY");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["items"][0]["name"], "web01.example.org");
+
+    // Failures under five different names from this address: the sixth
+    // attempt, with yet another name, is refused on the address alone.
+    for i in 0..5 {
+        let bad = json!({"name": format!("nobody{i}"), "password": "wrong password!"}).to_string();
+        assert_eq!(http(port, "POST", "/api/v1/login", &[json_ct], &bad).0, 401);
+    }
+    let (status, headers, _) = http(port, "POST", "/api/v1/login", &[json_ct], &login);
+    assert_eq!(status, 429);
+    assert!(headers.contains_key("retry-after"));
+
+    // An idle keep-alive connection open while the daemon stops.
+    let mut idle = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    {
+        use std::io::{Read as _, Write as _};
+        write!(
+            idle,
+            "GET /api/v1/me HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nCookie: {cookie}\r\n\r\n"
+        )
+        .unwrap();
+        let mut buf = [0u8; 512];
+        assert!(idle.read(&mut buf).unwrap() > 0);
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.pid()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = daemon.wait_exit(std::time::Duration::from_secs(15));
+    assert!(status.success(), "{}", daemon.seen_err.join("\n"));
+    assert!(
+        daemon
+            .seen_err
+            .iter()
+            .any(|l| l.contains("Stopped component") && l.contains("http")),
+        "{}",
+        daemon.seen_err.join("\n")
+    );
+    // Nothing secret in the daemon's log.
+    let log = daemon.seen_err.join("\n");
+    assert!(
+        !log.contains(PASSWORD) && !log.contains(&cookie[16..]),
+        "{log}"
+    );
 }

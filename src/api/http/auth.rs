@@ -93,9 +93,11 @@ pub async fn authenticate(
     let now = state.now();
     if let Some(auth) = headers.get(header::AUTHORIZATION) {
         let text = auth.to_str().map_err(|_| ApiError::unauthenticated())?;
+        // The scheme is case-insensitive (RFC 9110 §11.1).
         let secret = text
-            .strip_prefix("Bearer ")
-            .map(str::trim)
+            .split_once(' ')
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, t)| t.trim())
             .ok_or_else(ApiError::unauthenticated)?;
         return match state.service.token_principal(secret, now).await? {
             Some(p) => Ok(Some(Principal::Token {

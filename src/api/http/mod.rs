@@ -48,7 +48,7 @@ use self::error::ApiError;
 use crate::api::bus::{execute_op, Entity, Op};
 use crate::config::HttpConfig;
 use crate::registry::service::SessionLimits;
-use crate::registry::users::{AuditNote, Role};
+use crate::registry::users::{validate_user_name, AuditNote, Role, MAX_PASSWORD_BYTES};
 use crate::registry::{DbStore, Server, ServerFilter, ServerRef, Service};
 
 /// The time in Unix milliseconds: the registry's clock, or a test's.
@@ -233,7 +233,11 @@ async fn login(State(state): State<Arc<HttpState>>, req: Request) -> Result<Resp
         .await
         .map_err(|e| ApiError::bad_request(format!("reading the body: {e}")))?;
     let form = read_login(headers, &body)?;
-    let name_key = format!("user:{}", form.name);
+    // Keys stay small whatever is sent: a name no user can have shares one.
+    let name_key = match validate_user_name(&form.name) {
+        Ok(n) => format!("user:{n}"),
+        Err(_) => "user:<invalid>".to_owned(),
+    };
     let keys = [client.as_str(), name_key.as_str()];
     let now = state.now();
     let max = state.login_failures;
@@ -252,16 +256,21 @@ async fn login(State(state): State<Arc<HttpState>>, req: Request) -> Result<Resp
         l.fail(&keys, max, now);
     }
     let replaces = auth::cookie(headers, COOKIE).map(str::to_owned);
-    let done = state
-        .service
-        .login(
-            &form.name,
-            form.password,
-            replaces.as_deref(),
-            now,
-            state.limits,
-        )
-        .await?;
+    // No user has a longer one: not worth an argon2 run.
+    let done = if form.password.len() > MAX_PASSWORD_BYTES {
+        None
+    } else {
+        state
+            .service
+            .login(
+                &form.name,
+                form.password,
+                replaces.as_deref(),
+                now,
+                state.limits,
+            )
+            .await?
+    };
     let Some((user, secret)) = done else {
         warn!(message = "Login refused.", user = %form.name, client = %client);
         return Err(ApiError::new(
