@@ -497,6 +497,27 @@ async fn servers_story(api: Api, backend: &str) {
         .call(Method::DELETE, "/api/v1/me", Auth::Bearer(&read), None)
         .await;
     assert_error(&r, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed");
+    // The layers' and extractors' own refusals have the shape too.
+    let big = json!({"users": "x".repeat(2 << 20)});
+    let r = api
+        .call_with(
+            Method::PATCH,
+            "/api/v1/servers/web01.example.org",
+            Auth::Bearer(&read),
+            Some(big),
+            &[("if-match", "\"1\"")],
+        )
+        .await;
+    assert_error(&r, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
+    let r = api
+        .call(
+            Method::GET,
+            "/api/v1/servers/%FF",
+            Auth::Bearer(&read),
+            None,
+        )
+        .await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "bad_request");
     let r = api
         .call(Method::GET, "/api/v1/me", Auth::Bearer("sst_0000"), None)
         .await;

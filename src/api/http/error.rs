@@ -75,6 +75,8 @@ pub fn status_for(code: &str) -> StatusCode {
             StatusCode::UNPROCESSABLE_ENTITY
         }
         "rate_limited" => StatusCode::TOO_MANY_REQUESTS,
+        "request_timeout" => StatusCode::REQUEST_TIMEOUT,
+        "payload_too_large" => StatusCode::PAYLOAD_TOO_LARGE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }

@@ -121,7 +121,8 @@ impl HttpState {
 }
 
 /// The API's router with its layers (outermost first: trace, security
-/// headers, gzip, timeout, body limit).
+/// headers, gzip, the error shape for the layers' own errors, timeout, body
+/// limit).
 pub fn router(state: Arc<HttpState>) -> Router {
     let timeout = state.timeout;
     let max_body = state.max_body;
@@ -153,6 +154,7 @@ pub fn router(state: Arc<HttpState>) -> Router {
                 .layer(header(header::REFERRER_POLICY, "no-referrer"))
                 .layer(header(header::CACHE_CONTROL, "no-store"))
                 .layer(CompressionLayer::new())
+                .layer(axum::middleware::map_response(error_shape))
                 .layer(TimeoutLayer::with_status_code(
                     StatusCode::REQUEST_TIMEOUT,
                     timeout,
@@ -171,6 +173,48 @@ pub async fn serve(listener: TcpListener, state: Arc<HttpState>, cancel: Cancell
     {
         warn!(message = "HTTP API failed.", %error);
     }
+}
+
+/// Gives the one error shape to the errors the layers and extractors
+/// answer themselves (408 timeout, 413 body too large, a path that is not
+/// UTF-8 …): any error response that is not already JSON.
+async fn error_shape<B>(resp: axum::http::Response<B>) -> Response
+where
+    B: axum::body::HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
+    let resp = resp.map(axum::body::Body::new);
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let code = match status {
+        StatusCode::REQUEST_TIMEOUT => "request_timeout",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "bad_request",
+        s if s.is_client_error() => "bad_request",
+        _ => "internal",
+    };
+    let message = status.canonical_reason().unwrap_or("error").to_owned();
+    let body = json!({"error": {"code": code, "message": message}});
+    let mut out = (status, Json(body)).into_response();
+    for (k, v) in resp.headers() {
+        if ![
+            header::CONTENT_TYPE,
+            header::CONTENT_LENGTH,
+            header::CONTENT_ENCODING,
+        ]
+        .contains(k)
+        {
+            out.headers_mut().insert(k.clone(), v.clone());
+        }
+    }
+    out
 }
 
 async fn no_route() -> ApiError {
