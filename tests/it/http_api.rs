@@ -440,6 +440,25 @@ async fn servers_story(api: Api, backend: &str) {
     let r = api
         .call(
             Method::GET,
+            "/api/v1/servers?model=web&status=created&name=WEB03.example.org",
+            Auth::Bearer(&read),
+            None,
+        )
+        .await;
+    assert_eq!(r.body["items"].as_array().unwrap().len(), 1, "{}", r.body);
+    assert_eq!(r.body["items"][0]["name"], "web03.example.org");
+    let r = api
+        .call(
+            Method::GET,
+            "/api/v1/servers?status=bogus",
+            Auth::Bearer(&read),
+            None,
+        )
+        .await;
+    assert_error(&r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_value");
+    let r = api
+        .call(
+            Method::GET,
             "/api/v1/servers?limit=0",
             Auth::Bearer(&read),
             None,
@@ -985,6 +1004,29 @@ async fn http_api_cli_user_add_reads_stdin_and_token_add_prints_once() {
     let log = svc.audit_log(None, 10).await.unwrap();
     assert!(log.iter().all(|e| e.actor == "cli:tester"), "{log:?}");
     assert_eq!(log.len(), 2, "{log:?}");
+    assert!(
+        log.iter().any(|e| e.action == "token.add") && log.iter().any(|e| e.action == "user.add")
+    );
+    // passwd: same input rules; the old password stops working.
+    let out = cli_with_stdin(&cfg, &["user", "passwd", "alice"], "still short\n");
+    assert_eq!(out.status.code(), Some(1));
+    let out = cli_with_stdin(
+        &cfg,
+        &["user", "passwd", "alice"],
+        "another long password\r\n",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let limits = SessionLimits {
+        idle_ms: IDLE_MS,
+        absolute_ms: ABSOLUTE_MS,
+    };
+    let login = |pw: &'static str| svc.login("alice", pw.to_owned(), None, now, limits);
+    assert!(login(PASSWORD).await.unwrap().is_none());
+    assert!(login("another long password").await.unwrap().is_some());
     let out = cli_with_stdin(&cfg, &["user", "disable", "alice"], "");
     assert!(out.status.success());
     assert!(svc.token_principal(&token, now).await.unwrap().is_none());

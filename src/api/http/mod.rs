@@ -11,7 +11,8 @@
 //! then `registry::Service`), so HTTP and bus never diverge; each is audited
 //! with the actor `user:<name>` or `token:<name>`. A server's `ETag` is its
 //! `revision`; `PATCH` needs `If-Match` (428 without, 412 when the server
-//! moved on). Lists page by id: `?limit=&after=` → `{items, next}`.
+//! moved on). Lists page by id: `?limit=&after=` → `{items, next}`; servers
+//! filter by `name`, `model`, `status`.
 //!
 //! Endpoints: `POST /api/v1/login` (JSON or form `{name, password}` → the
 //! `steward_session` cookie), `POST /api/v1/logout`, `GET /api/v1/me`,
@@ -369,13 +370,18 @@ async fn me(
 
 // -------------------------------------------------------------- servers
 
-/// `?limit=&after=` (servers) or `?limit=&before=` (audit).
+/// `?limit=&after=` and filters `name`, `model`, `status` (servers) or
+/// `?limit=&before=` (audit).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Page {
     limit: Option<i64>,
     after: Option<i64>,
     before: Option<i64>,
+    /// Servers only: filters, as `server list` has them.
+    name: Option<String>,
+    model: Option<String>,
+    status: Option<String>,
 }
 
 fn page(query: Option<String>) -> Result<(Page, i64), ApiError> {
@@ -403,9 +409,13 @@ async fn list_servers(
             "servers page with after=, not before=",
         ));
     }
+    let status = p.status.as_deref().map(str::parse).transpose()?;
     let mut items = state
         .service
         .find_servers(&ServerFilter {
+            name: p.name,
+            model: p.model,
+            status,
             after_id: p.after,
             limit: Some(limit + 1),
             ..ServerFilter::default()
@@ -549,7 +559,7 @@ async fn audit(
 ) -> Result<Json<JsonValue>, ApiError> {
     auth::require(&state, &method, &headers, Role::Admin).await?;
     let (p, limit) = page(query)?;
-    if p.after.is_some() {
+    if p.after.is_some() || p.name.is_some() || p.model.is_some() || p.status.is_some() {
         return Err(ApiError::bad_request(
             "the audit log pages with before=, newest first",
         ));
