@@ -3,7 +3,7 @@
 //!
 //! - [`auth`]: sessions, bearer tokens, roles and scopes, CSRF, the login
 //!   rate limit.
-//! - [`error`]: the one error shape and the status of every code.
+//! - [`error`](mod@error): the one error shape and the status of every code.
 //! - this file: the state, the router and its layers (trace, timeout, body
 //!   limit, gzip, security headers), the handlers.
 //!
