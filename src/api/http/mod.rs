@@ -317,7 +317,7 @@ async fn login(State(state): State<Arc<HttpState>>, req: Request) -> Result<Resp
             .await?
     };
     let Some((user, secret)) = done else {
-        warn!(message = "Login refused.", user = %form.name, client = %client);
+        warn!(message = "Login refused.", user = %name_key, client = %client);
         return Err(ApiError::new(
             "invalid_credentials",
             "wrong name or password",
