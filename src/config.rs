@@ -169,6 +169,41 @@ pub const MASTERS_PORT: Limit = Limit {
     max: 65_535,
 };
 
+/// `http.session_idle_minutes`.
+pub const HTTP_SESSION_IDLE_MINUTES: Limit = Limit {
+    key: "http.session_idle_minutes",
+    min: 1,
+    max: 1_440,
+};
+
+/// `http.session_absolute_hours`.
+pub const HTTP_SESSION_ABSOLUTE_HOURS: Limit = Limit {
+    key: "http.session_absolute_hours",
+    min: 1,
+    max: 720,
+};
+
+/// `http.login_failures_per_minute`.
+pub const HTTP_LOGIN_FAILURES: Limit = Limit {
+    key: "http.login_failures_per_minute",
+    min: 1,
+    max: 1_000,
+};
+
+/// `http.request_timeout` (seconds).
+pub const HTTP_REQUEST_TIMEOUT: Limit = Limit {
+    key: "http.request_timeout",
+    min: 1,
+    max: 600,
+};
+
+/// `http.max_body_bytes`.
+pub const HTTP_MAX_BODY_BYTES: Limit = Limit {
+    key: "http.max_body_bytes",
+    min: 1_024,
+    max: 64 * 1024 * 1024,
+};
+
 /// The file as written. Field docs are the user documentation.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -215,6 +250,76 @@ pub struct ConfigFile {
     /// `IP:port` on a loopback address (the endpoint has no authentication;
     /// put a reverse proxy in front to expose it). Default: off.
     pub metrics_listen: Option<SocketAddr>,
+    /// The HTTP API (`/api/v1`). Default: off.
+    #[serde(default)]
+    pub http: HttpConfig,
+}
+
+/// `http:` section: the REST API (`api::http`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// `IP:port` to serve on; loopback only unless `allow_non_loopback`.
+    /// Default: off.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// Allows a non-loopback `listen`. The daemon speaks plain HTTP: put a
+    /// TLS reverse proxy in front instead whenever possible. Default false.
+    #[serde(default)]
+    pub allow_non_loopback: bool,
+    /// The session cookie's Secure flag. Default true.
+    #[serde(default = "default_true")]
+    pub cookie_secure: bool,
+    /// Minutes a session may stay unused. Default 30; 1 to 1440.
+    #[serde(default = "default_session_idle")]
+    pub session_idle_minutes: u64,
+    /// Hours a session lasts from login. Default 12; 1 to 720.
+    #[serde(default = "default_session_absolute")]
+    pub session_absolute_hours: u64,
+    /// Failed logins per minute per client address and per user name before
+    /// 429. Default 5; 1 to 1000.
+    #[serde(default = "default_login_failures")]
+    pub login_failures_per_minute: u64,
+    /// Seconds a request may take. Default 30; 1 to 600.
+    #[serde(default = "default_http_timeout")]
+    pub request_timeout: u64,
+    /// Largest request body in bytes. Default 1 MiB; 1024 to 64 MiB.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            allow_non_loopback: false,
+            cookie_secure: true,
+            session_idle_minutes: default_session_idle(),
+            session_absolute_hours: default_session_absolute(),
+            login_failures_per_minute: default_login_failures(),
+            request_timeout: default_http_timeout(),
+            max_body_bytes: default_max_body(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_session_idle() -> u64 {
+    30
+}
+fn default_session_absolute() -> u64 {
+    12
+}
+fn default_login_failures() -> u64 {
+    5
+}
+fn default_http_timeout() -> u64 {
+    30
+}
+fn default_max_body() -> u64 {
+    1024 * 1024
 }
 
 /// How minion keys are accepted.
@@ -569,6 +674,8 @@ pub struct Settings {
     pub source: Option<PathBuf>,
     /// `metrics_listen`: a loopback address, or `None` (off).
     pub metrics_listen: Option<SocketAddr>,
+    /// `http:`: the REST API.
+    pub http: HttpConfig,
 }
 
 impl Settings {
@@ -592,6 +699,7 @@ impl Settings {
         differs("backups", self.backups != new.backups);
         differs("masters", self.masters != new.masters);
         differs("shares", self.shares != new.shares);
+        differs("http", self.http != new.http);
         out
     }
 
@@ -658,6 +766,7 @@ impl Settings {
             shares: f.shares,
             source: None,
             metrics_listen: f.metrics_listen,
+            http: f.http,
         }
     }
 }
@@ -716,6 +825,11 @@ fn check(f: &ConfigFile, text: &str) -> Vec<String> {
     number(BACKUPS_STALE_AFTER_HOURS, f.backups.stale_after_hours);
     number(KEYS_BITS, wide(f.keys.bits));
     number(KEYS_POOL_SIZE, wide(f.keys.pool_size));
+    number(HTTP_SESSION_IDLE_MINUTES, f.http.session_idle_minutes);
+    number(HTTP_SESSION_ABSOLUTE_HOURS, f.http.session_absolute_hours);
+    number(HTTP_LOGIN_FAILURES, f.http.login_failures_per_minute);
+    number(HTTP_REQUEST_TIMEOUT, f.http.request_timeout);
+    number(HTTP_MAX_BODY_BYTES, f.http.max_body_bytes);
     if let Err(e) = crate::registry::backup::validate_retain(&f.backups.retain) {
         problems.push(format!(
             "backups.retain: {e}{}",
@@ -752,6 +866,16 @@ fn check(f: &ConfigFile, text: &str) -> Vec<String> {
                  authentication: listen on 127.0.0.1 or [::1] and put a reverse proxy in front \
                  to expose it){}",
                 at_line(top_level_line(text, "metrics_listen"))
+            ));
+        }
+    }
+    if let Some(addr) = f.http.listen {
+        if !addr.ip().is_loopback() && !f.http.allow_non_loopback {
+            problems.push(format!(
+                "http.listen: {addr} is not a loopback address (the daemon speaks plain HTTP: \
+                 listen on 127.0.0.1 or [::1] behind a TLS reverse proxy, or set \
+                 http.allow_non_loopback: true){}",
+                at_line(line_of(text, "http", "listen:"))
             ));
         }
     }
@@ -853,6 +977,37 @@ mod tests {
         assert_eq!(s.masters, d.masters);
         assert_eq!(s.metrics_listen, d.metrics_listen);
         assert_eq!(s.shares, d.shares);
+        assert_eq!(s.http, d.http);
+    }
+
+    #[test]
+    fn http_listen_is_loopback_unless_allowed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.yaml");
+        std::fs::write(&p, "http:\n  listen: 127.0.0.1:8467\n").unwrap();
+        let s = Settings::load(Some(&p)).unwrap();
+        assert_eq!(s.http.listen, Some("127.0.0.1:8467".parse().unwrap()));
+        std::fs::write(&p, "log:\n  level: info\nhttp:\n  listen: 0.0.0.0:8467\n").unwrap();
+        let err = Settings::load(Some(&p)).unwrap_err().to_string();
+        assert!(
+            err.contains("http.listen: 0.0.0.0:8467 is not a loopback address")
+                && err.contains("at line 4"),
+            "{err}"
+        );
+        std::fs::write(
+            &p,
+            "http:\n  listen: 0.0.0.0:8467\n  allow_non_loopback: true\n",
+        )
+        .unwrap();
+        assert!(Settings::load(Some(&p)).is_ok());
+        std::fs::write(&p, "http:\n  session_idle_minutes: 0\n  bogus: 1\n").unwrap();
+        assert!(Settings::load(Some(&p)).is_err());
+        std::fs::write(&p, "http:\n  session_idle_minutes: 0\n").unwrap();
+        let err = Settings::load(Some(&p)).unwrap_err().to_string();
+        assert!(
+            err.contains("http.session_idle_minutes: 0 is out of range"),
+            "{err}"
+        );
     }
 
     #[test]

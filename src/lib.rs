@@ -10,14 +10,14 @@
 //! - [`registry`]: server models, servers and the outbox of their changes (SQLite or PostgreSQL).
 //! - [`rules`]: reactor rules from YAML files, hot-reloaded (match, render, run, report).
 //! - [`lifecycle`]: a server's key across registry, key files and master (rekey, retire, bundle).
-//! - [`api`]: inbound requests (the registry on the bus: parse, receipts, serve).
+//! - [`api`]: inbound requests (the registry on the bus: parse, receipts, serve; the HTTP API).
 //! - [`exec`]: exec translation: a function run on a server named in the registry, allow-listed, recorded.
 //! - [`dispatch`]: intent into Salt actions (acceptor, outbox notifier, inventory dispatcher).
 //! - [`daemon`]: the long-running process: a supervisor of named components, signals.
 //! - [`telemetry`]: logging and the one place each occurrence is logged.
 //! - [`cli`]: the command line.
 
-pub(crate) mod api;
+pub mod api;
 pub mod bus;
 pub mod cli;
 pub(crate) mod clock;

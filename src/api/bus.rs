@@ -731,14 +731,26 @@ async fn execute<S: Store>(
     service: &registry::Service<S>,
     req: &Request,
 ) -> Result<Json, registry::Error> {
-    let args = Args(&req.args);
-    match req.entity {
-        Entity::Server => server(service, req.op, args).await,
-        Entity::Model => model(service, req.op, args).await,
-        Entity::PortForward => super::forward::port(service, req.op, args).await,
-        Entity::HostnameForward => super::forward::hostname(service, req.op, args).await,
-        Entity::Share => super::share::serve(service, req.op, args).await,
-        Entity::Backup => super::backup::backup(service, req.op, args).await,
+    execute_op(service, req.entity, req.op, &req.args).await
+}
+
+/// Runs one registry operation with its arguments, as read from a bus
+/// request or built by the HTTP API (`api::http`): the one execute path,
+/// so the two never diverge. Who may ask is the caller's business.
+pub async fn execute_op<S: Store>(
+    service: &registry::Service<S>,
+    entity: Entity,
+    op: Op,
+    args: &Map<String, Json>,
+) -> Result<Json, registry::Error> {
+    let args = Args(args);
+    match entity {
+        Entity::Server => server(service, op, args).await,
+        Entity::Model => model(service, op, args).await,
+        Entity::PortForward => super::forward::port(service, op, args).await,
+        Entity::HostnameForward => super::forward::hostname(service, op, args).await,
+        Entity::Share => super::share::serve(service, op, args).await,
+        Entity::Backup => super::backup::backup(service, op, args).await,
     }
 }
 

@@ -1,5 +1,5 @@
-//! Inbound requests: the registry on the master's event bus today, HTTP
-//! later; both end in the same operations (`registry::Service`,
+//! Inbound requests: the registry on the master's event bus and the HTTP
+//! API; both end in the same operations (`registry::Service`,
 //! `lifecycle`) and the same error codes (`registry::Error::code`).
 //!
 //! - [`bus`]: a request event parsed (tag → entity/op, `request_id`,
@@ -11,10 +11,13 @@
 //! - [`args`]: a request's arguments read the same way for every entity.
 //! - [`backup`]: backup requests, and the backup servers' results.
 //! - [`server`]: the request-server component that runs them.
+//! - [`http`]: the REST API (`http.listen`): users, sessions, tokens,
+//!   servers, audit; writes through [`bus::execute_op`].
 
 pub mod args;
 pub mod backup;
 pub mod bus;
 pub mod forward;
+pub mod http;
 pub mod server;
 pub mod share;

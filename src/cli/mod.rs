@@ -11,6 +11,7 @@ mod registry;
 mod rules;
 mod salt;
 mod share;
+mod users;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -67,6 +68,12 @@ enum Command {
     /// Backups (a backup server pulls a source's folder): add, list, show, rm, run.
     #[command(subcommand)]
     Backup(backup::BackupCommand),
+    /// Users of the HTTP API: add, passwd, disable, list.
+    #[command(subcommand)]
+    User(users::UserCommand),
+    /// API tokens of the HTTP API: add (printed once), list, rm.
+    #[command(subcommand)]
+    Token(users::TokenCommand),
     /// What the dispatcher applies: targets, runs, retry.
     #[command(subcommand)]
     Dispatch(forward::DispatchCommand),
@@ -155,6 +162,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Forward(cmd) => forward::run_forward(&ctx, cmd).await,
             Command::Share(cmd) => share::run_share(&ctx, cmd).await,
             Command::Backup(cmd) => backup::run(&ctx, cmd).await,
+            Command::User(cmd) => users::run_user(&ctx, cmd).await,
+            Command::Token(cmd) => users::run_token(&ctx, cmd).await,
             Command::Dispatch(cmd) => forward::run_dispatch(&ctx, cmd).await,
             Command::Status(args) => forward::run_status(&ctx, args).await,
             Command::Exec(args) => exec::run_exec(&ctx, args).await,

@@ -22,7 +22,9 @@
 //!   hosts and proxies whose forwards changed, applied once per burst,
 //!   recorded and retried; a run cut by a stop is due again at start-up;
 //! - the metrics endpoint (`metrics`, with `metrics_listen`): `GET /metrics`
-//!   reads the components' counters at scrape time.
+//!   reads the components' counters at scrape time;
+//! - the HTTP API (`http`, with `http.listen`): `api::http`, users,
+//!   sessions, tokens, servers, audit.
 //!
 //! Shutdown (SIGTERM/SIGINT): stop taking requests, let the dispatcher finish
 //! the entry in hand, exit 0 within [`SHUTDOWN_GRACE`]; a second signal
@@ -130,6 +132,14 @@ pub async fn run(
         ),
         None => None,
     };
+    let http_listener = match settings.http.listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("http.listen {addr}: binding the HTTP API"))?,
+        ),
+        None => None,
+    };
     let key_stats = Arc::new(acceptor::KeyStats::default());
     let dispatcher = dispatcher_config(settings, master, sup.helpers());
     let rule_stats = rules.stats();
@@ -206,6 +216,17 @@ pub async fn run(
         sup.helpers(),
         policy.clone(),
     );
+    if let Some(listener) = http_listener {
+        let state = Arc::new(crate::api::http::HttpState::new(
+            service.clone(),
+            &settings.http,
+        ));
+        info!(message = "HTTP API listening.", address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default());
+        sup.spawn(
+            TaskName::Http,
+            crate::api::http::serve(listener, state, cancel.clone()),
+        );
+    }
     if let Some(listener) = metrics_listener {
         let sources = metrics::Sources {
             bus: bus.stats().clone(),

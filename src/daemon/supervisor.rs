@@ -46,6 +46,8 @@ pub enum TaskName {
     ConfigReload,
     /// Serves `GET /metrics` (`daemon::metrics`), when `metrics_listen` is set.
     Metrics,
+    /// Serves the HTTP API (`api::http`), when `http.listen` is set.
+    Http,
 }
 
 impl TaskName {
@@ -63,6 +65,7 @@ impl TaskName {
             Self::InventoryDispatcher => "inventory-dispatcher",
             Self::ConfigReload => "config-reload",
             Self::Metrics => "metrics",
+            Self::Http => "http",
         }
     }
 }

@@ -10,6 +10,8 @@
 //! - [`outbox`]: the change log a dispatcher reads (at-least-once, idempotent).
 //! - [`inventory`]: port and hostname forwards (the records, validation).
 //! - [`shares`]: samba shares (the records, validation, passwords).
+//! - [`users`]: users, API tokens, sessions and the audit log of the HTTP
+//!   API (records, validation, secrets hashed and redacted).
 //! - [`dispatch`]: per (target server, state) what is wanted and what was
 //!   applied, for the inventory dispatcher.
 //!
@@ -33,6 +35,7 @@ pub mod outbox;
 pub mod service;
 pub mod shares;
 pub mod store;
+pub mod users;
 
 use std::fmt;
 use std::net::IpAddr;
@@ -371,6 +374,24 @@ pub enum Error {
         /// The backup holding it.
         by: String,
     },
+    /// A user with this name exists already (HTTP API users).
+    #[error("a user named {name:?} already exists")]
+    DuplicateUser {
+        /// The name asked for.
+        name: String,
+    },
+    /// An API token with this name exists already.
+    #[error("a token named {name:?} already exists")]
+    DuplicateToken {
+        /// The name asked for.
+        name: String,
+    },
+    /// A password shorter than the minimum (or empty).
+    #[error("the password must have at least {min} characters")]
+    PasswordTooShort {
+        /// The minimum, in characters.
+        min: usize,
+    },
     /// The database failed (not a constraint the registry knows about).
     #[error("registry database, {op}: {source}")]
     Database {
@@ -404,6 +425,9 @@ impl Error {
             Error::DuplicateShare { .. } => "duplicate_share",
             Error::UserNameTooLong { .. } => "user_name_too_long",
             Error::DuplicateBackup { .. } => "duplicate_backup",
+            Error::DuplicateUser { .. } => "duplicate_user",
+            Error::DuplicateToken { .. } => "duplicate_token",
+            Error::PasswordTooShort { .. } => "password_too_short",
             Error::Database { .. } => "database",
         }
     }

@@ -14,8 +14,10 @@ use serde_json::Value as Json;
 mod backups;
 mod forwards;
 mod shares;
+mod users;
 
 pub use shares::samba_base;
+pub use users::{SessionLimits, TokenPrincipal};
 
 pub use backups::BackupSpec;
 

@@ -35,6 +35,7 @@ pub use self::dispatch::DispatchStore;
 pub use self::exec::ExecStore;
 pub use self::inventory::{InventoryStore, NewHostnameForward, NewPortForward};
 pub use self::shares::{NewShare, ShareStore};
+pub use self::users::{NewSession, NewToken, NewUser, UserStore};
 use super::dispatch::{Debounce, DispatchRun, DispatchStatus, DispatchTarget, Finish, StateKind};
 use super::exec::{ExecEnd, ExecRecord, NewExec};
 use super::inventory::{HostnameForward, PortForward};
@@ -44,7 +45,15 @@ use super::{Error, OutboxKind, Server, ServerModel, Status};
 /// How the service reads and writes the registry. Writing methods append the
 /// outbox row of their change in the same transaction.
 pub trait Store:
-    InventoryStore + DispatchStore + ShareStore + BackupStore + Send + Sync + Clone + 'static
+    InventoryStore
+    + DispatchStore
+    + ShareStore
+    + BackupStore
+    + UserStore
+    + Send
+    + Sync
+    + Clone
+    + 'static
 {
     /// Inserts a model (its `id` is ignored) and returns it with its id.
     fn insert_model(
@@ -1426,6 +1435,7 @@ mod shares;
 mod backup;
 // Several daemons on one registry (issue #16).
 mod cluster;
+mod users;
 
 impl ExecStore for DbStore {
     async fn exec_insert(&self, e: &NewExec) -> Result<ExecRecord, Error> {

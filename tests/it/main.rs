@@ -17,6 +17,7 @@ mod doctor;
 mod exec;
 mod failover;
 mod forward_bus;
+mod http_api;
 mod job_reconcile;
 mod metrics;
 mod pki;
