@@ -1107,8 +1107,16 @@ fn backups_on_the_bus_with_trust_rules_and_bad_input_refused() {
         serde_json::json!(["cache/"]),
         "{r}"
     );
-    let created =
-        crate::support::wait_event_data(w, d, "steward/v1/backup/created", |x| x["id"] == id);
+    // Published by the outbox relay: before or after the reply.
+    let created = crate::support::json_line(&w.seen_or_wait_line(
+        "steward/v1/backup/created",
+        crate::support::T,
+        |l| {
+            let v = crate::support::json_line(l);
+            v["tag"] == "steward/v1/backup/created" && v["data"]["id"] == id
+        },
+    ))["data"]
+        .clone();
     assert_eq!(created["dest"], BACKUP, "{created}");
 
     let r = ask(&h, w, d, "find", "b2", serde_json::json!({"id": id}));
