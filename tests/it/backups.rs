@@ -19,7 +19,7 @@ use crate::support::{
     cli, eventually_within, run_ok, start_daemon, steward_config, LineChild, SaltHarness,
 };
 
-const BACKUP: &str = "bk1.example.org";
+pub(crate) const BACKUP: &str = "bk1.example.org";
 const SOURCE: &str = "web1.example.org";
 
 /// The value of `salt_steward_requests_total` for backup results with
@@ -54,12 +54,12 @@ fn results_counted(port: u16, outcome: &str) -> u64 {
 const CONVERGE: Duration = Duration::from_secs(180);
 
 /// `salt-steward ARGS` (it must succeed): its stdout.
-fn steward(cfg: &Path, args: &[&str]) -> String {
+pub(crate) fn steward(cfg: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&run_ok(cli(cfg, args)).stdout).into_owned()
 }
 
 /// `salt-steward ARGS` whose stdout is JSON.
-fn steward_json(cfg: &Path, args: &[&str]) -> Value {
+pub(crate) fn steward_json(cfg: &Path, args: &[&str]) -> Value {
     let out = steward(cfg, args);
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {out}"))
 }
@@ -73,7 +73,7 @@ fn refused(cfg: &Path, args: &[&str]) -> String {
 }
 
 /// Changes of the registry the dispatcher has not read yet.
-fn unread_by_dispatcher(cfg: &Path) -> i64 {
+pub(crate) fn unread_by_dispatcher(cfg: &Path) -> i64 {
     let status = steward_json(cfg, &["outbox", "status", "--json"]);
     status
         .as_array()
@@ -85,7 +85,7 @@ fn unread_by_dispatcher(cfg: &Path) -> i64 {
 }
 
 /// The (server, state) target as `dispatch show SERVER --json` lists it.
-fn target(cfg: &Path, server: &str, state: &str) -> Option<Value> {
+pub(crate) fn target(cfg: &Path, server: &str, state: &str) -> Option<Value> {
     let show = steward_json(cfg, &["dispatch", "show", server, "--json"]);
     show["targets"]
         .as_array()
@@ -236,23 +236,33 @@ fn bad_backups_are_refused_and_nothing_is_written() {
 /// the folders.
 /// Field order is drop order: the daemon first, the master and minions,
 /// then sshd and the folders.
-struct BackupStack {
+pub(crate) struct BackupStack {
     /// `None` while stopped.
-    daemon: Option<LineChild>,
-    h: SaltHarness,
+    pub(crate) daemon: Option<LineChild>,
+    pub(crate) h: SaltHarness,
     /// The daemon's metrics endpoint.
     metrics_port: u16,
     source_minion: String,
-    backup_minion: String,
-    cfg: PathBuf,
-    sshd: Sshd,
-    src: PathBuf,
-    dest: PathBuf,
+    pub(crate) backup_minion: String,
+    pub(crate) cfg: PathBuf,
+    pub(crate) sshd: Sshd,
+    pub(crate) src: PathBuf,
+    pub(crate) dest: PathBuf,
+    /// The backup server's `steward:backup:state_dir`.
+    pub(crate) state_dir: PathBuf,
     _dir: tempfile::TempDir,
 }
 
 impl BackupStack {
     fn start() -> Self {
+        Self::start_with("", "")
+    }
+
+    /// As [`BackupStack::start`], with `backup_settings` appended to the
+    /// backup server's `steward:backup:` minion settings (indented four
+    /// spaces) and `steward_extra` to the daemon's config (top level; its
+    /// own `dispatch:` replaces the tests' quick one).
+    pub(crate) fn start_with(backup_settings: &str, steward_extra: &str) -> Self {
         crate::support::netns::require_tools(&["rsync", "rsnapshot", "rrsync"]);
         let sshd = Sshd::start();
         let dir = tempfile::Builder::new()
@@ -269,8 +279,14 @@ impl BackupStack {
             &format!(
                 "metrics_listen: 127.0.0.1:{metrics_port}\n\
                  masters: [\"127.0.0.1:{}\"]\n\
-                 dispatch:\n  debounce_ms: 300\n  job_timeout: 120\n  retry_base_ms: 1000\n",
-                h.ret_port
+                 {}{steward_extra}",
+                h.ret_port,
+                // The tests' own quick dispatcher unless the caller sets one.
+                if steward_extra.lines().any(|l| l.starts_with("dispatch:")) {
+                    ""
+                } else {
+                    "dispatch:\n  debounce_ms: 300\n  job_timeout: 120\n  retry_base_ms: 1000\n"
+                }
             ),
         );
         steward(&cfg, &["model", "add", "m"]);
@@ -289,9 +305,10 @@ impl BackupStack {
             ],
         );
         let daemon = start_daemon(&cfg);
+        let state_dir = dir.path().join("state");
         let backup_settings = format!(
-            "steward:\n  backup:\n    state_dir: {}\n    cron_file: {}\n",
-            dir.path().join("state").display(),
+            "steward:\n  backup:\n    state_dir: {}\n    cron_file: {}\n{backup_settings}",
+            state_dir.display(),
             dir.path().join("cron.d/salt-steward-backup").display()
         );
         let source_settings = format!(
@@ -317,13 +334,37 @@ impl BackupStack {
             sshd,
             src,
             dest,
+            state_dir,
             _dir: dir,
         }
     }
 
+    /// `backup add SOURCE <src> BACKUP <dest> --ssh-port <sshd> EXTRA…`:
+    /// the new backup's id.
+    pub(crate) fn add(&self, extra: &[&str]) -> String {
+        let port = self.sshd.port.to_string();
+        let mut args = vec![
+            "backup",
+            "add",
+            SOURCE,
+            self.src.to_str().unwrap(),
+            BACKUP,
+            self.dest.to_str().unwrap(),
+            "--ssh-port",
+            &port,
+        ];
+        args.extend_from_slice(extra);
+        steward(&self.cfg, &args).trim().to_owned()
+    }
+
+    /// `backup run ID [--level L] --json`: its exit code and JSON output.
+    pub(crate) fn run(&self, id: &str, level: Option<&str>) -> (Option<i32>, Value) {
+        run_backup(&self.cfg, id, level)
+    }
+
     /// Waits until both targets are done at their desired revision, the
     /// dispatcher has read every change, and the keys are exchanged.
-    fn converged(&self, id: &str) -> Value {
+    pub(crate) fn converged(&self, id: &str) -> Value {
         eventually_within("the backup converged", CONVERGE, || {
             let unread = unread_by_dispatcher(&self.cfg);
             let b = steward_json(&self.cfg, &["backup", "show", id, "--json"]);
@@ -344,31 +385,26 @@ impl BackupStack {
     }
 }
 
+/// `salt-steward backup run ID [--level L] --json`: its exit code and JSON output.
+fn run_backup(cfg: &Path, id: &str, level: Option<&str>) -> (Option<i32>, Value) {
+    let mut args = vec!["backup", "run", id, "--json", "--timeout", "180"];
+    if let Some(l) = level {
+        args.extend(["--level", l]);
+    }
+    let out = cli(cfg, &args).output().unwrap();
+    let ran = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("{args:?}: {}", crate::support::text(&out)));
+    (out.status.code(), ran)
+}
+
 #[test]
 fn a_backup_converges_by_itself_then_runs_and_records_its_result() {
     let s = BackupStack::start();
     let (files, size) = populate(&s.src);
     let src = s.src.to_str().unwrap();
-    let dest = s.dest.to_str().unwrap();
     let port = s.sshd.port.to_string();
-    let id = steward(
-        &s.cfg,
-        &[
-            "backup",
-            "add",
-            SOURCE,
-            src,
-            BACKUP,
-            dest,
-            "--exclude",
-            "cache/",
-            "--exclude",
-            "*.tmp",
-            "--ssh-port",
-            &port,
-        ],
-    );
-    let id = id.trim();
+    let id = s.add(&["--exclude", "cache/", "--exclude", "*.tmp"]);
+    let id = id.as_str();
     assert_eq!(id, "1");
     let b = s.converged(id);
     // The keys came from the states' reports: the source's host key as its
@@ -573,6 +609,214 @@ fn a_backup_converges_by_itself_then_runs_and_records_its_result() {
     let shown = steward_json(&s.cfg, &["backup", "show", id2, "--json"]);
     assert_eq!(shown["health"], "red", "{shown}");
     assert_eq!(shown["results"][0]["outcome"], outcome, "{shown}");
+}
+
+/// The snapshots under a backup's destination (`.sync` and our marker aside), sorted.
+fn snapshots(dest: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dest)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    names.sort();
+    names
+}
+
+fn inode(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .ino()
+}
+
+/// Small levels from the daemon's `backups.retain`: through `backup run`
+/// (and `--level daily`) the snapshots rotate to exactly the configured
+/// counts, an unchanged file is one inode in consecutive snapshots and a
+/// changed one is not, every run is in `backup show` with its outcome; a
+/// file vanishing mid-run is a recorded `warning` and the snapshot still
+/// rotates.
+#[test]
+fn backup_runs_rotate_to_the_configured_levels_and_a_vanished_file_is_a_warning() {
+    // The backup server's rsync throttled (`steward:backup:rsync`, as in
+    // states_backup::backup_vanished_file_is_a_warning_and_still_rotates):
+    // the transfer of a large first file lasts seconds, during which the
+    // test removes a later file of the file list already sent.
+    let tools = tempfile::Builder::new()
+        .prefix("ss-slow-rsync-")
+        .tempdir()
+        .unwrap();
+    let slow = tools.path().join("slow-rsync");
+    write(
+        &slow,
+        "#!/bin/sh\nexec /usr/bin/rsync --bwlimit=256 \"$@\"\n",
+    );
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&slow, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let s = BackupStack::start_with(
+        &format!("    rsync: {}\n", slow.display()),
+        "backups:\n  retain:\n\
+         \x20   - {level: hourly, count: 2, cron: \"0 */4 * * *\"}\n\
+         \x20   - {level: daily, count: 2, cron: \"30 3 * * *\"}\n",
+    );
+    let (files, size) = populate(&s.src);
+    let id = s.add(&["--exclude", "cache/", "--exclude", "*.tmp"]);
+    let id = id.as_str();
+    s.converged(id);
+    let conf = std::fs::read_to_string(s.state_dir.join(id).join("rsnapshot.conf")).unwrap();
+    for line in ["retain\thourly\t2", "retain\tdaily\t2"] {
+        assert!(conf.lines().any(|l| l == line), "{line:?} not in:\n{conf}");
+    }
+    let dest = &s.dest;
+    // Each run: (run id, outcome) as `backup run` reported it.
+    let mut runs: Vec<(Value, &str)> = Vec::new();
+    let mut run = |level: Option<&str>, want: &'static str| -> Value {
+        let (code, ran) = s.run(id, level);
+        let r = ran["result"].clone();
+        assert_eq!(r["outcome"], want, "{level:?}: {ran}");
+        let ok = want == "ok" || want == "warning";
+        assert_eq!(code, Some(if ok { 0 } else { 1 }), "{level:?}: {ran}");
+        // Recorded by `backup run` or, first, from the wrapper's event:
+        // either way once (checked against `backup show` at the end).
+        runs.push((r["run_id"].clone(), want));
+        r
+    };
+
+    // A higher level before the lower one has history: not a success, nothing made.
+    run(Some("daily"), "insufficient_history");
+    assert!(snapshots(dest).is_empty(), "{:?}", snapshots(dest));
+    let r = run(None, "ok");
+    assert_eq!(
+        (r["files"].clone(), r["size"].clone()),
+        (files.into(), size.into())
+    );
+    assert_eq!(r["transferred"], size, "{r}");
+    let r = run(None, "ok");
+    assert_eq!(r["transferred"], 0, "nothing changed: {r}");
+    assert_eq!(snapshots(dest), ["hourly.0", "hourly.1"]);
+    assert_eq!(
+        inode(&dest.join("hourly.0/a.txt")),
+        inode(&dest.join("hourly.1/a.txt"))
+    );
+    assert_eq!(
+        inode(&dest.join("hourly.0/sub/b.txt")),
+        inode(&dest.join("hourly.1/sub/b.txt"))
+    );
+    write(&s.src.join("sub/b.txt"), "changed content\n");
+    let r = run(None, "ok");
+    assert_eq!(r["transferred"], 16, "only the changed file: {r}");
+    assert_eq!(snapshots(dest), ["hourly.0", "hourly.1"], "hourly keeps 2");
+    assert_eq!(
+        inode(&dest.join("hourly.0/a.txt")),
+        inode(&dest.join("hourly.1/a.txt"))
+    );
+    assert_ne!(
+        inode(&dest.join("hourly.0/sub/b.txt")),
+        inode(&dest.join("hourly.1/sub/b.txt"))
+    );
+    assert_eq!(
+        std::fs::read_to_string(dest.join("hourly.0/sub/b.txt")).unwrap(),
+        "changed content\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dest.join("hourly.1/sub/b.txt")).unwrap(),
+        "0123456789\n"
+    );
+
+    // daily takes the oldest hourly (hourly.1) each time; daily keeps 2.
+    let oldest = inode(&dest.join("hourly.1/sub/b.txt"));
+    run(Some("daily"), "ok");
+    assert_eq!(snapshots(dest), ["daily.0", "hourly.0"]);
+    assert_eq!(inode(&dest.join("daily.0/sub/b.txt")), oldest);
+    run(None, "ok");
+    run(Some("daily"), "ok");
+    assert_eq!(snapshots(dest), ["daily.0", "daily.1", "hourly.0"]);
+    run(None, "ok");
+    assert_eq!(
+        snapshots(dest),
+        ["daily.0", "daily.1", "hourly.0", "hourly.1"]
+    );
+    let next = inode(&dest.join("hourly.1/sub/b.txt"));
+    run(Some("daily"), "ok");
+    assert_eq!(
+        snapshots(dest),
+        ["daily.0", "daily.1", "hourly.0"],
+        "daily keeps 2"
+    );
+    assert_eq!(inode(&dest.join("daily.0/sub/b.txt")), next);
+    // Unchanged since the first run: one inode in all of them.
+    let a = inode(&dest.join("hourly.0/a.txt"));
+    for snap in ["daily.0", "daily.1"] {
+        assert_eq!(inode(&dest.join(snap).join("a.txt")), a, "{snap}");
+    }
+
+    // A file vanishing while rsync runs: a warning, kept and rotated.
+    let big: Vec<u8> = (0..1_500_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(s.src.join("aa-big.bin"), &big).unwrap();
+    write(&s.src.join("zz-vanishing.txt"), "gone soon\n");
+    let before = inode(&dest.join("hourly.0/a.txt"));
+    let (code, ran) = std::thread::scope(|sc| {
+        let cfg = s.cfg.clone();
+        let running = sc.spawn(move || run_backup(&cfg, id, None));
+        // The receiver's temp file of the big file: its transfer is on.
+        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        loop {
+            let started = std::fs::read_dir(dest.join(".sync"))
+                .map(|d| {
+                    d.flatten()
+                        .any(|e| e.file_name().to_string_lossy().starts_with(".aa-big.bin."))
+                })
+                .unwrap_or(false);
+            if started {
+                break;
+            }
+            assert!(
+                !running.is_finished(),
+                "the run ended before the big file's transfer was seen"
+            );
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no transfer within 90 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::fs::remove_file(s.src.join("zz-vanishing.txt")).unwrap();
+        running.join().unwrap()
+    });
+    assert_eq!(code, Some(0), "a warning is a success: {ran}");
+    let r = &ran["result"];
+    assert_eq!(r["outcome"], "warning", "{ran}");
+    assert_eq!(r["rsync_exit"], 24, "{ran}");
+    assert!(r["error"].as_str().unwrap().contains("vanished"), "{ran}");
+    runs.push((r["run_id"].clone(), "warning"));
+    assert_eq!(
+        snapshots(dest),
+        ["daily.0", "daily.1", "hourly.0", "hourly.1"],
+        "rotated, hourly still 2"
+    );
+    assert_eq!(inode(&dest.join("hourly.1/a.txt")), before);
+    assert_eq!(
+        std::fs::read(dest.join("hourly.0/aa-big.bin")).unwrap(),
+        big
+    );
+    assert!(!dest.join("hourly.0/zz-vanishing.txt").exists());
+
+    // Every run recorded once, newest first, with its outcome.
+    let shown = steward_json(&s.cfg, &["backup", "show", id, "--json"]);
+    let recorded: Vec<(Value, &str)> = shown["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .map(|r| (r["run_id"].clone(), r["outcome"].as_str().unwrap()))
+        .collect();
+    assert_eq!(recorded, runs, "{shown}");
+    assert_eq!(shown["results"][0]["rsync_exit"], 24, "{shown}");
+    assert_eq!(shown["health"], "green", "{shown}");
 }
 
 // ------------------------------------------------------------ the registry
@@ -863,8 +1107,16 @@ fn backups_on_the_bus_with_trust_rules_and_bad_input_refused() {
         serde_json::json!(["cache/"]),
         "{r}"
     );
-    let created =
-        crate::support::wait_event_data(w, d, "steward/v1/backup/created", |x| x["id"] == id);
+    // Published by the outbox relay: before or after the reply.
+    let created = crate::support::json_line(&w.seen_or_wait_line(
+        "steward/v1/backup/created",
+        crate::support::T,
+        |l| {
+            let v = crate::support::json_line(l);
+            v["tag"] == "steward/v1/backup/created" && v["data"]["id"] == id
+        },
+    ))["data"]
+        .clone();
     assert_eq!(created["dest"], BACKUP, "{created}");
 
     let r = ask(&h, w, d, "find", "b2", serde_json::json!({"id": id}));

@@ -6,6 +6,7 @@
 
 mod accept;
 mod backups;
+mod bench_backup;
 mod bench_dispatch;
 mod bus_fake_publisher;
 mod bus_salt;
