@@ -145,6 +145,24 @@ pub const DISPATCH_DRIFT_INTERVAL: Limit = Limit {
     max: 2_592_000,
 };
 /// `exec.timeout`, seconds: 1 s to 1 day.
+/// `cluster.heartbeat_secs`.
+pub const CLUSTER_HEARTBEAT_SECS: Limit = Limit {
+    key: "cluster.heartbeat_secs",
+    min: 1,
+    max: 60,
+};
+/// `cluster.dead_after_beats`.
+pub const CLUSTER_DEAD_AFTER_BEATS: Limit = Limit {
+    key: "cluster.dead_after_beats",
+    min: 2,
+    max: 100,
+};
+/// `cluster.lease_secs`.
+pub const CLUSTER_LEASE_SECS: Limit = Limit {
+    key: "cluster.lease_secs",
+    min: 5,
+    max: 3_600,
+};
 pub const EXEC_TIMEOUT: Limit = Limit {
     key: "exec.timeout",
     min: 1,
@@ -236,6 +254,9 @@ pub struct ConfigFile {
     /// Samba shares (`salt-steward share …`).
     #[serde(default)]
     pub shares: SharesConfig,
+    /// Several daemons (one per master) on one registry.
+    #[serde(default)]
+    pub cluster: ClusterConfig,
     /// Backups: default levels, when a backup turns red.
     #[serde(default)]
     pub backups: BackupsConfig,
@@ -614,6 +635,83 @@ fn default_share_user_prefix() -> String {
     crate::registry::shares::DEFAULT_USER_PREFIX.to_owned()
 }
 
+/// `cluster:` section: several daemons, one per master, on one (PostgreSQL)
+/// registry. One daemon on SQLite needs none of it.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This daemon's id among the daemons of the registry. Default: the
+    /// master's id (one daemon per master).
+    #[serde(default)]
+    pub daemon_id: Option<String>,
+    /// The id of the master this daemon serves, as recorded for the minions
+    /// seen on it. Default `<host name>:<ret_port>`.
+    #[serde(default)]
+    pub master_id: Option<String>,
+    /// Seconds between heartbeats. Default 5; 1 to 60.
+    #[serde(default = "default_heartbeat_secs")]
+    pub heartbeat_secs: u64,
+    /// A daemon is seen dead after this many missed heartbeats. Default 3;
+    /// 2 to 100.
+    #[serde(default = "default_dead_after_beats")]
+    pub dead_after_beats: u64,
+    /// Seconds a singleton chore's lease (outbox pruning, drift repair, the
+    /// full key-sync sweep) lasts unless renewed: how long the chores pause
+    /// when their holder dies. Default 30; 5 to 3600.
+    #[serde(default = "default_lease_secs")]
+    pub lease_secs: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            daemon_id: None,
+            master_id: None,
+            heartbeat_secs: default_heartbeat_secs(),
+            dead_after_beats: default_dead_after_beats(),
+            lease_secs: default_lease_secs(),
+        }
+    }
+}
+
+/// A daemon id made of `name` (`cluster.daemon_id`'s characters: lower-case
+/// letters, digits, `_` and `-`; anything else becomes `-`; 48 at most).
+pub fn daemon_id_of(name: &str) -> String {
+    let id: String = name
+        .chars()
+        .map(|c| c.to_ascii_lowercase())
+        .map(|c| {
+            if c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(DAEMON_ID_MAX)
+        .collect();
+    if id.is_empty() {
+        "daemon".to_owned()
+    } else {
+        id
+    }
+}
+
+/// The longest `cluster.daemon_id` (its notifier's outbox consumer is
+/// `notify-<id>`).
+pub const DAEMON_ID_MAX: usize = 48;
+
+fn default_heartbeat_secs() -> u64 {
+    5
+}
+
+fn default_dead_after_beats() -> u64 {
+    3
+}
+
+fn default_lease_secs() -> u64 {
+    30
+}
+
 /// `backups:` section: backups (`salt-steward backup …`, the dispatcher's
 /// `steward.backup`).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -669,6 +767,8 @@ pub struct Settings {
     pub masters: Vec<String>,
     /// `shares:`.
     pub shares: SharesConfig,
+    /// `cluster:`.
+    pub cluster: ClusterConfig,
     /// The file these settings were read from (`None`: the defaults), read
     /// again on SIGHUP.
     pub source: Option<PathBuf>,
@@ -698,6 +798,7 @@ impl Settings {
         differs("keys", self.keys != new.keys);
         differs("backups", self.backups != new.backups);
         differs("masters", self.masters != new.masters);
+        differs("cluster", self.cluster != new.cluster);
         differs("shares", self.shares != new.shares);
         differs("http", self.http != new.http);
         out
@@ -764,6 +865,7 @@ impl Settings {
             keys: f.keys,
             masters: f.masters,
             shares: f.shares,
+            cluster: f.cluster,
             source: None,
             metrics_listen: f.metrics_listen,
             http: f.http,
@@ -822,14 +924,33 @@ fn check(f: &ConfigFile, text: &str) -> Vec<String> {
     number(DISPATCH_RETRY_MAX_MS, f.dispatch.retry_max_ms);
     number(DISPATCH_DRIFT_INTERVAL, f.dispatch.drift_interval);
     number(EXEC_TIMEOUT, f.exec.timeout);
-    number(BACKUPS_STALE_AFTER_HOURS, f.backups.stale_after_hours);
-    number(KEYS_BITS, wide(f.keys.bits));
-    number(KEYS_POOL_SIZE, wide(f.keys.pool_size));
+    number(CLUSTER_HEARTBEAT_SECS, f.cluster.heartbeat_secs);
+    number(CLUSTER_DEAD_AFTER_BEATS, f.cluster.dead_after_beats);
+    number(CLUSTER_LEASE_SECS, f.cluster.lease_secs);
     number(HTTP_SESSION_IDLE_MINUTES, f.http.session_idle_minutes);
     number(HTTP_SESSION_ABSOLUTE_HOURS, f.http.session_absolute_hours);
     number(HTTP_LOGIN_FAILURES, f.http.login_failures_per_minute);
     number(HTTP_REQUEST_TIMEOUT, f.http.request_timeout);
     number(HTTP_MAX_BODY_BYTES, f.http.max_body_bytes);
+    number(BACKUPS_STALE_AFTER_HOURS, f.backups.stale_after_hours);
+    number(KEYS_BITS, wide(f.keys.bits));
+    number(KEYS_POOL_SIZE, wide(f.keys.pool_size));
+    if let Some(id) = &f.cluster.daemon_id {
+        if id.is_empty() || id.len() > DAEMON_ID_MAX || daemon_id_of(id) != *id {
+            problems.push(format!(
+                "cluster.daemon_id: {id:?} is not 1 to {DAEMON_ID_MAX} characters of a-z, 0-9, _ and -{}",
+                at_line(line_of(text, "cluster", "daemon_id:"))
+            ));
+        }
+    }
+    if let Some(m) = &f.cluster.master_id {
+        if m.is_empty() || m.len() > 255 || m.chars().any(char::is_whitespace) {
+            problems.push(format!(
+                "cluster.master_id: {m:?} is not 1 to 255 characters without spaces{}",
+                at_line(line_of(text, "cluster", "master_id:"))
+            ));
+        }
+    }
     if let Err(e) = crate::registry::backup::validate_retain(&f.backups.retain) {
         problems.push(format!(
             "backups.retain: {e}{}",

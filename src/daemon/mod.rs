@@ -51,6 +51,7 @@ use crate::api::server::{serve_requests, Answering, PolicyHandle};
 use crate::bus::{BusHandle, EventFirer, Firer, LocalEvents, SubscriberOptions};
 use crate::config::Settings;
 use crate::dispatch::accept::{self as acceptor, AcceptorConfig};
+use crate::dispatch::cluster::{self, Identity};
 use crate::dispatch::inventory::{self, DispatcherConfig};
 use crate::dispatch::notify::dispatch_outbox;
 use crate::master_config::MasterConfig;
@@ -110,6 +111,8 @@ pub async fn run(
     let local = LocalEvents::new();
     let rules = crate::rules::RulesComponent::new(&bus, &local, settings);
     let acceptor_events = bus.subscribe();
+    let cluster_events = bus.subscribe();
+    let me = Identity::new(&settings.cluster, master);
     let (tracker, routing) = JobTracker::new(bus.subscribe(), cancel.clone());
     // One Salt client (one request connection, one job tracker) for the
     // acceptor and the rules engine.
@@ -152,12 +155,24 @@ pub async fn run(
     sup.spawn(TaskName::EventWriter, writer);
     sup.spawn(TaskName::JobTracker, routing);
     sup.spawn(
+        TaskName::Cluster,
+        cluster::run(
+            service.store().clone(),
+            me.clone(),
+            cluster::Timing::of(&settings.cluster),
+            cluster_events,
+            cancel.clone(),
+        ),
+    );
+    sup.spawn(
         TaskName::OutboxNotifier,
         dispatch_outbox(
             service.clone(),
             firer.clone(),
             changed.clone(),
             registry_changes.subscribe(),
+            me.clone(),
+            Duration::from_secs(settings.cluster.lease_secs),
             cancel.clone(),
         ),
     );
@@ -295,6 +310,8 @@ fn dispatcher_config(
         stats: Arc::default(),
         master_pki_dir: master.pki_dir.clone(),
         backup_retain: settings.backups.retain.clone(),
+        daemon_id: Identity::new(&settings.cluster, master).daemon_id,
+        chore_lease: Duration::from_secs(settings.cluster.lease_secs),
     }
 }
 

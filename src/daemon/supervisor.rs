@@ -48,6 +48,8 @@ pub enum TaskName {
     Metrics,
     /// Serves the HTTP API (`api::http`), when `http.listen` is set.
     Http,
+    /// Heartbeat, the other daemons, where minions are (`dispatch::cluster`).
+    Cluster,
 }
 
 impl TaskName {
@@ -64,6 +66,7 @@ impl TaskName {
             Self::Rules => "rules",
             Self::InventoryDispatcher => "inventory-dispatcher",
             Self::ConfigReload => "config-reload",
+            Self::Cluster => "cluster",
             Self::Metrics => "metrics",
             Self::Http => "http",
         }

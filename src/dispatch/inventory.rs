@@ -41,6 +41,7 @@ use crate::bus::origin::STEWARD_PREFIX;
 use crate::bus::Firer;
 use crate::registry::backup::Retain;
 use crate::registry::changes::{Changes, WATCHED_POLL};
+use crate::registry::cluster::Chore;
 use crate::registry::dispatch::{Debounce, Finish};
 use crate::registry::store::{now_ms, DispatchStore as _, InventoryStore as _};
 use crate::registry::{
@@ -118,6 +119,11 @@ pub struct DispatcherConfig {
     pub master_pki_dir: std::path::PathBuf,
     /// The backup levels of a backup without its own (`backups.retain`).
     pub backup_retain: Vec<Retain>,
+    /// This daemon's id among the registry's daemons (`cluster.daemon_id`):
+    /// the holder of the drift-repair chore's lease when it runs it.
+    pub daemon_id: String,
+    /// How long a chore's lease lasts unless renewed (`cluster.lease_secs`).
+    pub chore_lease: Duration,
 }
 
 impl DispatcherConfig {
@@ -158,16 +164,19 @@ pub async fn run(
         .drift_interval
         .map(|d| (d / 10).clamp(Duration::from_secs(1), Duration::from_secs(60)));
     let mut drift_at = tokio::time::Instant::now();
+    // With several daemons on the registry, one of them repairs drift.
+    let mut drift_chore = Chore::new("chore/drift", &cfg.daemon_id, cfg.chore_lease);
     let store = service.store();
     loop {
         if cancel.is_cancelled() {
+            drift_chore.release(store).await;
             return;
         }
         if let Err(error) = intake(store, cfg.debounce).await {
             warn!(message = "Reading the outbox for the dispatcher failed; will retry.", consumer = DISPATCH_CONSUMER, %error);
         }
         if let (Some(interval), Some(every)) = (cfg.drift_interval, drift_every) {
-            if drift_at.elapsed() >= every {
+            if drift_at.elapsed() >= every && drift_chore.held(store).await {
                 drift_at = tokio::time::Instant::now();
                 let cutoff = now_ms().saturating_sub(millis(interval));
                 match store.dispatch_drift(cutoff).await {
@@ -850,6 +859,8 @@ mod tests {
             stats: Arc::default(),
             master_pki_dir: std::path::PathBuf::new(),
             backup_retain: Vec::new(),
+            daemon_id: "test".into(),
+            chore_lease: Duration::from_secs(30),
         }
     }
 

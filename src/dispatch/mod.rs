@@ -12,6 +12,7 @@
 
 pub mod accept;
 pub mod backup;
+pub mod cluster;
 pub mod inventory;
 pub mod notify;
 pub mod share;

@@ -14,7 +14,9 @@ use tracing::{error, info, warn};
 
 use crate::bus::origin::STEWARD_PREFIX;
 use crate::bus::Firer;
+use crate::dispatch::cluster::Identity;
 use crate::registry::changes::Changes;
+use crate::registry::cluster::Chore;
 use crate::registry::{DbStore, OutboxRow, Service, Store as _};
 
 /// How often the outbox is polled for changes made by other processes (the
@@ -27,31 +29,50 @@ pub const NOTIFY_CONSUMER: &str = "notify";
 /// How often rows every outbox consumer has passed are pruned.
 const OUTBOX_PRUNE_EVERY: Duration = Duration::from_secs(60);
 
-/// Fires every outbox entry past the `notify` cursor in order (a row it
-/// cannot read is quarantined and passed), then waits for a change; prunes
-/// what every consumer has passed now and then.
+/// The outbox consumer of daemon `me`'s notifier: `notify` for a daemon
+/// whose `cluster.daemon_id` is not set (one daemon, as before), else
+/// `notify-<daemon_id>`, so each daemon — each master's bus — fires every
+/// notification once.
+pub fn notify_consumer(me: &Identity) -> String {
+    if me.explicit {
+        format!("{NOTIFY_CONSUMER}-{}", me.daemon_id)
+    } else {
+        NOTIFY_CONSUMER.to_owned()
+    }
+}
+
+/// Fires every outbox entry past this daemon's notifier cursor in order (a
+/// row it cannot read is quarantined and passed), then waits for a change;
+/// prunes what every consumer has passed now and then (one daemon of the
+/// registry does: the `chore/prune` lease).
 pub async fn dispatch_outbox(
     service: Arc<Service<DbStore>>,
     firer: Firer,
     changed: Arc<Notify>,
     mut registry_changes: Changes,
+    me: Identity,
+    chore_lease: Duration,
     cancel: CancellationToken,
 ) {
     let store = service.store();
+    let consumer = notify_consumer(&me);
+    let mut prune = Chore::new("chore/prune", &me.daemon_id, chore_lease);
     let mut pruned_at: Option<tokio::time::Instant> = None;
     let mut subscribed = false;
     loop {
         if !subscribed {
-            match store.outbox_subscribe(NOTIFY_CONSUMER).await {
+            match store.outbox_subscribe(&consumer).await {
                 Ok(_) => subscribed = true,
                 Err(error) => {
-                    warn!(message = "Subscribing to the outbox failed; will retry.", consumer = NOTIFY_CONSUMER, %error)
+                    warn!(message = "Subscribing to the outbox failed; will retry.", consumer = %consumer, %error)
                 }
             }
         }
         if subscribed {
-            notify_pending(store, &firer, &cancel).await;
-            if pruned_at.is_none_or(|t| t.elapsed() >= OUTBOX_PRUNE_EVERY) {
+            notify_pending(store, &consumer, &firer, &cancel).await;
+            if pruned_at.is_none_or(|t| t.elapsed() >= OUTBOX_PRUNE_EVERY)
+                && prune.held(store).await
+            {
                 pruned_at = Some(tokio::time::Instant::now());
                 match store.outbox_prune().await {
                     Ok(0) => {}
@@ -61,7 +82,10 @@ pub async fn dispatch_outbox(
             }
         }
         tokio::select! {
-            _ = cancel.cancelled() => return,
+            _ = cancel.cancelled() => {
+                prune.release(store).await;
+                return;
+            }
             _ = changed.notified() => {}
             _ = registry_changes.next(OUTBOX_POLL) => {}
         }
@@ -70,8 +94,13 @@ pub async fn dispatch_outbox(
 
 /// One pass of [`dispatch_outbox`]: up to 100 rows past the cursor; stops at
 /// the first one that cannot be fired or acknowledged (retried next pass).
-async fn notify_pending(store: &DbStore, firer: &Firer, cancel: &CancellationToken) {
-    let rows = match store.outbox_pending(NOTIFY_CONSUMER, 100).await {
+async fn notify_pending(
+    store: &DbStore,
+    consumer: &str,
+    firer: &Firer,
+    cancel: &CancellationToken,
+) {
+    let rows = match store.outbox_pending(consumer, 100).await {
         Ok(rows) => rows,
         Err(error) => {
             warn!(message = "Reading the outbox failed; will retry.", %error);
@@ -85,8 +114,8 @@ async fn notify_pending(store: &DbStore, firer: &Firer, cancel: &CancellationTok
         let entry = match row {
             OutboxRow::Entry(entry) => entry,
             OutboxRow::Unreadable { id, reason } => {
-                error!(message = "Outbox row cannot be read; quarantined.", consumer = NOTIFY_CONSUMER, outbox_id = id, %reason);
-                if let Err(error) = store.outbox_quarantine(NOTIFY_CONSUMER, id, &reason).await {
+                error!(message = "Outbox row cannot be read; quarantined.", consumer, outbox_id = id, %reason);
+                if let Err(error) = store.outbox_quarantine(consumer, id, &reason).await {
                     warn!(message = "Quarantining an outbox row failed; will retry.", outbox_id = id, %error);
                     return;
                 }
@@ -103,7 +132,7 @@ async fn notify_pending(store: &DbStore, firer: &Firer, cancel: &CancellationTok
             warn!(message = "Notification not fired; will retry.", %tag, outbox_id = entry.id, %error);
             return;
         }
-        if let Err(error) = store.outbox_ack(NOTIFY_CONSUMER, entry.id).await {
+        if let Err(error) = store.outbox_ack(consumer, entry.id).await {
             warn!(message = "Notification fired but not acknowledged; it will be fired again.", %tag, outbox_id = entry.id, %error);
             return;
         }

@@ -88,3 +88,83 @@ pub struct Presence {
     /// When (database clock, ms).
     pub seen_at: i64,
 }
+
+/// A singleton chore's lease, as one daemon sees it: the chore runs where
+/// the lease is held. `held` takes or renews it (at most every third of its
+/// time to live, so a holder keeps it while it lives) and says whether this
+/// daemon holds it now; a dead holder's lapses and the next daemon to ask
+/// takes it in a new epoch. Alone on a registry, a daemon always holds it.
+#[derive(Debug)]
+pub struct Chore {
+    name: String,
+    holder: String,
+    ttl_ms: i64,
+    /// The lease as last granted, and when (this process's clock).
+    granted: Option<(Lease, std::time::Instant)>,
+}
+
+impl Chore {
+    /// Chore `name` (`chore/<what>`) as daemon `holder` runs it, its lease
+    /// lasting `ttl`.
+    pub fn new(name: &str, holder: &str, ttl: std::time::Duration) -> Self {
+        Self {
+            name: name.to_owned(),
+            holder: holder.to_owned(),
+            ttl_ms: i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX),
+            granted: None,
+        }
+    }
+
+    /// Whether this daemon holds the lease now (taking or renewing it).
+    /// A database error is "not held": the chore waits for the next turn.
+    pub async fn held<S: crate::registry::store::ClusterStore>(&mut self, store: &S) -> bool {
+        let renew_after =
+            std::time::Duration::from_millis(u64::try_from(self.ttl_ms / 3).unwrap_or(0));
+        if let Some((_, at)) = &self.granted {
+            if at.elapsed() < renew_after {
+                return true;
+            }
+        }
+        let asked = std::time::Instant::now();
+        match store
+            .lease_acquire(&self.name, &self.holder, self.ttl_ms)
+            .await
+        {
+            Ok(Some(lease)) => {
+                let new_tenure = self
+                    .granted
+                    .as_ref()
+                    .is_none_or(|(l, _)| l.epoch != lease.epoch);
+                if new_tenure {
+                    tracing::info!(message = "Chore lease taken.", chore = %self.name, daemon_id = %self.holder, epoch = lease.epoch);
+                }
+                self.granted = Some((lease, asked));
+                true
+            }
+            Ok(None) => {
+                if self.granted.take().is_some() {
+                    tracing::warn!(message = "Chore lease lost to another daemon.", chore = %self.name, daemon_id = %self.holder);
+                }
+                false
+            }
+            Err(error) => {
+                tracing::warn!(message = "Chore lease not renewed; the chore waits.", chore = %self.name, daemon_id = %self.holder, %error);
+                self.granted = None;
+                false
+            }
+        }
+    }
+
+    /// Lets the lease lapse now (a clean stop), so the next daemon takes it
+    /// at once.
+    pub async fn release<S: crate::registry::store::ClusterStore>(&mut self, store: &S) {
+        if let Some((lease, _)) = self.granted.take() {
+            if let Err(error) = store
+                .lease_release(&self.name, &self.holder, lease.epoch)
+                .await
+            {
+                tracing::warn!(message = "Chore lease not released; it lapses by itself.", chore = %self.name, %error);
+            }
+        }
+    }
+}
