@@ -30,3 +30,14 @@ CREATE TABLE minion_presence (
     seen_by TEXT NOT NULL,
     seen_at BIGINT NOT NULL
 );
+
+-- A run's lease: the daemon running it, until when (its end is due by then:
+-- the job's timeout and a margin), and the epoch that fences its result
+-- (one more at every claim). A run whose lease lapsed (its daemon died) is
+-- due again with its jid kept in orphan_jid: the next holder looks that job
+-- up first and, if the minion never returned, publishes it again under the
+-- same jid (a minion drops a jid it already ran).
+ALTER TABLE dispatch_targets ADD COLUMN lease_holder TEXT;
+ALTER TABLE dispatch_targets ADD COLUMN lease_until BIGINT;
+ALTER TABLE dispatch_targets ADD COLUMN lease_epoch BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE dispatch_targets ADD COLUMN orphan_jid TEXT;

@@ -57,7 +57,7 @@ use crate::dispatch::notify::dispatch_outbox;
 use crate::master_config::MasterConfig;
 use crate::pki::KeyIssuer;
 use crate::registry;
-use crate::registry::dispatch::Debounce;
+use crate::registry::dispatch::{Debounce, Here};
 use crate::registry::store::ExecStore as _;
 use crate::salt::{JobTracker, ReqClient, SaltClient};
 
@@ -144,7 +144,7 @@ pub async fn run(
         None => None,
     };
     let key_stats = Arc::new(acceptor::KeyStats::default());
-    let dispatcher = dispatcher_config(settings, master, sup.helpers());
+    let dispatcher = dispatcher_config(settings, master, &me, sup.helpers());
     let rule_stats = rules.stats();
     let job_stats = salt.job_stats().clone();
 
@@ -292,6 +292,7 @@ pub async fn run(
 fn dispatcher_config(
     settings: &Settings,
     master: &MasterConfig,
+    me: &Identity,
     helpers: TaskTracker,
 ) -> DispatcherConfig {
     let d = &settings.dispatch;
@@ -310,8 +311,17 @@ fn dispatcher_config(
         stats: Arc::default(),
         master_pki_dir: master.pki_dir.clone(),
         backup_retain: settings.backups.retain.clone(),
-        daemon_id: Identity::new(&settings.cluster, master).daemon_id,
+        daemon_id: me.daemon_id.clone(),
         chore_lease: Duration::from_secs(settings.cluster.lease_secs),
+        here: Here {
+            master_id: me.master_id.clone(),
+            dead_after_ms: i64::try_from(
+                cluster::Timing::of(&settings.cluster)
+                    .dead_after
+                    .as_millis(),
+            )
+            .unwrap_or(i64::MAX),
+        },
     }
 }
 

@@ -41,9 +41,9 @@ use crate::bus::origin::STEWARD_PREFIX;
 use crate::bus::Firer;
 use crate::registry::backup::Retain;
 use crate::registry::changes::{Changes, WATCHED_POLL};
-use crate::registry::cluster::Chore;
-use crate::registry::dispatch::{Debounce, Finish};
-use crate::registry::store::{now_ms, DispatchStore as _, InventoryStore as _};
+use crate::registry::cluster::{Chore, SeenBy};
+use crate::registry::dispatch::{Debounce, Finish, Here};
+use crate::registry::store::{now_ms, ClusterStore as _, DispatchStore as _, InventoryStore as _};
 use crate::registry::{
     DbStore, DispatchTarget, Error, OutboxEntry, OutboxKind, OutboxRow, ServerRef, Service,
     StateKind, Status, Store as _,
@@ -124,6 +124,9 @@ pub struct DispatcherConfig {
     pub daemon_id: String,
     /// How long a chore's lease lasts unless renewed (`cluster.lease_secs`).
     pub chore_lease: Duration,
+    /// Where this daemon claims targets: its master, and when another
+    /// master's daemon is dead.
+    pub here: Here,
 }
 
 impl DispatcherConfig {
@@ -135,7 +138,18 @@ impl DispatcherConfig {
             .saturating_mul(1_i64.checked_shl(doublings).unwrap_or(i64::MAX))
             .min(self.retry_max_ms)
     }
+
+    /// How long a run's lease lasts: its job's timeout, the `find_job`
+    /// probes' grace, and a margin to record its end. Another daemon takes
+    /// the target over only after that.
+    pub fn run_lease(&self) -> Duration {
+        self.job_timeout + FIND_JOB_EVERY + FIND_JOB_GRACE + RUN_LEASE_MARGIN
+    }
 }
+
+/// What a run's lease adds to its job's timeout and probes (recording its
+/// end, a slow registry).
+const RUN_LEASE_MARGIN: Duration = Duration::from_secs(30);
 
 /// Runs the dispatcher until `cancel`: recovers what a stopped daemon left
 /// running, then takes in changes and applies due targets.
@@ -147,7 +161,7 @@ pub async fn run(
     mut registry_changes: Changes,
     cancel: CancellationToken,
 ) {
-    if !startup(service.store(), &cancel).await {
+    if !startup(service.store(), &cfg.daemon_id, &cancel).await {
         return;
     }
     let runner = Arc::new(Runner {
@@ -188,6 +202,18 @@ pub async fn run(
                 }
             }
         }
+        // Runs whose daemon died (its lease lapsed) are due again, here or
+        // on another daemon.
+        match store.dispatch_expire(now_ms()).await {
+            Ok(0) => {}
+            Ok(targets) => {
+                warn!(
+                    message = "Runs whose daemon stopped answering are due again.",
+                    targets
+                )
+            }
+            Err(error) => warn!(message = "Lapsed dispatch leases not read; will retry.", %error),
+        }
         if let Err(error) = launch_due(&runner, &inflight, &permits, &wake).await {
             warn!(message = "Reading the due dispatch targets failed; will retry.", %error);
         }
@@ -219,11 +245,11 @@ pub async fn run(
 
 /// Subscribes the consumer (idempotent) and makes what a stopped daemon
 /// left running due again; retried until it works or `cancel`.
-async fn startup(store: &DbStore, cancel: &CancellationToken) -> bool {
+async fn startup(store: &DbStore, daemon_id: &str, cancel: &CancellationToken) -> bool {
     loop {
         let done = async {
             store.outbox_subscribe(DISPATCH_CONSUMER).await?;
-            store.dispatch_recover().await
+            store.dispatch_recover(daemon_id).await
         };
         match done.await {
             Ok(0) => return true,
@@ -363,7 +389,7 @@ async fn launch_due(
     let due = runner
         .service
         .store()
-        .dispatch_due(now_ms(), DUE_BATCH)
+        .dispatch_due(now_ms(), DUE_BATCH, Some(&runner.cfg.here))
         .await?;
     for target in due {
         let key = (target.server_id, target.state);
@@ -459,13 +485,24 @@ impl Runner {
                 return Ok(());
             }
         }
-        let jid = new_jid();
+        // A run whose daemon stopped or died keeps its jid: looked up first,
+        // published again under it if the minion never returned.
+        let jid = t.orphan_jid.clone().unwrap_or_else(new_jid);
+        let lease_until = now_ms().saturating_add(millis(self.cfg.run_lease()));
         let Some(claimed) = store
-            .dispatch_claim(t.server_id, t.state, revision, &jid)
+            .dispatch_claim(
+                t.server_id,
+                t.state,
+                revision,
+                &jid,
+                &self.cfg.daemon_id,
+                lease_until,
+            )
             .await?
         else {
             return Ok(());
         };
+        let epoch = claimed.lease_epoch;
         info!(message = "Applying target.", server = %t.server, state = %t.state, sls = t.state.sls(), minion_id = %t.minion_id, revision, %jid, attempt = claimed.attempts);
         let finish = match rendered {
             Err(why) => self.failed(why, Json::Null, claimed.attempts),
@@ -483,10 +520,23 @@ impl Runner {
                         info!(message = "Stopping with a run in flight; it is due again at the next start.", server = %t.server, state = %t.state, %jid);
                         return Ok(());
                     }
-                    o = self.apply(&publish, &jid) => o,
+                    o = self.apply_or_find(&publish, &jid, t.orphan_jid.is_some()) => o,
                 };
                 if let Ok(Applied::Outcome(_, out)) = &outcome {
                     if let Some(ret) = out.returns.get(&t.minion_id) {
+                        // Its return reached this master: it is here (a
+                        // sighting the job cache confirmed).
+                        if let Err(error) = store
+                            .presence_seen(
+                                &t.minion_id,
+                                &self.cfg.here.master_id,
+                                &self.cfg.daemon_id,
+                                SeenBy::Return,
+                            )
+                            .await
+                        {
+                            warn!(message = "Where a minion is was not recorded.", minion_id = %t.minion_id, %error);
+                        }
                         // What the backup states report (keys, results).
                         super::backup::learn(&self.service, t, &ret.ret).await;
                     }
@@ -494,13 +544,51 @@ impl Runner {
                 self.judge(&t.minion_id, outcome, r.hash, claimed.attempts)
             }
         };
-        let Some(after) = self.record(t, &jid, &finish).await? else {
-            warn!(message = "Run result not recorded: the target moved on to another run.", server = %t.server, state = %t.state, %jid);
+        let Some(after) = self.record(t, &jid, epoch, &finish).await? else {
+            warn!(message = "Run result not recorded: the target moved on to another run (or another daemon took it over).", server = %t.server, state = %t.state, %jid, epoch);
             return Ok(());
         };
         self.announce(&after, revision, &jid, claimed.attempts, &finish)
             .await;
         Ok(())
+    }
+
+    /// With `orphan` (a run of a daemon that stopped or died), looks job
+    /// `jid` up in this master's job cache first: the minion's return found
+    /// there is the outcome (nothing published); else, or without `orphan`,
+    /// [`Self::apply`].
+    async fn apply_or_find(
+        &self,
+        publish: &Publish,
+        jid: &str,
+        orphan: bool,
+    ) -> Result<Applied, RequestError> {
+        if orphan {
+            match self.salt.job_cache_returns(jid, FIND_JOB_TIMEOUT).await {
+                Ok(returns) if returns.contains_key(&publish.target) => {
+                    info!(message = "The interrupted run's return is in the job cache; not published again.", minion_id = %publish.target, %jid);
+                    let published = Published {
+                        jid: jid.to_owned(),
+                        minions: vec![publish.target.clone()],
+                        missing: Vec::new(),
+                    };
+                    let outcome = JobOutcome {
+                        jid: jid.to_owned(),
+                        returns,
+                        no_answer: Vec::new(),
+                        unconfirmed: Vec::new(),
+                    };
+                    return Ok(Applied::Outcome(published, outcome));
+                }
+                Ok(_) => {
+                    info!(message = "The interrupted run never returned here; publishing it again under its jid.", minion_id = %publish.target, %jid);
+                }
+                Err(error) => {
+                    warn!(message = "Looking the interrupted run up failed; publishing it again under its jid.", minion_id = %publish.target, %jid, %error);
+                }
+            }
+        }
+        self.apply(publish, jid).await
     }
 
     /// Publishes under `jid` and collects the confirmed return. Every
@@ -638,13 +726,14 @@ impl Runner {
         &self,
         t: &DispatchTarget,
         jid: &str,
+        epoch: i64,
         finish: &Finish,
     ) -> Result<Option<DispatchTarget>, Error> {
         let store = self.service.store();
         let mut tries = 0;
         loop {
             match store
-                .dispatch_finish(t.server_id, t.state, jid, finish)
+                .dispatch_finish(t.server_id, t.state, jid, epoch, finish)
                 .await
             {
                 Ok(r) => return Ok(r),
@@ -861,6 +950,10 @@ mod tests {
             backup_retain: Vec::new(),
             daemon_id: "test".into(),
             chore_lease: Duration::from_secs(30),
+            here: Here {
+                master_id: "test:4506".into(),
+                dead_after_ms: 15_000,
+            },
         }
     }
 

@@ -138,6 +138,9 @@ mod tests {
             last_error: None,
             last_applied_at: None,
             updated_at: 0,
+            lease_holder: None,
+            lease_epoch: 0,
+            orphan_jid: None,
         }
     }
 

@@ -191,6 +191,26 @@ pub struct DispatchTarget {
     pub last_applied_at: Option<i64>,
     /// Last change of this row (Unix ms).
     pub updated_at: i64,
+    /// The daemon whose run is in flight (`cluster.daemon_id`).
+    pub lease_holder: Option<String>,
+    /// The run's fencing epoch: one more at every claim; its end is
+    /// recorded only under it.
+    pub lease_epoch: i64,
+    /// The jid of a run whose daemon stopped or died before its end: looked
+    /// up, and published again under the same jid if the minion never
+    /// returned.
+    pub orphan_jid: Option<String>,
+}
+
+/// Where a daemon claims targets (several daemons on one registry): the
+/// master it publishes through, and when another master's daemon counts as
+/// dead (its minions are then anyone's).
+#[derive(Debug, Clone)]
+pub struct Here {
+    /// This daemon's master (`cluster.master_id`).
+    pub master_id: String,
+    /// A daemon without a heartbeat for this long is dead (ms).
+    pub dead_after_ms: i64,
 }
 
 /// One run of a state on a target.

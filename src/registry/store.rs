@@ -36,7 +36,9 @@ pub use self::exec::ExecStore;
 pub use self::inventory::{InventoryStore, NewHostnameForward, NewPortForward};
 pub use self::shares::{NewShare, ShareStore};
 pub use self::users::{NewSession, NewToken, NewUser, UserStore};
-use super::dispatch::{Debounce, DispatchRun, DispatchStatus, DispatchTarget, Finish, StateKind};
+use super::dispatch::{
+    Debounce, DispatchRun, DispatchStatus, DispatchTarget, Finish, Here, StateKind,
+};
 use super::exec::{ExecEnd, ExecRecord, NewExec};
 use super::inventory::{HostnameForward, PortForward};
 use super::outbox::{self, ConsumerStatus, OutboxRow, Quarantined};
@@ -1515,11 +1517,19 @@ impl DispatchStore for DbStore {
     async fn dispatch_affected(&self, id: i64) -> Result<Vec<(i64, StateKind)>, Error> {
         dispatch!(self, s => s.dispatch_affected(id))
     }
-    async fn dispatch_recover(&self) -> Result<u64, Error> {
-        dispatch!(self, s => s.dispatch_recover())
+    async fn dispatch_recover(&self, holder: &str) -> Result<u64, Error> {
+        dispatch!(self, s => s.dispatch_recover(holder))
     }
-    async fn dispatch_due(&self, now: i64, limit: i64) -> Result<Vec<DispatchTarget>, Error> {
-        dispatch!(self, s => s.dispatch_due(now, limit))
+    async fn dispatch_expire(&self, now: i64) -> Result<u64, Error> {
+        dispatch!(self, s => s.dispatch_expire(now))
+    }
+    async fn dispatch_due(
+        &self,
+        now: i64,
+        limit: i64,
+        here: Option<&Here>,
+    ) -> Result<Vec<DispatchTarget>, Error> {
+        dispatch!(self, s => s.dispatch_due(now, limit, here))
     }
     async fn dispatch_next_due(&self) -> Result<Option<i64>, Error> {
         dispatch!(self, s => s.dispatch_next_due())
@@ -1530,8 +1540,10 @@ impl DispatchStore for DbStore {
         state: StateKind,
         revision: i64,
         jid: &str,
+        holder: &str,
+        lease_until: i64,
     ) -> Result<Option<DispatchTarget>, Error> {
-        dispatch!(self, s => s.dispatch_claim(server_id, state, revision, jid))
+        dispatch!(self, s => s.dispatch_claim(server_id, state, revision, jid, holder, lease_until))
     }
     async fn dispatch_unchanged(
         &self,
@@ -1554,9 +1566,10 @@ impl DispatchStore for DbStore {
         server_id: i64,
         state: StateKind,
         jid: &str,
+        epoch: i64,
         finish: &Finish,
     ) -> Result<Option<DispatchTarget>, Error> {
-        dispatch!(self, s => s.dispatch_finish(server_id, state, jid, finish))
+        dispatch!(self, s => s.dispatch_finish(server_id, state, jid, epoch, finish))
     }
     async fn dispatch_targets(
         &self,

@@ -275,3 +275,255 @@ async fn concurrent_migrations_on_postgres() {
         .unwrap()
         .is_some());
 }
+
+// ------------------------------------------------ dispatch claims
+
+/// `m` servers, each with a due `portfwd` target.
+async fn due_targets(store: &DbStore, m: usize) -> Vec<i64> {
+    use salt_steward::registry::dispatch::Debounce;
+    use salt_steward::registry::store::DispatchStore as _;
+    use salt_steward::registry::{ServerPatch, Service, StateKind, Store as _};
+    let svc = Service::new(store.clone());
+    svc.create_model("m", "", &[]).await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..m {
+        let mut p = ServerPatch::default();
+        p.set("name", &format!("t{i}.example.org")).unwrap();
+        p.set("model", "m").unwrap();
+        ids.push(svc.create_server(p).await.unwrap().id);
+    }
+    store.outbox_subscribe("dispatch").await.unwrap();
+    let targets: Vec<_> = ids.iter().map(|&id| (id, StateKind::Portfwd)).collect();
+    let d = Debounce {
+        debounce_ms: 0,
+        max_delay_ms: 1000,
+    };
+    store
+        .dispatch_bump("dispatch", 1, &targets, d)
+        .await
+        .unwrap();
+    ids
+}
+
+async fn claims_story(db: &TestDb) {
+    use salt_steward::registry::dispatch::{Finish, Here};
+    use salt_steward::registry::store::DispatchStore as _;
+    use salt_steward::registry::StateKind;
+    const M: usize = 40;
+    let stores = daemons(db, 4).await;
+    let ids = due_targets(&stores[0], M).await;
+
+    // 4 daemons × 2 workers race over the same due targets: each target is
+    // claimed exactly once, each claim in epoch 1.
+    let mut tasks = Vec::new();
+    for (d, store) in stores.iter().enumerate() {
+        for w in 0..2 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let holder = format!("d{d}");
+                let mut mine = Vec::new();
+                let due = store.dispatch_due(i64::MAX, 1000, None).await.unwrap();
+                for t in due {
+                    let jid = format!("2026120300000{d}{w}{:05}", t.server_id);
+                    if let Some(c) = store
+                        .dispatch_claim(t.server_id, t.state, t.desired, &jid, &holder, i64::MAX)
+                        .await
+                        .unwrap()
+                    {
+                        assert_eq!(c.lease_epoch, 1);
+                        assert_eq!(c.lease_holder.as_deref(), Some(holder.as_str()));
+                        mine.push(t.server_id);
+                    }
+                }
+                mine
+            }));
+        }
+    }
+    let mut claimed = Vec::new();
+    for t in tasks {
+        claimed.extend(t.await.unwrap());
+    }
+    claimed.sort();
+    assert_eq!(claimed, ids, "every target claimed exactly once");
+
+    // A run whose daemon died: its lease lapses, the target is due again
+    // with its jid kept; another daemon claims it (epoch 2) and the dead
+    // holder's late result is refused by its epoch, the new one recorded.
+    let store = &stores[0];
+    let victim = ids[0];
+    let (t, _) = target(store, victim).await;
+    let old_jid = t.last_jid.clone().unwrap();
+    let old_epoch = t.lease_epoch;
+    // Its lease lapsed (written as a past time: no waiting on the clock).
+    sql(
+        store,
+        &format!("UPDATE dispatch_targets SET lease_until = 1 WHERE server_id = {victim}"),
+    )
+    .await;
+    assert_eq!(store.dispatch_expire(1_000).await.unwrap(), 1);
+    let (t, runs) = target(store, victim).await;
+    assert_eq!(t.status.as_str(), "pending");
+    assert_eq!(t.orphan_jid.as_deref(), Some(old_jid.as_str()));
+    assert_eq!(runs, ["interrupted"], "the dead holder's run row");
+    let heir = stores[1]
+        .dispatch_claim(
+            victim,
+            StateKind::Portfwd,
+            t.desired,
+            &old_jid,
+            "heir",
+            i64::MAX,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (heir.lease_epoch, heir.orphan_jid.clone()),
+        (old_epoch + 1, None)
+    );
+    let ok = Finish::Applied {
+        hash: "h".into(),
+        summary: "{}".into(),
+    };
+    assert!(
+        stores[2]
+            .dispatch_finish(victim, StateKind::Portfwd, &old_jid, old_epoch, &ok)
+            .await
+            .unwrap()
+            .is_none(),
+        "the old holder's late result is refused"
+    );
+    let (_, runs) = target(store, victim).await;
+    assert_eq!(runs, ["running", "interrupted"], "the heir's run untouched");
+    let done = stores[1]
+        .dispatch_finish(victim, StateKind::Portfwd, &old_jid, heir.lease_epoch, &ok)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(done.status.as_str(), "done");
+    let (_, runs) = target(store, victim).await;
+    assert_eq!(runs, ["done", "interrupted"]);
+
+    // A restarting daemon recovers its own runs and those whose lease
+    // lapsed, never another live daemon's.
+    let mine = ids[1];
+    let (t, _) = target(store, mine).await;
+    let holder = t.lease_holder.clone().unwrap();
+    // Another daemon's live run (its lease far ahead).
+    let other = ids[2];
+    sql(
+        store,
+        &format!(
+            "UPDATE dispatch_targets SET lease_holder = 'someone-else', \
+             lease_until = 9000000000000 WHERE server_id = {other}"
+        ),
+    )
+    .await;
+    assert_ne!(holder, "someone-else");
+    let recovered = store.dispatch_recover(&holder).await.unwrap();
+    assert!(recovered >= 1);
+    assert_eq!(target(store, mine).await.0.status.as_str(), "pending");
+    assert_eq!(target(store, other).await.0.status.as_str(), "running");
+
+    // Placement: a target whose minion was last seen on another master with
+    // a live daemon is not due here; on this master, or nowhere, or on a
+    // master whose daemon is dead, it is.
+    use salt_steward::registry::cluster::SeenBy;
+    let here = Here {
+        master_id: "m-a".into(),
+        dead_after_ms: 60_000,
+    };
+    let (t, _) = target(store, mine).await;
+    let due_here = |store: DbStore, here: Here| async move {
+        store
+            .dispatch_due(i64::MAX, 1000, Some(&here))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|t| t.server_id)
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        due_here(store.clone(), here.clone()).await.contains(&mine),
+        "nowhere yet"
+    );
+    store.daemon_beat("d-b", "m-b", "0", true).await.unwrap();
+    store
+        .presence_seen(&t.minion_id, "m-b", "d-b", SeenBy::Start)
+        .await
+        .unwrap();
+    assert!(
+        !due_here(store.clone(), here.clone()).await.contains(&mine),
+        "on m-b, whose daemon lives"
+    );
+    assert!(due_here(
+        store.clone(),
+        Here {
+            master_id: "m-b".into(),
+            dead_after_ms: 60_000
+        }
+    )
+    .await
+    .contains(&mine));
+    sql(
+        store,
+        "UPDATE daemons SET heartbeat_at = 1 WHERE id = 'd-b'",
+    )
+    .await;
+    assert!(
+        due_here(store.clone(), here.clone()).await.contains(&mine),
+        "m-b's daemon is dead"
+    );
+    store
+        .presence_seen(&t.minion_id, "m-a", "d-a", SeenBy::Start)
+        .await
+        .unwrap();
+    assert!(
+        due_here(store.clone(), here).await.contains(&mine),
+        "back on m-a"
+    );
+}
+
+/// Target `server_id`'s `portfwd` row and its runs' outcomes, newest first
+/// (`running` for one not finished).
+async fn target(
+    store: &DbStore,
+    server_id: i64,
+) -> (salt_steward::registry::DispatchTarget, Vec<String>) {
+    use salt_steward::registry::store::DispatchStore as _;
+    use salt_steward::registry::StateKind;
+    let t = store
+        .dispatch_targets(None)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|t| t.server_id == server_id && t.state == StateKind::Portfwd)
+        .unwrap();
+    let runs = store
+        .dispatch_runs(server_id, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.outcome.unwrap_or_else(|| "running".into()))
+        .collect();
+    (t, runs)
+}
+
+/// Runs one SQL statement of the test's own.
+async fn sql(store: &DbStore, sql: &str) {
+    match store {
+        DbStore::Sqlite(s) => sqlx::query(sql).execute(s.pool()).await.map(|_| ()),
+        DbStore::Postgres(p) => sqlx::query(sql).execute(p.pool()).await.map(|_| ()),
+    }
+    .unwrap();
+}
+
+#[tokio::test]
+async fn claims_on_postgres() {
+    claims_story(&TestDb::postgres_required().await).await;
+}
+
+#[tokio::test]
+async fn claims_on_sqlite() {
+    claims_story(&TestDb::sqlite()).await;
+}

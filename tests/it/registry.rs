@@ -1395,20 +1395,34 @@ async fn inventory_story(svc: Service<DbStore>) {
         .dispatch_bump("dispatch", last, &[(host.id, StateKind::Portfwd)], d)
         .await
         .unwrap();
-    let due = store.dispatch_due(i64::MAX, 10).await.unwrap();
+    let due = store.dispatch_due(i64::MAX, 10, None).await.unwrap();
     assert_eq!(due.len(), 1);
     assert_eq!(
         (due[0].desired, due[0].status),
         (last, DispatchStatus::Pending)
     );
     let claimed = store
-        .dispatch_claim(host.id, StateKind::Portfwd, last, "20261202000000000001")
+        .dispatch_claim(
+            host.id,
+            StateKind::Portfwd,
+            last,
+            "20261202000000000001",
+            "d",
+            i64::MAX,
+        )
         .await
         .unwrap()
         .unwrap();
     assert_eq!(claimed.status, DispatchStatus::Running);
     assert!(store
-        .dispatch_claim(host.id, StateKind::Portfwd, last, "20261202000000000002")
+        .dispatch_claim(
+            host.id,
+            StateKind::Portfwd,
+            last,
+            "20261202000000000002",
+            "d",
+            i64::MAX,
+        )
         .await
         .unwrap()
         .is_none());
@@ -1422,12 +1436,24 @@ async fn inventory_story(svc: Service<DbStore>) {
         summary: "{}".into(),
     };
     assert!(store
-        .dispatch_finish(host.id, StateKind::Portfwd, "20261202000000000009", &ok)
+        .dispatch_finish(
+            host.id,
+            StateKind::Portfwd,
+            "20261202000000000009",
+            claimed.lease_epoch,
+            &ok,
+        )
         .await
         .unwrap()
         .is_none());
     let after = store
-        .dispatch_finish(host.id, StateKind::Portfwd, "20261202000000000001", &ok)
+        .dispatch_finish(
+            host.id,
+            StateKind::Portfwd,
+            "20261202000000000001",
+            claimed.lease_epoch,
+            &ok,
+        )
         .await
         .unwrap()
         .unwrap();

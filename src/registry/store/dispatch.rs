@@ -9,7 +9,7 @@ use sqlx::Row as _;
 
 use super::{db, now_ms, PgStore, SqliteStore};
 use crate::registry::dispatch::{
-    Debounce, DispatchRun, DispatchStatus, DispatchTarget, Finish, StateKind,
+    Debounce, DispatchRun, DispatchStatus, DispatchTarget, Finish, Here, StateKind,
 };
 use crate::registry::{outbox, Error};
 
@@ -31,25 +31,37 @@ pub trait DispatchStore {
         &self,
         id: i64,
     ) -> impl Future<Output = Result<Vec<(i64, StateKind)>, Error>> + Send;
-    /// At start-up: runs left `running` by a stopped daemon are due again,
-    /// their run rows `interrupted`. Returns how many targets.
-    fn dispatch_recover(&self) -> impl Future<Output = Result<u64, Error>> + Send;
-    /// Pending or failed targets due at `now`, oldest first.
+    /// At start-up of daemon `holder`: its runs left `running` (and those
+    /// without a holder, or whose lease lapsed) are due again, their jid kept
+    /// as the orphan to look up, their run rows `interrupted`; another live
+    /// daemon's runs are left alone. Returns how many targets.
+    fn dispatch_recover(&self, holder: &str) -> impl Future<Output = Result<u64, Error>> + Send;
+    /// Runs whose lease lapsed at `now` (their daemon died) are due again,
+    /// as at a recovery. Returns how many targets.
+    fn dispatch_expire(&self, now: i64) -> impl Future<Output = Result<u64, Error>> + Send;
+    /// Pending or failed targets due at `now`, oldest first; with `here`,
+    /// only those whose minion was last seen on that master, or nowhere, or
+    /// on a master whose daemon is dead.
     fn dispatch_due(
         &self,
         now: i64,
         limit: i64,
+        here: Option<&Here>,
     ) -> impl Future<Output = Result<Vec<DispatchTarget>, Error>> + Send;
     /// When the next pending or failed target is due.
     fn dispatch_next_due(&self) -> impl Future<Output = Result<Option<i64>, Error>> + Send;
     /// Marks a due target running at `revision` with `jid` (and records the
-    /// run); `None` if it is no longer pending/failed and due.
+    /// run) under `holder`'s lease until `lease_until`, in a new epoch (the
+    /// target returned carries it); `None` if it is no longer
+    /// pending/failed and due (another daemon claimed it).
     fn dispatch_claim(
         &self,
         server_id: i64,
         state: StateKind,
         revision: i64,
         jid: &str,
+        holder: &str,
+        lease_until: i64,
     ) -> impl Future<Output = Result<Option<DispatchTarget>, Error>> + Send;
     /// A due target whose rendering equals what was applied: `applied` moves
     /// to `revision` without a run.
@@ -66,12 +78,15 @@ pub trait DispatchStore {
         state: StateKind,
         reason: &str,
     ) -> impl Future<Output = Result<bool, Error>> + Send;
-    /// Records the end of run `jid` (only if it is still the target's run).
+    /// Records the end of run `jid` claimed in `epoch`, only if it is still
+    /// the target's run in that epoch (a holder whose lease lapsed and was
+    /// claimed again is refused: `None`).
     fn dispatch_finish(
         &self,
         server_id: i64,
         state: StateKind,
         jid: &str,
+        epoch: i64,
         finish: &Finish,
     ) -> impl Future<Output = Result<Option<DispatchTarget>, Error>> + Send;
     /// Every target (optionally of one status), by server and state.
@@ -106,7 +121,8 @@ mod sql {
          s.status AS server_status, t.state, t.desired, t.applied, t.applied_hash, t.status, \
          t.forced, t.attempts, t.next_attempt_at, t.pending_since, t.running_revision, \
          t.started_at, t.last_jid, t.last_summary, t.last_error, t.last_applied_at, \
-         t.updated_at FROM dispatch_targets t JOIN servers s ON s.id = t.server_id ";
+         t.updated_at, t.lease_holder, t.lease_epoch, t.orphan_jid \
+         FROM dispatch_targets t JOIN servers s ON s.id = t.server_id ";
 
     /// `$1` server, `$2` state, `$3` outbox id, `$4` now, `$5` debounce,
     /// `$6` max delay. A running target stays running (its end sees
@@ -138,18 +154,41 @@ mod sql {
          UNION SELECT dest_id, 'backup' FROM backups WHERE source_id = $1 OR dest_id = $1 \
          UNION SELECT source_id, 'backup_source' FROM backups WHERE source_id = $1 OR dest_id = $1";
 
+    /// `$1` now, `$2` this daemon. Every unfinished run but those of
+    /// another daemon's live lease.
     pub const RECOVER_RUNS: &str = "UPDATE dispatch_runs SET outcome = 'interrupted', \
-         finished_at = $1 WHERE finished_at IS NULL";
+         finished_at = $1 WHERE finished_at IS NULL AND NOT EXISTS (SELECT 1 \
+         FROM dispatch_targets t WHERE t.server_id = dispatch_runs.server_id \
+         AND t.state = dispatch_runs.state AND t.status = 'running' \
+         AND t.last_jid = dispatch_runs.jid AND t.lease_holder <> $2 AND t.lease_until > $1)";
+    /// `$1` now, `$2` this daemon: its own runs, those without a holder (from
+    /// before leases) and lapsed ones are due again, their jid kept.
     pub const RECOVER: &str = "UPDATE dispatch_targets SET status = 'pending', \
-         next_attempt_at = $1, updated_at = $1 WHERE status = 'running'";
+         next_attempt_at = $1, updated_at = $1, orphan_jid = last_jid, \
+         running_revision = NULL, lease_holder = NULL, lease_until = NULL \
+         WHERE status = 'running' AND (lease_holder IS NULL OR lease_holder = $2 \
+         OR lease_until <= $1)";
+    /// `$1` now: the runs of lapsed leases.
+    pub const EXPIRE_RUNS: &str = "UPDATE dispatch_runs SET outcome = 'interrupted', \
+         finished_at = $1 WHERE finished_at IS NULL AND EXISTS (SELECT 1 \
+         FROM dispatch_targets t WHERE t.server_id = dispatch_runs.server_id \
+         AND t.state = dispatch_runs.state AND t.status = 'running' \
+         AND t.last_jid = dispatch_runs.jid AND t.lease_until <= $1)";
+    /// `$1` now: lapsed leases are due again, their jid kept.
+    pub const EXPIRE: &str = "UPDATE dispatch_targets SET status = 'pending', \
+         next_attempt_at = $1, updated_at = $1, orphan_jid = last_jid, \
+         running_revision = NULL, lease_holder = NULL, lease_until = NULL \
+         WHERE status = 'running' AND lease_until <= $1";
 
     pub const NEXT_DUE: &str = "SELECT MIN(next_attempt_at) FROM dispatch_targets \
          WHERE status IN ('pending', 'failed')";
 
-    /// `$1` revision, `$2` jid, `$3` now, `$4` server, `$5` state.
+    /// `$1` revision, `$2` jid, `$3` now, `$4` server, `$5` state, `$6`
+    /// holder, `$7` lease until.
     pub const CLAIM: &str = "UPDATE dispatch_targets SET status = 'running', \
          attempts = attempts + 1, running_revision = $1, last_jid = $2, started_at = $3, \
-         pending_since = NULL, updated_at = $3 \
+         pending_since = NULL, updated_at = $3, lease_holder = $6, lease_until = $7, \
+         lease_epoch = lease_epoch + 1, orphan_jid = NULL \
          WHERE server_id = $4 AND state = $5 AND status IN ('pending', 'failed') \
          AND next_attempt_at <= $3";
     pub const INSERT_RUN: &str = "INSERT INTO dispatch_runs (server_id, state, revision, jid, \
@@ -167,21 +206,25 @@ mod sql {
          pending_since = NULL, updated_at = $2 \
          WHERE server_id = $3 AND state = $4 AND status IN ('pending', 'failed')";
 
-    /// `$1` hash, `$2` summary, `$3` now, `$4` server, `$5` state, `$6` jid.
+    /// `$1` hash, `$2` summary, `$3` now, `$4` server, `$5` state, `$6` jid,
+    /// `$7` epoch.
     pub const APPLIED: &str = "UPDATE dispatch_targets SET \
          applied = CASE WHEN running_revision > applied THEN running_revision ELSE applied END, \
          applied_hash = $1, last_summary = $2, last_error = NULL, last_applied_at = $3, \
          attempts = 0, forced = FALSE, \
          status = CASE WHEN desired > running_revision THEN 'pending' ELSE 'done' END, \
-         running_revision = NULL, updated_at = $3 \
-         WHERE server_id = $4 AND state = $5 AND last_jid = $6 AND status = 'running'";
-    /// `$1` error, `$2` summary, `$3` retry at, `$4` now, `$5` server, `$6` state, `$7` jid.
+         running_revision = NULL, updated_at = $3, lease_holder = NULL, lease_until = NULL \
+         WHERE server_id = $4 AND state = $5 AND last_jid = $6 AND status = 'running' \
+         AND lease_epoch = $7";
+    /// `$1` error, `$2` summary, `$3` retry at, `$4` now, `$5` server, `$6` state, `$7` jid,
+    /// `$8` epoch.
     /// A failed run may have changed part of the configuration: the next one
     /// runs whatever it renders (`applied_hash` cleared).
     pub const FAILED: &str = "UPDATE dispatch_targets SET status = 'failed', \
          applied_hash = NULL, last_error = $1, last_summary = $2, next_attempt_at = $3, running_revision = NULL, \
-         updated_at = $4 \
-         WHERE server_id = $5 AND state = $6 AND last_jid = $7 AND status = 'running'";
+         updated_at = $4, lease_holder = NULL, lease_until = NULL \
+         WHERE server_id = $5 AND state = $6 AND last_jid = $7 AND status = 'running' \
+         AND lease_epoch = $8";
     /// `$1` now, `$2` outcome, `$3` summary, `$4` error, `$5` jid, `$6` server, `$7` state.
     pub const FINISH_RUN: &str = "UPDATE dispatch_runs SET finished_at = $1, outcome = $2, \
          summary = $3, error = $4 WHERE jid = $5 AND server_id = $6 AND state = $7 \
@@ -206,7 +249,7 @@ mod sql {
 }
 
 macro_rules! dispatch_impl {
-    ($store:ty, $row:ty, $begin:literal) => {
+    ($store:ty, $row:ty, $begin:literal, $now:literal) => {
         impl $store {
             fn target_row(r: &$row) -> Result<DispatchTarget, Error> {
                 let get = db("reading a dispatch target row");
@@ -238,10 +281,15 @@ macro_rules! dispatch_impl {
                             r.try_get::<Option<i64>, _>("last_applied_at")?,
                             r.try_get::<i64, _>("updated_at")?,
                         ),
+                        (
+                            r.try_get::<Option<String>, _>("lease_holder")?,
+                            r.try_get::<i64, _>("lease_epoch")?,
+                            r.try_get::<Option<String>, _>("orphan_jid")?,
+                        ),
                     ))
                 })()
                 .map_err(get)?;
-                let (a, b, c) = cols;
+                let (a, b, c, d) = cols;
                 Ok(DispatchTarget {
                     server_id: a.0,
                     server: a.1,
@@ -263,6 +311,9 @@ macro_rules! dispatch_impl {
                     last_error: c.5,
                     last_applied_at: c.6,
                     updated_at: c.7,
+                    lease_holder: d.0,
+                    lease_epoch: d.1,
+                    orphan_jid: d.2,
                 })
             }
 
@@ -338,16 +389,35 @@ macro_rules! dispatch_impl {
                 Ok(out)
             }
 
-            async fn dispatch_recover(&self) -> Result<u64, Error> {
+            async fn dispatch_recover(&self, holder: &str) -> Result<u64, Error> {
                 let op = "recovering interrupted dispatch runs";
                 let mut tx = self.pool.begin_with($begin).await.map_err(db(op))?;
                 let now = now_ms();
                 sqlx::query(sql::RECOVER_RUNS)
                     .bind(now)
+                    .bind(holder)
                     .execute(&mut *tx)
                     .await
                     .map_err(db(op))?;
                 let done = sqlx::query(sql::RECOVER)
+                    .bind(now)
+                    .bind(holder)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db(op))?;
+                tx.commit().await.map_err(db(op))?;
+                Ok(done.rows_affected())
+            }
+
+            async fn dispatch_expire(&self, now: i64) -> Result<u64, Error> {
+                let op = "returning dispatch runs whose lease lapsed";
+                let mut tx = self.pool.begin_with($begin).await.map_err(db(op))?;
+                sqlx::query(sql::EXPIRE_RUNS)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db(op))?;
+                let done = sqlx::query(sql::EXPIRE)
                     .bind(now)
                     .execute(&mut *tx)
                     .await
@@ -360,16 +430,41 @@ macro_rules! dispatch_impl {
                 &self,
                 now: i64,
                 limit: i64,
+                here: Option<&Here>,
             ) -> Result<Vec<DispatchTarget>, Error> {
-                let rows = sqlx::query(&format!(
-                    "{}WHERE t.status IN ('pending', 'failed') AND t.next_attempt_at <= $1 \
-                     ORDER BY t.next_attempt_at, t.server_id, t.state LIMIT $2",
-                    sql::TARGET_SELECT
-                ))
-                .bind(now)
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await
+                let rows = match here {
+                    None => {
+                        sqlx::query(&format!(
+                            "{}WHERE t.status IN ('pending', 'failed') AND t.next_attempt_at <= $1 \
+                             ORDER BY t.next_attempt_at, t.server_id, t.state LIMIT $2",
+                            sql::TARGET_SELECT
+                        ))
+                        .bind(now)
+                        .bind(limit)
+                        .fetch_all(&self.pool)
+                        .await
+                    }
+                    Some(here) => {
+                        sqlx::query(&format!(
+                            "{}{}",
+                            sql::TARGET_SELECT,
+                            concat!(
+                                "LEFT JOIN minion_presence p ON p.minion_id = s.minion_id \
+                                 WHERE t.status IN ('pending', 'failed') AND t.next_attempt_at <= $1 \
+                                 AND (p.master IS NULL OR p.master = $3 OR NOT EXISTS (SELECT 1 \
+                                 FROM daemons d WHERE d.master = p.master AND d.heartbeat_at >= ",
+                                $now,
+                                " - $4)) ORDER BY t.next_attempt_at, t.server_id, t.state LIMIT $2"
+                            )
+                        ))
+                        .bind(now)
+                        .bind(limit)
+                        .bind(&here.master_id)
+                        .bind(here.dead_after_ms)
+                        .fetch_all(&self.pool)
+                        .await
+                    }
+                }
                 .map_err(db("listing due dispatch targets"))?;
                 rows.iter().map(Self::target_row).collect()
             }
@@ -387,6 +482,8 @@ macro_rules! dispatch_impl {
                 state: StateKind,
                 revision: i64,
                 jid: &str,
+                holder: &str,
+                lease_until: i64,
             ) -> Result<Option<DispatchTarget>, Error> {
                 let op = || format!("claiming the {state} target of server #{server_id}");
                 let mut tx = self.pool.begin_with($begin).await.map_err(db(op()))?;
@@ -397,6 +494,8 @@ macro_rules! dispatch_impl {
                     .bind(now)
                     .bind(server_id)
                     .bind(state.as_str())
+                    .bind(holder)
+                    .bind(lease_until)
                     .execute(&mut *tx)
                     .await
                     .map_err(db(op()))?;
@@ -459,6 +558,7 @@ macro_rules! dispatch_impl {
                 server_id: i64,
                 state: StateKind,
                 jid: &str,
+                epoch: i64,
                 finish: &Finish,
             ) -> Result<Option<DispatchTarget>, Error> {
                 let op = || format!("recording run {jid} of {state} on server #{server_id}");
@@ -473,6 +573,7 @@ macro_rules! dispatch_impl {
                             .bind(server_id)
                             .bind(state.as_str())
                             .bind(jid)
+                            .bind(epoch)
                             .execute(&mut *tx)
                             .await
                             .map_err(db(op()))?,
@@ -493,6 +594,7 @@ macro_rules! dispatch_impl {
                             .bind(server_id)
                             .bind(state.as_str())
                             .bind(jid)
+                            .bind(epoch)
                             .execute(&mut *tx)
                             .await
                             .map_err(db(op()))?,
@@ -501,6 +603,11 @@ macro_rules! dispatch_impl {
                         Some(error),
                     ),
                 };
+                if done.rows_affected() == 0 {
+                    // Fenced off: the run row belongs to whoever holds the
+                    // target now (it may run the same jid again).
+                    return Ok(None);
+                }
                 sqlx::query(sql::FINISH_RUN)
                     .bind(now)
                     .bind(outcome)
@@ -513,9 +620,6 @@ macro_rules! dispatch_impl {
                     .await
                     .map_err(db(op()))?;
                 tx.commit().await.map_err(db(op()))?;
-                if done.rows_affected() == 0 {
-                    return Ok(None);
-                }
                 self.target_in(server_id, state).await
             }
 
@@ -623,5 +727,17 @@ macro_rules! dispatch_impl {
     };
 }
 
-dispatch_impl!(SqliteStore, sqlx::sqlite::SqliteRow, "BEGIN IMMEDIATE");
-dispatch_impl!(PgStore, sqlx::postgres::PgRow, "BEGIN");
+// The database clocks as `registry::store::cluster` reads them (daemons'
+// heartbeats are in it).
+dispatch_impl!(
+    SqliteStore,
+    sqlx::sqlite::SqliteRow,
+    "BEGIN IMMEDIATE",
+    "CAST(ROUND((julianday('now') - 2440587.5) * 86400000.0) AS INTEGER)"
+);
+dispatch_impl!(
+    PgStore,
+    sqlx::postgres::PgRow,
+    "BEGIN",
+    "CAST(EXTRACT(EPOCH FROM now()) * 1000 AS BIGINT)"
+);
