@@ -297,7 +297,7 @@ fn done_event(w: &mut LineChild, daemon: &mut LineChild, t: &Value) -> Value {
 
 /// The jobs of `state.apply` on `minion` in the master's job cache
 /// (`salt-run jobs.list_jobs`): jid → job.
-fn state_apply_jobs(h: &SaltHarness, minion: &str) -> Vec<(String, Value)> {
+pub fn state_apply_jobs(h: &SaltHarness, minion: &str) -> Vec<(String, Value)> {
     let out = h.master_cmd(
         "salt-run",
         &[

@@ -9,8 +9,37 @@
 use std::path::Path;
 
 use crate::accept::{add_server, bundle, shared_configs, signing_master, wait_listed, wait_ping};
-use crate::support::salt::install_bundle;
+use crate::support::salt::{install_bundle, SaltHarness};
 use crate::support::{cli, run_ok, start_daemon};
+
+/// Shares the first master's signing pair with the second (`pki
+/// export-signing` / `import-signing`, through each master's salt-steward
+/// config), restarting the second so it signs its key with it.
+pub fn share_signing_pair(h1: &SaltHarness, cfg1: &Path, h2: &mut SaltHarness, cfg2: &Path) {
+    let export = h1.root().join("signing-export");
+    run_ok(cli(
+        cfg1,
+        &["pki", "export-signing", export.to_str().unwrap()],
+    ));
+    run_ok(cli(
+        cfg2,
+        &["pki", "import-signing", export.to_str().unwrap(), "--force"],
+    ));
+    h2.restart_master();
+    h2.wait_req_ready();
+    assert_eq!(
+        std::fs::read(h1.pki_dir.join("master_sign.pub")).unwrap(),
+        std::fs::read(h2.pki_dir.join("master_sign.pub")).unwrap()
+    );
+}
+
+/// Prepares a failover minion's config dir from its bundle: the bundle's
+/// files, and the publish port each master reports (4506 makes the minion
+/// use it, salt/channel/client.py; the harness's masters use random ports).
+pub fn install_failover_bundle(bundle: &Path, dir: &Path) {
+    install_bundle(bundle, dir);
+    std::fs::write(dir.join("minion.d/ports.conf"), "publish_port: 4506\n").unwrap();
+}
 
 #[test]
 fn failover_between_two_masters_sharing_the_signing_pair() {
@@ -20,21 +49,7 @@ fn failover_between_two_masters_sharing_the_signing_pair() {
     let (cfg1, cfg2) = shared_configs(&h1, &h2);
 
     // Share the first master's signing pair; each master signs its own key.
-    let export = h1.root().join("signing-export");
-    run_ok(cli(
-        &cfg1,
-        &["pki", "export-signing", export.to_str().unwrap()],
-    ));
-    run_ok(cli(
-        &cfg2,
-        &["pki", "import-signing", export.to_str().unwrap(), "--force"],
-    ));
-    h2.restart_master();
-    h2.wait_req_ready();
-    assert_eq!(
-        std::fs::read(h1.pki_dir.join("master_sign.pub")).unwrap(),
-        std::fs::read(h2.pki_dir.join("master_sign.pub")).unwrap()
-    );
+    share_signing_pair(&h1, &cfg1, &mut h2, &cfg2);
 
     run_ok(cli(&cfg1, &["model", "add", "web"]));
     let _d1 = start_daemon(&cfg1);
@@ -43,10 +58,7 @@ fn failover_between_two_masters_sharing_the_signing_pair() {
     let id = server["minion_id"].as_str().unwrap().to_owned();
     let b = bundle(&h1, &cfg1, "fo01.example.org", "fo01.tgz");
     h1.start_minion_with("fo01", &id, "", |dir: &Path| {
-        install_bundle(&b, dir);
-        // 4506 makes the minion use the publish port each master reports
-        // (salt/channel/client.py); the harness's masters use random ports.
-        std::fs::write(dir.join("minion.d/ports.conf"), "publish_port: 4506\n").unwrap();
+        install_failover_bundle(&b, dir)
     });
     wait_listed(&h1, "minions", &id);
     wait_ping(&cfg1, &id);

@@ -21,6 +21,7 @@ mod forward_bus;
 mod http_api;
 mod job_reconcile;
 mod metrics;
+mod multi_master;
 mod pki;
 mod reconcile;
 mod registry;

@@ -1,0 +1,248 @@
+//! Issue #16 with real masters: two signing masters sharing the signing
+//! pair, a daemon on each (`cluster.daemon_id` d1, d2), one PostgreSQL
+//! registry, and a failover minion. A change is applied once, through the
+//! master the minion is on (counted in both masters' job caches); each
+//! master's bus carries each notification once (one notifier cursor per
+//! daemon); when that master stops, the minion fails over, its start event
+//! on the other master records where it is, and the next change goes
+//! through the other daemon, once.
+
+use std::path::Path;
+use std::time::Duration;
+
+use salt_steward::registry::store::ClusterStore as _;
+use salt_steward::registry::DbStore;
+use serde_json::Value;
+
+use crate::accept::{bundle, signing_master_serving, wait_listed, wait_ping, wait_status};
+use crate::dispatch::state_apply_jobs;
+use crate::failover::{install_failover_bundle, share_signing_pair};
+use crate::registry::TestDb;
+use crate::support::salt::{salt_states_dir, SaltHarness};
+use crate::support::{
+    cli, eventually_within, run_ok, start_daemon, steward_config, watch_steward, LineChild,
+};
+
+const SOURCE: &str = "src01.example.org";
+const CONVERGE: Duration = Duration::from_secs(120);
+
+fn steward_json(cfg: &Path, args: &[&str]) -> Value {
+    let out = run_ok(cli(cfg, args));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The `steward.backup_source` jobs of `minion` in `h`'s job cache.
+fn source_jobs(h: &SaltHarness, minion: &str) -> Vec<String> {
+    state_apply_jobs(h, minion)
+        .into_iter()
+        .filter(|(_, j)| j["Arguments"].to_string().contains("steward.backup_source"))
+        .map(|(jid, _)| jid)
+        .collect()
+}
+
+/// Waits until the source's `backup_source` target is done at its desired
+/// revision, the dispatcher having read every change; returns the target.
+fn converged(cfg: &Path) -> Value {
+    eventually_within("the source's target converged", CONVERGE, || {
+        let all = steward_json(cfg, &["dispatch", "list", "--json"]);
+        let t = all
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["server"] == SOURCE && t["state"] == "backup_source")
+            .cloned();
+        let unread = steward_json(cfg, &["outbox", "status", "--json"]);
+        let dispatch_unread = unread
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["consumer"] == "dispatch")
+            .map_or(-1, |c| c["pending"].as_i64().unwrap_or(-1));
+        match t {
+            Some(t)
+                if t["status"] == "done"
+                    && t["applied"] == t["desired"]
+                    && dispatch_unread == 0 =>
+            {
+                Ok(t)
+            }
+            other => Err(format!("{other:?}, dispatch unread {dispatch_unread}")),
+        }
+    })
+}
+
+/// The `steward/v1/backup/created` notifications a watcher saw.
+fn created(w: &LineChild) -> Vec<String> {
+    w.seen
+        .iter()
+        .filter(|l| l.contains("steward/v1/backup/created"))
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn a_change_goes_once_through_the_master_its_minion_is_on_and_follows_a_failover() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let db = rt.block_on(TestDb::postgres_required());
+    let mut h1 = signing_master_serving(vec![salt_states_dir()]);
+    let mut h2 = signing_master_serving(vec![salt_states_dir()]);
+    let common = format!(
+        "masters: [\"127.0.0.1:{}\", \"127.0.0.1:{}\"]\n\
+         registry: {}\n\
+         keys: {{dir: {}/keys, pool_size: 1}}\n\
+         dispatch:\n  debounce_ms: 300\n  job_timeout: 60\n  retry_base_ms: 1000\n",
+        h1.ret_port,
+        h2.ret_port,
+        db.url,
+        h1.root().display()
+    );
+    let cluster = |d: &str, m: &str| {
+        format!("cluster:\n  daemon_id: {d}\n  master_id: {m}\n  heartbeat_secs: 1\n  dead_after_beats: 3\n")
+    };
+    let cfg1 = steward_config(&h1, &[], &format!("{common}{}", cluster("d1", "m1")));
+    let cfg2 = steward_config(&h2, &[], &format!("{common}{}", cluster("d2", "m2")));
+    share_signing_pair(&h1, &cfg1, &mut h2, &cfg2);
+    let store = rt.block_on(DbStore::open(&db.url)).unwrap();
+
+    run_ok(cli(&cfg1, &["model", "add", "m"]));
+    let _d1 = start_daemon(&cfg1);
+    let _d2 = start_daemon(&cfg2);
+    let src = steward_json(
+        &cfg1,
+        &[
+            "server",
+            "add",
+            SOURCE,
+            "--model",
+            "m",
+            "--internal-ip",
+            "127.0.0.1",
+            "--json",
+        ],
+    );
+    let id = src["minion_id"].as_str().unwrap().to_owned();
+    for b in ["bk01.example.org", "bk02.example.org"] {
+        run_ok(cli(&cfg1, &["server", "add", b, "--model", "m"]));
+    }
+    // The source's state files in the test's root (its SSH host key too).
+    let root = h1.root().to_owned();
+    std::fs::create_dir_all(root.join("hk")).unwrap();
+    std::fs::create_dir_all(root.join("ak")).unwrap();
+    crate::support::sshd::keygen(&root.join("hk/ssh_host_ed25519_key"), "src01-host-key");
+    let settings = format!(
+        "steward:\n  backup_source:\n    authorized_keys: {}\n    host_keys_dir: {}\n",
+        root.join("ak/root").display(),
+        root.join("hk").display()
+    );
+    let b = bundle(&h1, &cfg1, SOURCE, "src01.tgz");
+    h1.start_minion_with("src01", &id, &settings, |d: &Path| {
+        install_failover_bundle(&b, d);
+        // The master-alive check of a minion whose masters share 127.0.0.1
+        // (support/status_master.py says why Salt's own flaps here), in
+        // a module directory of its own (`module_dirs`).
+        let modules = d.join("test-modules");
+        std::fs::create_dir_all(&modules).unwrap();
+        std::fs::copy(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/support/status_master.py"),
+            modules.join("status.py"),
+        )
+        .unwrap();
+        std::fs::write(
+            d.join("minion.d/zz-test-modules.conf"),
+            format!("module_dirs: [{}]\n", modules.display()),
+        )
+        .unwrap();
+    });
+    wait_status(&cfg1, SOURCE, "online");
+    // Accepted on both masters: d2 installs the key d1 verified.
+    wait_listed(&h2, "minions", &id);
+    eventually_within("the minion seen on m1", CONVERGE, || {
+        match rt.block_on(store.presence(&id)).unwrap() {
+            Some(p) if p.master == "m1" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    let (daemons, _) = rt.block_on(store.daemons()).unwrap();
+    let ids: Vec<_> = daemons.iter().map(|d| d.id.as_str()).collect();
+    assert_eq!(ids, ["d1", "d2"], "both daemons registered");
+
+    // A change: applied once, through m1 (the minion is there).
+    let mut w1 = watch_steward(&cfg1);
+    let mut w2 = watch_steward(&cfg2);
+    run_ok(cli(
+        &cfg1,
+        &[
+            "backup",
+            "add",
+            SOURCE,
+            "/srv/a",
+            "bk01.example.org",
+            "/b/a",
+            "--ssh-host",
+            "127.0.0.1",
+        ],
+    ));
+    let t = converged(&cfg1);
+    assert_eq!(source_jobs(&h1, &id).len(), 1, "one run through m1: {t}");
+    assert_eq!(
+        source_jobs(&h2, &id),
+        Vec::<String>::new(),
+        "none through m2"
+    );
+    // Each master's bus carried the notification (one cursor per daemon).
+    for w in [&mut w1, &mut w2] {
+        w.seen_or_wait_line("backup/created", CONVERGE, |l| {
+            l.contains("steward/v1/backup/created")
+        });
+    }
+    let status = steward_json(&cfg1, &["outbox", "status", "--json"]);
+    let consumers: Vec<_> = status
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["consumer"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        consumers.contains(&"notify-d1".to_owned()) && consumers.contains(&"notify-d2".to_owned()),
+        "{status}"
+    );
+
+    // m1 stops: the minion fails over to m2 and says so there (its start
+    // event); the next change goes through d2 and m2, once.
+    h1.stop_master();
+    wait_ping(&cfg2, &id);
+    eventually_within("the minion seen on m2", CONVERGE, || {
+        match rt.block_on(store.presence(&id)).unwrap() {
+            Some(p) if p.master == "m2" && p.daemon_id == "d2" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    run_ok(cli(
+        &cfg2,
+        &[
+            "backup",
+            "add",
+            SOURCE,
+            "/srv/b",
+            "bk02.example.org",
+            "/b/b",
+            "--ssh-host",
+            "127.0.0.1",
+        ],
+    ));
+    let t2 = converged(&cfg2);
+    assert!(t2["desired"].as_i64() > t["desired"].as_i64(), "{t2}");
+    assert_eq!(source_jobs(&h2, &id).len(), 1, "one run through m2: {t2}");
+    // m2's bus carried the second notification, once; no duplicates of the
+    // first.
+    w2.seen_or_wait_line("second backup/created", CONVERGE, |l| {
+        l.contains("steward/v1/backup/created") && l.contains("/srv/b")
+    });
+    assert_eq!(created(&w2).len(), 2, "{:#?}", created(&w2));
+
+    // m1 back: its job cache still holds the one run, the second never
+    // went through it.
+    h1.restart_master();
+    h1.wait_req_ready();
+    assert_eq!(source_jobs(&h1, &id).len(), 1, "still one run through m1");
+}
