@@ -2,6 +2,7 @@
 //! 1 anything else, with a one-line message). One file per command family.
 
 mod backup;
+mod cluster;
 mod doctor;
 mod events;
 mod exec;
@@ -85,12 +86,27 @@ enum Command {
     ExecLog(exec::ExecLogArgs),
     /// Check the installation: config, master, bus, root key, request server, registry, rules, states, file modes.
     Doctor,
+    /// The daemons sharing the registry (several masters): status.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Reactor rules: check files, test which rules an event triggers.
     #[command(subcommand)]
     Rules(rules::RulesCommand),
     /// The master's keys and its signed public key: init, verify, export/import the signing pair.
     #[command(subcommand)]
     Pki(pki::PkiCommand),
+}
+
+/// `cluster …`.
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// Each daemon alive or dead (heartbeats), the chore leases, minions by
+    /// master; exit 1 when a daemon is dead.
+    Status {
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Loaded once per invocation and handed to the command.
@@ -169,6 +185,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Exec(args) => exec::run_exec(&ctx, args).await,
             Command::ExecLog(args) => exec::run_exec_log(&ctx, args).await,
             Command::Doctor => doctor::run(&ctx).await,
+            Command::Cluster(ClusterCommand::Status { json }) => {
+                cluster::run_status(&ctx, json).await
+            }
             Command::Rules(cmd) => rules::run(&ctx, cmd).await,
             Command::Pki(cmd) => pki::run(&ctx, cmd),
         }

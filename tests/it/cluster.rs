@@ -527,3 +527,71 @@ async fn claims_on_postgres() {
 async fn claims_on_sqlite() {
     claims_story(&TestDb::sqlite()).await;
 }
+
+/// `salt-steward cluster status`: each daemon alive or dead by the database
+/// clock, the leases, minions by master; exit 1 once a daemon is dead.
+#[tokio::test]
+async fn cluster_status_on_the_command_line() {
+    let db = TestDb::sqlite();
+    let store = DbStore::open(&db.url).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("steward.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "registry: {}\ncluster: {{heartbeat_secs: 1, dead_after_beats: 3}}\n",
+            db.url
+        ),
+    )
+    .unwrap();
+    store
+        .daemon_beat("d-a", "m-a", "0.1.0", true)
+        .await
+        .unwrap();
+    store
+        .daemon_beat("d-b", "m-b", "0.1.0", true)
+        .await
+        .unwrap();
+    store
+        .lease_acquire("chore/prune", "d-a", 60_000)
+        .await
+        .unwrap();
+    store
+        .presence_seen("web1-0a", "m-a", "d-a", SeenBy::Start)
+        .await
+        .unwrap();
+    let status = |cfg: &std::path::Path| {
+        let o = crate::support::cli(cfg, &["cluster", "status", "--json"])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", crate::support::text(&o)));
+        (o.status.code(), v)
+    };
+    let (code, v) = status(&cfg);
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(v["daemons"][0]["id"], "d-a");
+    assert_eq!(v["daemons"][0]["alive"], true);
+    assert_eq!(v["leases"][0]["name"], "chore/prune");
+    assert_eq!(v["leases"][0]["held"], true);
+    assert_eq!(v["minions_by_master"][0]["master"], "m-a");
+    assert_eq!(v["minions_by_master"][0]["minions"], 1);
+    // d-b's last beat long ago: dead, exit 1.
+    sql(
+        &store,
+        "UPDATE daemons SET heartbeat_at = 1 WHERE id = 'd-b'",
+    )
+    .await;
+    let (code, v) = status(&cfg);
+    assert_eq!(code, Some(1), "{v}");
+    assert_eq!(v["daemons"][1]["alive"], false);
+    let text = crate::support::cli(&cfg, &["cluster", "status"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("d-b\t") && l.contains("DEAD")),
+        "{text}"
+    );
+}

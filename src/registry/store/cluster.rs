@@ -67,6 +67,10 @@ pub trait ClusterStore {
         &self,
         minion_id: &str,
     ) -> impl Future<Output = Result<Option<Presence>, Error>> + Send;
+    /// Every lease, by name, with the database time now.
+    fn leases(&self) -> impl Future<Output = Result<(Vec<Lease>, i64), Error>> + Send;
+    /// How many minions were last seen on each master, by master.
+    fn presence_by_master(&self) -> impl Future<Output = Result<Vec<(String, i64)>, Error>> + Send;
 }
 
 macro_rules! cluster_impl {
@@ -238,6 +242,26 @@ macro_rules! cluster_impl {
                 Ok(())
             }
 
+            async fn leases(&self) -> Result<(Vec<Lease>, i64), Error> {
+                let rows = sqlx::query(
+                    "SELECT name, holder, epoch, acquired_at, expires_at FROM leases ORDER BY name",
+                )
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db("listing leases"))?;
+                let leases = rows.iter().map(Self::lease_row).collect::<Result<Vec<_>, _>>()?;
+                Ok((leases, self.db_now().await?))
+            }
+
+            async fn presence_by_master(&self) -> Result<Vec<(String, i64)>, Error> {
+                sqlx::query_as(
+                    "SELECT master, COUNT(*) FROM minion_presence GROUP BY master ORDER BY master",
+                )
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db("counting minions by master"))
+            }
+
             async fn presence(&self, minion_id: &str) -> Result<Option<Presence>, Error> {
                 let row = sqlx::query(
                     "SELECT minion_id, master, daemon_id, seen_by, seen_at \
@@ -323,5 +347,11 @@ impl ClusterStore for DbStore {
     }
     async fn presence(&self, minion_id: &str) -> Result<Option<Presence>, Error> {
         dispatch!(self, s => s.presence(minion_id))
+    }
+    async fn leases(&self) -> Result<(Vec<Lease>, i64), Error> {
+        dispatch!(self, s => s.leases())
+    }
+    async fn presence_by_master(&self) -> Result<Vec<(String, i64)>, Error> {
+        dispatch!(self, s => s.presence_by_master())
     }
 }
