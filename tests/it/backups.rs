@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::accept::{bundle, signing_master_serving, wait_status};
+use crate::registry::TestDb;
 use crate::support::salt::{free_port, install_bundle, salt_states_dir};
 use crate::support::sshd::Sshd;
 use crate::support::{
@@ -821,86 +822,11 @@ fn backup_runs_rotate_to_the_configured_levels_and_a_vanished_file_is_a_warning(
 
 // ------------------------------------------------------------ the registry
 
-/// A registry database for one test: a SQLite file, or a fresh database on
-/// the PostgreSQL server `STEWARD_TEST_POSTGRES_URL` names (dropped after).
-struct Db {
-    url: String,
-    _dir: Option<tempfile::TempDir>,
-    pg: Option<(String, String)>,
-}
-
-impl Db {
-    fn sqlite() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("registry.db").display());
-        Self {
-            url,
-            _dir: Some(dir),
-            pg: None,
-        }
-    }
-
-    /// Never a silent skip: scripts/test always provides the server.
-    async fn postgres() -> Self {
-        let admin = std::env::var("STEWARD_TEST_POSTGRES_URL")
-            .ok()
-            .filter(|u| !u.is_empty())
-            .unwrap_or_else(|| {
-                panic!(
-                    "STEWARD_TEST_POSTGRES_URL is not set: run `eval \"$(scripts/pg-test-env)\"` first"
-                )
-            });
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let name = format!("steward_backups_{}_{nanos}", std::process::id());
-        let pool = sqlx::PgPool::connect(&admin).await.unwrap();
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&pool)
-            .await
-            .unwrap();
-        pool.close().await;
-        let (base, query) = match admin.split_once('?') {
-            Some((b, q)) => (b, format!("?{q}")),
-            None => (admin.as_str(), String::new()),
-        };
-        let (server, _) = base.rsplit_once('/').unwrap();
-        Self {
-            url: format!("{server}/{name}{query}"),
-            _dir: None,
-            pg: Some((admin, name)),
-        }
-    }
-}
-
-impl Drop for Db {
-    fn drop(&mut self) {
-        let Some((admin, name)) = self.pg.take() else {
-            return;
-        };
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                if let Ok(pool) = sqlx::PgPool::connect(&admin).await {
-                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                        .execute(&pool)
-                        .await;
-                }
-            });
-        })
-        .join();
-    }
-}
-
 /// The backup registry on one backend: create (both targets in the
 /// outbox), refusals writing nothing, keys learnt once (their targets in
 /// the outbox), results recorded once per run, the server kept while a
 /// backup names it, delete (results go with it).
-async fn registry_story(db: &Db) {
+async fn registry_story(db: &TestDb) {
     use salt_steward::registry::backup::{BackupResult, Outcome};
     use salt_steward::registry::service::BackupSpec;
     use salt_steward::registry::store::{BackupStore as _, Store as _};
@@ -1045,12 +971,12 @@ async fn registry_story(db: &Db) {
 
 #[tokio::test]
 async fn registry_story_on_sqlite() {
-    registry_story(&Db::sqlite()).await;
+    registry_story(&TestDb::sqlite()).await;
 }
 
 #[tokio::test]
 async fn registry_story_on_postgres() {
-    registry_story(&Db::postgres().await).await;
+    registry_story(&TestDb::postgres_required().await).await;
 }
 
 // ------------------------------------------------------------- the bus
