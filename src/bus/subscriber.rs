@@ -82,12 +82,20 @@ pub struct BusStats {
     pub connects: AtomicU64,
     /// Events dropped for consumers that fell behind.
     pub lagged: AtomicU64,
+    /// Connected to the master's publisher now: the master (beside the
+    /// daemon) is up. A dispatcher takes no work while it is not.
+    pub connected: std::sync::atomic::AtomicBool,
 }
 
 impl BusStats {
     /// Reads one counter.
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+
+    /// Whether the reader is connected to the master's publisher now.
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
     }
 }
 
@@ -213,6 +221,7 @@ impl Reader {
             delay = self.opts.backoff_min;
             failures = 0;
             self.stats.connects.fetch_add(1, Ordering::Relaxed);
+            self.stats.connected.store(true, Ordering::Relaxed);
             log::bus_connected(&self.endpoint, connected_before);
             let _ = self.tx.send(BusItem::Connected {
                 reconnect: connected_before,
@@ -223,6 +232,7 @@ impl Reader {
                 _ = cancel.cancelled() => return,
                 r = self.read_until_closed(&mut stream) => r,
             };
+            self.stats.connected.store(false, Ordering::Relaxed);
             log::bus_disconnected(&self.endpoint, &reason);
             let _ = self.tx.send(BusItem::Disconnected { reason });
         }

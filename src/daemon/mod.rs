@@ -144,7 +144,7 @@ pub async fn run(
         None => None,
     };
     let key_stats = Arc::new(acceptor::KeyStats::default());
-    let dispatcher = dispatcher_config(settings, master, &me, sup.helpers());
+    let dispatcher = dispatcher_config(settings, master, &me, bus.stats().clone(), sup.helpers());
     let rule_stats = rules.stats();
     let job_stats = salt.job_stats().clone();
 
@@ -293,6 +293,7 @@ fn dispatcher_config(
     settings: &Settings,
     master: &MasterConfig,
     me: &Identity,
+    bus: Arc<crate::bus::BusStats>,
     helpers: TaskTracker,
 ) -> DispatcherConfig {
     let d = &settings.dispatch;
@@ -322,6 +323,7 @@ fn dispatcher_config(
             )
             .unwrap_or(i64::MAX),
         },
+        bus: Some(bus),
     }
 }
 

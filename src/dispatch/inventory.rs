@@ -38,7 +38,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
 use crate::bus::origin::STEWARD_PREFIX;
-use crate::bus::Firer;
+use crate::bus::{BusStats, Firer};
 use crate::registry::backup::Retain;
 use crate::registry::changes::{Changes, WATCHED_POLL};
 use crate::registry::cluster::{Chore, SeenBy};
@@ -55,6 +55,9 @@ use crate::salt::{
 
 /// The outbox consumer of the dispatcher (its cursor is created by migration 0006).
 pub const DISPATCH_CONSUMER: &str = "dispatch";
+
+/// How often the dispatcher looks whether its master is back.
+const MASTER_DOWN_POLL: Duration = Duration::from_secs(1);
 
 /// The shortest pause between two looks at the due targets.
 const MIN_WAIT: Duration = Duration::from_millis(20);
@@ -127,6 +130,10 @@ pub struct DispatcherConfig {
     /// Where this daemon claims targets: its master, and when another
     /// master's daemon is dead.
     pub here: Here,
+    /// The bus reader's state: while this daemon's master is down (its bus
+    /// disconnected) the dispatcher claims nothing, so another daemon can
+    /// take its minions once they move. `None`: always up (tests).
+    pub bus: Option<Arc<BusStats>>,
 }
 
 impl DispatcherConfig {
@@ -228,6 +235,11 @@ pub async fn run(
         if permits.available_permits() == 0 {
             // A finished run wakes it (`wake`), not the due time.
             wait = WATCHED_POLL;
+        }
+        if cfg.bus.as_ref().is_some_and(|b| !b.is_connected()) {
+            // The master is down: look again now and then, not at due times
+            // that have passed.
+            wait = MASTER_DOWN_POLL;
         }
         if let Some(every) = drift_every {
             wait = wait.min(every.saturating_sub(drift_at.elapsed()));
@@ -384,6 +396,11 @@ async fn launch_due(
     wake: &Arc<Notify>,
 ) -> Result<(), Error> {
     if permits.available_permits() == 0 {
+        return Ok(());
+    }
+    if runner.cfg.bus.as_ref().is_some_and(|b| !b.is_connected()) {
+        // The master is down: a claim would hold the target through a
+        // publish that cannot succeed.
         return Ok(());
     }
     let due = runner
@@ -954,6 +971,7 @@ mod tests {
                 master_id: "test:4506".into(),
                 dead_after_ms: 15_000,
             },
+            bus: None,
         }
     }
 
