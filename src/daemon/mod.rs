@@ -217,10 +217,10 @@ pub async fn run(
         policy.clone(),
     );
     if let Some(listener) = http_listener {
-        let state = Arc::new(crate::api::http::HttpState::new(
-            service.clone(),
-            &settings.http,
-        ));
+        let state = Arc::new(
+            crate::api::http::HttpState::new(service.clone(), &settings.http)
+                .with_backup_stale_hours(settings.backups.stale_after_hours),
+        );
         info!(message = "HTTP API listening.", address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default());
         sup.spawn(
             TaskName::Http,

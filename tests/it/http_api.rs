@@ -1176,3 +1176,414 @@ fn http_api_served_by_the_daemon() {
         "{log}"
     );
 }
+
+/// The inventory over HTTP: servers created and deleted, models, port
+/// forwards, shares and backups — each list equal to the registry's (what
+/// the CLI's `--json` lists print), 401/403/CSRF on writes, 409 on
+/// duplicates, 404 on unknown ids, every write audited with its actor, a
+/// share's password in its one response and nowhere in the audit log.
+async fn inventory_story(api: Api) {
+    let viewer = api.login("viewer1").await;
+    let operator = api.login("operator1").await;
+    let read = api.token("inv-read", &[Scope::Read], None, None).await;
+    let write = api
+        .token("inv-write", &[Scope::Write], Some("operator1"), None)
+        .await;
+    let post = |uri: &'static str, body: Value| {
+        let write = write.clone();
+        let api = &api;
+        async move {
+            api.call(Method::POST, uri, Auth::Bearer(&write), Some(body))
+                .await
+        }
+    };
+
+    // Models.
+    let r = post(
+        "/api/v1/models",
+        json!({"name": "vm", "description": "guests"}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    assert_eq!(r.body["name"], "vm");
+    let r = post("/api/v1/models", json!({"name": "vm"})).await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    let r = post("/api/v1/models", json!({"name": "x", "colour": "red"})).await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "bad_request");
+    let r = api
+        .call(
+            Method::POST,
+            "/api/v1/models",
+            Auth::Bearer(&read),
+            Some(json!({"name": "y"})),
+        )
+        .await;
+    assert_error(&r, StatusCode::FORBIDDEN, "forbidden");
+    let r = api
+        .call(
+            Method::POST,
+            "/api/v1/models",
+            Auth::CookieXhr(&viewer),
+            Some(json!({"name": "y"})),
+        )
+        .await;
+    assert_error(&r, StatusCode::FORBIDDEN, "forbidden");
+    let r = api
+        .call(
+            Method::POST,
+            "/api/v1/models",
+            Auth::Cookie(&operator),
+            Some(json!({"name": "y"})),
+        )
+        .await;
+    assert_error(&r, StatusCode::FORBIDDEN, "csrf");
+    let r = api
+        .call(
+            Method::POST,
+            "/api/v1/models",
+            Auth::None,
+            Some(json!({"name": "y"})),
+        )
+        .await;
+    assert_error(&r, StatusCode::UNAUTHORIZED, "unauthenticated");
+    let r = api
+        .call(Method::GET, "/api/v1/models", Auth::Cookie(&viewer), None)
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(
+        r.body["items"],
+        serde_json::to_value(api.svc.list_models().await.unwrap()).unwrap()
+    );
+    let r = api
+        .call(
+            Method::POST,
+            "/api/v1/models",
+            Auth::CookieXhr(&operator),
+            Some(json!({"name": "tmp"})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let r = api
+        .call(
+            Method::DELETE,
+            "/api/v1/models/tmp",
+            Auth::Bearer(&write),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let r = api
+        .call(
+            Method::DELETE,
+            "/api/v1/models/tmp",
+            Auth::Bearer(&write),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+
+    // Servers: created over HTTP (with an ETag), one deleted.
+    for s in [
+        json!({"name": "pve1", "model": "vm", "is_proxmox_host": true,
+               "external_interface": "vmbr0", "internal_network": "10.99.0.0/24"}),
+        json!({"name": "vm1", "model": "vm", "is_vm": true, "vm_host": "pve1",
+               "internal_ip": "10.99.0.5"}),
+        json!({"name": "files1", "model": "web", "samba_base": "/srv/samba"}),
+        json!({"name": "src1", "model": "web", "internal_ip": "10.1.0.5"}),
+        json!({"name": "bk1", "model": "web"}),
+        json!({"name": "gone", "model": "web"}),
+    ] {
+        let r = post("/api/v1/servers", s).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+        assert_eq!(r.etag(), format!("\"{}\"", r.body["revision"]));
+    }
+    let r = post("/api/v1/servers", json!({"name": "gone", "model": "web"})).await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    let r = api
+        .call(
+            Method::DELETE,
+            "/api/v1/servers/gone",
+            Auth::Bearer(&read),
+            None,
+        )
+        .await;
+    assert_error(&r, StatusCode::FORBIDDEN, "forbidden");
+    let r = api
+        .call(
+            Method::DELETE,
+            "/api/v1/servers/gone",
+            Auth::Bearer(&write),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body["name"], "gone");
+    let r = api
+        .call(
+            Method::GET,
+            "/api/v1/servers/gone",
+            Auth::Bearer(&read),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+
+    // Port forwards.
+    for port in [2222, 2223, 2224] {
+        let r = post(
+            "/api/v1/forwards/port",
+            json!({"host": "pve1", "dest": "vm1", "proto": "tcp", "port": port, "to_port": 22}),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    }
+    let r = post(
+        "/api/v1/forwards/port",
+        json!({"host": "pve1", "dest": "vm1", "proto": "tcp", "port": 2222, "to_port": 80}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    let r = api
+        .call(
+            Method::GET,
+            "/api/v1/forwards/port?limit=2&host=pve1",
+            Auth::Bearer(&read),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let all = serde_json::to_value(api.svc.list_port_forwards(None).await.unwrap()).unwrap();
+    assert_eq!(
+        r.body["items"].as_array().unwrap()[..],
+        all.as_array().unwrap()[..2]
+    );
+    let next = r.body["next"].as_i64().unwrap();
+    let r = api
+        .call(
+            Method::GET,
+            &format!("/api/v1/forwards/port?after={next}"),
+            Auth::Bearer(&read),
+            None,
+        )
+        .await;
+    assert_eq!(
+        r.body["items"].as_array().unwrap()[..],
+        all.as_array().unwrap()[2..]
+    );
+    assert_eq!(r.body["next"], Value::Null);
+    let r = api
+        .call(
+            Method::GET,
+            "/api/v1/forwards/port?colour=red",
+            Auth::Bearer(&read),
+            None,
+        )
+        .await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "bad_request");
+    let id = all[0]["id"].as_i64().unwrap();
+    let r = api
+        .call(
+            Method::GET,
+            &format!("/api/v1/forwards/port/{id}"),
+            Auth::Bearer(&read),
+            None,
+        )
+        .await;
+    assert_eq!(r.body, all[0]);
+    let r = api
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/forwards/port/{id}"),
+            Auth::Bearer(&write),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let r = api
+        .call(
+            Method::GET,
+            &format!("/api/v1/forwards/port/{id}"),
+            Auth::Bearer(&read),
+            None,
+        )
+        .await;
+    assert_error(&r, StatusCode::NOT_FOUND, "not_found");
+    let r = api
+        .call(
+            Method::DELETE,
+            "/api/v1/forwards/port/999999",
+            Auth::Bearer(&write),
+            None,
+        )
+        .await;
+    assert_error(&r, StatusCode::NOT_FOUND, "not_found");
+    let r = api
+        .call(
+            Method::GET,
+            "/api/v1/forwards/hostname",
+            Auth::Bearer(&read),
+            None,
+        )
+        .await;
+    assert_eq!(r.body, json!({"items": [], "next": null}));
+
+    // Shares: the password once.
+    let r = post(
+        "/api/v1/shares",
+        json!({"server": "files1", "name": "docs", "folder": "docs"}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let first = r.body["password"].as_str().unwrap().to_owned();
+    let share = r.body["id"].as_i64().unwrap();
+    let r = post(
+        "/api/v1/shares",
+        json!({"server": "files1", "name": "docs", "folder": "x"}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    let r = api
+        .call(
+            Method::GET,
+            "/api/v1/shares?server=files1",
+            Auth::Bearer(&read),
+            None,
+        )
+        .await;
+    assert_eq!(
+        r.body["items"],
+        serde_json::to_value(api.svc.list_shares(None).await.unwrap()).unwrap()
+    );
+    assert!(!r.body.to_string().contains(&first));
+    let r = api
+        .call(
+            Method::POST,
+            &format!("/api/v1/shares/{share}/passwd"),
+            Auth::Bearer(&read),
+            None,
+        )
+        .await;
+    assert_error(&r, StatusCode::FORBIDDEN, "forbidden");
+    let r = api
+        .call(
+            Method::POST,
+            &format!("/api/v1/shares/{share}/passwd"),
+            Auth::Bearer(&write),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let second = r.body["password"].as_str().unwrap().to_owned();
+    assert_ne!(first, second);
+
+    // Backups, with health and results.
+    let r = post(
+        "/api/v1/backups",
+        json!({"source": "src1", "source_folder": "/srv/data", "dest": "bk1",
+               "dest_folder": "/b/src1", "excludes": ["cache/"]}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let backup = r.body["id"].as_i64().unwrap();
+    let r = post(
+        "/api/v1/backups",
+        json!({"source": "src1", "source_folder": "/srv/data", "dest": "bk1",
+               "dest_folder": "/b/src1"}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    let r = api
+        .call(
+            Method::GET,
+            "/api/v1/backups?dest=bk1",
+            Auth::Bearer(&read),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let listed = serde_json::to_value(api.svc.list_backups(None).await.unwrap()).unwrap();
+    assert_eq!(r.body["items"][0]["id"], listed[0]["id"]);
+    assert_eq!(r.body["items"][0]["dest_folder"], listed[0]["dest_folder"]);
+    assert_eq!(r.body["items"][0]["health"], "never_run");
+    let r = api
+        .call(
+            Method::GET,
+            "/api/v1/backups?dest=src1",
+            Auth::Bearer(&read),
+            None,
+        )
+        .await;
+    assert_eq!(r.body["items"], json!([]));
+    let r = api
+        .call(
+            Method::GET,
+            &format!("/api/v1/backups/{backup}"),
+            Auth::Bearer(&read),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body["results"], json!([]));
+    assert_eq!(r.body["health"], "never_run");
+    let r = api
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/backups/{backup}"),
+            Auth::Bearer(&write),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let r = api
+        .call(
+            Method::GET,
+            &format!("/api/v1/backups/{backup}"),
+            Auth::Bearer(&read),
+            None,
+        )
+        .await;
+    assert_error(&r, StatusCode::NOT_FOUND, "not_found");
+    let r = api
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/shares/{share}"),
+            Auth::Bearer(&write),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+
+    // The audit log: every write with its actor; no password anywhere.
+    let log = api.svc.audit_log(None, 1000).await.unwrap();
+    let text = serde_json::to_string(&log).unwrap();
+    for secret in [&first, &second] {
+        assert!(!text.contains(secret.as_str()), "{text}");
+    }
+    for action in [
+        "model.create",
+        "model.delete",
+        "server.create",
+        "server.delete",
+        "forward.port.create",
+        "forward.port.delete",
+        "share.create",
+        "share.passwd",
+        "share.delete",
+        "backup.create",
+        "backup.delete",
+    ] {
+        assert!(text.contains(&format!("\"{action}\"")), "{action}: {text}");
+    }
+    assert!(text.contains("\"token:inv-write\""), "{text}");
+    assert!(text.contains("\"user:operator1\""), "{text}");
+}
+
+#[tokio::test]
+async fn http_api_inventory_on_sqlite() {
+    inventory_story(Api::new(TestDb::sqlite()).await).await;
+}
+
+#[tokio::test]
+async fn http_api_inventory_on_postgres() {
+    inventory_story(Api::new(TestDb::postgres_required().await).await).await;
+}

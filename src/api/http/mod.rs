@@ -4,8 +4,11 @@
 //! - [`auth`]: sessions, bearer tokens, roles and scopes, CSRF, the login
 //!   rate limit.
 //! - [`error`](mod@error): the one error shape and the status of every code.
+//! - [`inventory`]: servers (create, delete), models, forwards, shares,
+//!   backups — thin handlers over the bus's execute path.
 //! - this file: the state, the router and its layers (trace, timeout, body
-//!   limit, gzip, security headers), the handlers.
+//!   limit, gzip, security headers), the session, server and audit
+//!   handlers.
 //!
 //! Writes go through the bus's execute path ([`crate::api::bus::execute_op`],
 //! then `registry::Service`), so HTTP and bus never diverge; each is audited
@@ -16,11 +19,18 @@
 //!
 //! Endpoints: `POST /api/v1/login` (JSON or form `{name, password}` → the
 //! `steward_session` cookie), `POST /api/v1/logout`, `GET /api/v1/me`,
-//! `GET /api/v1/servers`, `GET|PATCH /api/v1/servers/{id_or_name}`,
-//! `GET /api/v1/audit` (admin).
+//! `GET|POST /api/v1/servers`, `GET|PATCH|DELETE /api/v1/servers/{id_or_name}`,
+//! `GET|POST /api/v1/models`, `DELETE /api/v1/models/{name}`,
+//! `GET|POST /api/v1/forwards/port`, `GET|DELETE /api/v1/forwards/port/{id}`,
+//! the same for `/api/v1/forwards/hostname`, `GET|POST /api/v1/shares`,
+//! `GET|DELETE /api/v1/shares/{id}`, `POST /api/v1/shares/{id}/passwd`,
+//! `GET|POST /api/v1/backups`, `GET|DELETE /api/v1/backups/{id}` (with
+//! health and results), `GET /api/v1/audit` (admin). Reads need viewer
+//! (token scope `read`), inventory writes operator (`write`).
 
 pub mod auth;
 pub mod error;
+mod inventory;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -30,7 +40,7 @@ use axum::body::Bytes;
 use axum::extract::{ConnectInfo, Path, RawQuery, Request, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Map, Value as JsonValue};
@@ -56,8 +66,8 @@ use crate::registry::{DbStore, Server, ServerFilter, ServerRef, Service};
 pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
 
 /// Page sizes of the lists: default and largest.
-const PAGE_DEFAULT: i64 = 100;
-const PAGE_MAX: i64 = 1000;
+pub(crate) const PAGE_DEFAULT: i64 = 100;
+pub(crate) const PAGE_MAX: i64 = 1000;
 
 /// What every handler shares.
 pub struct HttpState {
@@ -69,6 +79,8 @@ pub struct HttpState {
     max_body: usize,
     clock: Clock,
     limiter: Mutex<auth::LoginLimiter>,
+    /// `backups.stale_after_hours` in ms: a backup's health.
+    backup_stale_ms: i64,
 }
 
 impl std::fmt::Debug for HttpState {
@@ -96,7 +108,15 @@ impl HttpState {
             max_body: usize::try_from(cfg.max_body_bytes).unwrap_or(usize::MAX),
             clock: Arc::new(crate::registry::store::now_ms),
             limiter: Mutex::new(auth::LoginLimiter::default()),
+            backup_stale_ms: stale_ms(crate::config::BackupsConfig::default().stale_after_hours),
         }
+    }
+
+    /// Uses `backups.stale_after_hours` (the default's otherwise) for the
+    /// backups' health.
+    pub fn with_backup_stale_hours(mut self, hours: u64) -> Self {
+        self.backup_stale_ms = stale_ms(hours);
+        self
     }
 
     /// Uses `clock` instead of the system's (tests drive expiry with it).
@@ -121,6 +141,12 @@ impl HttpState {
     }
 }
 
+fn stale_ms(hours: u64) -> i64 {
+    i64::try_from(hours)
+        .unwrap_or(i64::MAX)
+        .saturating_mul(3_600_000)
+}
+
 /// The API's router with its layers (outermost first: trace, security
 /// headers, gzip, the error shape for the layers' own errors, timeout, body
 /// limit).
@@ -134,11 +160,34 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .route("/api/v1/login", post(login))
         .route("/api/v1/logout", post(logout))
         .route("/api/v1/me", get(me))
-        .route("/api/v1/servers", get(list_servers))
+        .route(
+            "/api/v1/servers",
+            get(list_servers).post(inventory::create_server),
+        )
         .route(
             "/api/v1/servers/{server}",
-            get(get_server).patch(patch_server),
+            get(get_server)
+                .patch(patch_server)
+                .delete(inventory::delete_server),
         )
+        .route(
+            "/api/v1/models",
+            get(inventory::list_models).post(inventory::create_model),
+        )
+        .route("/api/v1/models/{name}", delete(inventory::delete_model))
+        .merge(by_id(
+            "/api/v1/forwards/port",
+            inventory::PORT_FORWARD,
+            false,
+        ))
+        .merge(by_id(
+            "/api/v1/forwards/hostname",
+            inventory::HOSTNAME_FORWARD,
+            false,
+        ))
+        .merge(by_id("/api/v1/shares", inventory::SHARE, false))
+        .route("/api/v1/shares/{id}/passwd", post(inventory::share_passwd))
+        .merge(by_id("/api/v1/backups", inventory::BACKUP, true))
         .route("/api/v1/audit", get(audit))
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
@@ -162,6 +211,38 @@ pub fn router(state: Arc<HttpState>) -> Router {
                 ))
                 .layer(RequestBodyLimitLayer::new(max_body)),
         )
+}
+
+/// The routes of a resource kept by id under `base`: list and create,
+/// get and delete by id (`custom`: the list and the get are the backups'
+/// own, with health).
+fn by_id(base: &str, kind: inventory::Kind, custom: bool) -> Router<Arc<HttpState>> {
+    let list = move |State(s): State<Arc<HttpState>>,
+                     m: Method,
+                     h: HeaderMap,
+                     RawQuery(q): RawQuery| { inventory::list(kind, s, m, h, q) };
+    let create = move |State(s): State<Arc<HttpState>>, m: Method, h: HeaderMap, b: Bytes| {
+        inventory::create(kind, s, m, h, b)
+    };
+    let get_one =
+        move |State(s): State<Arc<HttpState>>, m: Method, h: HeaderMap, Path(id): Path<i64>| {
+            inventory::get_one(kind, s, m, h, id)
+        };
+    let remove =
+        move |State(s): State<Arc<HttpState>>, m: Method, h: HeaderMap, Path(id): Path<i64>| {
+            inventory::delete(kind, s, m, h, id)
+        };
+    let (collection, item) = if custom {
+        (
+            get(inventory::list_backups).post(create),
+            get(inventory::get_backup).delete(remove),
+        )
+    } else {
+        (get(list).post(create), get(get_one).delete(remove))
+    };
+    Router::new()
+        .route(base, collection)
+        .route(&format!("{base}/{{id}}"), item)
 }
 
 /// Serves the API on `listener` until `cancel` fires (in-flight requests
@@ -436,7 +517,7 @@ fn etag(revision: i64) -> Result<HeaderValue, ApiError> {
         .map_err(|_| ApiError::new("internal", "building the ETag"))
 }
 
-fn server_response(server: &JsonValue) -> Result<Response, ApiError> {
+pub(crate) fn server_response(server: &JsonValue) -> Result<Response, ApiError> {
     let revision = server
         .get("revision")
         .and_then(JsonValue::as_i64)
