@@ -32,6 +32,9 @@ pub enum Requester {
     Master,
     /// A trusted minion's request (`salt-call event.send`, confirmed).
     Minion(String),
+    /// An HTTP API caller with the operator role: its audit actor
+    /// (`user:<name>` or `token:<name>`); held to the master's allow-list.
+    Http(String),
 }
 
 impl fmt::Display for Requester {
@@ -40,6 +43,7 @@ impl fmt::Display for Requester {
             Requester::Cli => f.write_str("cli"),
             Requester::Master => f.write_str("master"),
             Requester::Minion(id) => write!(f, "minion:{id}"),
+            Requester::Http(actor) => f.write_str(actor),
         }
     }
 }
@@ -82,7 +86,9 @@ impl ExecPolicy {
     /// Whether `who` may run `fun`.
     pub fn allows(&self, who: &Requester, fun: &str) -> bool {
         match who {
-            Requester::Cli | Requester::Master => self.master.iter().any(|g| g.is_match(fun)),
+            Requester::Cli | Requester::Master | Requester::Http(_) => {
+                self.master.iter().any(|g| g.is_match(fun))
+            }
             Requester::Minion(id) => self
                 .minions
                 .iter()
@@ -447,6 +453,10 @@ mod tests {
         let no_minions = std::collections::BTreeMap::new();
         let none = ExecPolicy::new(&[], &no_minions).unwrap();
         assert!(!none.allows(&Requester::Master, "test.ping"));
+        // An HTTP operator is held to the master's list.
+        assert!(p.allows(&Requester::Http("user:alice".into()), "cmd.run"));
+        assert!(!none.allows(&Requester::Http("token:ci".into()), "test.ping"));
+        assert_eq!(Requester::Http("token:ci".into()).to_string(), "token:ci");
         assert!(ExecPolicy::new(&["[".into()], &no_minions).is_err());
     }
 

@@ -1587,3 +1587,101 @@ async fn http_api_inventory_on_sqlite() {
 async fn http_api_inventory_on_postgres() {
     inventory_story(Api::new(TestDb::postgres_required().await).await).await;
 }
+
+/// Dispatch targets and their retry, exec's record, and exec refused
+/// without the daemon's Salt client (503) or without the operator role.
+async fn ops_story(api: Api) {
+    api.server("web01.example.org").await;
+    let read = api.token("ops-read", &[Scope::Read], None, None).await;
+    let write = api
+        .token("ops-write", &[Scope::Write], Some("operator1"), None)
+        .await;
+    let r = api
+        .call(
+            Method::GET,
+            "/api/v1/dispatches?server=web01.example.org",
+            Auth::Bearer(&read),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let r2 = api
+        .call(
+            Method::GET,
+            "/api/v1/dispatches?status=bogus",
+            Auth::Bearer(&read),
+            None,
+        )
+        .await;
+    assert_eq!(r2.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r2.body);
+    let r = api
+        .call(
+            Method::POST,
+            "/api/v1/dispatches/web01.example.org/retry",
+            Auth::Bearer(&read),
+            None,
+        )
+        .await;
+    assert_error(&r, StatusCode::FORBIDDEN, "forbidden");
+    let r = api
+        .call(
+            Method::POST,
+            "/api/v1/dispatches/web01.example.org/retry",
+            Auth::Bearer(&write),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body["server"], "web01.example.org");
+    let r = api
+        .call(
+            Method::POST,
+            "/api/v1/dispatches/nope/retry",
+            Auth::Bearer(&write),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+
+    let body = json!({"server": "web01.example.org", "fun": "test.ping"});
+    let r = api
+        .call(
+            Method::POST,
+            "/api/v1/exec",
+            Auth::Bearer(&read),
+            Some(body.clone()),
+        )
+        .await;
+    assert_error(&r, StatusCode::FORBIDDEN, "forbidden");
+    let r = api
+        .call(
+            Method::POST,
+            "/api/v1/exec",
+            Auth::Bearer(&write),
+            Some(body),
+        )
+        .await;
+    assert_error(&r, StatusCode::SERVICE_UNAVAILABLE, "unavailable");
+    let r = api
+        .call(
+            Method::GET,
+            "/api/v1/exec?limit=5",
+            Auth::Bearer(&read),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body["items"], json!([]));
+    let log = serde_json::to_string(&api.svc.audit_log(None, 100).await.unwrap()).unwrap();
+    assert!(log.contains("\"dispatch.retry\""), "{log}");
+}
+
+#[tokio::test]
+async fn http_api_ops_on_sqlite() {
+    ops_story(Api::new(TestDb::sqlite()).await).await;
+}
+
+#[tokio::test]
+async fn http_api_ops_on_postgres() {
+    ops_story(Api::new(TestDb::postgres_required().await).await).await;
+}

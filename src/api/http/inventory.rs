@@ -57,17 +57,29 @@ pub(super) async fn write(
         (None, Some(name)) => name.to_owned(),
         (None, None) => String::new(),
     };
+    audit(state, p, action, target, JsonValue::Object(args)).await;
+    Ok(done)
+}
+
+/// Writes the audit entry of `action` on `target` by `p`; a failure is
+/// logged (the change itself is done).
+pub(super) async fn audit(
+    state: &HttpState,
+    p: &Principal,
+    action: &'static str,
+    target: String,
+    detail: JsonValue,
+) {
     let note = AuditNote {
         actor: p.actor(),
         action,
         target,
-        detail: JsonValue::Object(args),
+        detail,
     };
     if let Err(e) = state.service.audit(&note).await {
         // The change is written; its audit entry is not: say so loudly.
         error!(message = "Change not audited.", actor = %note.actor, action, target = %note.target, error = %e);
     }
-    Ok(done)
 }
 
 /// A list's query: `?limit=&after=` and the filters, as an op's arguments.

@@ -6,6 +6,7 @@
 //! - [`error`](mod@error): the one error shape and the status of every code.
 //! - [`inventory`]: servers (create, delete), models, forwards, shares,
 //!   backups — thin handlers over the bus's execute path.
+//! - [`ops`]: dispatch targets and retry, exec and its record.
 //! - this file: the state, the router and its layers (trace, timeout, body
 //!   limit, gzip, security headers), the session, server and audit
 //!   handlers.
@@ -25,12 +26,15 @@
 //! the same for `/api/v1/forwards/hostname`, `GET|POST /api/v1/shares`,
 //! `GET|DELETE /api/v1/shares/{id}`, `POST /api/v1/shares/{id}/passwd`,
 //! `GET|POST /api/v1/backups`, `GET|DELETE /api/v1/backups/{id}` (with
-//! health and results), `GET /api/v1/audit` (admin). Reads need viewer
-//! (token scope `read`), inventory writes operator (`write`).
+//! health and results), `GET /api/v1/dispatches`,
+//! `POST /api/v1/dispatches/{server}/retry`, `GET|POST /api/v1/exec`,
+//! `GET /api/v1/audit` (admin). Reads need viewer
+//! (token scope `read`), inventory writes, retries and exec operator (`write`).
 
 pub mod auth;
 pub mod error;
 mod inventory;
+mod ops;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -57,10 +61,13 @@ use tracing::{error, warn};
 use self::auth::{Principal, COOKIE};
 use self::error::ApiError;
 use crate::api::bus::{execute_op, Entity, Op};
+use crate::api::server::PolicyHandle;
 use crate::config::HttpConfig;
+use crate::exec::ExecStats;
 use crate::registry::service::SessionLimits;
 use crate::registry::users::{validate_user_name, AuditNote, Role, MAX_PASSWORD_BYTES};
 use crate::registry::{DbStore, Server, ServerFilter, ServerRef, Service};
+use crate::salt::SaltClient;
 
 /// The time in Unix milliseconds: the registry's clock, or a test's.
 pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
@@ -81,6 +88,19 @@ pub struct HttpState {
     limiter: Mutex<auth::LoginLimiter>,
     /// `backups.stale_after_hours` in ms: a backup's health.
     backup_stale_ms: i64,
+    /// What `POST /exec` runs with (the daemon's; none in tests).
+    exec: Option<ExecContext>,
+}
+
+/// The daemon's Salt client, policy and exec counters, for `POST /exec`.
+#[derive(Clone)]
+pub struct ExecContext {
+    /// The master client.
+    pub salt: SaltClient,
+    /// The policy now (`exec.master`, `exec.timeout`).
+    pub policy: PolicyHandle,
+    /// The exec counters the metrics read.
+    pub stats: Arc<ExecStats>,
 }
 
 impl std::fmt::Debug for HttpState {
@@ -109,7 +129,14 @@ impl HttpState {
             clock: Arc::new(crate::registry::store::now_ms),
             limiter: Mutex::new(auth::LoginLimiter::default()),
             backup_stale_ms: stale_ms(crate::config::BackupsConfig::default().stale_after_hours),
+            exec: None,
         }
+    }
+
+    /// Lets `POST /exec` run functions through `exec`.
+    pub fn with_exec(mut self, exec: ExecContext) -> Self {
+        self.exec = Some(exec);
+        self
     }
 
     /// Uses `backups.stale_after_hours` (the default's otherwise) for the
@@ -188,6 +215,12 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .merge(by_id("/api/v1/shares", inventory::SHARE, false))
         .route("/api/v1/shares/{id}/passwd", post(inventory::share_passwd))
         .merge(by_id("/api/v1/backups", inventory::BACKUP, true))
+        .route("/api/v1/dispatches", get(ops::list_dispatches))
+        .route(
+            "/api/v1/dispatches/{server}/retry",
+            post(ops::retry_dispatch),
+        )
+        .route("/api/v1/exec", get(ops::exec_log).post(ops::run_exec))
         .route("/api/v1/audit", get(audit))
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
