@@ -1685,3 +1685,45 @@ async fn http_api_ops_on_sqlite() {
 async fn http_api_ops_on_postgres() {
     ops_story(Api::new(TestDb::postgres_required().await).await).await;
 }
+
+/// `GET /api/v1/openapi.json` needs no credentials and is the committed
+/// `docs/openapi.json`; every operation it lists is routed (without
+/// credentials each answers 401, never `no_route` or 405), and a route
+/// missing from it would show as a difference in the committed file's
+/// review (the unit test `openapi` keeps the file current).
+#[tokio::test]
+async fn http_api_openapi_document_is_served_and_matches_the_router() {
+    let api = Api::new(TestDb::sqlite()).await;
+    let r = api
+        .call(Method::GET, "/api/v1/openapi.json", Auth::None, None)
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let committed: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        r.body, committed,
+        "regenerate docs/openapi.json: UPDATE_OPENAPI=1 cargo nextest run --lib openapi"
+    );
+    let mut operations = 0;
+    for (path, item) in r.body["paths"].as_object().unwrap() {
+        let uri = path
+            .replace("{id}", "1")
+            .replace("{server}", "web01")
+            .replace("{name}", "web");
+        for method in item.as_object().unwrap().keys() {
+            operations += 1;
+            let m: Method = method.to_uppercase().parse().unwrap();
+            let r = api.call(m.clone(), &uri, Auth::None, None).await;
+            assert_ne!(r.code(), "no_route", "{m} {uri}");
+            assert_ne!(r.code(), "method_not_allowed", "{m} {uri}");
+            let open = ["/api/v1/openapi.json", "/api/v1/login"].contains(&path.as_str());
+            if !open {
+                assert_error(&r, StatusCode::UNAUTHORIZED, "unauthenticated");
+            }
+        }
+    }
+    assert!(operations >= 34, "{operations}");
+}

@@ -25,6 +25,7 @@ use tracing::error;
 
 use super::auth::{self, Principal};
 use super::error::ApiError;
+use super::openapi::{ErrorBody, ListPage};
 use super::{HttpState, PAGE_DEFAULT, PAGE_MAX};
 use crate::api::bus::{execute_op, Entity, Op};
 use crate::registry::users::{AuditNote, Role};
@@ -176,6 +177,9 @@ fn created(v: JsonValue) -> Response {
 // -------------------------------------------------------------- servers
 
 /// `POST /servers`: the fields as `server add` takes them.
+#[utoipa::path(post, path = "/api/v1/servers", tag = "servers",
+    request_body(content = Object, description = "The fields, as `server add` takes them"),
+    responses((status = 201, description = "The server; ETag: its revision", body = Object), (status = "4XX", description = "The error shape", body = ErrorBody)))]
 pub(super) async fn create_server(
     State(state): State<Arc<HttpState>>,
     method: Method,
@@ -199,6 +203,9 @@ pub(super) async fn create_server(
 }
 
 /// `DELETE /servers/{id_or_name}`: the server as it was.
+#[utoipa::path(delete, path = "/api/v1/servers/{server}", tag = "servers",
+    params(("server" = String, Path, description = "Id or name")),
+    responses((status = 200, description = "The server as it was", body = Object), (status = "4XX", description = "The error shape", body = ErrorBody)))]
 pub(super) async fn delete_server(
     State(state): State<Arc<HttpState>>,
     method: Method,
@@ -223,6 +230,8 @@ pub(super) async fn delete_server(
 // --------------------------------------------------------------- models
 
 /// `GET /models`: every model, by name.
+#[utoipa::path(get, path = "/api/v1/models", tag = "models",
+    responses((status = 200, description = "Every model (`next` is null)", body = ListPage), (status = "4XX", description = "The error shape", body = ErrorBody)))]
 pub(super) async fn list_models(
     State(state): State<Arc<HttpState>>,
     method: Method,
@@ -234,6 +243,9 @@ pub(super) async fn list_models(
 }
 
 /// `POST /models`: `{name, description?, states?}`.
+#[utoipa::path(post, path = "/api/v1/models", tag = "models",
+    request_body(content = Object, description = "`{name, description?, states?}`"),
+    responses((status = 201, description = "The model", body = Object), (status = "4XX", description = "The error shape", body = ErrorBody)))]
 pub(super) async fn create_model(
     State(state): State<Arc<HttpState>>,
     method: Method,
@@ -254,6 +266,9 @@ pub(super) async fn create_model(
 }
 
 /// `DELETE /models/{name}`: the model as it was (409 while servers use it).
+#[utoipa::path(delete, path = "/api/v1/models/{name}", tag = "models",
+    params(("name" = String, Path, description = "The model")),
+    responses((status = 200, description = "The model as it was", body = Object), (status = "4XX", description = "The error shape", body = ErrorBody)))]
 pub(super) async fn delete_model(
     State(state): State<Arc<HttpState>>,
     method: Method,
@@ -271,7 +286,7 @@ pub(super) async fn delete_model(
 
 /// A resource kept by id: its entity, audit prefix and list filters.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Kind {
+struct Kind {
     entity: Entity,
     create: &'static str,
     delete: &'static str,
@@ -279,7 +294,7 @@ pub(super) struct Kind {
 }
 
 /// Port forwards: filter `host`.
-pub(super) const PORT_FORWARD: Kind = Kind {
+const PORT_FORWARD: Kind = Kind {
     entity: Entity::PortForward,
     create: "forward.port.create",
     delete: "forward.port.delete",
@@ -287,7 +302,7 @@ pub(super) const PORT_FORWARD: Kind = Kind {
 };
 
 /// Hostname forwards: filters `proxy`, `domain`.
-pub(super) const HOSTNAME_FORWARD: Kind = Kind {
+const HOSTNAME_FORWARD: Kind = Kind {
     entity: Entity::HostnameForward,
     create: "forward.hostname.create",
     delete: "forward.hostname.delete",
@@ -295,7 +310,7 @@ pub(super) const HOSTNAME_FORWARD: Kind = Kind {
 };
 
 /// Shares: filter `server`.
-pub(super) const SHARE: Kind = Kind {
+const SHARE: Kind = Kind {
     entity: Entity::Share,
     create: "share.create",
     delete: "share.delete",
@@ -303,7 +318,7 @@ pub(super) const SHARE: Kind = Kind {
 };
 
 /// Backups: filter `dest`.
-pub(super) const BACKUP: Kind = Kind {
+const BACKUP: Kind = Kind {
     entity: Entity::Backup,
     create: "backup.create",
     delete: "backup.delete",
@@ -311,7 +326,7 @@ pub(super) const BACKUP: Kind = Kind {
 };
 
 /// `GET` of a kind's list.
-pub(super) async fn list(
+async fn list(
     kind: Kind,
     state: Arc<HttpState>,
     method: Method,
@@ -325,7 +340,7 @@ pub(super) async fn list(
 }
 
 /// `POST` of a kind: its create op's arguments as the body → 201.
-pub(super) async fn create(
+async fn create(
     kind: Kind,
     state: Arc<HttpState>,
     method: Method,
@@ -339,7 +354,7 @@ pub(super) async fn create(
 }
 
 /// `GET /{id}` of a kind.
-pub(super) async fn get_one(
+async fn get_one(
     kind: Kind,
     state: Arc<HttpState>,
     method: Method,
@@ -351,7 +366,7 @@ pub(super) async fn get_one(
 }
 
 /// `DELETE /{id}` of a kind: the record as it was.
-pub(super) async fn delete(
+async fn delete(
     kind: Kind,
     state: Arc<HttpState>,
     method: Method,
@@ -372,6 +387,9 @@ pub(super) async fn delete(
 }
 
 /// `POST /shares/{id}/passwd`: a new password, in this response only.
+#[utoipa::path(post, path = "/api/v1/shares/{id}/passwd", tag = "shares",
+    params(("id" = i64, Path, description = "The share")),
+    responses((status = 200, description = "The share and its new `password`, shown once", body = Object), (status = "4XX", description = "The error shape", body = ErrorBody)))]
 pub(super) async fn share_passwd(
     State(state): State<Arc<HttpState>>,
     method: Method,
@@ -396,6 +414,9 @@ const BACKUP_RESULTS: i64 = 50;
 
 /// `GET /backups`: each backup with `health` and `last_result` (as
 /// `backup list` shows them); filter `dest`.
+#[utoipa::path(get, path = "/api/v1/backups", tag = "backups",
+    params(("limit" = Option<i64>, Query, description = "Page size (1 to 1000, default 100)"), ("after" = Option<i64>, Query, description = "The previous page's `next`"), ("dest" = Option<String>, Query, description = "Filter: the backup server (id or name)")),
+    responses((status = 200, description = "A page of backups with `health` and `last_result`", body = ListPage), (status = "4XX", description = "The error shape", body = ErrorBody)))]
 pub(super) async fn list_backups(
     State(state): State<Arc<HttpState>>,
     method: Method,
@@ -429,6 +450,9 @@ pub(super) async fn list_backups(
 }
 
 /// `GET /backups/{id}`: the backup, its `health` and its newest `results`.
+#[utoipa::path(get, path = "/api/v1/backups/{id}", tag = "backups",
+    params(("id" = i64, Path, description = "Its id")),
+    responses((status = 200, description = "The backup with `health` and its newest `results`", body = Object), (status = "4XX", description = "The error shape", body = ErrorBody)))]
 pub(super) async fn get_backup(
     State(state): State<Arc<HttpState>>,
     method: Method,
@@ -446,4 +470,200 @@ pub(super) async fn get_backup(
     v["health"] = json!(health);
     v["results"] = json!(results);
     Ok(Json(v))
+}
+
+/// `GET /api/v1/forwards/port`: the port forwards, `{items, next}` by id.
+#[utoipa::path(get, path = "/api/v1/forwards/port", tag = "forwards",
+    params(
+        ("limit" = Option<i64>, Query, description = "Page size (1 to 1000, default 100)"),
+        ("after" = Option<i64>, Query, description = "The previous page's `next`"),
+        ("host" = Option<String>, Query, description = "Filter: the host (id or name)")
+    ),
+    responses((status = 200, description = "A page of port forwards", body = ListPage), (status = "4XX", body = ErrorBody)))]
+pub(super) async fn list_port_forwards(
+    State(state): State<Arc<HttpState>>,
+    method: Method,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Result<Json<JsonValue>, ApiError> {
+    list(PORT_FORWARD, state, method, headers, query).await
+}
+
+/// `POST /api/v1/forwards/port`: a new port forward (operator).
+#[utoipa::path(post, path = "/api/v1/forwards/port", tag = "forwards",
+    request_body(content = Object, description = "`{host, dest, proto, port, to_port}` (as `steward/v1/forward/port/create`)"),
+    responses((status = 201, description = "The port forward", body = Object), (status = "4XX", body = ErrorBody)))]
+pub(super) async fn create_port_forward(
+    State(state): State<Arc<HttpState>>,
+    method: Method,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    create(PORT_FORWARD, state, method, headers, body).await
+}
+
+/// `GET /api/v1/forwards/port/{id}`: one port forward.
+#[utoipa::path(get, path = "/api/v1/forwards/port/{id}", tag = "forwards",
+    params(("id" = i64, Path, description = "Its id")),
+    responses((status = 200, description = "The port forward", body = Object), (status = "4XX", body = ErrorBody)))]
+pub(super) async fn get_port_forward(
+    State(state): State<Arc<HttpState>>,
+    method: Method,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+) -> Result<Json<JsonValue>, ApiError> {
+    get_one(PORT_FORWARD, state, method, headers, id).await
+}
+
+/// `DELETE /api/v1/forwards/port/{id}`: the port forward as it was (operator).
+#[utoipa::path(delete, path = "/api/v1/forwards/port/{id}", tag = "forwards",
+    params(("id" = i64, Path, description = "Its id")),
+    responses((status = 200, description = "The port forward as it was", body = Object), (status = "4XX", body = ErrorBody)))]
+pub(super) async fn delete_port_forward(
+    State(state): State<Arc<HttpState>>,
+    method: Method,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+) -> Result<Json<JsonValue>, ApiError> {
+    delete(PORT_FORWARD, state, method, headers, id).await
+}
+
+/// `GET /api/v1/forwards/hostname`: the hostname forwards, `{items, next}` by id.
+#[utoipa::path(get, path = "/api/v1/forwards/hostname", tag = "forwards",
+    params(
+        ("limit" = Option<i64>, Query, description = "Page size (1 to 1000, default 100)"),
+        ("after" = Option<i64>, Query, description = "The previous page's `next`"),
+        ("proxy" = Option<String>, Query, description = "Filter: the proxy (id or name)"),
+        ("domain" = Option<String>, Query, description = "Filter: the domain")
+    ),
+    responses((status = 200, description = "A page of hostname forwards", body = ListPage), (status = "4XX", body = ErrorBody)))]
+pub(super) async fn list_hostname_forwards(
+    State(state): State<Arc<HttpState>>,
+    method: Method,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Result<Json<JsonValue>, ApiError> {
+    list(HOSTNAME_FORWARD, state, method, headers, query).await
+}
+
+/// `POST /api/v1/forwards/hostname`: a new hostname forward (operator).
+#[utoipa::path(post, path = "/api/v1/forwards/hostname", tag = "forwards",
+    request_body(content = Object, description = "`{domain, dest, port?, to_port?, path?}` (as `steward/v1/forward/hostname/create`)"),
+    responses((status = 201, description = "The hostname forward", body = Object), (status = "4XX", body = ErrorBody)))]
+pub(super) async fn create_hostname_forward(
+    State(state): State<Arc<HttpState>>,
+    method: Method,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    create(HOSTNAME_FORWARD, state, method, headers, body).await
+}
+
+/// `GET /api/v1/forwards/hostname/{id}`: one hostname forward.
+#[utoipa::path(get, path = "/api/v1/forwards/hostname/{id}", tag = "forwards",
+    params(("id" = i64, Path, description = "Its id")),
+    responses((status = 200, description = "The hostname forward", body = Object), (status = "4XX", body = ErrorBody)))]
+pub(super) async fn get_hostname_forward(
+    State(state): State<Arc<HttpState>>,
+    method: Method,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+) -> Result<Json<JsonValue>, ApiError> {
+    get_one(HOSTNAME_FORWARD, state, method, headers, id).await
+}
+
+/// `DELETE /api/v1/forwards/hostname/{id}`: the hostname forward as it was (operator).
+#[utoipa::path(delete, path = "/api/v1/forwards/hostname/{id}", tag = "forwards",
+    params(("id" = i64, Path, description = "Its id")),
+    responses((status = 200, description = "The hostname forward as it was", body = Object), (status = "4XX", body = ErrorBody)))]
+pub(super) async fn delete_hostname_forward(
+    State(state): State<Arc<HttpState>>,
+    method: Method,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+) -> Result<Json<JsonValue>, ApiError> {
+    delete(HOSTNAME_FORWARD, state, method, headers, id).await
+}
+
+/// `GET /api/v1/shares`: the shares, `{items, next}` by id.
+#[utoipa::path(get, path = "/api/v1/shares", tag = "shares",
+    params(
+        ("limit" = Option<i64>, Query, description = "Page size (1 to 1000, default 100)"),
+        ("after" = Option<i64>, Query, description = "The previous page's `next`"),
+        ("server" = Option<String>, Query, description = "Filter: the file server (id or name)")
+    ),
+    responses((status = 200, description = "A page of shares", body = ListPage), (status = "4XX", body = ErrorBody)))]
+pub(super) async fn list_shares(
+    State(state): State<Arc<HttpState>>,
+    method: Method,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Result<Json<JsonValue>, ApiError> {
+    list(SHARE, state, method, headers, query).await
+}
+
+/// `POST /api/v1/shares`: a new share (operator).
+#[utoipa::path(post, path = "/api/v1/shares", tag = "shares",
+    request_body(content = Object, description = "`{server, name, folder}`; the response carries `password`, shown once"),
+    responses((status = 201, description = "The share", body = Object), (status = "4XX", body = ErrorBody)))]
+pub(super) async fn create_share(
+    State(state): State<Arc<HttpState>>,
+    method: Method,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    create(SHARE, state, method, headers, body).await
+}
+
+/// `GET /api/v1/shares/{id}`: one share.
+#[utoipa::path(get, path = "/api/v1/shares/{id}", tag = "shares",
+    params(("id" = i64, Path, description = "Its id")),
+    responses((status = 200, description = "The share", body = Object), (status = "4XX", body = ErrorBody)))]
+pub(super) async fn get_share(
+    State(state): State<Arc<HttpState>>,
+    method: Method,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+) -> Result<Json<JsonValue>, ApiError> {
+    get_one(SHARE, state, method, headers, id).await
+}
+
+/// `DELETE /api/v1/shares/{id}`: the share as it was (operator).
+#[utoipa::path(delete, path = "/api/v1/shares/{id}", tag = "shares",
+    params(("id" = i64, Path, description = "Its id")),
+    responses((status = 200, description = "The share as it was", body = Object), (status = "4XX", body = ErrorBody)))]
+pub(super) async fn delete_share(
+    State(state): State<Arc<HttpState>>,
+    method: Method,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+) -> Result<Json<JsonValue>, ApiError> {
+    delete(SHARE, state, method, headers, id).await
+}
+
+/// `POST /api/v1/backups`: a new backup (operator).
+#[utoipa::path(post, path = "/api/v1/backups", tag = "backups",
+    request_body(content = Object, description = "`{source, source_folder, dest, dest_folder, excludes?, exclude_proc_sys?, active?, retain?, ssh_host?, ssh_port?, ssh_user?}` (as `steward/v1/backup/create`)"),
+    responses((status = 201, description = "The backup", body = Object), (status = "4XX", body = ErrorBody)))]
+pub(super) async fn create_backup(
+    State(state): State<Arc<HttpState>>,
+    method: Method,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    create(BACKUP, state, method, headers, body).await
+}
+
+/// `DELETE /api/v1/backups/{id}`: the backup as it was (operator; its
+/// snapshots stay).
+#[utoipa::path(delete, path = "/api/v1/backups/{id}", tag = "backups",
+    params(("id" = i64, Path, description = "Its id")),
+    responses((status = 200, description = "The backup as it was", body = Object), (status = "4XX", body = ErrorBody)))]
+pub(super) async fn delete_backup(
+    State(state): State<Arc<HttpState>>,
+    method: Method,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+) -> Result<Json<JsonValue>, ApiError> {
+    delete(BACKUP, state, method, headers, id).await
 }

@@ -34,6 +34,7 @@
 pub mod auth;
 pub mod error;
 mod inventory;
+pub mod openapi;
 mod ops;
 
 use std::net::SocketAddr;
@@ -60,6 +61,7 @@ use tracing::{error, warn};
 
 use self::auth::{Principal, COOKIE};
 use self::error::ApiError;
+use self::openapi::{ErrorBody, ListPage};
 use crate::api::bus::{execute_op, Entity, Op};
 use crate::api::server::PolicyHandle;
 use crate::config::HttpConfig;
@@ -202,19 +204,39 @@ pub fn router(state: Arc<HttpState>) -> Router {
             get(inventory::list_models).post(inventory::create_model),
         )
         .route("/api/v1/models/{name}", delete(inventory::delete_model))
-        .merge(by_id(
+        .route(
             "/api/v1/forwards/port",
-            inventory::PORT_FORWARD,
-            false,
-        ))
-        .merge(by_id(
+            get(inventory::list_port_forwards).post(inventory::create_port_forward),
+        )
+        .route(
+            "/api/v1/forwards/port/{id}",
+            get(inventory::get_port_forward).delete(inventory::delete_port_forward),
+        )
+        .route(
             "/api/v1/forwards/hostname",
-            inventory::HOSTNAME_FORWARD,
-            false,
-        ))
-        .merge(by_id("/api/v1/shares", inventory::SHARE, false))
+            get(inventory::list_hostname_forwards).post(inventory::create_hostname_forward),
+        )
+        .route(
+            "/api/v1/forwards/hostname/{id}",
+            get(inventory::get_hostname_forward).delete(inventory::delete_hostname_forward),
+        )
+        .route(
+            "/api/v1/shares",
+            get(inventory::list_shares).post(inventory::create_share),
+        )
+        .route(
+            "/api/v1/shares/{id}",
+            get(inventory::get_share).delete(inventory::delete_share),
+        )
         .route("/api/v1/shares/{id}/passwd", post(inventory::share_passwd))
-        .merge(by_id("/api/v1/backups", inventory::BACKUP, true))
+        .route(
+            "/api/v1/backups",
+            get(inventory::list_backups).post(inventory::create_backup),
+        )
+        .route(
+            "/api/v1/backups/{id}",
+            get(inventory::get_backup).delete(inventory::delete_backup),
+        )
         .route("/api/v1/dispatches", get(ops::list_dispatches))
         .route(
             "/api/v1/dispatches/{server}/retry",
@@ -222,6 +244,7 @@ pub fn router(state: Arc<HttpState>) -> Router {
         )
         .route("/api/v1/exec", get(ops::exec_log).post(ops::run_exec))
         .route("/api/v1/audit", get(audit))
+        .route("/api/v1/openapi.json", get(openapi::serve_document))
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -244,38 +267,6 @@ pub fn router(state: Arc<HttpState>) -> Router {
                 ))
                 .layer(RequestBodyLimitLayer::new(max_body)),
         )
-}
-
-/// The routes of a resource kept by id under `base`: list and create,
-/// get and delete by id (`custom`: the list and the get are the backups'
-/// own, with health).
-fn by_id(base: &str, kind: inventory::Kind, custom: bool) -> Router<Arc<HttpState>> {
-    let list = move |State(s): State<Arc<HttpState>>,
-                     m: Method,
-                     h: HeaderMap,
-                     RawQuery(q): RawQuery| { inventory::list(kind, s, m, h, q) };
-    let create = move |State(s): State<Arc<HttpState>>, m: Method, h: HeaderMap, b: Bytes| {
-        inventory::create(kind, s, m, h, b)
-    };
-    let get_one =
-        move |State(s): State<Arc<HttpState>>, m: Method, h: HeaderMap, Path(id): Path<i64>| {
-            inventory::get_one(kind, s, m, h, id)
-        };
-    let remove =
-        move |State(s): State<Arc<HttpState>>, m: Method, h: HeaderMap, Path(id): Path<i64>| {
-            inventory::delete(kind, s, m, h, id)
-        };
-    let (collection, item) = if custom {
-        (
-            get(inventory::list_backups).post(create),
-            get(inventory::get_backup).delete(remove),
-        )
-    } else {
-        (get(list).post(create), get(get_one).delete(remove))
-    };
-    Router::new()
-        .route(base, collection)
-        .route(&format!("{base}/{{id}}"), item)
 }
 
 /// Serves the API on `listener` until `cancel` fires (in-flight requests
@@ -378,6 +369,9 @@ fn session_cookie(state: &HttpState, value: &str, max_age_s: i64) -> Result<Head
     .map_err(|_| ApiError::new("internal", "building the session cookie"))
 }
 
+#[utoipa::path(post, path = "/api/v1/login", tag = "session", security(()),
+    request_body(content = Object, description = "`{name, password}` as JSON or a form", content_type = "application/json"),
+    responses((status = 200, description = "`{user}`; Set-Cookie steward_session", body = Object), (status = "4XX", description = "The error shape", body = ErrorBody)))]
 async fn login(State(state): State<Arc<HttpState>>, req: Request) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
     let headers = &parts.headers;
@@ -448,6 +442,8 @@ async fn login(State(state): State<Arc<HttpState>>, req: Request) -> Result<Resp
     Ok(resp)
 }
 
+#[utoipa::path(post, path = "/api/v1/logout", tag = "session",
+    responses((status = 204, description = "Logged out; the cookie cleared"), (status = "4XX", description = "The error shape", body = ErrorBody)))]
 async fn logout(
     State(state): State<Arc<HttpState>>,
     method: Method,
@@ -463,6 +459,8 @@ async fn logout(
     Ok(resp)
 }
 
+#[utoipa::path(get, path = "/api/v1/me", tag = "session",
+    responses((status = 200, description = "Who is asking: actor, kind, name, role (and a token's scopes)", body = Object), (status = "4XX", description = "The error shape", body = ErrorBody)))]
 async fn me(
     State(state): State<Arc<HttpState>>,
     method: Method,
@@ -510,6 +508,9 @@ fn page(query: Option<String>) -> Result<(Page, i64), ApiError> {
     Ok((p, limit))
 }
 
+#[utoipa::path(get, path = "/api/v1/servers", tag = "servers",
+    params(("limit" = Option<i64>, Query, description = "Page size (1 to 1000, default 100)"), ("after" = Option<i64>, Query, description = "The previous page's `next`"), ("name" = Option<String>, Query, description = "Filter: name glob"), ("model" = Option<String>, Query, description = "Filter: model"), ("status" = Option<String>, Query, description = "Filter: status")),
+    responses((status = 200, description = "A page of servers", body = ListPage), (status = "4XX", description = "The error shape", body = ErrorBody)))]
 async fn list_servers(
     State(state): State<Arc<HttpState>>,
     method: Method,
@@ -565,6 +566,9 @@ fn server_ref(text: &str) -> ServerRef {
         .unwrap_or_else(|_| ServerRef::Name(text.to_owned()))
 }
 
+#[utoipa::path(get, path = "/api/v1/servers/{server}", tag = "servers",
+    params(("server" = String, Path, description = "Id or name")),
+    responses((status = 200, description = "The server; ETag: its revision", body = Object), (status = "4XX", description = "The error shape", body = ErrorBody)))]
 async fn get_server(
     State(state): State<Arc<HttpState>>,
     method: Method,
@@ -605,6 +609,10 @@ fn if_match(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
         .ok_or_else(|| ApiError::bad_request(format!("If-Match {text:?} is not an ETag of ours")))
 }
 
+#[utoipa::path(patch, path = "/api/v1/servers/{server}", tag = "servers",
+    params(("server" = String, Path, description = "Id or name"), ("If-Match" = String, Header, description = "The ETag of a GET (or *)")),
+    request_body(content = Object, description = "The fields to change, as `server set` takes them"),
+    responses((status = 200, description = "The server as changed; ETag: its revision", body = Object), (status = "4XX", description = "The error shape", body = ErrorBody)))]
 async fn patch_server(
     State(state): State<Arc<HttpState>>,
     method: Method,
@@ -665,6 +673,9 @@ async fn patch_server(
 
 // ---------------------------------------------------------------- audit
 
+#[utoipa::path(get, path = "/api/v1/audit", tag = "audit",
+    params(("limit" = Option<i64>, Query, description = "Page size (1 to 1000, default 100)"), ("before" = Option<i64>, Query, description = "The previous page's `next` (newest first)")),
+    responses((status = 200, description = "A page of audit entries (admin)", body = ListPage), (status = "4XX", description = "The error shape", body = ErrorBody)))]
 async fn audit(
     State(state): State<Arc<HttpState>>,
     method: Method,

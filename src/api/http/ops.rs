@@ -21,6 +21,7 @@ use serde_json::{json, Map, Value as JsonValue};
 use super::auth;
 use super::error::ApiError;
 use super::inventory::{audit, object};
+use super::openapi::{ErrorBody, ListPage};
 use super::HttpState;
 use crate::exec::{ExecRequest, Requester};
 use crate::registry::dispatch::{DispatchStatus, StateKind};
@@ -48,6 +49,9 @@ struct DispatchQuery {
 
 /// `GET /dispatches?status=&server=`: the dispatcher's targets (as
 /// `dispatch list --json`), all of them (one per server and state).
+#[utoipa::path(get, path = "/api/v1/dispatches", tag = "dispatch",
+    params(("status" = Option<String>, Query, description = "Filter: pending, running, done, failed, waiting"), ("server" = Option<String>, Query, description = "Filter: a server (id or name)")),
+    responses((status = 200, description = "Every matching target (`next` is null)", body = ListPage), (status = "4XX", description = "The error shape", body = ErrorBody)))]
 pub(super) async fn list_dispatches(
     State(state): State<Arc<HttpState>>,
     method: Method,
@@ -72,6 +76,10 @@ pub(super) async fn list_dispatches(
 
 /// `POST /dispatches/{server}/retry` with optional `{"state": …}`: its
 /// targets (or that one) due now, as `dispatch retry` does.
+#[utoipa::path(post, path = "/api/v1/dispatches/{server}/retry", tag = "dispatch",
+    params(("server" = String, Path, description = "Id or name")),
+    request_body(content = Object, description = "Optional `{state}`: that target only"),
+    responses((status = 200, description = "`{server, due}`: how many targets are due now", body = Object), (status = "4XX", description = "The error shape", body = ErrorBody)))]
 pub(super) async fn retry_dispatch(
     State(state): State<Arc<HttpState>>,
     method: Method,
@@ -118,6 +126,9 @@ struct ExecQuery {
 
 /// `GET /exec?server=&limit=`: the exec record, newest first (as
 /// `exec-log --json`; the arguments redacted as recorded).
+#[utoipa::path(get, path = "/api/v1/exec", tag = "exec",
+    params(("server" = Option<String>, Query, description = "Filter: a server (id or name)"), ("limit" = Option<i64>, Query, description = "How many, newest first (1 to 1000, default 100)")),
+    responses((status = 200, description = "The exec record (`next` is null)", body = ListPage), (status = "4XX", description = "The error shape", body = ErrorBody)))]
 pub(super) async fn exec_log(
     State(state): State<Arc<HttpState>>,
     method: Method,
@@ -152,6 +163,9 @@ struct ExecBody {
 
 /// `POST /exec` `{server, fun, args?, kwargs?}`: runs the function and
 /// answers with the jid and the minion's return.
+#[utoipa::path(post, path = "/api/v1/exec", tag = "exec",
+    request_body(content = Object, description = "`{server, fun, args?, kwargs?}`; `fun` must be on `exec.master`"),
+    responses((status = 200, description = "The jid, success, retcode and the minion's return", body = Object), (status = "4XX", description = "The error shape", body = ErrorBody)))]
 pub(super) async fn run_exec(
     State(state): State<Arc<HttpState>>,
     method: Method,
