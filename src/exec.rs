@@ -1,12 +1,13 @@
 //! Exec translation (capability 9, seed 000's story E6-3): a request names a
 //! **server** of the registry (by id or name), not a minion; it runs on that
 //! server's minion if and only if the server is Salt-managed (its minion's
-//! key was accepted), through the Salt client. Shared by the CLI and the bus
-//! (and later the HTTP API): the callers parse and print.
+//! key was accepted), through the Salt client. Shared by the CLI, the bus
+//! and the HTTP API (`POST /api/v1/exec`): the callers parse and print.
 //!
 //! Exec from the bus is remote execution, so what may be run is an
 //! allow-list of function globs per requester ([`ExecPolicy`]: by default
-//! everything from the master and the CLI, nothing from minions). Every
+//! everything from the master and the CLI, nothing from minions; an HTTP
+//! operator is held to the master's list). Every
 //! request — run, or refused with its code — is recorded (`exec_jobs`): who
 //! asked, the server, the function, the arguments with secrets redacted, the
 //! jid, a summary of the return, the time.
