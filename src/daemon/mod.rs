@@ -221,6 +221,7 @@ pub async fn run(
         let state = Arc::new(
             crate::api::http::HttpState::new(service.clone(), &settings.http)
                 .with_backup_stale_hours(settings.backups.stale_after_hours)
+                .with_pki_dir(master.pki_dir.clone())
                 .with_exec(crate::api::http::ExecContext {
                     salt: http_salt,
                     policy: policy.clone(),

@@ -18,6 +18,7 @@ use axum::http::{header, HeaderMap, Method, Request, StatusCode};
 use axum::Router;
 use salt_steward::api::http::{router, HttpState};
 use salt_steward::config::HttpConfig;
+use salt_steward::pki::KeyIssuer;
 use salt_steward::registry::service::SessionLimits;
 use salt_steward::registry::store::UserStore as _;
 use salt_steward::registry::users::{secret_hash, Password, Role, Scope};
@@ -1726,4 +1727,108 @@ async fn http_api_openapi_document_is_served_and_matches_the_router() {
         }
     }
     assert!(operations >= 34, "{operations}");
+}
+
+/// `GET /api/v1/keys`: the master's key directories, each key's presented
+/// fingerprint beside the registry's issued one; 503 without a pki dir.
+#[tokio::test]
+async fn http_api_keys_read_the_master_pki_dir() {
+    let api = Api::new(TestDb::sqlite()).await;
+    api.server("web01.example.org").await;
+    let read = api.token("keys-read", &[Scope::Read], None, None).await;
+    let r = api
+        .call(Method::GET, "/api/v1/keys", Auth::Bearer(&read), None)
+        .await;
+    assert_error(&r, StatusCode::SERVICE_UNAVAILABLE, "unavailable");
+
+    let server = api
+        .svc
+        .get_server(&registry::ServerRef::Name("web01.example.org".into()))
+        .await
+        .unwrap();
+    let pki = tempfile::tempdir().unwrap();
+    for d in ["minions", "minions_pre", "minions_rejected"] {
+        std::fs::create_dir(pki.path().join(d)).unwrap();
+    }
+    let other = "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n";
+    let presented = server
+        .public_key
+        .clone()
+        .unwrap_or_else(|| other.to_owned());
+    std::fs::write(
+        pki.path().join("minions").join(&server.minion_id),
+        &presented,
+    )
+    .unwrap();
+    std::fs::write(pki.path().join("minions_pre").join("stranger"), other).unwrap();
+    let state =
+        HttpState::new(api.svc.clone(), &HttpConfig::default()).with_pki_dir(pki.path().to_owned());
+    let app = router(Arc::new(state));
+    let api = Api { app, ..api };
+    let r = api
+        .call(Method::GET, "/api/v1/keys", Auth::Bearer(&read), None)
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let m = &r.body["items"][0];
+    let fp = salt_steward::pki::keys::fingerprint(&presented);
+    assert_eq!(
+        m["accepted"][0]["minion_id"],
+        server.minion_id.as_str(),
+        "{m}"
+    );
+    assert_eq!(m["accepted"][0]["fingerprint"], fp.as_str(), "{m}");
+    assert_eq!(m["accepted"][0]["server"], "web01.example.org", "{m}");
+    assert_eq!(
+        m["accepted"][0]["issued_fingerprint"],
+        json!(server.key_fingerprint),
+        "{m}"
+    );
+    if server.key_fingerprint.is_some() {
+        assert_eq!(m["accepted"][0]["matches"], true, "{m}");
+    }
+    assert_eq!(m["pending"][0]["minion_id"], "stranger", "{m}");
+    assert_eq!(m["pending"][0]["server"], Value::Null, "{m}");
+    assert_eq!(m["rejected"], json!([]), "{m}");
+    assert_eq!(m["denied"], json!([]), "{m}");
+    let r = api
+        .call(Method::GET, "/api/v1/keys", Auth::None, None)
+        .await;
+    assert_error(&r, StatusCode::UNAUTHORIZED, "unauthenticated");
+
+    // A key the registry issued: the accepted copy matches, a denied
+    // other key does not.
+    let keys_dir = tempfile::tempdir().unwrap();
+    let issuing = registry::open(&api.db.url)
+        .await
+        .unwrap()
+        .with_keys(KeyIssuer::new(keys_dir.path(), 2048).unwrap());
+    let mut p = ServerPatch::default();
+    p.set("name", "web02.example.org").unwrap();
+    p.set("model", "web").unwrap();
+    let issued = issuing.create_server(p).await.unwrap();
+    let public = issued.public_key.clone().unwrap();
+    std::fs::write(pki.path().join("minions").join(&issued.minion_id), &public).unwrap();
+    std::fs::create_dir(pki.path().join("minions_denied")).unwrap();
+    std::fs::write(
+        pki.path().join("minions_denied").join(&issued.minion_id),
+        other,
+    )
+    .unwrap();
+    let r = api
+        .call(Method::GET, "/api/v1/keys", Auth::Bearer(&read), None)
+        .await;
+    let m = &r.body["items"][0];
+    let accepted = m["accepted"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["server"] == "web02.example.org")
+        .unwrap();
+    assert_eq!(accepted["matches"], true, "{m}");
+    assert_eq!(
+        accepted["issued_fingerprint"],
+        json!(issued.key_fingerprint),
+        "{m}"
+    );
+    assert_eq!(m["denied"][0]["matches"], false, "{m}");
 }

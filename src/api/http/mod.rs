@@ -6,6 +6,7 @@
 //! - [`error`](mod@error): the one error shape and the status of every code.
 //! - [`inventory`]: servers (create, delete), models, forwards, shares,
 //!   backups — thin handlers over the bus's execute path.
+//! - [`keys`](mod@keys): the master's minion keys with their fingerprints.
 //! - [`ops`]: dispatch targets and retry, exec and its record.
 //! - this file: the state, the router and its layers (trace, timeout, body
 //!   limit, gzip, security headers), the session, server and audit
@@ -28,12 +29,14 @@
 //! `GET|POST /api/v1/backups`, `GET|DELETE /api/v1/backups/{id}` (with
 //! health and results), `GET /api/v1/dispatches`,
 //! `POST /api/v1/dispatches/{server}/retry`, `GET|POST /api/v1/exec`,
+//! `GET /api/v1/keys`,
 //! `GET /api/v1/audit` (admin). Reads need viewer
 //! (token scope `read`), inventory writes, retries and exec operator (`write`).
 
 pub mod auth;
 pub mod error;
 mod inventory;
+mod keys;
 pub mod openapi;
 mod ops;
 
@@ -92,6 +95,8 @@ pub struct HttpState {
     backup_stale_ms: i64,
     /// What `POST /exec` runs with (the daemon's; none in tests).
     exec: Option<ExecContext>,
+    /// The master's pki directory (`GET /keys`).
+    pki_dir: Option<std::path::PathBuf>,
 }
 
 /// The daemon's Salt client, policy and exec counters, for `POST /exec`.
@@ -132,7 +137,14 @@ impl HttpState {
             limiter: Mutex::new(auth::LoginLimiter::default()),
             backup_stale_ms: stale_ms(crate::config::BackupsConfig::default().stale_after_hours),
             exec: None,
+            pki_dir: None,
         }
+    }
+
+    /// Lets `GET /keys` read the master's key directories under `pki_dir`.
+    pub fn with_pki_dir(mut self, pki_dir: std::path::PathBuf) -> Self {
+        self.pki_dir = Some(pki_dir);
+        self
     }
 
     /// Lets `POST /exec` run functions through `exec`.
@@ -243,6 +255,7 @@ pub fn router(state: Arc<HttpState>) -> Router {
             post(ops::retry_dispatch),
         )
         .route("/api/v1/exec", get(ops::exec_log).post(ops::run_exec))
+        .route("/api/v1/keys", get(keys::list_keys))
         .route("/api/v1/audit", get(audit))
         .route("/api/v1/openapi.json", get(openapi::serve_document))
         .fallback(no_route)

@@ -11,7 +11,7 @@ use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder
 use utoipa::{Modify, OpenApi, ToSchema};
 
 use super::error::ApiError;
-use super::{inventory, ops};
+use super::{inventory, keys, ops};
 
 /// The one error shape: `{"error": {"code", "message"}}`.
 #[derive(Debug, ToSchema)]
@@ -67,6 +67,7 @@ pub struct ListPage {
         inventory::list_backups, inventory::create_backup, inventory::get_backup,
         inventory::delete_backup,
         ops::list_dispatches, ops::retry_dispatch, ops::exec_log, ops::run_exec,
+        keys::list_keys,
         super::audit, serve_document,
     ),
     components(schemas(ErrorBody, ErrorDetail, ListPage)),
