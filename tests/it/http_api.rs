@@ -1727,6 +1727,36 @@ async fn http_api_openapi_document_is_served_and_matches_the_router() {
         }
     }
     assert!(operations >= 34, "{operations}");
+
+    // Every write but the session's needs more than viewer / scope read.
+    let viewer = api.login("viewer1").await;
+    let read = api.token("doc-read", &[Scope::Read], None, None).await;
+    let mut writes = 0;
+    for (path, item) in r.body["paths"].as_object().unwrap() {
+        if ["/api/v1/login", "/api/v1/logout"].contains(&path.as_str()) {
+            continue;
+        }
+        let uri = path
+            .replace("{id}", "1")
+            .replace("{server}", "web01")
+            .replace("{name}", "web");
+        for method in item.as_object().unwrap().keys() {
+            if method == "get" {
+                continue;
+            }
+            writes += 1;
+            let m: Method = method.to_uppercase().parse().unwrap();
+            let r = api
+                .call(m.clone(), &uri, Auth::Bearer(&read), Some(json!({})))
+                .await;
+            assert_error(&r, StatusCode::FORBIDDEN, "forbidden");
+            let r = api
+                .call(m.clone(), &uri, Auth::CookieXhr(&viewer), Some(json!({})))
+                .await;
+            assert_error(&r, StatusCode::FORBIDDEN, "forbidden");
+        }
+    }
+    assert!(writes >= 16, "{writes}");
 }
 
 /// `GET /api/v1/keys`: the master's key directories, each key's presented
