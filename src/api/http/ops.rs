@@ -6,7 +6,9 @@
 //! Exec policy: an HTTP requester (`Requester::Http`, recorded as
 //! `user:<name>` / `token:<name>`) needs the operator role (token scope
 //! `write`) and is then held to the master's allow-list (`exec.master`),
-//! as the master and the CLI are; the timeout is `exec.timeout`. Without a
+//! as the master and the CLI are; the timeout is `exec.timeout`, capped a
+//! second below `http.request_timeout` (so the answer is the exec's 504
+//! `no_answer`, not the layer's 408). Without a
 //! Salt client (an API not run by the daemon) `POST /exec` is 503.
 
 use std::sync::Arc;
@@ -187,7 +189,16 @@ pub(super) async fn run_exec(
         fun: b.fun.clone(),
         arg: b.args,
         kwarg: b.kwargs,
-        timeout: policy.exec_timeout,
+        // Answered (504 `no_answer` at worst) before the request's own
+        // timeout (`http.request_timeout`) cuts it off with 408.
+        timeout: policy
+            .exec_timeout
+            .min(
+                state
+                    .timeout
+                    .saturating_sub(std::time::Duration::from_secs(1)),
+            )
+            .max(std::time::Duration::from_secs(1)),
     };
     let who = Requester::Http(p.actor());
     audit(
