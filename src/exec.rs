@@ -1,12 +1,13 @@
 //! Exec translation (capability 9, seed 000's story E6-3): a request names a
 //! **server** of the registry (by id or name), not a minion; it runs on that
 //! server's minion if and only if the server is Salt-managed (its minion's
-//! key was accepted), through the Salt client. Shared by the CLI and the bus
-//! (and later the HTTP API): the callers parse and print.
+//! key was accepted), through the Salt client. Shared by the CLI, the bus
+//! and the HTTP API (`POST /api/v1/exec`): the callers parse and print.
 //!
 //! Exec from the bus is remote execution, so what may be run is an
 //! allow-list of function globs per requester ([`ExecPolicy`]: by default
-//! everything from the master and the CLI, nothing from minions). Every
+//! everything from the master and the CLI, nothing from minions; an HTTP
+//! operator is held to the master's list). Every
 //! request — run, or refused with its code — is recorded (`exec_jobs`): who
 //! asked, the server, the function, the arguments with secrets redacted, the
 //! jid, a summary of the return, the time.
@@ -32,6 +33,9 @@ pub enum Requester {
     Master,
     /// A trusted minion's request (`salt-call event.send`, confirmed).
     Minion(String),
+    /// An HTTP API caller with the operator role: its audit actor
+    /// (`user:<name>` or `token:<name>`); held to the master's allow-list.
+    Http(String),
 }
 
 impl fmt::Display for Requester {
@@ -40,6 +44,7 @@ impl fmt::Display for Requester {
             Requester::Cli => f.write_str("cli"),
             Requester::Master => f.write_str("master"),
             Requester::Minion(id) => write!(f, "minion:{id}"),
+            Requester::Http(actor) => f.write_str(actor),
         }
     }
 }
@@ -82,7 +87,9 @@ impl ExecPolicy {
     /// Whether `who` may run `fun`.
     pub fn allows(&self, who: &Requester, fun: &str) -> bool {
         match who {
-            Requester::Cli | Requester::Master => self.master.iter().any(|g| g.is_match(fun)),
+            Requester::Cli | Requester::Master | Requester::Http(_) => {
+                self.master.iter().any(|g| g.is_match(fun))
+            }
             Requester::Minion(id) => self
                 .minions
                 .iter()
@@ -447,6 +454,10 @@ mod tests {
         let no_minions = std::collections::BTreeMap::new();
         let none = ExecPolicy::new(&[], &no_minions).unwrap();
         assert!(!none.allows(&Requester::Master, "test.ping"));
+        // An HTTP operator is held to the master's list.
+        assert!(p.allows(&Requester::Http("user:alice".into()), "cmd.run"));
+        assert!(!none.allows(&Requester::Http("token:ci".into()), "test.ping"));
+        assert_eq!(Requester::Http("token:ci".into()).to_string(), "token:ci");
         assert!(ExecPolicy::new(&["[".into()], &no_minions).is_err());
     }
 

@@ -222,6 +222,7 @@ pub async fn run(
             cancel.clone(),
         ),
     );
+    let http_salt = salt.clone();
     let answering = Answering::new(
         service.clone(),
         firer,
@@ -232,10 +233,16 @@ pub async fn run(
         policy.clone(),
     );
     if let Some(listener) = http_listener {
-        let state = Arc::new(crate::api::http::HttpState::new(
-            service.clone(),
-            &settings.http,
-        ));
+        let state = Arc::new(
+            crate::api::http::HttpState::new(service.clone(), &settings.http)
+                .with_backup_stale_hours(settings.backups.stale_after_hours)
+                .with_pki_dir(master.pki_dir.clone())
+                .with_exec(crate::api::http::ExecContext {
+                    salt: http_salt,
+                    policy: policy.clone(),
+                    stats: answering.exec_stats(),
+                }),
+        );
         info!(message = "HTTP API listening.", address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default());
         sup.spawn(
             TaskName::Http,

@@ -74,6 +74,11 @@ pub fn status_for(code: &str) -> StatusCode {
         | "no_proxy" | "not_samba_managed" | "user_name_too_long" | "password_too_short" => {
             StatusCode::UNPROCESSABLE_ENTITY
         }
+        "forbidden_function" => StatusCode::FORBIDDEN,
+        "not_salt_managed" => StatusCode::CONFLICT,
+        "publish_failed" => StatusCode::BAD_GATEWAY,
+        "no_answer" => StatusCode::GATEWAY_TIMEOUT,
+        "unavailable" => StatusCode::SERVICE_UNAVAILABLE,
         "rate_limited" => StatusCode::TOO_MANY_REQUESTS,
         "request_timeout" => StatusCode::REQUEST_TIMEOUT,
         "payload_too_large" => StatusCode::PAYLOAD_TOO_LARGE,

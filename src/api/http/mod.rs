@@ -4,8 +4,13 @@
 //! - [`auth`]: sessions, bearer tokens, roles and scopes, CSRF, the login
 //!   rate limit.
 //! - [`error`](mod@error): the one error shape and the status of every code.
+//! - [`inventory`]: servers (create, delete), models, forwards, shares,
+//!   backups — thin handlers over the bus's execute path.
+//! - [`keys`](mod@keys): the master's minion keys with their fingerprints.
+//! - [`ops`]: dispatch targets and retry, exec and its record.
 //! - this file: the state, the router and its layers (trace, timeout, body
-//!   limit, gzip, security headers), the handlers.
+//!   limit, gzip, security headers), the session, server and audit
+//!   handlers.
 //!
 //! Writes go through the bus's execute path ([`crate::api::bus::execute_op`],
 //! then `registry::Service`), so HTTP and bus never diverge; each is audited
@@ -16,11 +21,24 @@
 //!
 //! Endpoints: `POST /api/v1/login` (JSON or form `{name, password}` → the
 //! `steward_session` cookie), `POST /api/v1/logout`, `GET /api/v1/me`,
-//! `GET /api/v1/servers`, `GET|PATCH /api/v1/servers/{id_or_name}`,
-//! `GET /api/v1/audit` (admin).
+//! `GET|POST /api/v1/servers`, `GET|PATCH|DELETE /api/v1/servers/{id_or_name}`,
+//! `GET|POST /api/v1/models`, `DELETE /api/v1/models/{name}`,
+//! `GET|POST /api/v1/forwards/port`, `GET|DELETE /api/v1/forwards/port/{id}`,
+//! the same for `/api/v1/forwards/hostname`, `GET|POST /api/v1/shares`,
+//! `GET|DELETE /api/v1/shares/{id}`, `POST /api/v1/shares/{id}/passwd`,
+//! `GET|POST /api/v1/backups`, `GET|DELETE /api/v1/backups/{id}` (with
+//! health and results), `GET /api/v1/dispatches`,
+//! `POST /api/v1/dispatches/{server}/retry`, `GET|POST /api/v1/exec`,
+//! `GET /api/v1/keys`,
+//! `GET /api/v1/audit` (admin). Reads need viewer
+//! (token scope `read`), inventory writes, retries and exec operator (`write`).
 
 pub mod auth;
 pub mod error;
+mod inventory;
+mod keys;
+pub mod openapi;
+mod ops;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -30,7 +48,7 @@ use axum::body::Bytes;
 use axum::extract::{ConnectInfo, Path, RawQuery, Request, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Map, Value as JsonValue};
@@ -46,18 +64,22 @@ use tracing::{error, warn};
 
 use self::auth::{Principal, COOKIE};
 use self::error::ApiError;
+use self::openapi::{ErrorBody, ListPage};
 use crate::api::bus::{execute_op, Entity, Op};
+use crate::api::server::PolicyHandle;
 use crate::config::HttpConfig;
+use crate::exec::ExecStats;
 use crate::registry::service::SessionLimits;
 use crate::registry::users::{validate_user_name, AuditNote, Role, MAX_PASSWORD_BYTES};
 use crate::registry::{DbStore, Server, ServerFilter, ServerRef, Service};
+use crate::salt::SaltClient;
 
 /// The time in Unix milliseconds: the registry's clock, or a test's.
 pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
 
 /// Page sizes of the lists: default and largest.
-const PAGE_DEFAULT: i64 = 100;
-const PAGE_MAX: i64 = 1000;
+pub(crate) const PAGE_DEFAULT: i64 = 100;
+pub(crate) const PAGE_MAX: i64 = 1000;
 
 /// What every handler shares.
 pub struct HttpState {
@@ -69,6 +91,23 @@ pub struct HttpState {
     max_body: usize,
     clock: Clock,
     limiter: Mutex<auth::LoginLimiter>,
+    /// `backups.stale_after_hours` in ms: a backup's health.
+    backup_stale_ms: i64,
+    /// What `POST /exec` runs with (the daemon's; none in tests).
+    exec: Option<ExecContext>,
+    /// The master's pki directory (`GET /keys`).
+    pki_dir: Option<std::path::PathBuf>,
+}
+
+/// The daemon's Salt client, policy and exec counters, for `POST /exec`.
+#[derive(Clone)]
+pub struct ExecContext {
+    /// The master client.
+    pub salt: SaltClient,
+    /// The policy now (`exec.master`, `exec.timeout`).
+    pub policy: PolicyHandle,
+    /// The exec counters the metrics read.
+    pub stats: Arc<ExecStats>,
 }
 
 impl std::fmt::Debug for HttpState {
@@ -96,7 +135,29 @@ impl HttpState {
             max_body: usize::try_from(cfg.max_body_bytes).unwrap_or(usize::MAX),
             clock: Arc::new(crate::registry::store::now_ms),
             limiter: Mutex::new(auth::LoginLimiter::default()),
+            backup_stale_ms: stale_ms(crate::config::BackupsConfig::default().stale_after_hours),
+            exec: None,
+            pki_dir: None,
         }
+    }
+
+    /// Lets `GET /keys` read the master's key directories under `pki_dir`.
+    pub fn with_pki_dir(mut self, pki_dir: std::path::PathBuf) -> Self {
+        self.pki_dir = Some(pki_dir);
+        self
+    }
+
+    /// Lets `POST /exec` run functions through `exec`.
+    pub fn with_exec(mut self, exec: ExecContext) -> Self {
+        self.exec = Some(exec);
+        self
+    }
+
+    /// Uses `backups.stale_after_hours` (the default's otherwise) for the
+    /// backups' health.
+    pub fn with_backup_stale_hours(mut self, hours: u64) -> Self {
+        self.backup_stale_ms = stale_ms(hours);
+        self
     }
 
     /// Uses `clock` instead of the system's (tests drive expiry with it).
@@ -121,6 +182,12 @@ impl HttpState {
     }
 }
 
+fn stale_ms(hours: u64) -> i64 {
+    i64::try_from(hours)
+        .unwrap_or(i64::MAX)
+        .saturating_mul(3_600_000)
+}
+
 /// The API's router with its layers (outermost first: trace, security
 /// headers, gzip, the error shape for the layers' own errors, timeout, body
 /// limit).
@@ -134,12 +201,63 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .route("/api/v1/login", post(login))
         .route("/api/v1/logout", post(logout))
         .route("/api/v1/me", get(me))
-        .route("/api/v1/servers", get(list_servers))
+        .route(
+            "/api/v1/servers",
+            get(list_servers).post(inventory::create_server),
+        )
         .route(
             "/api/v1/servers/{server}",
-            get(get_server).patch(patch_server),
+            get(get_server)
+                .patch(patch_server)
+                .delete(inventory::delete_server),
         )
+        .route(
+            "/api/v1/models",
+            get(inventory::list_models).post(inventory::create_model),
+        )
+        .route("/api/v1/models/{name}", delete(inventory::delete_model))
+        .route(
+            "/api/v1/forwards/port",
+            get(inventory::list_port_forwards).post(inventory::create_port_forward),
+        )
+        .route(
+            "/api/v1/forwards/port/{id}",
+            get(inventory::get_port_forward).delete(inventory::delete_port_forward),
+        )
+        .route(
+            "/api/v1/forwards/hostname",
+            get(inventory::list_hostname_forwards).post(inventory::create_hostname_forward),
+        )
+        .route(
+            "/api/v1/forwards/hostname/{id}",
+            get(inventory::get_hostname_forward).delete(inventory::delete_hostname_forward),
+        )
+        .route(
+            "/api/v1/shares",
+            get(inventory::list_shares).post(inventory::create_share),
+        )
+        .route(
+            "/api/v1/shares/{id}",
+            get(inventory::get_share).delete(inventory::delete_share),
+        )
+        .route("/api/v1/shares/{id}/passwd", post(inventory::share_passwd))
+        .route(
+            "/api/v1/backups",
+            get(inventory::list_backups).post(inventory::create_backup),
+        )
+        .route(
+            "/api/v1/backups/{id}",
+            get(inventory::get_backup).delete(inventory::delete_backup),
+        )
+        .route("/api/v1/dispatches", get(ops::list_dispatches))
+        .route(
+            "/api/v1/dispatches/{server}/retry",
+            post(ops::retry_dispatch),
+        )
+        .route("/api/v1/exec", get(ops::exec_log).post(ops::run_exec))
+        .route("/api/v1/keys", get(keys::list_keys))
         .route("/api/v1/audit", get(audit))
+        .route("/api/v1/openapi.json", get(openapi::serve_document))
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -264,6 +382,9 @@ fn session_cookie(state: &HttpState, value: &str, max_age_s: i64) -> Result<Head
     .map_err(|_| ApiError::new("internal", "building the session cookie"))
 }
 
+#[utoipa::path(post, path = "/api/v1/login", tag = "session", security(()),
+    request_body(content = Object, description = "`{name, password}` as JSON or a form", content_type = "application/json"),
+    responses((status = 200, description = "`{user}`; Set-Cookie steward_session", body = Object), (status = "4XX", description = "The error shape", body = ErrorBody)))]
 async fn login(State(state): State<Arc<HttpState>>, req: Request) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
     let headers = &parts.headers;
@@ -334,6 +455,8 @@ async fn login(State(state): State<Arc<HttpState>>, req: Request) -> Result<Resp
     Ok(resp)
 }
 
+#[utoipa::path(post, path = "/api/v1/logout", tag = "session",
+    responses((status = 204, description = "Logged out; the cookie cleared"), (status = "4XX", description = "The error shape", body = ErrorBody)))]
 async fn logout(
     State(state): State<Arc<HttpState>>,
     method: Method,
@@ -349,6 +472,8 @@ async fn logout(
     Ok(resp)
 }
 
+#[utoipa::path(get, path = "/api/v1/me", tag = "session",
+    responses((status = 200, description = "Who is asking: actor, kind, name, role (and a token's scopes)", body = Object), (status = "4XX", description = "The error shape", body = ErrorBody)))]
 async fn me(
     State(state): State<Arc<HttpState>>,
     method: Method,
@@ -396,6 +521,9 @@ fn page(query: Option<String>) -> Result<(Page, i64), ApiError> {
     Ok((p, limit))
 }
 
+#[utoipa::path(get, path = "/api/v1/servers", tag = "servers",
+    params(("limit" = Option<i64>, Query, description = "Page size (1 to 1000, default 100)"), ("after" = Option<i64>, Query, description = "The previous page's `next`"), ("name" = Option<String>, Query, description = "Filter: name glob"), ("model" = Option<String>, Query, description = "Filter: model"), ("status" = Option<String>, Query, description = "Filter: status")),
+    responses((status = 200, description = "A page of servers", body = ListPage), (status = "4XX", description = "The error shape", body = ErrorBody)))]
 async fn list_servers(
     State(state): State<Arc<HttpState>>,
     method: Method,
@@ -436,7 +564,7 @@ fn etag(revision: i64) -> Result<HeaderValue, ApiError> {
         .map_err(|_| ApiError::new("internal", "building the ETag"))
 }
 
-fn server_response(server: &JsonValue) -> Result<Response, ApiError> {
+pub(crate) fn server_response(server: &JsonValue) -> Result<Response, ApiError> {
     let revision = server
         .get("revision")
         .and_then(JsonValue::as_i64)
@@ -451,6 +579,9 @@ fn server_ref(text: &str) -> ServerRef {
         .unwrap_or_else(|_| ServerRef::Name(text.to_owned()))
 }
 
+#[utoipa::path(get, path = "/api/v1/servers/{server}", tag = "servers",
+    params(("server" = String, Path, description = "Id or name")),
+    responses((status = 200, description = "The server; ETag: its revision", body = Object), (status = "4XX", description = "The error shape", body = ErrorBody)))]
 async fn get_server(
     State(state): State<Arc<HttpState>>,
     method: Method,
@@ -491,6 +622,10 @@ fn if_match(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
         .ok_or_else(|| ApiError::bad_request(format!("If-Match {text:?} is not an ETag of ours")))
 }
 
+#[utoipa::path(patch, path = "/api/v1/servers/{server}", tag = "servers",
+    params(("server" = String, Path, description = "Id or name"), ("If-Match" = String, Header, description = "The ETag of a GET (or *)")),
+    request_body(content = Object, description = "The fields to change, as `server set` takes them"),
+    responses((status = 200, description = "The server as changed; ETag: its revision", body = Object), (status = "4XX", description = "The error shape", body = ErrorBody)))]
 async fn patch_server(
     State(state): State<Arc<HttpState>>,
     method: Method,
@@ -551,6 +686,9 @@ async fn patch_server(
 
 // ---------------------------------------------------------------- audit
 
+#[utoipa::path(get, path = "/api/v1/audit", tag = "audit",
+    params(("limit" = Option<i64>, Query, description = "Page size (1 to 1000, default 100)"), ("before" = Option<i64>, Query, description = "The previous page's `next` (newest first)")),
+    responses((status = 200, description = "A page of audit entries (admin)", body = ListPage), (status = "4XX", description = "The error shape", body = ErrorBody)))]
 async fn audit(
     State(state): State<Arc<HttpState>>,
     method: Method,

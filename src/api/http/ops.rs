@@ -1,0 +1,219 @@
+//! Operations over HTTP: the dispatcher's targets and their retry (the
+//! same store call as `dispatch retry`), and exec (`crate::exec::exec`,
+//! the function the bus's `steward/v1/server/exec` and `salt-steward exec`
+//! run) with its record (as `exec-log`).
+//!
+//! Exec policy: an HTTP requester (`Requester::Http`, recorded as
+//! `user:<name>` / `token:<name>`) needs the operator role (token scope
+//! `write`) and is then held to the master's allow-list (`exec.master`),
+//! as the master and the CLI are; the timeout is `exec.timeout`, capped a
+//! second below `http.request_timeout` (so the answer is the exec's 504
+//! `no_answer`, not the layer's 408). Without a
+//! Salt client (an API not run by the daemon) `POST /exec` is 503.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, Method};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Map, Value as JsonValue};
+
+use super::auth;
+use super::error::ApiError;
+use super::inventory::{audit, object};
+use super::openapi::{ErrorBody, ListPage};
+use super::HttpState;
+use crate::exec::{ExecRequest, Requester};
+use crate::registry::dispatch::{DispatchStatus, StateKind};
+use crate::registry::store::DispatchStore as _;
+use crate::registry::users::Role;
+use crate::registry::ServerRef;
+
+fn server_ref(text: &str) -> ServerRef {
+    text.parse()
+        .unwrap_or_else(|_| ServerRef::Name(text.to_owned()))
+}
+
+fn query<T: for<'de> Deserialize<'de>>(q: Option<&str>) -> Result<T, ApiError> {
+    serde_urlencoded::from_str(q.unwrap_or(""))
+        .map_err(|e| ApiError::bad_request(format!("query: {e}")))
+}
+
+/// `GET /dispatches` filters.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DispatchQuery {
+    status: Option<String>,
+    server: Option<String>,
+}
+
+/// `GET /dispatches?status=&server=`: the dispatcher's targets (as
+/// `dispatch list --json`), all of them (one per server and state).
+#[utoipa::path(get, path = "/api/v1/dispatches", tag = "dispatch",
+    params(("status" = Option<String>, Query, description = "Filter: pending, running, done, failed, waiting"), ("server" = Option<String>, Query, description = "Filter: a server (id or name)")),
+    responses((status = 200, description = "Every matching target (`next` is null)", body = ListPage), (status = "4XX", description = "The error shape", body = ErrorBody)))]
+pub(super) async fn list_dispatches(
+    State(state): State<Arc<HttpState>>,
+    method: Method,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Result<Json<JsonValue>, ApiError> {
+    auth::require(&state, &method, &headers, Role::Viewer).await?;
+    let q: DispatchQuery = query(q.as_deref())?;
+    let status = q
+        .status
+        .as_deref()
+        .map(str::parse::<DispatchStatus>)
+        .transpose()?;
+    let server = match q.server.as_deref() {
+        Some(s) => Some(state.service.get_server(&server_ref(s)).await?.id),
+        None => None,
+    };
+    let mut items = state.service.store().dispatch_targets(status).await?;
+    items.retain(|t| server.is_none_or(|id| t.server_id == id));
+    Ok(Json(json!({"items": items, "next": null})))
+}
+
+/// `POST /dispatches/{server}/retry` with optional `{"state": …}`: its
+/// targets (or that one) due now, as `dispatch retry` does.
+#[utoipa::path(post, path = "/api/v1/dispatches/{server}/retry", tag = "dispatch",
+    params(("server" = String, Path, description = "Id or name")),
+    request_body(content = Object, description = "Optional `{state}`: that target only"),
+    responses((status = 200, description = "`{server, due}`: how many targets are due now", body = Object), (status = "4XX", description = "The error shape", body = ErrorBody)))]
+pub(super) async fn retry_dispatch(
+    State(state): State<Arc<HttpState>>,
+    method: Method,
+    headers: HeaderMap,
+    Path(server): Path<String>,
+    body: Bytes,
+) -> Result<Json<JsonValue>, ApiError> {
+    let p = auth::require(&state, &method, &headers, Role::Operator).await?;
+    let args = object(&body)?;
+    if let Some(k) = args.keys().find(|k| *k != "state") {
+        return Err(ApiError::bad_request(format!(
+            "{k:?} is not an argument (state)"
+        )));
+    }
+    let kind = match args.get("state") {
+        None | Some(JsonValue::Null) => None,
+        Some(JsonValue::String(s)) => Some(s.parse::<StateKind>()?),
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "state: {other} is not a state name"
+            )))
+        }
+    };
+    let s = state.service.get_server(&server_ref(&server)).await?;
+    let due = state.service.store().dispatch_retry(s.id, kind).await?;
+    audit(
+        &state,
+        &p,
+        "dispatch.retry",
+        format!("#{} {}", s.id, s.name),
+        JsonValue::Object(args),
+    )
+    .await;
+    Ok(Json(json!({"server": s.name, "due": due})))
+}
+
+/// `GET /exec` filters.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExecQuery {
+    server: Option<String>,
+    limit: Option<i64>,
+}
+
+/// `GET /exec?server=&limit=`: the exec record, newest first (as
+/// `exec-log --json`; the arguments redacted as recorded).
+#[utoipa::path(get, path = "/api/v1/exec", tag = "exec",
+    params(("server" = Option<String>, Query, description = "Filter: a server (id or name)"), ("limit" = Option<i64>, Query, description = "How many, newest first (1 to 1000, default 100)")),
+    responses((status = 200, description = "The exec record (`next` is null)", body = ListPage), (status = "4XX", description = "The error shape", body = ErrorBody)))]
+pub(super) async fn exec_log(
+    State(state): State<Arc<HttpState>>,
+    method: Method,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Result<Json<JsonValue>, ApiError> {
+    auth::require(&state, &method, &headers, Role::Viewer).await?;
+    let q: ExecQuery = query(q.as_deref())?;
+    let limit = q.limit.unwrap_or(super::PAGE_DEFAULT);
+    if !(1..=super::PAGE_MAX).contains(&limit) {
+        return Err(ApiError::bad_request(format!(
+            "limit must be 1 to {}",
+            super::PAGE_MAX
+        )));
+    }
+    let server = q.server.as_deref().map(server_ref);
+    let items = crate::exec::history(&state.service, server.as_ref(), limit).await?;
+    Ok(Json(json!({"items": items, "next": null})))
+}
+
+/// `POST /exec` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExecBody {
+    server: String,
+    fun: String,
+    #[serde(default)]
+    args: Vec<JsonValue>,
+    #[serde(default)]
+    kwargs: Map<String, JsonValue>,
+}
+
+/// `POST /exec` `{server, fun, args?, kwargs?}`: runs the function and
+/// answers with the jid and the minion's return.
+#[utoipa::path(post, path = "/api/v1/exec", tag = "exec",
+    request_body(content = Object, description = "`{server, fun, args?, kwargs?}`; `fun` must be on `exec.master`"),
+    responses((status = 200, description = "The jid, success, retcode and the minion's return", body = Object), (status = "4XX", description = "The error shape", body = ErrorBody)))]
+pub(super) async fn run_exec(
+    State(state): State<Arc<HttpState>>,
+    method: Method,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<JsonValue>, ApiError> {
+    let p = auth::require(&state, &method, &headers, Role::Operator).await?;
+    let b: ExecBody = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("body: {{server, fun, args, kwargs}}: {e}")))?;
+    let Some(ctx) = &state.exec else {
+        return Err(ApiError::new(
+            "unavailable",
+            "exec needs the daemon's Salt client",
+        ));
+    };
+    let policy = ctx.policy.get();
+    let req = ExecRequest {
+        server: server_ref(&b.server),
+        fun: b.fun.clone(),
+        arg: b.args,
+        kwarg: b.kwargs,
+        // Answered (504 `no_answer` at worst) before the request's own
+        // timeout (`http.request_timeout`) cuts it off with 408.
+        timeout: policy
+            .exec_timeout
+            .min(
+                state
+                    .timeout
+                    .saturating_sub(std::time::Duration::from_secs(1)),
+            )
+            .max(std::time::Duration::from_secs(1)),
+    };
+    let who = Requester::Http(p.actor());
+    audit(
+        &state,
+        &p,
+        "exec.run",
+        b.server.clone(),
+        json!({"fun": b.fun}),
+    )
+    .await;
+    let result = crate::exec::exec(&state.service, &ctx.salt, &policy.exec, &who, &req).await;
+    ctx.stats.count(&result);
+    match result {
+        Ok(reply) => Ok(Json(json!(reply))),
+        Err(crate::exec::ExecError::Registry(e)) => Err(e.into()),
+        Err(e) => Err(ApiError::new(e.code(), e.to_string())),
+    }
+}
