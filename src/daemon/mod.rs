@@ -112,7 +112,11 @@ pub async fn run(
     let rules = crate::rules::RulesComponent::new(&bus, &local, settings);
     let acceptor_events = bus.subscribe();
     let cluster_events = bus.subscribe();
-    let me = Identity::new(&settings.cluster, master);
+    let me = Identity::new(
+        &settings.cluster,
+        master,
+        service.store().backend() == "postgres",
+    );
     let (tracker, routing) = JobTracker::new(bus.subscribe(), cancel.clone());
     // One Salt client (one request connection, one job tracker) for the
     // acceptor and the rules engine.
@@ -320,7 +324,9 @@ fn dispatcher_config(
         master_pki_dir: master.pki_dir.clone(),
         backup_retain: settings.backups.retain.clone(),
         daemon_id: me.daemon_id.clone(),
-        chore_lease: Duration::from_secs(settings.cluster.lease_secs),
+        chore_lease: me
+            .shared
+            .then(|| Duration::from_secs(settings.cluster.lease_secs)),
         here: Here {
             master_id: me.master_id.clone(),
             dead_after_ms: i64::try_from(

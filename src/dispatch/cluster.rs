@@ -6,7 +6,8 @@
 //! proof the minion is connected here) is a sighting on this master.
 //! At a clean stop it removes its heartbeat row.
 //!
-//! One daemon alone on SQLite runs it too, unchanged: it is the only one.
+//! One daemon alone on SQLite (no `cluster.daemon_id`) records sightings
+//! only: no heartbeat, nothing written while idle.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -32,12 +33,17 @@ pub struct Identity {
     /// Whether `cluster.daemon_id` was set: daemons meant to share a
     /// registry name themselves (and get a notifier cursor each).
     pub explicit: bool,
+    /// Whether other daemons may share the registry (`daemon_id` set, or a
+    /// PostgreSQL registry): then this one beats a heartbeat and runs its
+    /// chores under leases. Alone on SQLite it does neither (no periodic
+    /// writes, so an idle daemon stays idle).
+    pub shared: bool,
 }
 
 impl Identity {
     /// From the settings, defaulting from the host's name and the master's
-    /// request port.
-    pub fn new(cfg: &ClusterConfig, master: &MasterConfig) -> Self {
+    /// request port; `postgres`: the registry is PostgreSQL (shareable).
+    pub fn new(cfg: &ClusterConfig, master: &MasterConfig, postgres: bool) -> Self {
         let master_id = cfg
             .master_id
             .clone()
@@ -49,6 +55,7 @@ impl Identity {
                 .unwrap_or_else(|| crate::config::daemon_id_of(&master_id)),
             master_id,
             explicit: cfg.daemon_id.is_some(),
+            shared: cfg.daemon_id.is_some() || postgres,
         }
     }
 }
@@ -102,7 +109,7 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = cancel.cancelled() => break,
-            _ = beat.tick() => {
+            _ = beat.tick(), if me.shared => {
                 match store.daemon_beat(&me.daemon_id, &me.master_id, version, starting).await {
                     Ok(_) => {
                         if starting {
@@ -127,6 +134,9 @@ pub async fn run(
                 Some(_) => {}
             },
         }
+    }
+    if !me.shared {
+        return;
     }
     match store.daemon_remove(&me.daemon_id).await {
         Ok(_) => info!(message = "Daemon unregistered.", daemon_id = %me.daemon_id),

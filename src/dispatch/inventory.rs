@@ -56,6 +56,10 @@ use crate::salt::{
 /// The outbox consumer of the dispatcher (its cursor is created by migration 0006).
 pub const DISPATCH_CONSUMER: &str = "dispatch";
 
+/// How often the dispatcher (sharing its registry) looks for runs whose
+/// lease lapsed.
+const EXPIRE_EVERY: Duration = Duration::from_secs(5);
+
 /// How often the dispatcher looks whether its master is back.
 const MASTER_DOWN_POLL: Duration = Duration::from_secs(1);
 
@@ -125,8 +129,9 @@ pub struct DispatcherConfig {
     /// This daemon's id among the registry's daemons (`cluster.daemon_id`):
     /// the holder of the drift-repair chore's lease when it runs it.
     pub daemon_id: String,
-    /// How long a chore's lease lasts unless renewed (`cluster.lease_secs`).
-    pub chore_lease: Duration,
+    /// How long a chore's lease lasts unless renewed (`cluster.lease_secs`);
+    /// `None`: alone on the registry, chores need no lease.
+    pub chore_lease: Option<Duration>,
     /// Where this daemon claims targets: its master, and when another
     /// master's daemon is dead.
     pub here: Here,
@@ -186,8 +191,12 @@ pub async fn run(
         .map(|d| (d / 10).clamp(Duration::from_secs(1), Duration::from_secs(60)));
     let mut drift_at = tokio::time::Instant::now();
     // With several daemons on the registry, one of them repairs drift.
-    let mut drift_chore = Chore::new("chore/drift", &cfg.daemon_id, cfg.chore_lease);
+    let mut drift_chore = match cfg.chore_lease {
+        Some(ttl) => Chore::new("chore/drift", &cfg.daemon_id, ttl),
+        None => Chore::solo("chore/drift", &cfg.daemon_id),
+    };
     let store = service.store();
+    let mut expired_at = tokio::time::Instant::now();
     loop {
         if cancel.is_cancelled() {
             drift_chore.release(store).await;
@@ -210,16 +219,22 @@ pub async fn run(
             }
         }
         // Runs whose daemon died (its lease lapsed) are due again, here or
-        // on another daemon.
-        match store.dispatch_expire(now_ms()).await {
-            Ok(0) => {}
-            Ok(targets) => {
-                warn!(
-                    message = "Runs whose daemon stopped answering are due again.",
-                    targets
-                )
+        // on another daemon (alone on the registry, the start-up recovery
+        // is enough).
+        if cfg.chore_lease.is_some() && expired_at.elapsed() >= EXPIRE_EVERY {
+            expired_at = tokio::time::Instant::now();
+            match store.dispatch_expire(now_ms()).await {
+                Ok(0) => {}
+                Ok(targets) => {
+                    warn!(
+                        message = "Runs whose daemon stopped answering are due again.",
+                        targets
+                    )
+                }
+                Err(error) => {
+                    warn!(message = "Lapsed dispatch leases not read; will retry.", %error)
+                }
             }
-            Err(error) => warn!(message = "Lapsed dispatch leases not read; will retry.", %error),
         }
         if let Err(error) = launch_due(&runner, &inflight, &permits, &wake).await {
             warn!(message = "Reading the due dispatch targets failed; will retry.", %error);
@@ -966,7 +981,7 @@ mod tests {
             master_pki_dir: std::path::PathBuf::new(),
             backup_retain: Vec::new(),
             daemon_id: "test".into(),
-            chore_lease: Duration::from_secs(30),
+            chore_lease: None,
             here: Here {
                 master_id: "test:4506".into(),
                 dead_after_ms: 15_000,

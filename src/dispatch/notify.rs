@@ -56,7 +56,11 @@ pub async fn dispatch_outbox(
 ) {
     let store = service.store();
     let consumer = notify_consumer(&me);
-    let mut prune = Chore::new("chore/prune", &me.daemon_id, chore_lease);
+    let mut prune = if me.shared {
+        Chore::new("chore/prune", &me.daemon_id, chore_lease)
+    } else {
+        Chore::solo("chore/prune", &me.daemon_id)
+    };
     let mut pruned_at: Option<tokio::time::Instant> = None;
     let mut subscribed = false;
     loop {

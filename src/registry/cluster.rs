@@ -101,6 +101,8 @@ pub struct Chore {
     ttl_ms: i64,
     /// The lease as last granted, and when (this process's clock).
     granted: Option<(Lease, std::time::Instant)>,
+    /// Alone on its registry: always held, nothing written.
+    solo: bool,
 }
 
 impl Chore {
@@ -112,12 +114,25 @@ impl Chore {
             holder: holder.to_owned(),
             ttl_ms: i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX),
             granted: None,
+            solo: false,
+        }
+    }
+
+    /// The chore of a daemon alone on its registry: always held, no lease
+    /// row written.
+    pub fn solo(name: &str, holder: &str) -> Self {
+        Self {
+            solo: true,
+            ..Self::new(name, holder, std::time::Duration::ZERO)
         }
     }
 
     /// Whether this daemon holds the lease now (taking or renewing it).
     /// A database error is "not held": the chore waits for the next turn.
     pub async fn held<S: crate::registry::store::ClusterStore>(&mut self, store: &S) -> bool {
+        if self.solo {
+            return true;
+        }
         let renew_after =
             std::time::Duration::from_millis(u64::try_from(self.ttl_ms / 3).unwrap_or(0));
         if let Some((_, at)) = &self.granted {
