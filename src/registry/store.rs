@@ -1427,6 +1427,29 @@ impl Store for DbStore {
     }
 }
 
+/// Instantiates the one-body macro `$impl!` for both backends, with what
+/// differs between them: the store and row types, how a write transaction
+/// begins, and the database clock in ms (SQLite's `julianday('now')` has
+/// millisecond precision; PostgreSQL's `now()` is the statement's
+/// transaction start; each is one value for the whole statement, so a
+/// row's times written together are equal).
+macro_rules! for_both_backends {
+    ($impl:ident) => {
+        $impl!(
+            SqliteStore,
+            sqlx::sqlite::SqliteRow,
+            "BEGIN IMMEDIATE",
+            "CAST(ROUND((julianday('now') - 2440587.5) * 86400000.0) AS INTEGER)"
+        );
+        $impl!(
+            PgStore,
+            sqlx::postgres::PgRow,
+            "BEGIN",
+            "CAST(EXTRACT(EPOCH FROM now()) * 1000 AS BIGINT)"
+        );
+    };
+}
+
 // The inventory and dispatcher SQL, in files of their own; declared here,
 // after the macros they use.
 mod dispatch;

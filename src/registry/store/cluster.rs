@@ -74,7 +74,7 @@ pub trait ClusterStore {
 }
 
 macro_rules! cluster_impl {
-    ($store:ty, $row:ty, $now:literal) => {
+    ($store:ty, $row:ty, $begin:literal, $now:literal) => {
         impl $store {
             fn lease_row(r: &$row) -> Result<Lease, Error> {
                 (|| -> Result<Lease, sqlx::Error> {
@@ -287,21 +287,7 @@ macro_rules! cluster_impl {
     };
 }
 
-// SQLite's clock in ms: `julianday('now')` has millisecond precision and
-// one value for the whole statement.
-cluster_impl!(
-    SqliteStore,
-    sqlx::sqlite::SqliteRow,
-    "CAST(ROUND((julianday('now') - 2440587.5) * 86400000.0) AS INTEGER)"
-);
-// PostgreSQL's: `now()`, the start of the statement's own transaction, one
-// value for the whole statement (as SQLite's 'now' is for one step), so a
-// row's times written together are equal.
-cluster_impl!(
-    PgStore,
-    sqlx::postgres::PgRow,
-    "CAST(EXTRACT(EPOCH FROM now()) * 1000 AS BIGINT)"
-);
+for_both_backends!(cluster_impl);
 
 impl ClusterStore for DbStore {
     async fn db_now(&self) -> Result<i64, Error> {

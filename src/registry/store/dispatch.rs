@@ -727,17 +727,4 @@ macro_rules! dispatch_impl {
     };
 }
 
-// The database clocks as `registry::store::cluster` reads them (daemons'
-// heartbeats are in it).
-dispatch_impl!(
-    SqliteStore,
-    sqlx::sqlite::SqliteRow,
-    "BEGIN IMMEDIATE",
-    "CAST(ROUND((julianday('now') - 2440587.5) * 86400000.0) AS INTEGER)"
-);
-dispatch_impl!(
-    PgStore,
-    sqlx::postgres::PgRow,
-    "BEGIN",
-    "CAST(EXTRACT(EPOCH FROM now()) * 1000 AS BIGINT)"
-);
+for_both_backends!(dispatch_impl);
