@@ -154,31 +154,22 @@ mod sql {
          UNION SELECT dest_id, 'backup' FROM backups WHERE source_id = $1 OR dest_id = $1 \
          UNION SELECT source_id, 'backup_source' FROM backups WHERE source_id = $1 OR dest_id = $1";
 
-    /// `$1` now, `$2` this daemon. Every unfinished run but those of
-    /// another daemon's live lease.
+    /// `$1` now, `$2` the recovering daemon (NULL: none). Every unfinished
+    /// run but those under another daemon's live lease.
     pub const RECOVER_RUNS: &str = "UPDATE dispatch_runs SET outcome = 'interrupted', \
          finished_at = $1 WHERE finished_at IS NULL AND NOT EXISTS (SELECT 1 \
          FROM dispatch_targets t WHERE t.server_id = dispatch_runs.server_id \
          AND t.state = dispatch_runs.state AND t.status = 'running' \
-         AND t.last_jid = dispatch_runs.jid AND t.lease_holder <> $2 AND t.lease_until > $1)";
-    /// `$1` now, `$2` this daemon: its own runs, those without a holder (from
-    /// before leases) and lapsed ones are due again, their jid kept.
+         AND t.last_jid = dispatch_runs.jid AND t.lease_holder <> COALESCE($2, '') \
+         AND t.lease_until > $1)";
+    /// `$1` now, `$2` the recovering daemon (NULL: none): its own runs,
+    /// those without a holder (from before leases) and lapsed ones are due
+    /// again, their jid kept.
     pub const RECOVER: &str = "UPDATE dispatch_targets SET status = 'pending', \
          next_attempt_at = $1, updated_at = $1, orphan_jid = last_jid, \
          running_revision = NULL, lease_holder = NULL, lease_until = NULL \
          WHERE status = 'running' AND (lease_holder IS NULL OR lease_holder = $2 \
          OR lease_until <= $1)";
-    /// `$1` now: the runs of lapsed leases.
-    pub const EXPIRE_RUNS: &str = "UPDATE dispatch_runs SET outcome = 'interrupted', \
-         finished_at = $1 WHERE finished_at IS NULL AND EXISTS (SELECT 1 \
-         FROM dispatch_targets t WHERE t.server_id = dispatch_runs.server_id \
-         AND t.state = dispatch_runs.state AND t.status = 'running' \
-         AND t.last_jid = dispatch_runs.jid AND t.lease_until <= $1)";
-    /// `$1` now: lapsed leases are due again, their jid kept.
-    pub const EXPIRE: &str = "UPDATE dispatch_targets SET status = 'pending', \
-         next_attempt_at = $1, updated_at = $1, orphan_jid = last_jid, \
-         running_revision = NULL, lease_holder = NULL, lease_until = NULL \
-         WHERE status = 'running' AND lease_until <= $1";
 
     pub const NEXT_DUE: &str = "SELECT MIN(next_attempt_at) FROM dispatch_targets \
          WHERE status IN ('pending', 'failed')";
@@ -251,6 +242,28 @@ mod sql {
 macro_rules! dispatch_impl {
     ($store:ty, $row:ty, $begin:literal, $now:literal) => {
         impl $store {
+            /// Makes runs due again, their run rows `interrupted`: those of
+            /// `holder` (at its start), those without a holder, and those
+            /// whose lease lapsed at `now`.
+            async fn recover_runs(&self, now: i64, holder: Option<&str>) -> Result<u64, Error> {
+                let op = "recovering interrupted dispatch runs";
+                let mut tx = self.pool.begin_with($begin).await.map_err(db(op))?;
+                sqlx::query(sql::RECOVER_RUNS)
+                    .bind(now)
+                    .bind(holder)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db(op))?;
+                let done = sqlx::query(sql::RECOVER)
+                    .bind(now)
+                    .bind(holder)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db(op))?;
+                tx.commit().await.map_err(db(op))?;
+                Ok(done.rows_affected())
+            }
+
             fn target_row(r: &$row) -> Result<DispatchTarget, Error> {
                 let get = db("reading a dispatch target row");
                 let cols = (|| -> Result<_, sqlx::Error> {
@@ -390,40 +403,11 @@ macro_rules! dispatch_impl {
             }
 
             async fn dispatch_recover(&self, holder: &str) -> Result<u64, Error> {
-                let op = "recovering interrupted dispatch runs";
-                let mut tx = self.pool.begin_with($begin).await.map_err(db(op))?;
-                let now = now_ms();
-                sqlx::query(sql::RECOVER_RUNS)
-                    .bind(now)
-                    .bind(holder)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db(op))?;
-                let done = sqlx::query(sql::RECOVER)
-                    .bind(now)
-                    .bind(holder)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db(op))?;
-                tx.commit().await.map_err(db(op))?;
-                Ok(done.rows_affected())
+                self.recover_runs(now_ms(), Some(holder)).await
             }
 
             async fn dispatch_expire(&self, now: i64) -> Result<u64, Error> {
-                let op = "returning dispatch runs whose lease lapsed";
-                let mut tx = self.pool.begin_with($begin).await.map_err(db(op))?;
-                sqlx::query(sql::EXPIRE_RUNS)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db(op))?;
-                let done = sqlx::query(sql::EXPIRE)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db(op))?;
-                tx.commit().await.map_err(db(op))?;
-                Ok(done.rows_affected())
+                self.recover_runs(now, None).await
             }
 
             async fn dispatch_due(
