@@ -674,6 +674,20 @@ impl Default for ClusterConfig {
     }
 }
 
+impl ClusterConfig {
+    /// Between heartbeats.
+    pub fn heartbeat(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.heartbeat_secs)
+    }
+
+    /// A daemon silent this long (ms) is dead: `dead_after_beats` beats.
+    pub fn dead_after_ms(&self) -> i64 {
+        i64::try_from(self.heartbeat_secs.saturating_mul(self.dead_after_beats))
+            .unwrap_or(i64::MAX)
+            .saturating_mul(1000)
+    }
+}
+
 /// A daemon id made of `name` (`cluster.daemon_id`'s characters: lower-case
 /// letters, digits, `_` and `-`; anything else becomes `-`; 48 at most).
 pub fn daemon_id_of(name: &str) -> String {

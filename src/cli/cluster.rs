@@ -18,10 +18,7 @@ pub async fn run_status(ctx: &Context, json: bool) -> anyhow::Result<ExitCode> {
     let (daemons, now) = store.daemons().await?;
     let (leases, _) = store.leases().await?;
     let presence = store.presence_by_master().await?;
-    let c = &ctx.settings.cluster;
-    let dead_after_ms = i64::try_from(c.heartbeat_secs.saturating_mul(c.dead_after_beats))
-        .unwrap_or(i64::MAX)
-        .saturating_mul(1000);
+    let dead_after_ms = ctx.settings.cluster.dead_after_ms();
     let dead = daemons
         .iter()
         .filter(|d| !d.alive(now, dead_after_ms))

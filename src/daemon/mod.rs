@@ -52,7 +52,7 @@ use crate::bus::{BusHandle, EventFirer, Firer, LocalEvents, SubscriberOptions};
 use crate::config::Settings;
 use crate::dispatch::accept::{self as acceptor, AcceptorConfig};
 use crate::dispatch::cluster::{self, Identity};
-use crate::dispatch::inventory::{self, DispatcherConfig};
+use crate::dispatch::inventory::{self, DispatcherConfig, Shared};
 use crate::dispatch::notify::dispatch_outbox;
 use crate::master_config::MasterConfig;
 use crate::pki::KeyIssuer;
@@ -163,7 +163,7 @@ pub async fn run(
         cluster::run(
             service.store().clone(),
             me.clone(),
-            cluster::Timing::of(&settings.cluster),
+            settings.cluster.clone(),
             cluster_events,
             cancel.clone(),
         ),
@@ -324,18 +324,13 @@ fn dispatcher_config(
         master_pki_dir: master.pki_dir.clone(),
         backup_retain: settings.backups.retain.clone(),
         daemon_id: me.daemon_id.clone(),
-        chore_lease: me
-            .shared
-            .then(|| Duration::from_secs(settings.cluster.lease_secs)),
-        here: Here {
-            master_id: me.master_id.clone(),
-            dead_after_ms: i64::try_from(
-                cluster::Timing::of(&settings.cluster)
-                    .dead_after
-                    .as_millis(),
-            )
-            .unwrap_or(i64::MAX),
-        },
+        shared: me.shared.then(|| Shared {
+            here: Here {
+                master_id: me.master_id.clone(),
+                dead_after_ms: settings.cluster.dead_after_ms(),
+            },
+            chore_lease: Duration::from_secs(settings.cluster.lease_secs),
+        }),
         bus: Some(bus),
     }
 }

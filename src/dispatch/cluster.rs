@@ -6,11 +6,11 @@
 //! proof the minion is connected here) is a sighting on this master.
 //! At a clean stop it removes its heartbeat row.
 //!
-//! One daemon alone on SQLite (no `cluster.daemon_id`) records sightings
-//! only: no heartbeat, nothing written while idle.
+//! One daemon alone on SQLite (no `cluster.daemon_id`) does none of it:
+//! no heartbeat, no sightings (nobody asks where a minion is), nothing
+//! written.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -69,42 +69,21 @@ fn host_name() -> String {
         .unwrap_or_else(|| "localhost".to_owned())
 }
 
-/// The component's timing, from `cluster:`.
-#[derive(Debug, Clone, Copy)]
-pub struct Timing {
-    /// Between heartbeats.
-    pub heartbeat: Duration,
-    /// A daemon without a heartbeat for this long is dead.
-    pub dead_after: Duration,
-}
-
-impl Timing {
-    /// From `cluster.heartbeat_secs` and `cluster.dead_after_beats`.
-    pub fn of(cfg: &ClusterConfig) -> Self {
-        let heartbeat = Duration::from_secs(cfg.heartbeat_secs);
-        Self {
-            heartbeat,
-            dead_after: heartbeat
-                .saturating_mul(u32::try_from(cfg.dead_after_beats).unwrap_or(u32::MAX)),
-        }
-    }
-}
-
 /// Runs the component until `cancel`: heartbeats, liveness of the others,
 /// minion sightings from `events`.
 pub async fn run(
     store: DbStore,
     me: Identity,
-    timing: Timing,
+    cfg: ClusterConfig,
     mut events: Subscription,
     cancel: CancellationToken,
 ) {
     let version = env!("CARGO_PKG_VERSION");
-    let dead_after_ms = i64::try_from(timing.dead_after.as_millis()).unwrap_or(i64::MAX);
+    let dead_after_ms = cfg.dead_after_ms();
     let mut starting = true;
     // Each other daemon's last known liveness, to log changes once.
     let mut alive: BTreeMap<String, bool> = BTreeMap::new();
-    let mut beat = tokio::time::interval(timing.heartbeat);
+    let mut beat = tokio::time::interval(cfg.heartbeat());
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -123,7 +102,7 @@ pub async fn run(
             }
             item = events.recv() => match item {
                 None => break,
-                Some(BusItem::Event(event)) => {
+                Some(BusItem::Event(event)) if me.shared => {
                     if let EventKind::MinionStart { id } = event.kind() {
                         match store.presence_seen(id, &me.master_id, &me.daemon_id, SeenBy::Start).await {
                             Ok(()) => debug!(message = "Minion seen on this master.", minion_id = %id, master_id = %me.master_id),

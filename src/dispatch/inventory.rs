@@ -129,16 +129,24 @@ pub struct DispatcherConfig {
     /// This daemon's id among the registry's daemons (`cluster.daemon_id`):
     /// the holder of the drift-repair chore's lease when it runs it.
     pub daemon_id: String,
-    /// How long a chore's lease lasts unless renewed (`cluster.lease_secs`);
-    /// `None`: alone on the registry, chores need no lease.
-    pub chore_lease: Option<Duration>,
-    /// Where this daemon claims targets: its master, and when another
-    /// master's daemon is dead.
-    pub here: Here,
+    /// Sharing the registry with other daemons (`cluster.daemon_id` set,
+    /// or PostgreSQL): where this one claims, its chores' leases. `None`:
+    /// alone, every target is its own and its chores need no lease.
+    pub shared: Option<Shared>,
     /// The bus reader's state: while this daemon's master is down (its bus
     /// disconnected) the dispatcher claims nothing, so another daemon can
     /// take its minions once they move. `None`: always up (tests).
     pub bus: Option<Arc<BusStats>>,
+}
+
+/// A dispatcher among several daemons of one registry.
+#[derive(Debug, Clone)]
+pub struct Shared {
+    /// Where it claims targets: its master, and when another master's
+    /// daemon is dead.
+    pub here: Here,
+    /// How long a chore's lease lasts unless renewed (`cluster.lease_secs`).
+    pub chore_lease: Duration,
 }
 
 impl DispatcherConfig {
@@ -191,8 +199,8 @@ pub async fn run(
         .map(|d| (d / 10).clamp(Duration::from_secs(1), Duration::from_secs(60)));
     let mut drift_at = tokio::time::Instant::now();
     // With several daemons on the registry, one of them repairs drift.
-    let mut drift_chore = match cfg.chore_lease {
-        Some(ttl) => Chore::new("chore/drift", &cfg.daemon_id, ttl),
+    let mut drift_chore = match &cfg.shared {
+        Some(s) => Chore::new("chore/drift", &cfg.daemon_id, s.chore_lease),
         None => Chore::solo("chore/drift", &cfg.daemon_id),
     };
     let store = service.store();
@@ -221,7 +229,7 @@ pub async fn run(
         // Runs whose daemon died (its lease lapsed) are due again, here or
         // on another daemon (alone on the registry, the start-up recovery
         // is enough).
-        if cfg.chore_lease.is_some() && expired_at.elapsed() >= EXPIRE_EVERY {
+        if cfg.shared.is_some() && expired_at.elapsed() >= EXPIRE_EVERY {
             expired_at = tokio::time::Instant::now();
             match store.dispatch_expire(now_ms()).await {
                 Ok(0) => {}
@@ -421,7 +429,11 @@ async fn launch_due(
     let due = runner
         .service
         .store()
-        .dispatch_due(now_ms(), DUE_BATCH, Some(&runner.cfg.here))
+        .dispatch_due(
+            now_ms(),
+            DUE_BATCH,
+            runner.cfg.shared.as_ref().map(|s| &s.here),
+        )
         .await?;
     for target in due {
         let key = (target.server_id, target.state);
@@ -558,16 +570,18 @@ impl Runner {
                     if let Some(ret) = out.returns.get(&t.minion_id) {
                         // Its return reached this master: it is here (a
                         // sighting the job cache confirmed).
-                        if let Err(error) = store
-                            .presence_seen(
-                                &t.minion_id,
-                                &self.cfg.here.master_id,
-                                &self.cfg.daemon_id,
-                                SeenBy::Return,
-                            )
-                            .await
-                        {
-                            warn!(message = "Where a minion is was not recorded.", minion_id = %t.minion_id, %error);
+                        if let Some(shared) = &self.cfg.shared {
+                            if let Err(error) = store
+                                .presence_seen(
+                                    &t.minion_id,
+                                    &shared.here.master_id,
+                                    &self.cfg.daemon_id,
+                                    SeenBy::Return,
+                                )
+                                .await
+                            {
+                                warn!(message = "Where a minion is was not recorded.", minion_id = %t.minion_id, %error);
+                            }
                         }
                         // What the backup states report (keys, results).
                         super::backup::learn(&self.service, t, &ret.ret).await;
@@ -981,11 +995,7 @@ mod tests {
             master_pki_dir: std::path::PathBuf::new(),
             backup_retain: Vec::new(),
             daemon_id: "test".into(),
-            chore_lease: None,
-            here: Here {
-                master_id: "test:4506".into(),
-                dead_after_ms: 15_000,
-            },
+            shared: None,
             bus: None,
         }
     }
