@@ -481,7 +481,17 @@ fn a_backup_converges_by_itself_then_runs_and_records_its_result() {
         "the genuine result event counted",
         CONVERGE,
         || match results_counted(s.metrics_port, "ok") {
-            0 => Err("not yet".into()),
+            // Any other outcome counted so far says why (a refusal's code).
+            0 => Err(format!(
+                "not yet; counted otherwise: {:?}",
+                [
+                    "unverified_sender",
+                    "wrong_minion",
+                    "invalid_value",
+                    "not_found"
+                ]
+                .map(|o| (o, results_counted(s.metrics_port, o)))
+            )),
             n => Ok(n),
         },
     );
