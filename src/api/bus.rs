@@ -70,6 +70,14 @@ const CORROBORATION_TTL: Duration = Duration::from_secs(30);
 /// a runner's return once the runner ends, a minion's just after its event).
 pub const CONFIRM_WAIT: Duration = Duration::from_secs(10);
 
+/// How long a backup result waits for its receipt, and its receipt for the
+/// job cache's confirmation. Nobody waits for a reply to a result, and the
+/// wrapper's `salt-call` may be slow to return on a loaded backup server
+/// (it re-authenticates, then returns after the event): patience costs only
+/// a bounded pool slot, a refusal loses the event (recovered from the local
+/// JSON only at the next dispatch or run).
+pub const RESULT_WAIT: Duration = Duration::from_secs(60);
+
 /// Most requests waiting for a receipt, and most receipts waiting for a
 /// request; the oldest go first.
 pub const MAX_PENDING: usize = 4096;
@@ -562,6 +570,9 @@ impl<T> Pool<T> {
 pub struct Corroborations {
     receipts: Pool<Receipt>,
     waiting: Pool<Request>,
+    /// Backup results: they wait [`RESULT_WAIT`] (a pool per wait keeps
+    /// each pool's expiry in insertion order).
+    results: Pool<Request>,
 }
 
 impl Default for Corroborations {
@@ -569,6 +580,7 @@ impl Default for Corroborations {
         Self {
             receipts: Pool::new(CORROBORATION_TTL),
             waiting: Pool::new(CORROBORATION_WAIT),
+            results: Pool::new(RESULT_WAIT),
         }
     }
 }
@@ -587,10 +599,11 @@ impl Corroborations {
     /// A receipt came: the waiting request it is for, if any; otherwise it
     /// is kept for a request that follows.
     pub fn receipt(&mut self, receipt: Receipt, now: Instant) -> Option<(Request, Receipt)> {
-        if let Some(req) = self
-            .waiting
-            .take(&receipt.digest, |r| receipt.fits(&r.origin))
-        {
+        let fits = |r: &Request| receipt.fits(&r.origin);
+        if let Some(req) = self.waiting.take(&receipt.digest, fits) {
+            return Some((req, receipt));
+        }
+        if let Some(req) = self.results.take(&receipt.digest, fits) {
             return Some((req, receipt));
         }
         let digest = receipt.digest;
@@ -604,31 +617,39 @@ impl Corroborations {
             return Pairing::Paired(req, receipt);
         }
         let digest = req.digest;
+        let pool = if req.op == Op::Result {
+            &mut self.results
+        } else {
+            &mut self.waiting
+        };
         Pairing::Waiting {
-            evicted: self.waiting.push(digest, req, now),
+            evicted: pool.push(digest, req, now),
         }
     }
 
     /// The requests whose wait for a receipt is over (refuse them).
     pub fn expired(&mut self, now: Instant) -> Vec<Request> {
         self.receipts.expire(now);
-        self.waiting.expire(now)
+        let mut out = self.waiting.expire(now);
+        out.extend(self.results.expire(now));
+        out
     }
 
     /// Nothing waits: no request for its receipt, no receipt for its request.
     pub fn is_empty(&self) -> bool {
-        self.waiting.is_empty() && self.receipts.is_empty()
+        self.waiting.is_empty() && self.results.is_empty() && self.receipts.is_empty()
     }
 
     /// Whether a request with `request_id` waits for its receipt.
     pub fn waiting_with_id(&self, request_id: &str) -> bool {
-        self.waiting.any(|r| r.request_id == request_id)
+        let same = |r: &Request| r.request_id == request_id;
+        self.waiting.any(same) || self.results.any(same)
     }
 
     /// How many requests and receipts are waiting (tests check the bounds).
     #[cfg(test)]
     pub fn len(&self) -> (usize, usize) {
-        (self.waiting.len(), self.receipts.len())
+        (self.waiting.len() + self.results.len(), self.receipts.len())
     }
 }
 
@@ -953,6 +974,53 @@ mod tests {
 
     fn request_of(e: &Event) -> Request {
         parse(e).unwrap().unwrap()
+    }
+
+    #[test]
+    fn a_backup_result_waits_longer_for_its_receipt_than_a_request() {
+        let now = Instant::now();
+        let mut c = Corroborations::default();
+        let result = request_of(&ev(
+            "steward/v1/backup/result",
+            json!({"id": "bk1-1", "cmd": "_minion_event", "tag": "steward/v1/backup/result",
+                "data": {"backup_id": 1, "run_id": "ab-12", "outcome": "ok"}}),
+        ));
+        let create = request_of(&ev(
+            "steward/v1/server/create",
+            json!({"id": "bk1-1", "cmd": "_minion_event", "tag": "steward/v1/server/create",
+                "data": {"request_id": "r1", "name": "a.example.org", "model": "web"}}),
+        ));
+        assert!(matches!(
+            c.request(result.clone(), now),
+            Pairing::Waiting { evicted: None }
+        ));
+        assert!(matches!(
+            c.request(create.clone(), now),
+            Pairing::Waiting { evicted: None }
+        ));
+        assert!(c.waiting_with_id("result-ab-12"));
+        // Past a request's wait, only the request is given up.
+        let later = now + CORROBORATION_WAIT + Duration::from_millis(1);
+        assert_eq!(c.expired(later), vec![create]);
+        // The slow salt-call's return still pairs with the result...
+        let receipt = Receipt {
+            jid: "20261204000000000001".into(),
+            digest: result.digest,
+            by: ReceiptBy::Minion("bk1-1".into()),
+        };
+        assert_eq!(
+            c.receipt(receipt.clone(), later),
+            Some((result.clone(), receipt))
+        );
+        assert!(c.is_empty());
+        // ...and a result whose receipt never comes is given up in time.
+        assert!(matches!(
+            c.request(result.clone(), now),
+            Pairing::Waiting { .. }
+        ));
+        assert!(c.expired(now + CORROBORATION_WAIT * 2).is_empty());
+        let expired = c.expired(now + RESULT_WAIT + Duration::from_millis(1));
+        assert_eq!(expired, vec![result]);
     }
 
     #[test]

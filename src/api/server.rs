@@ -323,7 +323,11 @@ impl Answering {
         let busy = Busy::enter(&self.busy, &req.request_id);
         self.helpers.spawn(async move {
             if let Some(receipt) = receipt {
-                let deadline = crate::clock::deadline_in(service_bus::CONFIRM_WAIT);
+                let deadline = crate::clock::deadline_in(if req.op == service_bus::Op::Result {
+                    service_bus::RESULT_WAIT
+                } else {
+                    service_bus::CONFIRM_WAIT
+                });
                 if let Err(why) =
                     service_bus::confirm(&me.salt, &me.pki_dir, &req, &receipt, deadline).await
                 {

@@ -477,24 +477,30 @@ fn a_backup_converges_by_itself_then_runs_and_records_its_result() {
 
     // The wrapper's own event (salt-call event.send on the backup server)
     // is proved by its job and accepted (the run was recorded once already).
-    eventually_within(
-        "the genuine result event counted",
-        CONVERGE,
-        || match results_counted(s.metrics_port, "ok") {
-            // Any other outcome counted so far says why (a refusal's code).
-            0 => Err(format!(
-                "not yet; counted otherwise: {:?}",
-                [
-                    "unverified_sender",
-                    "wrong_minion",
-                    "invalid_value",
-                    "not_found"
-                ]
-                .map(|o| (o, results_counted(s.metrics_port, o)))
-            )),
-            n => Ok(n),
-        },
-    );
+    let deadline = std::time::Instant::now() + CONVERGE;
+    while results_counted(s.metrics_port, "ok") == 0 {
+        if std::time::Instant::now() >= deadline {
+            // Any other outcome counted says why (a refusal's code), and
+            // the daemon's log why it refused.
+            let counted = [
+                "unverified_sender",
+                "wrong_minion",
+                "invalid_value",
+                "not_found",
+            ]
+            .map(|o| (o, results_counted(s.metrics_port, o)));
+            let mut s = s;
+            let d = s.daemon.as_mut().unwrap();
+            d.drain_err();
+            let refusals: Vec<_> = d
+                .seen_err
+                .iter()
+                .filter(|l| l.contains("refused"))
+                .collect();
+            panic!("the genuine result event was not counted; counted otherwise: {counted:?}; the daemon's refusals: {refusals:#?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // The same result with a new run id, sent by the SOURCE's minion
     // (salt-call event.send: wrapped with its own authenticated id, its
