@@ -255,3 +255,164 @@ fn a_change_goes_once_through_the_master_its_minion_is_on_and_follows_a_failover
     h1.wait_req_ready();
     assert_eq!(source_jobs(&h1, &id).len(), 1, "still one run through m1");
 }
+
+/// The source's `backup_source` target as the registry has it.
+fn source_target(
+    rt: &tokio::runtime::Runtime,
+    store: &DbStore,
+) -> Option<salt_steward::registry::DispatchTarget> {
+    use salt_steward::registry::store::DispatchStore as _;
+    rt.block_on(store.dispatch_targets(None))
+        .unwrap()
+        .into_iter()
+        .find(|t| t.server == SOURCE && t.state.as_str() == "backup_source")
+}
+
+/// Two daemons on one master (the daemon's own HA) and one PostgreSQL
+/// registry: the daemon running a change is killed mid-run; once its lease
+/// lapses, the other takes the run over under the same jid, finds the
+/// minion's return in the job cache and records it — the state ran once.
+#[test]
+fn a_run_of_a_killed_daemon_is_completed_by_the_other_under_its_jid() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let db = rt.block_on(TestDb::postgres_required());
+    let h = signing_master_serving(vec![salt_states_dir()]);
+    let cluster = |d: &str| {
+        format!(
+            "registry: {}\n\
+             keys: {{dir: {}/keys, pool_size: 1}}\n\
+             dispatch:\n  debounce_ms: 300\n  job_timeout: 20\n  retry_base_ms: 1000\n\
+             cluster:\n  daemon_id: {d}\n  master_id: m1\n  heartbeat_secs: 1\n  dead_after_beats: 3\n",
+            db.url,
+            h.root().display()
+        )
+    };
+    let cfg1 = steward_config(&h, &[], &cluster("d1"));
+    let cfg2 = h.root().join("steward-d2.yaml");
+    std::fs::write(
+        &cfg2,
+        std::fs::read_to_string(&cfg1)
+            .unwrap()
+            .replace("daemon_id: d1", "daemon_id: d2"),
+    )
+    .unwrap();
+    let store = rt.block_on(DbStore::open(&db.url)).unwrap();
+    run_ok(cli(&cfg1, &["model", "add", "m"]));
+    let mut daemons = vec![Some(start_daemon(&cfg1)), Some(start_daemon(&cfg2))];
+    let src = steward_json(
+        &cfg1,
+        &[
+            "server",
+            "add",
+            SOURCE,
+            "--model",
+            "m",
+            "--internal-ip",
+            "127.0.0.1",
+            "--json",
+        ],
+    );
+    let id = src["minion_id"].as_str().unwrap().to_owned();
+    run_ok(cli(
+        &cfg1,
+        &["server", "add", "bk01.example.org", "--model", "m"],
+    ));
+    let root = h.root().to_owned();
+    std::fs::create_dir_all(root.join("hk")).unwrap();
+    std::fs::create_dir_all(root.join("ak")).unwrap();
+    crate::support::sshd::keygen(&root.join("hk/ssh_host_ed25519_key"), "src01-host-key");
+    let settings = format!(
+        "steward:\n  backup_source:\n    authorized_keys: {}\n    host_keys_dir: {}\n",
+        root.join("ak/root").display(),
+        root.join("hk").display()
+    );
+    let b = bundle(&h, &cfg1, SOURCE, "src01.tgz");
+    let mut h = h;
+    h.start_minion_with("src01", &id, &settings, |d: &Path| {
+        crate::support::salt::install_bundle(&b, d)
+    });
+    wait_status(&cfg1, SOURCE, "online");
+
+    // The minion is busy with a state run of its own for a while: the
+    // dispatched state.apply (queue=True) waits behind it, so the run is in
+    // flight long enough to kill its daemon.
+    let busy = h.master_cmd(
+        "salt",
+        &["--async", &id, "state.single", "cmd.run", "name=sleep 25"],
+    );
+    crate::support::assert_ok(&busy);
+    eventually_within("the minion busy", CONVERGE, || {
+        let out = h.master_cmd(
+            "salt",
+            &[&id, "saltutil.is_running", "state.single", "--out=json"],
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if text.contains("\"jid\"") {
+            Ok(())
+        } else {
+            Err(text)
+        }
+    });
+    run_ok(cli(
+        &cfg1,
+        &[
+            "backup",
+            "add",
+            SOURCE,
+            "/srv/a",
+            "bk01.example.org",
+            "/b/a",
+            "--ssh-host",
+            "127.0.0.1",
+        ],
+    ));
+    let running = eventually_within("the run in flight", CONVERGE, || {
+        match source_target(&rt, &store) {
+            Some(t) if t.status.as_str() == "running" && t.lease_holder.is_some() => Ok(t),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    let holder = running.lease_holder.clone().unwrap();
+    let jid = running.last_jid.clone().unwrap();
+    let (killed, other) = if holder == "d1" { (0, 1) } else { (1, 0) };
+    let mut d = daemons[killed].take().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(d.pid()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    d.wait_exit(Duration::from_secs(15));
+    let killed_at = std::time::Instant::now();
+
+    // The other daemon takes the run over once the lease lapses, under the
+    // same jid, and records the return the minion made meanwhile.
+    let done = eventually_within(
+        "the run completed by the other daemon",
+        CONVERGE * 2,
+        || match source_target(&rt, &store) {
+            Some(t) if t.status.as_str() == "done" => Ok(t),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    eprintln!(
+        "daemon {holder} killed mid-run; the other recorded job {jid} after {:.1} s",
+        killed_at.elapsed().as_secs_f64()
+    );
+    assert_eq!(done.last_jid.as_deref(), Some(jid.as_str()), "{done:?}");
+    assert!(
+        done.applied >= running.running_revision.unwrap(),
+        "{done:?}"
+    );
+    let jobs = source_jobs(&h, &id);
+    assert_eq!(jobs, vec![jid.clone()], "the state ran once, under its jid");
+    let show = steward_json(&cfg1, &["dispatch", "show", SOURCE, "--json"]);
+    let recorded: Vec<_> = show["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["jid"] == jid.as_str())
+        .map(|r| r["outcome"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert!(recorded.contains(&"done".to_owned()), "{show}");
+    drop(daemons[other].take());
+}
