@@ -298,7 +298,7 @@ fn a_run_of_a_killed_daemon_is_completed_by_the_other_under_its_jid() {
     .unwrap();
     let store = rt.block_on(DbStore::open(&db.url)).unwrap();
     run_ok(cli(&cfg1, &["model", "add", "m"]));
-    let mut daemons = vec![Some(start_daemon(&cfg1)), Some(start_daemon(&cfg2))];
+    let mut daemons = [Some(start_daemon(&cfg1)), Some(start_daemon(&cfg2))];
     let src = steward_json(
         &cfg1,
         &[
