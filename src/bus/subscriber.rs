@@ -85,6 +85,9 @@ pub struct BusStats {
     /// Connected to the master's publisher now: the master (beside the
     /// daemon) is up. A dispatcher takes no work while it is not.
     pub connected: std::sync::atomic::AtomicBool,
+    /// When the reader lost its connection (cleared at the next one): how
+    /// long a master has been gone.
+    lost_at: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl BusStats {
@@ -96,6 +99,28 @@ impl BusStats {
     /// Whether the reader is connected to the master's publisher now.
     pub fn is_connected(&self) -> bool {
         self.connected.load(Ordering::Relaxed)
+    }
+
+    /// How long the reader has been disconnected after losing a connection
+    /// (`None` while connected, and before the first connection).
+    pub fn disconnected_for(&self) -> Option<std::time::Duration> {
+        self.lost_at
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .map(|at| at.elapsed())
+    }
+
+    fn set_connected(&self, up: bool) {
+        self.connected.store(up, Ordering::Relaxed);
+        let mut lost_at = self
+            .lost_at
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *lost_at = if up {
+            None
+        } else {
+            Some(lost_at.unwrap_or_else(std::time::Instant::now))
+        };
     }
 }
 
@@ -221,7 +246,7 @@ impl Reader {
             delay = self.opts.backoff_min;
             failures = 0;
             self.stats.connects.fetch_add(1, Ordering::Relaxed);
-            self.stats.connected.store(true, Ordering::Relaxed);
+            self.stats.set_connected(true);
             log::bus_connected(&self.endpoint, connected_before);
             let _ = self.tx.send(BusItem::Connected {
                 reconnect: connected_before,
@@ -232,7 +257,7 @@ impl Reader {
                 _ = cancel.cancelled() => return,
                 r = self.read_until_closed(&mut stream) => r,
             };
-            self.stats.connected.store(false, Ordering::Relaxed);
+            self.stats.set_connected(false);
             log::bus_disconnected(&self.endpoint, &reason);
             let _ = self.tx.send(BusItem::Disconnected { reason });
         }

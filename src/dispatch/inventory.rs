@@ -89,6 +89,11 @@ const FIND_JOB_TIMEOUT: Duration = Duration::from_secs(10);
 /// the job (it may have finished between the two).
 const FIND_JOB_GRACE: Duration = Duration::from_secs(5);
 
+/// How long a run's master may be gone (its bus disconnected) before a
+/// daemon sharing the registry hands the run back for another master's
+/// daemon to find it by its jid (the minion fails over meanwhile).
+const MASTER_GONE: Duration = Duration::from_secs(5);
+
 /// Attempts at recording a run's end before leaving it to the next start-up.
 const FINISH_TRIES: u32 = 5;
 
@@ -478,6 +483,10 @@ enum Applied {
     Outcome(Published, JobOutcome),
     /// The minion answered that it does not run the job, and no return came.
     Lost,
+    /// This daemon's master went away mid-run (sharing the registry only):
+    /// the run is handed back, to be found by its jid through the master
+    /// the minion moves to.
+    Interrupted,
 }
 
 /// A rendered configuration: the pillar (with the revision) and the hash of
@@ -566,6 +575,15 @@ impl Runner {
                     }
                     o = self.apply_or_find(&publish, &jid, t.orphan_jid.is_some()) => o,
                 };
+                if let Ok(Applied::Interrupted) = outcome {
+                    if store
+                        .dispatch_release(t.server_id, t.state, &jid, epoch)
+                        .await?
+                    {
+                        warn!(message = "The master went away mid-run; the run is handed back, to be looked up by its jid through the master the minion moves to.", server = %t.server, state = %t.state, minion_id = %t.minion_id, %jid);
+                    }
+                    return Ok(());
+                }
                 if let Ok(Applied::Outcome(_, out)) = &outcome {
                     if let Some(ret) = out.returns.get(&t.minion_id) {
                         // Its return reached this master: it is here (a
@@ -626,15 +644,78 @@ impl Runner {
                     };
                     return Ok(Applied::Outcome(published, outcome));
                 }
-                Ok(_) => {
-                    info!(message = "The interrupted run never returned here; publishing it again under its jid.", minion_id = %publish.target, %jid);
-                }
+                Ok(_) => {}
                 Err(error) => {
-                    warn!(message = "Looking the interrupted run up failed; publishing it again under its jid.", minion_id = %publish.target, %jid, %error);
+                    warn!(message = "Looking the interrupted run up in the job cache failed.", minion_id = %publish.target, %jid, %error);
                 }
             }
+            if let Some(found) = self.kept_by_minion(publish, jid).await {
+                return Ok(found);
+            }
+            info!(message = "The interrupted run never returned here and the minion kept no return of it; publishing it again under its jid.", minion_id = %publish.target, %jid);
         }
         self.apply(publish, jid).await
+    }
+
+    /// The interrupted run `jid` as its minion knows it: while the minion
+    /// still runs it, waits (up to `job_timeout`, asking every
+    /// [`FIND_JOB_EVERY`]); then its own cached return (`cache_jobs`, set by
+    /// bundles with several masters), which holds the outcome of a run
+    /// published through a master the minion has left (it drops that
+    /// return). `None`: nothing kept, publish again.
+    async fn kept_by_minion(&self, publish: &Publish, jid: &str) -> Option<Applied> {
+        let minion = &publish.target;
+        let deadline = crate::clock::deadline_in(self.cfg.job_timeout);
+        loop {
+            if self.master_gone() {
+                return Some(Applied::Interrupted);
+            }
+            match self
+                .salt
+                .minion_cached_return(minion, jid, FIND_JOB_TIMEOUT)
+                .await
+            {
+                Ok(Some(ret)) => {
+                    info!(message = "The interrupted run's return was kept by the minion; recorded, not published again.", minion_id = %minion, %jid);
+                    let published = Published {
+                        jid: jid.to_owned(),
+                        minions: vec![minion.clone()],
+                        missing: Vec::new(),
+                    };
+                    let outcome = JobOutcome {
+                        jid: jid.to_owned(),
+                        returns: [(minion.clone(), ret)].into(),
+                        no_answer: Vec::new(),
+                        unconfirmed: Vec::new(),
+                    };
+                    return Some(Applied::Outcome(published, outcome));
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    warn!(message = "Asking the minion for the interrupted run's return failed.", minion_id = %minion, %jid, %error);
+                }
+            }
+            if tokio::time::Instant::now() >= deadline
+                || self.runs_job(minion, jid).await != Some(true)
+            {
+                return None;
+            }
+            info!(message = "The minion still runs the interrupted run; waiting for it.", minion_id = %minion, %jid);
+            tokio::time::sleep(FIND_JOB_EVERY).await;
+        }
+    }
+
+    /// Whether this daemon's master is gone (its bus disconnected for
+    /// [`MASTER_GONE`]) while the registry is shared: its runs are handed
+    /// back (see [`Applied::Interrupted`]). Alone, a run waits for its
+    /// master to come back instead.
+    fn master_gone(&self) -> bool {
+        self.cfg.shared.is_some()
+            && self
+                .cfg
+                .bus
+                .as_ref()
+                .is_some_and(|b| b.disconnected_for().is_some_and(|d| d >= MASTER_GONE))
     }
 
     /// Publishes under `jid` and collects the confirmed return. Every
@@ -649,6 +730,7 @@ impl Runner {
         let collect = watch.collect(&expected, self.cfg.job_timeout);
         tokio::pin!(collect);
         let mut lost_at: Option<tokio::time::Instant> = None;
+        let mut check = tokio::time::interval(MASTER_DOWN_POLL);
         loop {
             let probe_at = match lost_at {
                 Some(at) => at,
@@ -656,6 +738,12 @@ impl Runner {
             };
             tokio::select! {
                 outcome = &mut collect => return Ok(Applied::Outcome(published, outcome)),
+                _ = check.tick() => {
+                    if self.master_gone() {
+                        return Ok(Applied::Interrupted);
+                    }
+                    continue;
+                }
                 () = tokio::time::sleep_until(probe_at) => {
                     if lost_at.is_some() {
                         return Ok(Applied::Lost);
@@ -699,6 +787,14 @@ impl Runner {
                     format!(
                     "{minion} is not running the job and returned nothing (it missed the publish?)"
                 ),
+                    Json::Null,
+                    attempts,
+                )
+            }
+            // Handed back before judging (`try_run`); a failure otherwise.
+            Ok(Applied::Interrupted) => {
+                return self.failed(
+                    format!("the master went away while {minion} ran the job"),
                     Json::Null,
                     attempts,
                 )

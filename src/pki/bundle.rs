@@ -49,6 +49,10 @@ pub fn minion_conf(spec: &BundleSpec<'_>) -> String {
             // How often the minion checks its master is alive (failover needs it).
             c.push_str("master_alive_interval: 10\n");
             c.push_str("retry_dns: 0\n");
+            // A run's return is dropped when the minion has failed over
+            // since its publish; the copy it keeps lets the other master's
+            // daemon record the run by its jid (`saltutil.find_cached_job`).
+            c.push_str("cache_jobs: True\n");
         }
     }
     if !spec.transport.is_empty() && spec.transport != "zeromq" {
@@ -152,6 +156,7 @@ mod tests {
         assert_eq!(conf["id"], "web01.example.org-0a1b2c3d");
         assert_eq!(conf["master"][1], "10.0.0.2:4516");
         assert_eq!(conf["master_type"], "failover");
+        assert_eq!(conf["cache_jobs"], true);
         assert_eq!(conf["verify_master_pubkey_sign"], true);
         assert_eq!(files["install.sh"].0, 0o755);
         let one = vec!["salt.example.org".to_owned()];

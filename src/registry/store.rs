@@ -1594,6 +1594,15 @@ impl DispatchStore for DbStore {
     ) -> Result<Option<DispatchTarget>, Error> {
         dispatch!(self, s => s.dispatch_finish(server_id, state, jid, epoch, finish))
     }
+    async fn dispatch_release(
+        &self,
+        server_id: i64,
+        state: StateKind,
+        jid: &str,
+        epoch: i64,
+    ) -> Result<bool, Error> {
+        dispatch!(self, s => s.dispatch_release(server_id, state, jid, epoch))
+    }
     async fn dispatch_targets(
         &self,
         status: Option<DispatchStatus>,

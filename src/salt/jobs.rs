@@ -204,11 +204,15 @@ impl JobTracker {
     }
 }
 
+/// The `metadata` key a job is published with and its returns carry back:
+/// which of our requests a job answers.
+pub const CORRELATION_KEY: &str = "steward_correlation";
+
 /// The `steward_correlation` a return event carries back in its `metadata`.
 fn correlation_of(event: &Event) -> Option<String> {
     event
         .field("metadata")
-        .and_then(|m| crate::bus::event::map_get(m, "steward_correlation"))
+        .and_then(|m| crate::bus::event::map_get(m, CORRELATION_KEY))
         .and_then(crate::bus::event::as_str)
         .map(str::to_owned)
 }

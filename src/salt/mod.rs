@@ -179,7 +179,7 @@ impl SaltClient {
             kwargs.push((
                 Value::from("metadata"),
                 Value::Map(vec![(
-                    Value::from("steward_correlation"),
+                    Value::from(jobs::CORRELATION_KEY),
                     Value::from(c.as_str()),
                 )]),
             ));
@@ -245,6 +245,33 @@ impl SaltClient {
         let (published, watch) = self.publish_as(p, jid).await?;
         let outcome = watch.collect(&published.minions, timeout).await;
         Ok((published, outcome))
+    }
+
+    /// The return of job `jid` as `minion` itself kept it
+    /// (`saltutil.find_cached_job`, asked through this master; the minion
+    /// keeps returns only with `cache_jobs`): how a run published through
+    /// another master is found after the minion failed over, since the
+    /// minion drops a return meant for a master it left. `None`: not kept
+    /// (not run, not finished, or no `cache_jobs`), or no answer.
+    pub async fn minion_cached_return(
+        &self,
+        minion: &str,
+        jid: &str,
+        timeout: Duration,
+    ) -> Result<Option<MinionReturn>, RequestError> {
+        let ask = Publish {
+            target: minion.to_owned(),
+            tgt_type: TargetType::List,
+            fun: "saltutil.find_cached_job".into(),
+            arg: vec![Json::from(jid)],
+            correlation: Some(format!("find_cached_job/{jid}")),
+            ..Publish::default()
+        };
+        let (_, outcome) = self.run_job(&ask, timeout).await?;
+        Ok(outcome
+            .returns
+            .get(minion)
+            .and_then(|r| cached_return(&r.ret, jid)))
     }
 
     /// What the master's job cache holds for `jid` (`jobs.list_job`, the
@@ -412,9 +439,51 @@ pub fn parse_value(v: &str) -> Json {
     serde_json::from_str(v).unwrap_or_else(|_| Json::String(v.to_owned()))
 }
 
+/// A minion's cached return of `jid` (`saltutil.find_cached_job`'s answer:
+/// the return as the minion would have sent it), if it is one.
+fn cached_return(kept: &Json, jid: &str) -> Option<MinionReturn> {
+    let kept = kept.as_object()?;
+    if kept.get("jid").and_then(Json::as_str) != Some(jid) {
+        return None;
+    }
+    let ret = kept.get("return")?.clone();
+    let retcode = kept.get("retcode").and_then(Json::as_i64);
+    let success = kept.get("success").and_then(Json::as_bool).unwrap_or(true);
+    Some(MinionReturn {
+        success: success && retcode.unwrap_or(0) == 0,
+        correlation: kept
+            .get("metadata")
+            .and_then(|m| m.get(jobs::CORRELATION_KEY))
+            .and_then(Json::as_str)
+            .map(str::to_owned),
+        retcode,
+        ret,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_minions_cached_return_is_read_for_its_jid_only() {
+        let kept = serde_json::json!({
+            "jid": "20261204031500123456", "fun": "state.apply", "id": "web1",
+            "return": {"file_|-x_|-x_|-managed": {"result": true}},
+            "retcode": 0, "success": true,
+            "metadata": {jobs::CORRELATION_KEY: "dispatch/1/backup_source/7"}
+        });
+        let r = cached_return(&kept, "20261204031500123456").unwrap();
+        assert!(r.success);
+        assert_eq!(r.correlation.as_deref(), Some("dispatch/1/backup_source/7"));
+        assert!(r.ret.get("file_|-x_|-x_|-managed").is_some());
+        // Another job's, or what a minion without cache_jobs says.
+        assert!(cached_return(&kept, "20261204031500999999").is_none());
+        let none = Json::from("Local jobs cache directory not found; you may need to enable cache_jobs on this minion");
+        assert!(cached_return(&none, "20261204031500123456").is_none());
+        let failed = serde_json::json!({"jid": "1", "return": {}, "retcode": 2, "success": true});
+        assert!(!cached_return(&failed, "1").unwrap().success);
+    }
 
     #[test]
     fn cli_args_split_like_salts() {

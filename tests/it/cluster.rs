@@ -404,6 +404,43 @@ async fn claims_story(db: &TestDb) {
     let (_, runs) = target(store, victim).await;
     assert_eq!(runs, ["done", "interrupted"]);
 
+    // A holder whose master went away hands its run back: due again at
+    // once, its jid the orphan to look up; an older epoch is fenced off.
+    let handed = ids[3];
+    let (t, _) = target(store, handed).await;
+    let jid = t.last_jid.clone().unwrap();
+    assert!(
+        !store
+            .dispatch_release(handed, StateKind::Portfwd, &jid, t.lease_epoch - 1)
+            .await
+            .unwrap(),
+        "a stale epoch hands nothing back"
+    );
+    assert!(!store
+        .dispatch_release(handed, StateKind::Portfwd, "another-jid", t.lease_epoch)
+        .await
+        .unwrap());
+    assert!(store
+        .dispatch_release(handed, StateKind::Portfwd, &jid, t.lease_epoch)
+        .await
+        .unwrap());
+    let (t, runs) = target(store, handed).await;
+    assert_eq!(
+        (
+            t.status.as_str(),
+            t.orphan_jid.as_deref(),
+            t.lease_holder.as_deref()
+        ),
+        ("pending", Some(jid.as_str()), None)
+    );
+    assert_eq!(runs, ["interrupted"]);
+    assert!(store
+        .dispatch_due(i64::MAX, 1000, None)
+        .await
+        .unwrap()
+        .iter()
+        .any(|t| t.server_id == handed));
+
     // A restarting daemon recovers its own runs and those whose lease
     // lapsed, never another live daemon's.
     let mine = ids[1];

@@ -4,8 +4,11 @@
 //! master the minion is on (counted in both masters' job caches); each
 //! master's bus carries each notification once (one notifier cursor per
 //! daemon); when that master stops, the minion fails over, its start event
-//! on the other master records where it is, and the next change goes
-//! through the other daemon, once.
+//! on the other master records where it is; a run in flight when the master
+//! died is recorded by its jid through the other daemon (handed back by
+//! d1, found on the minion by d2), and the next change goes through the
+//! other daemon, once. Two daemons on one master: one killed mid-run, the
+//! other completes that run under its jid once the lease lapses.
 
 use std::path::Path;
 use std::time::Duration;
@@ -44,13 +47,7 @@ fn source_jobs(h: &SaltHarness, minion: &str) -> Vec<String> {
 /// revision, the dispatcher having read every change; returns the target.
 fn converged(cfg: &Path) -> Value {
     eventually_within("the source's target converged", CONVERGE, || {
-        let all = steward_json(cfg, &["dispatch", "list", "--json"]);
-        let t = all
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|t| t["server"] == SOURCE && t["state"] == "backup_source")
-            .cloned();
+        // Every change read first: the target read after it reflects them.
         let unread = steward_json(cfg, &["outbox", "status", "--json"]);
         let dispatch_unread = unread
             .as_array()
@@ -58,6 +55,13 @@ fn converged(cfg: &Path) -> Value {
             .iter()
             .find(|c| c["consumer"] == "dispatch")
             .map_or(-1, |c| c["pending"].as_i64().unwrap_or(-1));
+        let all = steward_json(cfg, &["dispatch", "list", "--json"]);
+        let t = all
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["server"] == SOURCE && t["state"] == "backup_source")
+            .cloned();
         match t {
             Some(t)
                 if t["status"] == "done"
@@ -121,7 +125,7 @@ fn a_change_goes_once_through_the_master_its_minion_is_on_and_follows_a_failover
         ],
     );
     let id = src["minion_id"].as_str().unwrap().to_owned();
-    for b in ["bk01.example.org", "bk02.example.org"] {
+    for b in ["bk01.example.org", "bk02.example.org", "bk03.example.org"] {
         run_ok(cli(&cfg1, &["server", "add", b, "--model", "m"]));
     }
     // The source's state files in the test's root (its SSH host key too).
@@ -207,12 +211,14 @@ fn a_change_goes_once_through_the_master_its_minion_is_on_and_follows_a_failover
         "{status}"
     );
 
-    // m1 stops, and a change comes at once: d1 cannot publish it (its
-    // master is down) and retries; the minion fails over to m2 and says so
-    // there (its start event), and from then on d2 takes the target: the
-    // change goes through m2, once.
-    let stopped = std::time::Instant::now();
-    h1.stop_master();
+    // A run in flight when m1 dies: the minion is busy with a state run of
+    // its own, so the dispatched state.apply (queue=True) waits behind it.
+    // m1 stops; d1 hands the run back; the minion fails over to m2 and says
+    // so there (its start event); d2 takes the run over under its jid and
+    // finds it on the minion (it still runs it, then keeps its return with
+    // `cache_jobs` while it drops the return meant for m1): recorded by jid,
+    // nothing published again.
+    busy(&h1, &id);
     run_ok(cli(
         &cfg2,
         &[
@@ -226,6 +232,21 @@ fn a_change_goes_once_through_the_master_its_minion_is_on_and_follows_a_failover
             "127.0.0.1",
         ],
     ));
+    let running = eventually_within(
+        "the run in flight through m1",
+        CONVERGE,
+        || match source_target(&rt, &store) {
+            Some(t)
+                if t.status.as_str() == "running" && t.lease_holder.as_deref() == Some("d1") =>
+            {
+                Ok(t)
+            }
+            other => Err(format!("{other:?}")),
+        },
+    );
+    let jid = running.last_jid.clone().unwrap();
+    let stopped = std::time::Instant::now();
+    h1.stop_master();
     eventually_within("the minion seen on m2", CONVERGE, || {
         match rt.block_on(store.presence(&id)).unwrap() {
             Some(p) if p.master == "m2" && p.daemon_id == "d2" => Ok(()),
@@ -233,27 +254,103 @@ fn a_change_goes_once_through_the_master_its_minion_is_on_and_follows_a_failover
         }
     });
     let seen_on_m2 = stopped.elapsed();
+    let taken = eventually_within(
+        "the run taken over by d2",
+        CONVERGE,
+        || match source_target(&rt, &store) {
+            Some(t) if t.lease_holder.as_deref() == Some("d2") || t.status.as_str() == "done" => {
+                Ok(stopped.elapsed())
+            }
+            other => Err(format!("{other:?}")),
+        },
+    );
     let t2 = converged(&cfg2);
+    let recorded = stopped.elapsed();
+    assert_eq!(t2["last_jid"], jid.as_str(), "recorded by its jid: {t2}");
+    assert!(t2["desired"].as_i64() > t["desired"].as_i64(), "{t2}");
+    // Through m2, at most the same jid again (a minion that had not
+    // started it runs it once; one that had drops the duplicate), never a
+    // second run under a new one.
+    let through_m2 = source_jobs(&h2, &id);
+    assert!(
+        through_m2.iter().all(|j| *j == jid),
+        "{through_m2:?}, {jid}: {t2}"
+    );
+
+    // The next change goes through m2, once.
+    run_ok(cli(
+        &cfg2,
+        &[
+            "backup",
+            "add",
+            SOURCE,
+            "/srv/c",
+            "bk03.example.org",
+            "/b/c",
+            "--ssh-host",
+            "127.0.0.1",
+        ],
+    ));
+    let t3 = converged(&cfg2);
     eprintln!(
-        "failover: m1 stopped → minion seen on m2 after {:.1} s → the change applied through m2 after {:.1} s",
+        "failover: m1 stopped → minion seen on m2 after {:.1} s → the run in flight taken over by d2 after {:.1} s, recorded by jid after {:.1} s → the next change applied through m2 after {:.1} s",
         seen_on_m2.as_secs_f64(),
+        taken.as_secs_f64(),
+        recorded.as_secs_f64(),
         stopped.elapsed().as_secs_f64()
     );
     wait_ping(&cfg2, &id);
-    assert!(t2["desired"].as_i64() > t["desired"].as_i64(), "{t2}");
-    assert_eq!(source_jobs(&h2, &id).len(), 1, "one run through m2: {t2}");
-    // m2's bus carried the second notification, once; no duplicates of the
-    // first.
-    w2.seen_or_wait_line("second backup/created", CONVERGE, |l| {
-        l.contains("steward/v1/backup/created") && l.contains("/srv/b")
+    assert!(t3["desired"].as_i64() > t2["desired"].as_i64(), "{t3}");
+    let new_runs: Vec<_> = source_jobs(&h2, &id)
+        .into_iter()
+        .filter(|j| *j != jid)
+        .collect();
+    assert_eq!(new_runs.len(), 1, "one run through m2: {t3}");
+    // m2's bus carried the later notifications, once each; no duplicates
+    // of the first.
+    w2.seen_or_wait_line("third backup/created", CONVERGE, |l| {
+        l.contains("steward/v1/backup/created") && l.contains("/srv/c")
     });
-    assert_eq!(created(&w2).len(), 2, "{:#?}", created(&w2));
+    assert_eq!(created(&w2).len(), 3, "{:#?}", created(&w2));
 
     // m1 back: its job cache still holds the one run, the second never
     // went through it.
     h1.restart_master();
     h1.wait_req_ready();
-    assert_eq!(source_jobs(&h1, &id).len(), 1, "still one run through m1");
+    assert_eq!(
+        source_jobs(&h1, &id).len(),
+        2,
+        "still the two runs published through m1"
+    );
+}
+
+/// Makes `minion` busy with a state run of its own for 25 s (through `h`'s
+/// master): a dispatched state.apply (queue=True) waits behind it, so the
+/// run stays in flight for a while.
+fn busy(h: &SaltHarness, minion: &str) {
+    let out = h.master_cmd(
+        "salt",
+        &[
+            "--async",
+            minion,
+            "state.single",
+            "cmd.run",
+            "name=sleep 25",
+        ],
+    );
+    crate::support::assert_ok(&out);
+    eventually_within("the minion busy", CONVERGE, || {
+        let out = h.master_cmd(
+            "salt",
+            &[minion, "saltutil.is_running", "state.single", "--out=json"],
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if text.contains("\"jid\"") {
+            Ok(())
+        } else {
+            Err(text)
+        }
+    });
 }
 
 /// The source's `backup_source` target as the registry has it.
@@ -336,23 +433,7 @@ fn a_run_of_a_killed_daemon_is_completed_by_the_other_under_its_jid() {
     // The minion is busy with a state run of its own for a while: the
     // dispatched state.apply (queue=True) waits behind it, so the run is in
     // flight long enough to kill its daemon.
-    let busy = h.master_cmd(
-        "salt",
-        &["--async", &id, "state.single", "cmd.run", "name=sleep 25"],
-    );
-    crate::support::assert_ok(&busy);
-    eventually_within("the minion busy", CONVERGE, || {
-        let out = h.master_cmd(
-            "salt",
-            &[&id, "saltutil.is_running", "state.single", "--out=json"],
-        );
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        if text.contains("\"jid\"") {
-            Ok(())
-        } else {
-            Err(text)
-        }
-    });
+    busy(&h, &id);
     run_ok(cli(
         &cfg1,
         &[

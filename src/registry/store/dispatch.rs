@@ -89,6 +89,18 @@ pub trait DispatchStore {
         epoch: i64,
         finish: &Finish,
     ) -> impl Future<Output = Result<Option<DispatchTarget>, Error>> + Send;
+    /// Hands run `jid` claimed in `epoch` back: its daemon lost its master
+    /// mid-run (the minion may have moved to another master). The target is
+    /// due again at once with `jid` as the orphan to look up (the return,
+    /// or the minion's own record of the job, may show up elsewhere), the
+    /// run row `interrupted`. `false` if fenced off (not its run any more).
+    fn dispatch_release(
+        &self,
+        server_id: i64,
+        state: StateKind,
+        jid: &str,
+        epoch: i64,
+    ) -> impl Future<Output = Result<bool, Error>> + Send;
     /// Every target (optionally of one status), by server and state.
     fn dispatch_targets(
         &self,
@@ -170,6 +182,13 @@ mod sql {
          running_revision = NULL, lease_holder = NULL, lease_until = NULL \
          WHERE status = 'running' AND (lease_holder IS NULL OR lease_holder = $2 \
          OR lease_until <= $1)";
+
+    /// `$1` now, `$2` server, `$3` state, `$4` jid, `$5` epoch.
+    pub const RELEASE: &str = "UPDATE dispatch_targets SET status = 'pending', \
+         next_attempt_at = $1, updated_at = $1, orphan_jid = last_jid, \
+         running_revision = NULL, lease_holder = NULL, lease_until = NULL \
+         WHERE server_id = $2 AND state = $3 AND last_jid = $4 AND status = 'running' \
+         AND lease_epoch = $5";
 
     pub const NEXT_DUE: &str = "SELECT MIN(next_attempt_at) FROM dispatch_targets \
          WHERE status IN ('pending', 'failed')";
@@ -605,6 +624,43 @@ macro_rules! dispatch_impl {
                     .map_err(db(op()))?;
                 tx.commit().await.map_err(db(op()))?;
                 self.target_in(server_id, state).await
+            }
+
+            async fn dispatch_release(
+                &self,
+                server_id: i64,
+                state: StateKind,
+                jid: &str,
+                epoch: i64,
+            ) -> Result<bool, Error> {
+                let op = || format!("handing back run {jid} of {state} on server #{server_id}");
+                let mut tx = self.pool.begin_with($begin).await.map_err(db(op()))?;
+                let now = now_ms();
+                let done = sqlx::query(sql::RELEASE)
+                    .bind(now)
+                    .bind(server_id)
+                    .bind(state.as_str())
+                    .bind(jid)
+                    .bind(epoch)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db(op()))?;
+                if done.rows_affected() == 0 {
+                    return Ok(false);
+                }
+                sqlx::query(sql::FINISH_RUN)
+                    .bind(now)
+                    .bind("interrupted")
+                    .bind(None::<String>)
+                    .bind(Some("its daemon lost its master mid-run"))
+                    .bind(jid)
+                    .bind(server_id)
+                    .bind(state.as_str())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db(op()))?;
+                tx.commit().await.map_err(db(op()))?;
+                Ok(true)
             }
 
             async fn dispatch_targets(
