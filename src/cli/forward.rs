@@ -345,8 +345,19 @@ pub async fn run_status(ctx: &Context, args: StatusArgs) -> anyhow::Result<ExitC
 fn print_targets(all: &[DispatchTarget]) -> anyhow::Result<()> {
     use std::io::IsTerminal as _;
     let colour = std::io::stdout().is_terminal();
-    out("server\tstate\tstatus\tdesired\tapplied\tattempts\tjid\treason")?;
+    // Several daemons on one registry record where minions are: then each
+    // row says through which master its target goes.
+    let located = all.iter().any(|t| t.location.is_some());
+    out(format_args!(
+        "server\tstate\tstatus\tdesired\tapplied\tattempts\tjid\t{}reason",
+        if located { "master\t" } else { "" }
+    ))?;
     for t in all {
+        let master = match (&t.location, located) {
+            (Some(m), _) => format!("{m}\t"),
+            (None, true) => "location unknown\t".to_owned(),
+            (None, false) => String::new(),
+        };
         let status = if colour {
             let code = match t.status {
                 DispatchStatus::Done => "32",
@@ -367,7 +378,7 @@ fn print_targets(all: &[DispatchTarget]) -> anyhow::Result<()> {
             .lines()
             .filter(|l| !l.trim().is_empty());
         out(format_args!(
-            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{master}{}",
             t.server,
             t.state,
             status,

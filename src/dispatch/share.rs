@@ -141,6 +141,7 @@ mod tests {
             lease_holder: None,
             lease_epoch: 0,
             orphan_jid: None,
+            location: None,
         }
     }
 

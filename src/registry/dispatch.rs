@@ -200,6 +200,9 @@ pub struct DispatchTarget {
     /// up, and published again under the same jid if the minion never
     /// returned.
     pub orphan_jid: Option<String>,
+    /// The master its minion was last seen on (several daemons on one
+    /// registry, `minion_presence`); `None`: location unknown.
+    pub location: Option<String>,
 }
 
 /// Where a daemon claims targets (several daemons on one registry): the

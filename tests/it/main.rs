@@ -7,6 +7,7 @@
 mod accept;
 mod backups;
 mod bench_backup;
+mod bench_cluster;
 mod bench_dispatch;
 mod bus_fake_publisher;
 mod bus_salt;

@@ -188,6 +188,20 @@ fn a_change_goes_once_through_the_master_its_minion_is_on_and_follows_a_failover
     ));
     let t = converged(&cfg1);
     assert_eq!(source_jobs(&h1, &id).len(), 1, "one run through m1: {t}");
+    // Where each target goes: the source's minion on m1; the backup
+    // server has no minion anywhere.
+    assert_eq!(t["location"], "m1", "{t}");
+    let list = String::from_utf8(run_ok(cli(&cfg1, &["dispatch", "list"])).stdout).unwrap();
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with(SOURCE) && l.contains("\tm1\t")),
+        "{list}"
+    );
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("bk01.example.org") && l.contains("\tlocation unknown\t")),
+        "{list}"
+    );
     assert_eq!(
         source_jobs(&h2, &id),
         Vec::<String>::new(),

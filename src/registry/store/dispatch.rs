@@ -133,7 +133,9 @@ mod sql {
          s.status AS server_status, t.state, t.desired, t.applied, t.applied_hash, t.status, \
          t.forced, t.attempts, t.next_attempt_at, t.pending_since, t.running_revision, \
          t.started_at, t.last_jid, t.last_summary, t.last_error, t.last_applied_at, \
-         t.updated_at, t.lease_holder, t.lease_epoch, t.orphan_jid \
+         t.updated_at, t.lease_holder, t.lease_epoch, t.orphan_jid, \
+         (SELECT mp.master FROM minion_presence mp WHERE mp.minion_id = s.minion_id) \
+         AS location \
          FROM dispatch_targets t JOIN servers s ON s.id = t.server_id ";
 
     /// `$1` server, `$2` state, `$3` outbox id, `$4` now, `$5` debounce,
@@ -317,6 +319,7 @@ macro_rules! dispatch_impl {
                             r.try_get::<Option<String>, _>("lease_holder")?,
                             r.try_get::<i64, _>("lease_epoch")?,
                             r.try_get::<Option<String>, _>("orphan_jid")?,
+                            r.try_get::<Option<String>, _>("location")?,
                         ),
                     ))
                 })()
@@ -346,6 +349,7 @@ macro_rules! dispatch_impl {
                     lease_holder: d.0,
                     lease_epoch: d.1,
                     orphan_jid: d.2,
+                    location: d.3,
                 })
             }
 
