@@ -8,6 +8,7 @@ mod accept;
 mod backups;
 mod bench_backup;
 mod bench_dispatch;
+mod browser;
 mod bus_fake_publisher;
 mod bus_salt;
 mod cli;
