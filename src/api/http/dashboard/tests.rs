@@ -461,3 +461,51 @@ fn timestamps_read_as_utc_dates() {
     assert_eq!(super::ts(951_782_400_000), "2000-02-29 00:00:00");
     assert_eq!(super::seg("a b/<c>"), "a%20b%2F%3Cc%3E");
 }
+
+#[tokio::test]
+async fn the_retry_form_posts_to_the_api_and_comes_back() {
+    let a = app().await;
+    a.server("web01").await;
+    let viewer = a.login("viewer1").await;
+    let operator = a.login("operator1").await;
+    let post = |cookie: &str, body: &'static str| {
+        Request::post("/api/v1/dispatches/web01/retry")
+            .header(header::COOKIE, cookie)
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header("sec-fetch-site", "same-origin")
+            .body(Body::from(body))
+            .unwrap()
+    };
+    let r = a.call(post(&operator, "next=%2Fdispatches")).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    assert_eq!(r.header(header::LOCATION), "/dispatches");
+    let r = a
+        .call(post(&operator, "state=share&next=%2Fservers%2Fweb01"))
+        .await;
+    assert_eq!(r.header(header::LOCATION), "/servers/web01", "{}", r.body);
+    // Only a path of this site, and only a known state.
+    let r = a
+        .call(post(&operator, "next=https%3A%2F%2Fevil.example"))
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+    let r = a.call(post(&operator, "next=%2F%2Fevil.example")).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+    let r = a
+        .call(post(&operator, "state=nothing&next=%2Fdispatches"))
+        .await;
+    assert!(r.status.is_client_error(), "{}", r.body);
+    // A viewer may not; without the form fields it is the API's JSON.
+    let r = a.call(post(&viewer, "next=%2Fdispatches")).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let r = a.call(post(&operator, "")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert!(r.body.contains(r#""due":0"#), "{}", r.body);
+    // Each retry is audited as the user.
+    let log = a.svc.audit_log(None, 10).await.unwrap();
+    assert!(
+        log.iter()
+            .filter(|e| e.action == "dispatch.retry" && e.actor == "user:operator1")
+            .count()
+            >= 2
+    );
+}
