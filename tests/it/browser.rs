@@ -210,6 +210,16 @@ fn dashboard_in_headless_chromium() {
         let c = connect(driver.port).await;
         log_in(&c, &base).await;
         assert_eq!(text_of(&c, "#count-servers").await.as_deref(), Some("0"));
+        // htmx loaded from the binary, and no <style> element added (the CSP
+        // would refuse it: htmx's indicator styles are off in its config).
+        let loaded = c
+            .execute(
+                "return [typeof window.htmx, document.querySelectorAll('style').length];",
+                vec![],
+            )
+            .await
+            .unwrap();
+        assert_eq!(loaded, json!(["object", 0]));
         assert!(text_of(&c, "h1").await.unwrap().contains("Overview"));
         // Marks this document: a reload would lose the mark.
         c.execute("window.stewardMark = 'same page';", vec![])

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::http::{header, Request, StatusCode};
 use axum::Router;
 use tower::ServiceExt as _;
@@ -424,6 +424,9 @@ async fn logout_needs_a_same_origin_form_and_ends_the_session() {
 async fn the_event_stream_is_a_stream_for_a_session() {
     let a = app().await;
     let cookie = a.login("viewer1").await;
+    // The daemon's notifier's cursor (a new consumer is a change too).
+    use crate::registry::Store as _;
+    a.svc.store().outbox_subscribe("notify").await.unwrap();
     let resp = a
         .app
         .clone()
@@ -452,6 +455,30 @@ async fn the_event_stream_is_a_stream_for_a_session() {
     .unwrap();
     let text = String::from_utf8_lossy(&first);
     assert!(text.contains("event: hello"), "{text}");
+
+    // A registry write (an outbox row past a consumer's cursor) is told
+    // within a few polls; nothing before it.
+    async fn next(
+        body: &mut axum::body::BodyDataStream,
+        secs: u64,
+    ) -> Result<Option<Result<Bytes, axum::Error>>, tokio::time::error::Elapsed> {
+        use futures_util::StreamExt as _;
+        tokio::time::timeout(std::time::Duration::from_secs(secs), body.next()).await
+    }
+    // A keep-alive comment is all that may come while nothing changes.
+    if let Ok(Some(Ok(quiet))) = next(&mut body, 2).await {
+        let quiet = String::from_utf8_lossy(&quiet);
+        assert!(!quiet.contains("changed"), "{quiet}");
+    }
+    a.server("web09").await;
+    let changed = loop {
+        let chunk = next(&mut body, 5).await.unwrap().unwrap().unwrap();
+        let chunk = String::from_utf8_lossy(&chunk).into_owned();
+        if !chunk.starts_with(':') {
+            break chunk;
+        }
+    };
+    assert!(changed.contains("event: changed"), "{changed}");
 }
 
 #[test]
