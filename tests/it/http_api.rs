@@ -32,7 +32,7 @@ use crate::support::steward;
 const T0: i64 = 1_800_000_000_000;
 const IDLE_MS: i64 = 60_000;
 const ABSOLUTE_MS: i64 = 600_000;
-const PASSWORD: &str = "a long enough password";
+pub(crate) const PASSWORD: &str = "a long enough password";
 
 /// The API over one test database, with a clock the test moves.
 struct Api {
@@ -887,7 +887,7 @@ fn config(dir: &Path) -> std::path::PathBuf {
     cfg
 }
 
-fn cli_with_stdin(cfg: &Path, args: &[&str], stdin: &str) -> std::process::Output {
+pub(crate) fn cli_with_stdin(cfg: &Path, args: &[&str], stdin: &str) -> std::process::Output {
     use std::io::Write as _;
     let mut child = steward()
         .arg("--config")

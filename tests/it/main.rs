@@ -9,6 +9,7 @@ mod backups;
 mod bench_backup;
 mod bench_cluster;
 mod bench_dispatch;
+mod browser;
 mod bus_fake_publisher;
 mod bus_salt;
 mod cli;

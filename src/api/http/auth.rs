@@ -165,10 +165,16 @@ pub fn same_origin_proof(headers: &HeaderMap) -> bool {
 
 /// A login (no session yet) is refused only when the browser says it comes
 /// from another site: a plain client (curl) sends neither header.
+/// `Sec-Fetch-Site` decides when present.
 pub fn cross_site(headers: &HeaderMap) -> bool {
     let text = |h: &str| headers.get(h).and_then(|v| v.to_str().ok());
-    if matches!(text("sec-fetch-site"), Some("cross-site" | "same-site")) {
-        return true;
+    match text("sec-fetch-site") {
+        Some("cross-site" | "same-site") => return true,
+        // The browser's own word (a page cannot set it). Its `Origin` may
+        // then be `null`: Chromium sends that for a form posted from a page
+        // under `Referrer-Policy: no-referrer`, which every page here has.
+        Some("same-origin") => return false,
+        _ => {}
     }
     match (text("origin"), text("host")) {
         (Some(origin), Some(host)) => origin_host(origin) != Some(host),
@@ -318,6 +324,16 @@ mod tests {
         assert!(!same_origin_proof(&h(&[])));
         assert!(!cross_site(&h(&[])));
         assert!(cross_site(&h(&[("sec-fetch-site", "cross-site")])));
+        // The dashboard's login form as Chromium posts it (no-referrer page).
+        assert!(!cross_site(&h(&[
+            ("sec-fetch-site", "same-origin"),
+            ("origin", "null"),
+            ("host", "127.0.0.1:8467")
+        ])));
+        assert!(cross_site(&h(&[
+            ("origin", "null"),
+            ("host", "127.0.0.1:8467")
+        ])));
         assert!(cross_site(&h(&[
             ("origin", "https://evil.example"),
             ("host", "127.0.0.1:8467")

@@ -34,6 +34,7 @@
 //! (token scope `read`), inventory writes, retries and exec operator (`write`).
 
 pub mod auth;
+mod dashboard;
 pub mod error;
 mod inventory;
 mod keys;
@@ -97,6 +98,11 @@ pub struct HttpState {
     exec: Option<ExecContext>,
     /// The master's pki directory (`GET /keys`).
     pki_dir: Option<std::path::PathBuf>,
+    /// Cancelled when the server stops: ends the dashboard's event streams,
+    /// which graceful shutdown would otherwise wait for.
+    shutdown: CancellationToken,
+    /// Bounds the dashboard's open event streams (one per tab).
+    streams: Arc<tokio::sync::Semaphore>,
 }
 
 /// The daemon's Salt client, policy and exec counters, for `POST /exec`.
@@ -138,6 +144,8 @@ impl HttpState {
             backup_stale_ms: stale_ms(crate::config::BackupsConfig::default().stale_after_hours),
             exec: None,
             pki_dir: None,
+            shutdown: CancellationToken::new(),
+            streams: Arc::new(tokio::sync::Semaphore::new(dashboard::MAX_STREAMS)),
         }
     }
 
@@ -258,6 +266,7 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .route("/api/v1/keys", get(keys::list_keys))
         .route("/api/v1/audit", get(audit))
         .route("/api/v1/openapi.json", get(openapi::serve_document))
+        .merge(dashboard::routes())
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -271,7 +280,11 @@ pub fn router(state: Arc<HttpState>) -> Router {
                 .layer(header(header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
                 .layer(header(header::X_FRAME_OPTIONS, "DENY"))
                 .layer(header(header::REFERRER_POLICY, "no-referrer"))
-                .layer(header(header::CACHE_CONTROL, "no-store"))
+                // The dashboard's assets set their own (long) cache policy.
+                .layer(SetResponseHeaderLayer::if_not_present(
+                    header::CACHE_CONTROL,
+                    HeaderValue::from_static("no-store"),
+                ))
                 .layer(CompressionLayer::new())
                 .layer(axum::middleware::map_response(error_shape))
                 .layer(TimeoutLayer::with_status_code(
@@ -285,9 +298,14 @@ pub fn router(state: Arc<HttpState>) -> Router {
 /// Serves the API on `listener` until `cancel` fires (in-flight requests
 /// finish; the supervisor bounds the wait).
 pub async fn serve(listener: TcpListener, state: Arc<HttpState>, cancel: CancellationToken) {
+    let streams = state.shutdown.clone();
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
     if let Err(error) = axum::serve(listener, app)
-        .with_graceful_shutdown(cancel.cancelled_owned())
+        .with_graceful_shutdown(async move {
+            cancel.cancelled_owned().await;
+            // Open event streams never end by themselves.
+            streams.cancel();
+        })
         .await
     {
         warn!(message = "HTTP API failed.", %error);
@@ -296,7 +314,8 @@ pub async fn serve(listener: TcpListener, state: Arc<HttpState>, cancel: Cancell
 
 /// Gives the one error shape to the errors the layers and extractors
 /// answer themselves (408 timeout, 413 body too large, a path that is not
-/// UTF-8 …): any error response that is not already JSON.
+/// UTF-8 …): any error response that is not already JSON (or one of the
+/// dashboard's HTML pages).
 async fn error_shape<B>(resp: axum::http::Response<B>) -> Response
 where
     B: axum::body::HttpBody<Data = Bytes> + Send + 'static,
@@ -308,7 +327,7 @@ where
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/json"));
+        .is_some_and(|v| v.starts_with("application/json") || v.starts_with("text/html"));
     if !(status.is_client_error() || status.is_server_error()) || is_json {
         return resp;
     }
@@ -399,12 +418,29 @@ async fn login(State(state): State<Arc<HttpState>>, req: Request) -> Result<Resp
         .await
         .map_err(|e| ApiError::bad_request(format!("reading the body: {e}")))?;
     let form = read_login(headers, &body)?;
+    let (user, cookie) = start_session(&state, headers, &client, form).await?;
+    let mut resp = Json(json!({"user": user})).into_response();
+    resp.headers_mut().insert(header::SET_COOKIE, cookie);
+    Ok(resp)
+}
+
+/// Checks a login (`form`) from `client` against the rate limit and the
+/// registry and starts its session: the user and the `Set-Cookie` value.
+/// Shared by `POST /api/v1/login` and the dashboard's login form, so both
+/// count failures and rotate sessions the same way. The caller refuses
+/// cross-site requests first.
+async fn start_session(
+    state: &HttpState,
+    headers: &HeaderMap,
+    client: &str,
+    form: LoginBody,
+) -> Result<(crate::registry::users::User, HeaderValue), ApiError> {
     // Keys stay small whatever is sent: a name no user can have shares one.
     let name_key = match validate_user_name(&form.name) {
         Ok(n) => format!("user:{n}"),
         Err(_) => "user:<invalid>".to_owned(),
     };
-    let keys = [client.as_str(), name_key.as_str()];
+    let keys = [client, name_key.as_str()];
     let now = state.now();
     let max = state.login_failures;
     // Counted before the (slow) check, so parallel attempts count too; a
@@ -447,12 +483,10 @@ async fn login(State(state): State<Arc<HttpState>>, req: Request) -> Result<Resp
     {
         let mut l = state.limiter();
         l.forget(&name_key);
-        l.undo(&client, now);
+        l.undo(client, now);
     }
-    let cookie = session_cookie(&state, secret.expose(), state.limits.absolute_ms / 1000)?;
-    let mut resp = Json(json!({"user": user})).into_response();
-    resp.headers_mut().insert(header::SET_COOKIE, cookie);
-    Ok(resp)
+    let cookie = session_cookie(state, secret.expose(), state.limits.absolute_ms / 1000)?;
+    Ok((user, cookie))
 }
 
 #[utoipa::path(post, path = "/api/v1/logout", tag = "session",

@@ -15,7 +15,8 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{HeaderMap, Method};
+use axum::http::{header, HeaderMap, Method};
+use axum::response::{IntoResponse, Redirect, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Map, Value as JsonValue};
@@ -77,20 +78,25 @@ pub(super) async fn list_dispatches(
 }
 
 /// `POST /dispatches/{server}/retry` with optional `{"state": …}`: its
-/// targets (or that one) due now, as `dispatch retry` does.
+/// targets (or that one) due now, as `dispatch retry` does. The dashboard's
+/// form (`state`, `next`) is answered with a 303 to `next`.
 #[utoipa::path(post, path = "/api/v1/dispatches/{server}/retry", tag = "dispatch",
     params(("server" = String, Path, description = "Id or name")),
-    request_body(content = Object, description = "Optional `{state}`: that target only"),
-    responses((status = 200, description = "`{server, due}`: how many targets are due now", body = Object), (status = "4XX", description = "The error shape", body = ErrorBody)))]
+    request_body(content = Object, description = "Optional `{state}`: that target only (or a form with `state` and `next`)"),
+    responses((status = 200, description = "`{server, due}`: how many targets are due now", body = Object), (status = 303, description = "A form with `next`: back to that page"), (status = "4XX", description = "The error shape", body = ErrorBody)))]
 pub(super) async fn retry_dispatch(
     State(state): State<Arc<HttpState>>,
     method: Method,
     headers: HeaderMap,
     Path(server): Path<String>,
     body: Bytes,
-) -> Result<Json<JsonValue>, ApiError> {
+) -> Result<Response, ApiError> {
     let p = auth::require(&state, &method, &headers, Role::Operator).await?;
-    let args = object(&body)?;
+    let (args, next) = if is_form(&headers) {
+        retry_form(&body)?
+    } else {
+        (object(&body)?, None)
+    };
     if let Some(k) = args.keys().find(|k| *k != "state") {
         return Err(ApiError::bad_request(format!(
             "{k:?} is not an argument (state)"
@@ -115,7 +121,39 @@ pub(super) async fn retry_dispatch(
         JsonValue::Object(args),
     )
     .await;
-    Ok(Json(json!({"server": s.name, "due": due})))
+    match next {
+        Some(to) => Ok(Redirect::to(&to).into_response()),
+        None => Ok(Json(json!({"server": s.name, "due": due})).into_response()),
+    }
+}
+
+fn is_form(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"))
+}
+
+/// The dashboard's retry form: optional `state` and `next` (a path of this
+/// site to go back to, answered with a 303).
+fn retry_form(body: &[u8]) -> Result<(Map<String, JsonValue>, Option<String>), ApiError> {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(body)
+        .map_err(|e| ApiError::bad_request(format!("form: {e}")))?;
+    let mut args = Map::new();
+    let mut next = None;
+    for (k, v) in pairs {
+        if k == "next" {
+            if !v.starts_with('/') || v.starts_with("//") || v.contains('\\') {
+                return Err(ApiError::bad_request(format!(
+                    "next={v:?}: a path on this site (/…)"
+                )));
+            }
+            next = Some(v);
+        } else if !v.is_empty() {
+            args.insert(k, JsonValue::String(v));
+        }
+    }
+    Ok((args, next))
 }
 
 /// `GET /exec` filters.

@@ -1,0 +1,705 @@
+//! The dashboard's pages: each reads what it shows from `registry::Service`
+//! (and the keys view of [`super::super::keys`]) and renders one template.
+//! Nothing here writes: the forms post to the JSON API.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, Method};
+use axum::response::{Html, IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use serde_json::Value as JsonValue;
+
+use super::{page_user, render, render_text, seg, Frame, PageError};
+use crate::api::http::error::ApiError;
+use crate::api::http::{keys, HttpState};
+use crate::registry::backup::{Health, WithHealth};
+use crate::registry::dispatch::{DispatchStatus, DispatchTarget};
+use crate::registry::store::DispatchStore as _;
+use crate::registry::users::{Role, User};
+use crate::registry::{Server, ServerFilter, ServerRef, Status};
+
+/// A pending or running dispatch older than this is "stuck".
+const STUCK_MS: i64 = 15 * 60_000;
+
+/// How many audit entries a page shows.
+const AUDIT_PAGE: i64 = 100;
+
+fn query<T: for<'de> Deserialize<'de> + Default>(q: Option<&str>) -> Result<T, PageError> {
+    match q {
+        None | Some("") => Ok(T::default()),
+        Some(q) => serde_urlencoded::from_str(q)
+            .map_err(|e| ApiError::bad_request(format!("query: {e}")).into()),
+    }
+}
+
+fn need(user: &User, role: Role) -> Result<(), PageError> {
+    if user.role >= role {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden(format!("this page needs the {role} role")).into())
+    }
+}
+
+// ------------------------------------------------------------- keys view
+
+/// One key file as the keys view has it.
+#[derive(Debug, Clone, Serialize)]
+struct Key {
+    state: &'static str,
+    minion_id: String,
+    fingerprint: Option<String>,
+    issued_fingerprint: Option<String>,
+    matches: Option<bool>,
+    server: Option<String>,
+    /// `/keys/{minion}/confirm?action=…` links (empty for a viewer).
+    accept: Option<String>,
+    reject: Option<String>,
+}
+
+/// The master's keys (`GET /api/v1/keys`'s view, read by its handler):
+/// `None` when the daemon gave the API no pki directory.
+async fn key_view(
+    state: &Arc<HttpState>,
+    headers: &HeaderMap,
+    can_write: bool,
+) -> Result<Option<(String, Vec<Key>)>, PageError> {
+    let view = match keys::list_keys(State(state.clone()), Method::GET, headers.clone()).await {
+        Ok(v) => v.0,
+        Err(e) if e.code == "unavailable" => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let Some(entry) = view["items"].get(0) else {
+        return Ok(None);
+    };
+    let pki_dir = entry["pki_dir"].as_str().unwrap_or_default().to_owned();
+    let mut out = Vec::new();
+    for state_name in ["pending", "accepted", "rejected", "denied"] {
+        for k in entry[state_name].as_array().into_iter().flatten() {
+            let text = |f: &str| k[f].as_str().map(str::to_owned);
+            let minion_id = text("minion_id").unwrap_or_default();
+            let link = |action: &str| format!("/keys/{}/confirm?action={action}", seg(&minion_id));
+            let (accept, reject) = match (can_write, state_name) {
+                (false, _) | (true, "denied") => (None, None),
+                (true, "pending") => (Some(link("accept")), Some(link("reject"))),
+                (true, "accepted") => (None, Some(link("reject"))),
+                (true, _) => (Some(link("accept")), None),
+            };
+            out.push(Key {
+                state: state_name,
+                fingerprint: text("fingerprint"),
+                issued_fingerprint: text("issued_fingerprint"),
+                matches: k["matches"].as_bool(),
+                server: text("server"),
+                minion_id,
+                accept,
+                reject,
+            });
+        }
+    }
+    Ok(Some((pki_dir, out)))
+}
+
+// ------------------------------------------------------------- attention
+
+/// One entry of the attention list: what is wrong, and the page to fix it.
+#[derive(Debug, Clone, Serialize)]
+struct Attention {
+    kind: &'static str,
+    text: String,
+    link: String,
+}
+
+/// The attention list from what the registry and the key directories say.
+/// (The shared `alerts` function of the API will replace this at merge.)
+fn attention(
+    now: i64,
+    servers: &[Server],
+    targets: &[DispatchTarget],
+    backups: &[WithHealth],
+    keys: Option<&[Key]>,
+) -> Vec<Attention> {
+    let mut out = Vec::new();
+    for k in keys.into_iter().flatten() {
+        let who = k
+            .server
+            .as_deref()
+            .map_or_else(String::new, |s| format!(" (server {s})"));
+        if k.matches == Some(false) {
+            out.push(Attention {
+                kind: "key mismatch",
+                text: format!(
+                    "{} key of {}{who}: presented {} but issued {}",
+                    k.state,
+                    k.minion_id,
+                    k.fingerprint.as_deref().unwrap_or("?"),
+                    k.issued_fingerprint.as_deref().unwrap_or("?")
+                ),
+                link: "/keys".to_owned(),
+            });
+        }
+        if k.server.is_none() && matches!(k.state, "pending" | "accepted") {
+            out.push(Attention {
+                kind: "unknown minion",
+                text: format!(
+                    "{} key of {}: no server in the registry",
+                    k.state, k.minion_id
+                ),
+                link: "/keys".to_owned(),
+            });
+        }
+        if k.state == "denied" {
+            out.push(Attention {
+                kind: "denied minion",
+                text: format!(
+                    "{} presented a second key{who}, denied by the master",
+                    k.minion_id
+                ),
+                link: "/keys".to_owned(),
+            });
+        }
+    }
+    for t in targets {
+        let link = format!("/servers/{}", seg(&t.server));
+        match t.status {
+            DispatchStatus::Failed => out.push(Attention {
+                kind: "dispatch failed",
+                text: format!(
+                    "{} on {}: {}",
+                    t.state.as_str(),
+                    t.server,
+                    t.last_error.as_deref().unwrap_or("failed")
+                ),
+                link,
+            }),
+            DispatchStatus::Running if t.started_at.is_some_and(|s| s < now - STUCK_MS) => {
+                out.push(Attention {
+                    kind: "dispatch stuck",
+                    text: format!(
+                        "{} on {}: running for over 15 minutes",
+                        t.state.as_str(),
+                        t.server
+                    ),
+                    link,
+                });
+            }
+            DispatchStatus::Pending if t.pending_since.is_some_and(|s| s < now - STUCK_MS) => {
+                out.push(Attention {
+                    kind: "dispatch stuck",
+                    text: format!(
+                        "{} on {}: pending for over 15 minutes",
+                        t.state.as_str(),
+                        t.server
+                    ),
+                    link,
+                });
+            }
+            _ => {}
+        }
+    }
+    for (b, health, last) in backups {
+        let why = match health {
+            Health::Red => match last {
+                Some(r) => format!(
+                    "last run {} ({})",
+                    r.outcome.as_str(),
+                    super::ts(r.started_at)
+                ),
+                None => "no recent successful run".to_owned(),
+            },
+            Health::NeverRun if b.active => "never run".to_owned(),
+            _ => continue,
+        };
+        out.push(Attention {
+            kind: "backup",
+            text: format!(
+                "backup #{} {}:{} → {}: {why}",
+                b.id, b.source, b.source_folder, b.dest
+            ),
+            link: "/backups".to_owned(),
+        });
+    }
+    for s in servers.iter().filter(|s| s.status == Status::Offline) {
+        out.push(Attention {
+            kind: "server offline",
+            text: format!(
+                "{} stopped answering (since {})",
+                s.name,
+                super::ts(s.updated_at)
+            ),
+            link: format!("/servers/{}", seg(&s.name)),
+        });
+    }
+    out
+}
+
+// -------------------------------------------------------------- overview
+
+#[derive(Debug, Default, Serialize)]
+struct Counts {
+    servers: usize,
+    online: usize,
+    offline: usize,
+    backups_green: usize,
+    backups_red: usize,
+    backups_never: usize,
+    dispatch_pending: usize,
+    dispatch_running: usize,
+    dispatch_failed: usize,
+    keys_pending: Option<usize>,
+}
+
+#[derive(Debug, Serialize)]
+struct Overview {
+    counts: Counts,
+    attention: Vec<Attention>,
+    /// The servers changed last (newest first).
+    recent: Vec<Server>,
+}
+
+async fn overview_data(
+    state: &Arc<HttpState>,
+    headers: &HeaderMap,
+    user: &User,
+) -> Result<Overview, PageError> {
+    let servers = state.service.find_servers(&ServerFilter::default()).await?;
+    let targets = state.service.store().dispatch_targets(None).await?;
+    let backups = state
+        .service
+        .backups_with_health(state.backup_stale_ms)
+        .await?;
+    let keys = key_view(state, headers, user.role >= Role::Operator).await?;
+    let count = |st: DispatchStatus| targets.iter().filter(|t| t.status == st).count();
+    let health = |h: Health| backups.iter().filter(|b| b.1 == h).count();
+    let counts = Counts {
+        servers: servers.len(),
+        online: servers
+            .iter()
+            .filter(|s| s.status == Status::Online)
+            .count(),
+        offline: servers
+            .iter()
+            .filter(|s| s.status == Status::Offline)
+            .count(),
+        backups_green: health(Health::Green),
+        backups_red: health(Health::Red),
+        backups_never: health(Health::NeverRun),
+        dispatch_pending: count(DispatchStatus::Pending),
+        dispatch_running: count(DispatchStatus::Running),
+        dispatch_failed: count(DispatchStatus::Failed),
+        keys_pending: keys
+            .as_ref()
+            .map(|(_, k)| k.iter().filter(|k| k.state == "pending").count()),
+    };
+    let attention = attention(
+        state.now(),
+        &servers,
+        &targets,
+        &backups,
+        keys.as_ref().map(|(_, k)| k.as_slice()),
+    );
+    let mut recent = servers;
+    recent.sort_by(|a, b| b.updated_at.cmp(&a.updated_at).then(b.id.cmp(&a.id)));
+    recent.truncate(10);
+    Ok(Overview {
+        counts,
+        attention,
+        recent,
+    })
+}
+
+/// `GET /`: counts and the attention list, refreshed live.
+pub(super) async fn overview(
+    State(state): State<Arc<HttpState>>,
+    headers: HeaderMap,
+) -> Result<Response, PageError> {
+    let user = page_user(&state, &headers).await?;
+    let data = overview_data(&state, &headers, &user).await?;
+    render(
+        "overview.html",
+        &minijinja::context! { user => Frame::of(&user), nav => "overview", title => "Overview", data },
+    )
+}
+
+/// `GET /fragments/overview`: the overview's live part alone (what the
+/// event stream's script swaps in).
+pub(super) async fn overview_fragment(
+    State(state): State<Arc<HttpState>>,
+    headers: HeaderMap,
+) -> Result<Response, PageError> {
+    let user = page_user(&state, &headers).await?;
+    let data = overview_data(&state, &headers, &user).await?;
+    let html = render_text("overview_fragment.html", &minijinja::context! { data })?;
+    Ok(Html(html).into_response())
+}
+
+// --------------------------------------------------------------- servers
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServersQuery {
+    q: Option<String>,
+    status: Option<String>,
+    sort: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct ServerRow {
+    server: Server,
+    link: String,
+    dispatch: Option<&'static str>,
+    backup: Option<&'static str>,
+}
+
+/// The worst of a server's dispatch targets (failed first).
+fn worst_dispatch(targets: &[&DispatchTarget]) -> Option<&'static str> {
+    [
+        DispatchStatus::Failed,
+        DispatchStatus::Running,
+        DispatchStatus::Pending,
+        DispatchStatus::Waiting,
+        DispatchStatus::Done,
+    ]
+    .into_iter()
+    .find(|s| targets.iter().any(|t| t.status == *s))
+    .map(DispatchStatus::as_str)
+}
+
+/// The worst health of the backups of a server (as source).
+fn worst_backup(healths: &[Health]) -> Option<&'static str> {
+    [
+        Health::Red,
+        Health::NeverRun,
+        Health::Running,
+        Health::Green,
+    ]
+    .into_iter()
+    .find(|h| healths.contains(h))
+    .map(Health::as_str)
+}
+
+/// `GET /servers?q=&status=&sort=`: the servers, filtered by a name part
+/// and a status, sorted by name, model, status or last change.
+pub(super) async fn servers(
+    State(state): State<Arc<HttpState>>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Result<Response, PageError> {
+    let user = page_user(&state, &headers).await?;
+    let q: ServersQuery = query(q.as_deref())?;
+    let status = match q.status.as_deref() {
+        None | Some("") => None,
+        Some(s) => Some(s.parse::<Status>().map_err(ApiError::from)?),
+    };
+    let sort = q.sort.as_deref().unwrap_or("name");
+    if !["name", "model", "status", "updated"].contains(&sort) {
+        return Err(ApiError::bad_request(format!(
+            "sort={sort:?}: sort by name, model, status or updated"
+        ))
+        .into());
+    }
+    let mut servers = state
+        .service
+        .find_servers(&ServerFilter {
+            status,
+            ..ServerFilter::default()
+        })
+        .await?;
+    let needle = q.q.as_deref().unwrap_or("").trim().to_lowercase();
+    if !needle.is_empty() {
+        servers.retain(|s| s.name.contains(&needle) || s.minion_id.contains(&needle));
+    }
+    match sort {
+        "model" => servers.sort_by(|a, b| a.model.cmp(&b.model).then(a.name.cmp(&b.name))),
+        "status" => servers.sort_by(|a, b| {
+            a.status
+                .as_str()
+                .cmp(b.status.as_str())
+                .then(a.name.cmp(&b.name))
+        }),
+        "updated" => servers.sort_by_key(|s| std::cmp::Reverse(s.updated_at)),
+        _ => servers.sort_by(|a, b| a.name.cmp(&b.name)),
+    }
+    let targets = state.service.store().dispatch_targets(None).await?;
+    let backups = state
+        .service
+        .backups_with_health(state.backup_stale_ms)
+        .await?;
+    let mut by_server: HashMap<i64, Vec<&DispatchTarget>> = HashMap::new();
+    for t in &targets {
+        by_server.entry(t.server_id).or_default().push(t);
+    }
+    let mut health: HashMap<i64, Vec<Health>> = HashMap::new();
+    for (b, h, _) in &backups {
+        health.entry(b.source_id).or_default().push(*h);
+    }
+    let rows: Vec<ServerRow> = servers
+        .into_iter()
+        .map(|s| ServerRow {
+            link: format!("/servers/{}", seg(&s.name)),
+            dispatch: worst_dispatch(by_server.get(&s.id).map_or(&[][..], Vec::as_slice)),
+            backup: worst_backup(health.get(&s.id).map_or(&[][..], Vec::as_slice)),
+            server: s,
+        })
+        .collect();
+    let statuses: Vec<&str> = Status::ALL.iter().map(|s| s.as_str()).collect();
+    render(
+        "servers.html",
+        &minijinja::context! {
+            user => Frame::of(&user), nav => "servers", title => "Servers", rows,
+            q => q.q.unwrap_or_default(), status => q.status.unwrap_or_default(), sort, statuses,
+        },
+    )
+}
+
+/// `GET /servers/{name}`: one server with its keys, forwards, shares,
+/// backups and dispatches.
+pub(super) async fn server(
+    State(state): State<Arc<HttpState>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Response, PageError> {
+    let user = page_user(&state, &headers).await?;
+    let r: ServerRef = name.parse().unwrap_or(ServerRef::Name(name));
+    let s = state.service.get_server(&r).await?;
+    let r = ServerRef::Id(s.id);
+    let mut fields: Vec<(String, String)> = Vec::new();
+    if let Ok(JsonValue::Object(map)) = serde_json::to_value(&s) {
+        for (k, v) in map {
+            let text = match (k.as_str(), v) {
+                ("public_key", JsonValue::Null) => "none".to_owned(),
+                ("public_key", _) => "issued (PEM, not shown)".to_owned(),
+                ("created_at" | "updated_at", JsonValue::Number(n)) => {
+                    n.as_i64().map_or_else(String::new, super::ts)
+                }
+                (_, JsonValue::Null) => String::new(),
+                (_, JsonValue::String(t)) => t,
+                (_, other) => other.to_string(),
+            };
+            fields.push((k, text));
+        }
+    }
+    let keys = key_view(&state, &headers, user.role >= Role::Operator)
+        .await?
+        .map(|(_, k)| {
+            k.into_iter()
+                .filter(|k| k.minion_id == s.minion_id)
+                .collect::<Vec<_>>()
+        });
+    let port_forwards: Vec<_> = state
+        .service
+        .list_port_forwards(None)
+        .await?
+        .into_iter()
+        .filter(|f| f.host_id == s.id || f.dest_id == s.id)
+        .collect();
+    let hostname_forwards: Vec<_> = state
+        .service
+        .list_hostname_forwards(None)
+        .await?
+        .into_iter()
+        .filter(|f| f.proxy_id == s.id || f.dest_id == s.id || f.host_id == s.id)
+        .collect();
+    let shares = state.service.list_shares(Some(&r)).await?;
+    let backups: Vec<_> = state
+        .service
+        .backups_with_health(state.backup_stale_ms)
+        .await?
+        .into_iter()
+        .filter(|(b, _, _)| b.source_id == s.id || b.dest_id == s.id)
+        .map(|(b, h, last)| minijinja::context! { backup => b, health => h.as_str(), last })
+        .collect();
+    let targets = state.service.store().dispatch_targets_of(s.id).await?;
+    let runs = state.service.store().dispatch_runs(s.id, 20).await?;
+    render(
+        "server.html",
+        &minijinja::context! {
+            user => Frame::of(&user), nav => "servers", title => s.name.clone(),
+            server => s, fields, keys, port_forwards, hostname_forwards, shares, backups,
+            targets, runs,
+        },
+    )
+}
+
+// ------------------------------------------------------------------ keys
+
+/// `GET /keys`: the master's keys by state, presented vs issued.
+pub(super) async fn keys(
+    State(state): State<Arc<HttpState>>,
+    headers: HeaderMap,
+) -> Result<Response, PageError> {
+    let user = page_user(&state, &headers).await?;
+    let view = key_view(&state, &headers, user.role >= Role::Operator).await?;
+    let (pki_dir, keys) = view.map_or((None, Vec::new()), |(d, k)| (Some(d), k));
+    let groups: Vec<_> = ["pending", "accepted", "rejected", "denied"]
+        .into_iter()
+        .map(|st| {
+            let ks: Vec<&Key> = keys.iter().filter(|k| k.state == st).collect();
+            minijinja::context! { state => st, keys => ks }
+        })
+        .collect();
+    render(
+        "keys.html",
+        &minijinja::context! { user => Frame::of(&user), nav => "keys", title => "Keys", pki_dir, groups },
+    )
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfirmQuery {
+    action: Option<String>,
+}
+
+/// `GET /keys/{minion}/confirm?action=accept|reject` (operator): the key
+/// once more, and the form that posts to the API.
+pub(super) async fn confirm_key(
+    State(state): State<Arc<HttpState>>,
+    headers: HeaderMap,
+    Path(minion): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, PageError> {
+    let user = page_user(&state, &headers).await?;
+    need(&user, Role::Operator)?;
+    let q: ConfirmQuery = query(q.as_deref())?;
+    let action = match q.action.as_deref() {
+        Some(a @ ("accept" | "reject")) => a,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!("action={other:?}: accept or reject")).into())
+        }
+        None => {
+            return Err(ApiError::bad_request("action=accept or action=reject is missing").into())
+        }
+    };
+    let keys = key_view(&state, &headers, true)
+        .await?
+        .map(|(_, k)| k)
+        .unwrap_or_default();
+    let Some(key) = keys.into_iter().find(|k| k.minion_id == minion) else {
+        return Err(ApiError::new(
+            "not_found",
+            format!("the master has no key of minion {minion:?}"),
+        )
+        .into());
+    };
+    let post = format!("/api/v1/keys/{}/{action}", seg(&minion));
+    render(
+        "confirm.html",
+        &minijinja::context! { user => Frame::of(&user), nav => "keys", title => "Confirm", key, action, post },
+    )
+}
+
+// ------------------------------------------------------------ dispatches
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DispatchQuery {
+    status: Option<String>,
+}
+
+/// `GET /dispatches?status=`: every target, with a retry form per server.
+pub(super) async fn dispatches(
+    State(state): State<Arc<HttpState>>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Result<Response, PageError> {
+    let user = page_user(&state, &headers).await?;
+    let q: DispatchQuery = query(q.as_deref())?;
+    let status = match q.status.as_deref() {
+        None | Some("") => None,
+        Some(s) => Some(s.parse::<DispatchStatus>().map_err(ApiError::from)?),
+    };
+    let targets = state.service.store().dispatch_targets(status).await?;
+    let rows: Vec<_> = targets
+        .into_iter()
+        .map(|t| {
+            let link = format!("/servers/{}", seg(&t.server));
+            let retry = format!("/api/v1/dispatches/{}/retry", seg(&t.server));
+            minijinja::context! { t, link, retry }
+        })
+        .collect();
+    let statuses: Vec<&str> = DispatchStatus::ALL.iter().map(|s| s.as_str()).collect();
+    render(
+        "dispatches.html",
+        &minijinja::context! {
+            user => Frame::of(&user), nav => "dispatches", title => "Dispatches", rows,
+            statuses, status => q.status.unwrap_or_default(),
+        },
+    )
+}
+
+// --------------------------------------------------------------- backups
+
+/// `GET /backups`: each backup green or red, with its last results.
+pub(super) async fn backups(
+    State(state): State<Arc<HttpState>>,
+    headers: HeaderMap,
+) -> Result<Response, PageError> {
+    let user = page_user(&state, &headers).await?;
+    let mut rows = Vec::new();
+    for (b, h, _) in state
+        .service
+        .backups_with_health(state.backup_stale_ms)
+        .await?
+    {
+        let results = state.service.backup_results(b.id, 5).await?;
+        rows.push(minijinja::context! { backup => b, health => h.as_str(), results });
+    }
+    render(
+        "backups.html",
+        &minijinja::context! { user => Frame::of(&user), nav => "backups", title => "Backups", rows },
+    )
+}
+
+// ---------------------------------------------------------- audit, admin
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    before: Option<i64>,
+}
+
+/// `GET /audit?before=` (admin): the audit log, newest first.
+pub(super) async fn audit(
+    State(state): State<Arc<HttpState>>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Result<Response, PageError> {
+    let user = page_user(&state, &headers).await?;
+    need(&user, Role::Admin)?;
+    let q: AuditQuery = query(q.as_deref())?;
+    let mut entries = state.service.audit_log(q.before, AUDIT_PAGE + 1).await?;
+    let more = entries.len() > usize::try_from(AUDIT_PAGE).unwrap_or(usize::MAX);
+    entries.truncate(usize::try_from(AUDIT_PAGE).unwrap_or(usize::MAX));
+    let next = if more {
+        entries.last().map(|e| e.id)
+    } else {
+        None
+    };
+    let entries: Vec<_> = entries
+        .into_iter()
+        .map(|e| {
+            let detail = e.detail.to_string();
+            minijinja::context! { e, detail }
+        })
+        .collect();
+    render(
+        "audit.html",
+        &minijinja::context! { user => Frame::of(&user), nav => "audit", title => "Audit", entries, next },
+    )
+}
+
+/// `GET /admin` (admin): users and API tokens (never their secrets).
+pub(super) async fn admin(
+    State(state): State<Arc<HttpState>>,
+    headers: HeaderMap,
+) -> Result<Response, PageError> {
+    let user = page_user(&state, &headers).await?;
+    need(&user, Role::Admin)?;
+    let users = state.service.list_users().await?;
+    let tokens = state.service.list_tokens().await?;
+    render(
+        "admin.html",
+        &minijinja::context! { user => Frame::of(&user), nav => "admin", title => "Admin", users, tokens },
+    )
+}

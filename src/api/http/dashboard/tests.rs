@@ -1,0 +1,538 @@
+//! The dashboard in process (`tower::ServiceExt::oneshot` on the API's
+//! router, SQLite in memory, a pki directory with one pending key).
+
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::http::{header, Request, StatusCode};
+use axum::Router;
+use tower::ServiceExt as _;
+
+use crate::api::http::{router, HttpState};
+use crate::config::HttpConfig;
+use crate::registry::users::{Password, Role};
+use crate::registry::{DbStore, ServerPatch, Service};
+
+const PASSWORD: &str = "a long enough password";
+
+struct App {
+    app: Router,
+    svc: Arc<Service<DbStore>>,
+    _pki: tempfile::TempDir,
+}
+
+struct Resp {
+    status: StatusCode,
+    headers: axum::http::HeaderMap,
+    body: String,
+}
+
+impl Resp {
+    fn header(&self, name: header::HeaderName) -> &str {
+        self.headers
+            .get(&name)
+            .map(|v| v.to_str().unwrap())
+            .unwrap_or("")
+    }
+}
+
+async fn app() -> App {
+    let svc = Arc::new(crate::registry::open("sqlite::memory:").await.unwrap());
+    svc.create_model("web", "", &[]).await.unwrap();
+    for role in Role::ALL {
+        svc.add_user(
+            "test",
+            &format!("{role}1"),
+            role,
+            Password::new(PASSWORD.into()).unwrap(),
+        )
+        .await
+        .unwrap();
+    }
+    let pki = tempfile::tempdir().unwrap();
+    std::fs::create_dir(pki.path().join("minions_pre")).unwrap();
+    std::fs::write(
+        pki.path().join("minions_pre").join("stray-minion"),
+        "-----BEGIN PUBLIC KEY-----\nnot a real key\n-----END PUBLIC KEY-----\n",
+    )
+    .unwrap();
+    let state =
+        HttpState::new(svc.clone(), &HttpConfig::default()).with_pki_dir(pki.path().to_owned());
+    App {
+        app: router(Arc::new(state)),
+        svc,
+        _pki: pki,
+    }
+}
+
+impl App {
+    async fn call(&self, req: Request<Body>) -> Resp {
+        let resp = self.app.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        // minijinja escapes `/` as `&#x2f;` in text and attributes alike;
+        // a browser reads it back as `/` (`<` and `>` stay escaped).
+        Resp {
+            status,
+            headers,
+            body: String::from_utf8_lossy(&bytes).replace("&#x2f;", "/"),
+        }
+    }
+
+    async fn get(&self, uri: &str, cookie: Option<&str>) -> Resp {
+        let mut req = Request::get(uri);
+        if let Some(c) = cookie {
+            req = req.header(header::COOKIE, c);
+        }
+        self.call(req.body(Body::empty()).unwrap()).await
+    }
+
+    async fn login_form(&self, name: &str, password: &str) -> Resp {
+        let body = serde_urlencoded::to_string([("name", name), ("password", password)]).unwrap();
+        self.call(
+            Request::post("/login")
+                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .body(Body::from(body))
+                .unwrap(),
+        )
+        .await
+    }
+
+    /// Logs in through the form: the `Cookie` header value.
+    async fn login(&self, name: &str) -> String {
+        let r = self.login_form(name, PASSWORD).await;
+        assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+        r.header(header::SET_COOKIE)
+            .split(';')
+            .next()
+            .unwrap()
+            .to_owned()
+    }
+
+    async fn server(&self, name: &str) {
+        let mut p = ServerPatch::default();
+        p.set("name", name).unwrap();
+        p.set("model", "web").unwrap();
+        self.svc.create_server(p).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn the_login_form_sets_the_session_cookie_and_redirects_home() {
+    let a = app().await;
+    let r = a.login_form("viewer1", PASSWORD).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER);
+    assert_eq!(r.header(header::LOCATION), "/");
+    let set = r.header(header::SET_COOKIE);
+    assert!(set.starts_with("steward_session="), "{set}");
+    assert!(
+        set.contains("HttpOnly") && set.contains("SameSite=Strict"),
+        "{set}"
+    );
+    let cookie = set.split(';').next().unwrap();
+    // The cookie works for the pages and for the JSON API alike.
+    let home = a.get("/", Some(cookie)).await;
+    assert_eq!(home.status, StatusCode::OK, "{}", home.body);
+    assert!(home.body.contains("Attention"), "{}", home.body);
+    assert_eq!(
+        a.get("/api/v1/me", Some(cookie)).await.status,
+        StatusCode::OK
+    );
+    // A logged-in user asking for the form is sent home.
+    let again = a.get("/login", Some(cookie)).await;
+    assert_eq!(again.status, StatusCode::SEE_OTHER);
+    assert_eq!(again.header(header::LOCATION), "/");
+
+    // A wrong password: the form again, with why, no cookie.
+    let bad = a.login_form("viewer1", "not the password at all").await;
+    assert_eq!(bad.status, StatusCode::UNAUTHORIZED);
+    assert!(bad.body.contains("wrong name or password"), "{}", bad.body);
+    assert!(bad.headers.get(header::SET_COOKIE).is_none());
+    assert!(bad.header(header::CONTENT_TYPE).starts_with("text/html"));
+    // A form without a password says what is missing.
+    let r = a
+        .call(
+            Request::post("/login")
+                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .body(Body::from("name=viewer1"))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.body.contains("password"), "{}", r.body);
+    // A login posted from another site is refused.
+    let r = a
+        .call(
+            Request::post("/login")
+                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .header("sec-fetch-site", "cross-site")
+                .body(Body::from(format!("name=viewer1&password={PASSWORD}")))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn pages_without_a_session_redirect_to_the_login_form() {
+    let a = app().await;
+    for uri in [
+        "/",
+        "/servers",
+        "/servers/web01",
+        "/keys",
+        "/keys/x/confirm?action=accept",
+        "/dispatches",
+        "/backups",
+        "/audit",
+        "/admin",
+        "/fragments/overview",
+    ] {
+        let r = a.get(uri, None).await;
+        assert_eq!(r.status, StatusCode::SEE_OTHER, "{uri}");
+        assert_eq!(r.header(header::LOCATION), "/login", "{uri}");
+        // A cookie that is no session is the same.
+        let r = a.get(uri, Some("steward_session=nothing")).await;
+        assert_eq!(r.header(header::LOCATION), "/login", "{uri}");
+    }
+    // The event stream answers 401 (an EventSource cannot follow it).
+    assert_eq!(
+        a.get("/events", None).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    let form = a.get("/login", None).await;
+    assert_eq!(form.status, StatusCode::OK);
+    assert!(form.body.contains(r#"action="/login""#), "{}", form.body);
+}
+
+#[tokio::test]
+async fn a_viewer_sees_no_write_controls_an_operator_does() {
+    let a = app().await;
+    a.server("web01").await;
+    let viewer = a.login("viewer1").await;
+    let operator = a.login("operator1").await;
+
+    let v = a.get("/keys", Some(&viewer)).await;
+    assert_eq!(v.status, StatusCode::OK, "{}", v.body);
+    assert!(v.body.contains("stray-minion"), "{}", v.body);
+    assert!(!v.body.contains("confirm?action="), "{}", v.body);
+    let o = a.get("/keys", Some(&operator)).await;
+    assert!(
+        o.body.contains("/keys/stray-minion/confirm?action=accept"),
+        "{}",
+        o.body
+    );
+    assert!(o.body.contains("/keys/stray-minion/confirm?action=reject"));
+
+    // The confirmation page: operators only; its form posts to the API.
+    let r = a
+        .get("/keys/stray-minion/confirm?action=accept", Some(&viewer))
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let r = a
+        .get("/keys/stray-minion/confirm?action=accept", Some(&operator))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert!(r
+        .body
+        .contains(r#"action="/api/v1/keys/stray-minion/accept""#));
+    assert!(
+        r.body.contains(r#"name="fingerprint""#) && r.body.contains(r#"name="next" value="/keys""#)
+    );
+    let r = a
+        .get("/keys/stray-minion/confirm?action=delete", Some(&operator))
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.body.contains("accept or reject"), "{}", r.body);
+    let r = a
+        .get("/keys/nobody/confirm?action=accept", Some(&operator))
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+
+    // The server page's retry form, and the logout form for both.
+    let v = a.get("/servers/web01", Some(&viewer)).await;
+    assert_eq!(v.status, StatusCode::OK, "{}", v.body);
+    assert!(!v.body.contains("/retry"), "{}", v.body);
+    assert!(v.body.contains(r#"action="/logout""#));
+    let o = a.get("/servers/web01", Some(&operator)).await;
+    assert!(
+        o.body
+            .contains(r#"action="/api/v1/dispatches/web01/retry""#),
+        "{}",
+        o.body
+    );
+
+    // The unknown key is on the attention list.
+    let home = a.get("/", Some(&viewer)).await;
+    assert!(home.body.contains("unknown minion"), "{}", home.body);
+    // Admin pages are for admins.
+    assert_eq!(
+        a.get("/admin", Some(&operator)).await.status,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        a.get("/audit", Some(&viewer)).await.status,
+        StatusCode::FORBIDDEN
+    );
+}
+
+#[tokio::test]
+async fn every_page_renders_for_an_admin_with_the_security_headers() {
+    let a = app().await;
+    a.server("web01").await;
+    a.server("db01").await;
+    let admin = a.login("admin1").await;
+    for uri in [
+        "/",
+        "/fragments/overview",
+        "/servers",
+        "/servers?sort=status&q=web&status=keys-issued",
+        "/servers?sort=updated",
+        "/servers/web01",
+        "/keys",
+        "/keys/stray-minion/confirm?action=reject",
+        "/dispatches",
+        "/dispatches?status=failed",
+        "/backups",
+        "/audit",
+        "/admin",
+    ] {
+        let r = a.get(uri, Some(&admin)).await;
+        assert_eq!(r.status, StatusCode::OK, "{uri}: {}", r.body);
+        assert!(
+            r.header(header::CONTENT_TYPE).starts_with("text/html"),
+            "{uri}"
+        );
+        assert!(
+            r.header(header::CONTENT_SECURITY_POLICY)
+                .contains("default-src 'self'"),
+            "{uri}"
+        );
+        assert_eq!(r.header(header::CACHE_CONTROL), "no-store", "{uri}");
+        assert!(
+            !r.body.contains("<script>") && !r.body.contains(" style="),
+            "{uri}: inline script or style"
+        );
+    }
+    let servers = a.get("/servers?q=web", Some(&admin)).await;
+    assert!(
+        servers.body.contains("web01") && !servers.body.contains("db01"),
+        "{}",
+        servers.body
+    );
+    // Bad input is a clear error, not a page with nothing on it.
+    let r = a.get("/servers?sort=colour", Some(&admin)).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(
+        r.body.contains("sort by name, model, status or updated"),
+        "{}",
+        r.body
+    );
+    // The API's status for the registry's code.
+    let r = a.get("/servers?status=sleepy", Some(&admin)).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.body);
+    assert!(r.body.contains("is not one of"), "{}", r.body);
+    let r = a.get("/servers?colour=red", Some(&admin)).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+    let r = a.get("/servers/nowhere", Some(&admin)).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+    assert!(r.header(header::CONTENT_TYPE).starts_with("text/html"));
+    // The admin page lists users, never a secret.
+    let r = a.get("/admin", Some(&admin)).await;
+    assert!(r.body.contains("viewer1") && r.body.contains("operator1"));
+    assert!(!r.body.contains("argon2"));
+}
+
+#[tokio::test]
+async fn html_hostile_text_is_escaped() {
+    let a = app().await;
+    let admin = a.login("admin1").await;
+    let hostile = "<script>alert(1)</script>";
+    // A server name from the path, in the not-found page.
+    let r = a
+        .get("/servers/%3Cscript%3Ealert(1)%3C%2Fscript%3E", Some(&admin))
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert!(!r.body.contains(hostile), "{}", r.body);
+    assert!(r.body.contains("&lt;script&gt;"), "{}", r.body);
+    // A name typed into the login form, shown back with the refusal.
+    let r = a.login_form(hostile, "not the password at all").await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert!(!r.body.contains(hostile), "{}", r.body);
+    assert!(r.body.contains("&lt;script&gt;"), "{}", r.body);
+    // A minion id in a key file name.
+    let r = a
+        .get("/keys/%3Cscript%3E/confirm?action=accept", Some(&admin))
+        .await;
+    assert!(!r.body.contains("<script>"), "{}", r.body);
+}
+
+#[tokio::test]
+async fn assets_are_served_with_their_type_and_a_long_cache() {
+    let a = app().await;
+    for (uri, ctype, needle) in [
+        ("/assets/htmx.min.js", "text/javascript", "htmx"),
+        ("/assets/dashboard.js", "text/javascript", "EventSource"),
+        ("/assets/dashboard.css", "text/css", "--green"),
+    ] {
+        let r = a.get(&format!("{uri}?v=1"), None).await;
+        assert_eq!(r.status, StatusCode::OK, "{uri}");
+        assert!(r.header(header::CONTENT_TYPE).starts_with(ctype), "{uri}");
+        assert!(
+            r.header(header::CACHE_CONTROL).contains("max-age=31536000"),
+            "{uri}"
+        );
+        assert_eq!(r.header(header::X_CONTENT_TYPE_OPTIONS), "nosniff");
+        assert!(r.body.contains(needle), "{uri}");
+    }
+    assert_eq!(
+        a.get("/assets/nothing.js", None).await.status,
+        StatusCode::NOT_FOUND
+    );
+}
+
+#[tokio::test]
+async fn logout_needs_a_same_origin_form_and_ends_the_session() {
+    let a = app().await;
+    let cookie = a.login("viewer1").await;
+    let post = |origin: Option<&'static str>| {
+        let mut req = Request::post("/logout")
+            .header(header::COOKIE, cookie.clone())
+            .header(header::HOST, "127.0.0.1:8467");
+        if let Some(o) = origin {
+            req = req.header(header::ORIGIN, o);
+        }
+        req.body(Body::empty()).unwrap()
+    };
+    let r = a.call(post(Some("https://evil.example"))).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert_eq!(a.get("/", Some(&cookie)).await.status, StatusCode::OK);
+    let r = a.call(post(Some("http://127.0.0.1:8467"))).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER);
+    assert_eq!(r.header(header::LOCATION), "/login");
+    assert!(r.header(header::SET_COOKIE).contains("Max-Age=0"));
+    assert_eq!(
+        a.get("/", Some(&cookie)).await.header(header::LOCATION),
+        "/login"
+    );
+}
+
+#[tokio::test]
+async fn the_event_stream_is_a_stream_for_a_session() {
+    let a = app().await;
+    let cookie = a.login("viewer1").await;
+    // The daemon's notifier's cursor (a new consumer is a change too).
+    use crate::registry::Store as _;
+    a.svc.store().outbox_subscribe("notify").await.unwrap();
+    let resp = a
+        .app
+        .clone()
+        .oneshot(
+            Request::get("/events")
+                .header(header::COOKIE, &cookie)
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        resp.headers()[header::CONTENT_TYPE].to_str().unwrap(),
+        "text/event-stream"
+    );
+    // The first event comes at once.
+    let mut body = resp.into_body().into_data_stream();
+    let first = tokio::time::timeout(std::time::Duration::from_secs(5), {
+        use futures_util::StreamExt as _;
+        body.next()
+    })
+    .await
+    .unwrap()
+    .unwrap()
+    .unwrap();
+    let text = String::from_utf8_lossy(&first);
+    assert!(text.contains("event: hello"), "{text}");
+
+    // A registry write (an outbox row past a consumer's cursor) is told
+    // within a few polls; nothing before it.
+    async fn next(
+        body: &mut axum::body::BodyDataStream,
+        secs: u64,
+    ) -> Result<Option<Result<Bytes, axum::Error>>, tokio::time::error::Elapsed> {
+        use futures_util::StreamExt as _;
+        tokio::time::timeout(std::time::Duration::from_secs(secs), body.next()).await
+    }
+    // A keep-alive comment is all that may come while nothing changes.
+    if let Ok(Some(Ok(quiet))) = next(&mut body, 2).await {
+        let quiet = String::from_utf8_lossy(&quiet);
+        assert!(!quiet.contains("changed"), "{quiet}");
+    }
+    a.server("web09").await;
+    let changed = loop {
+        let chunk = next(&mut body, 5).await.unwrap().unwrap().unwrap();
+        let chunk = String::from_utf8_lossy(&chunk).into_owned();
+        if !chunk.starts_with(':') {
+            break chunk;
+        }
+    };
+    assert!(changed.contains("event: changed"), "{changed}");
+}
+
+#[test]
+fn timestamps_read_as_utc_dates() {
+    assert_eq!(super::ts(0), "1970-01-01 00:00:00");
+    assert_eq!(super::ts(1_800_000_000_000), "2027-01-15 08:00:00");
+    assert_eq!(super::ts(951_782_400_000), "2000-02-29 00:00:00");
+    assert_eq!(super::seg("a b/<c>"), "a%20b%2F%3Cc%3E");
+}
+
+#[tokio::test]
+async fn the_retry_form_posts_to_the_api_and_comes_back() {
+    let a = app().await;
+    a.server("web01").await;
+    let viewer = a.login("viewer1").await;
+    let operator = a.login("operator1").await;
+    let post = |cookie: &str, body: &'static str| {
+        Request::post("/api/v1/dispatches/web01/retry")
+            .header(header::COOKIE, cookie)
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header("sec-fetch-site", "same-origin")
+            .body(Body::from(body))
+            .unwrap()
+    };
+    let r = a.call(post(&operator, "next=%2Fdispatches")).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    assert_eq!(r.header(header::LOCATION), "/dispatches");
+    let r = a
+        .call(post(&operator, "state=share&next=%2Fservers%2Fweb01"))
+        .await;
+    assert_eq!(r.header(header::LOCATION), "/servers/web01", "{}", r.body);
+    // Only a path of this site, and only a known state.
+    let r = a
+        .call(post(&operator, "next=https%3A%2F%2Fevil.example"))
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+    let r = a.call(post(&operator, "next=%2F%2Fevil.example")).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+    let r = a
+        .call(post(&operator, "state=nothing&next=%2Fdispatches"))
+        .await;
+    assert!(r.status.is_client_error(), "{}", r.body);
+    // A viewer may not; without the form fields it is the API's JSON.
+    let r = a.call(post(&viewer, "next=%2Fdispatches")).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let r = a.call(post(&operator, "")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert!(r.body.contains(r#""due":0"#), "{}", r.body);
+    // Each retry is audited as the user.
+    let log = a.svc.audit_log(None, 10).await.unwrap();
+    assert!(
+        log.iter()
+            .filter(|e| e.action == "dispatch.retry" && e.actor == "user:operator1")
+            .count()
+            >= 2
+    );
+}
