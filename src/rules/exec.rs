@@ -248,9 +248,11 @@ async fn run_one(inner: &Inner, job: &Job) -> bool {
     let jid = outcome.jid.as_deref().unwrap_or("-");
     if outcome.success {
         inner.stats.done.fetch_add(1, Ordering::Relaxed);
+        inner.stats.count_rule(&job.rule, super::RuleCount::Done);
         info!(message = "Rule action done.", rule = %job.rule, action = job.action, kind = job.rendered.kind().as_str(), target = job.rendered.target(), jid, event_tag = %job.event_tag);
     } else {
         inner.stats.failed.fetch_add(1, Ordering::Relaxed);
+        inner.stats.count_rule(&job.rule, super::RuleCount::Failed);
         let error = outcome
             .report
             .get("error")
