@@ -1251,10 +1251,25 @@ async fn inventory_story(api: Api) {
         .call(Method::GET, "/api/v1/models", Auth::Cookie(&viewer), None)
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
-    assert_eq!(
-        r.body["items"],
-        serde_json::to_value(api.svc.list_models().await.unwrap()).unwrap()
-    );
+    let mut models = api.svc.list_models().await.unwrap();
+    models.sort_by_key(|m| m.id);
+    assert_eq!(r.body["items"], serde_json::to_value(&models).unwrap());
+    // Walked one at a time: every model once, by id, then `next` null.
+    let mut walked = Vec::new();
+    let mut uri = "/api/v1/models?limit=1".to_owned();
+    loop {
+        let r = api
+            .call(Method::GET, &uri, Auth::Cookie(&viewer), None)
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        walked.extend(r.body["items"].as_array().unwrap().iter().cloned());
+        match r.body["next"].as_i64() {
+            Some(n) => uri = format!("/api/v1/models?limit=1&after={n}"),
+            None => break,
+        }
+    }
+    assert!(models.len() >= 2, "{models:?}");
+    assert_eq!(Value::Array(walked), serde_json::to_value(&models).unwrap());
     let r = api
         .call(
             Method::POST,
@@ -1861,4 +1876,305 @@ async fn http_api_keys_read_the_master_pki_dir() {
         "{m}"
     );
     assert_eq!(m["denied"][0]["matches"], false, "{m}");
+}
+
+// ------------------------------------- pages, rules and alerts in process
+
+/// Every item of a list walked with `limit`, following `next` (`sep`: `?`
+/// or `&` before `limit=`); the number of pages.
+async fn walk(api: &Api, base: &str, limit: i64, auth: Auth<'_>) -> (Vec<Value>, usize) {
+    let sep = if base.contains('?') { '&' } else { '?' };
+    let mut items = Vec::new();
+    let mut pages = 0;
+    let mut uri = format!("{base}{sep}limit={limit}");
+    loop {
+        let r = api.call(Method::GET, &uri, auth, None).await;
+        assert_eq!(r.status, StatusCode::OK, "{uri}: {}", r.body);
+        pages += 1;
+        let page = r.body["items"].as_array().unwrap();
+        assert!(
+            page.len() <= usize::try_from(limit).unwrap(),
+            "{uri}: {}",
+            r.body
+        );
+        items.extend(page.iter().cloned());
+        match r.body["next"].as_i64() {
+            Some(n) => uri = format!("{base}{sep}limit={limit}&after={n}"),
+            None => return (items, pages),
+        }
+        assert!(pages < 100, "{uri}: no end");
+    }
+}
+
+/// Dispatch targets and the audit log walked page by page (a page of
+/// dispatches never splits a server's targets); `GET /rules` with one good
+/// and one broken file (the refused reload kept the good set); `GET
+/// /alerts` naming a foreign key, an unknown minion, a silent server, a
+/// stuck target and the rule file's error with its line.
+async fn pages_rules_alerts_story(api: Api) {
+    use salt_steward::registry::dispatch::{Debounce, DispatchStatus};
+    use salt_steward::registry::store::{DispatchStore as _, Store as _};
+    use salt_steward::registry::StateKind;
+
+    let viewer = api.login("viewer1").await;
+    let admin = api.login("admin1").await;
+    for n in ["a", "b", "c"] {
+        api.server(&format!("{n}.example.org")).await;
+    }
+    let ids: Vec<i64> = api
+        .svc
+        .find_servers(&Default::default())
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| s.id)
+        .collect();
+    let store = api.svc.store();
+    store.outbox_subscribe("dispatch").await.unwrap();
+    let two = [StateKind::Portfwd, StateKind::Hostfwd];
+    let mut targets: Vec<(i64, StateKind)> = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let kinds: &[StateKind] = if i < 2 { &two } else { &two[..1] };
+        targets.extend(kinds.iter().map(|k| (*id, *k)));
+    }
+    let d = Debounce {
+        debounce_ms: 0,
+        max_delay_ms: 1000,
+    };
+    let last = store.outbox_pending("dispatch", 1000).await.unwrap();
+    let last = last.last().map_or(1, |e| e.id());
+    store
+        .dispatch_bump("dispatch", last, &targets, d)
+        .await
+        .unwrap();
+    let all = store.dispatch_targets(None).await.unwrap();
+    assert_eq!(all.len(), 5);
+    // limit 3: a's two (b's first would split b), then b's two and c's.
+    let (walked, pages) = walk(&api, "/api/v1/dispatches", 3, Auth::Cookie(&viewer)).await;
+    assert_eq!(pages, 2, "{walked:?}");
+    let got: Vec<(i64, String)> = walked
+        .iter()
+        .map(|t| {
+            (
+                t["server_id"].as_i64().unwrap(),
+                t["state"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let mut want: Vec<(i64, String)> = all
+        .iter()
+        .map(|t| (t.server_id, t.state.as_str().to_owned()))
+        .collect();
+    want.sort();
+    assert_eq!(got, want);
+    let (walked, _) = walk(
+        &api,
+        "/api/v1/dispatches?state=pending",
+        1000,
+        Auth::Cookie(&viewer),
+    )
+    .await;
+    let pending = store
+        .dispatch_targets(Some(DispatchStatus::Pending))
+        .await
+        .unwrap();
+    assert_eq!(walked.len(), pending.len());
+    let (walked, _) = walk(
+        &api,
+        "/api/v1/dispatches?status=failed&server=a.example.org",
+        10,
+        Auth::Cookie(&viewer),
+    )
+    .await;
+    assert_eq!(walked, Vec::<Value>::new());
+    let r = api
+        .call(
+            Method::GET,
+            "/api/v1/dispatches?state=done&status=done",
+            Auth::Cookie(&viewer),
+            None,
+        )
+        .await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "bad_request");
+    let r = api
+        .call(
+            Method::GET,
+            "/api/v1/exec?limit=0",
+            Auth::Cookie(&viewer),
+            None,
+        )
+        .await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "bad_request");
+
+    // The audit log, newest first, two at a time.
+    let log = api.svc.audit_log(None, 1000).await.unwrap();
+    assert!(log.len() >= 3, "{log:?}");
+    let (walked, pages) = walk(&api, "/api/v1/audit", 2, Auth::Cookie(&admin)).await;
+    assert!(pages >= 2);
+    assert_eq!(Value::Array(walked), serde_json::to_value(&log).unwrap());
+
+    // Rules: one good file loaded, then a broken one refused.
+    let rules_dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        rules_dir.path().join("good.yaml"),
+        "rules:\n  - name: good\n    on: custom/x\n    do: [{fire: {tag: out}}]\n",
+    )
+    .unwrap();
+    let stats = Arc::new(salt_steward::rules::RuleStats::default());
+    let set = salt_steward::rules::reload::initial(rules_dir.path(), &stats).await;
+    let (tx, _rx) = tokio::sync::watch::channel(set);
+    std::fs::write(
+        rules_dir.path().join("broken.yaml"),
+        "rules:\n  - name: broken\n    on: custom/y\n    bogus: 1\n    do: [{fire: {tag: out}}]\n",
+    )
+    .unwrap();
+    salt_steward::rules::reload::reload(rules_dir.path(), &tx, &stats).await;
+    stats.count_rule(&Arc::from("good"), salt_steward::rules::RuleCount::Matched);
+    stats.count_rule(&Arc::from("good"), salt_steward::rules::RuleCount::Action);
+    // Not a rule of the set: not counted (the map stays bounded).
+    stats.count_rule(&Arc::from("nope"), salt_steward::rules::RuleCount::Matched);
+
+    // Keys: a foreign key for an issued id, an unknown id.
+    let keys_dir = tempfile::tempdir().unwrap();
+    let issuing = registry::open(&api.db.url)
+        .await
+        .unwrap()
+        .with_keys(KeyIssuer::new(keys_dir.path(), 2048).unwrap());
+    let mut p = ServerPatch::default();
+    p.set("name", "issued.example.org").unwrap();
+    p.set("model", "web").unwrap();
+    let issued = issuing.create_server(p).await.unwrap();
+    let pki = tempfile::tempdir().unwrap();
+    std::fs::create_dir(pki.path().join("minions_pre")).unwrap();
+    let other = "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n";
+    std::fs::write(
+        pki.path().join("minions_pre").join(&issued.minion_id),
+        other,
+    )
+    .unwrap();
+    std::fs::write(pki.path().join("minions_pre").join("stranger"), other).unwrap();
+    // A silent server.
+    let c = api
+        .svc
+        .get_server(&registry::ServerRef::Name("c.example.org".into()))
+        .await
+        .unwrap();
+    api.svc
+        .transition(c.id, &registry::Status::ALL, registry::Status::Offline)
+        .await
+        .unwrap()
+        .unwrap();
+
+    let c2 = api.clock.clone();
+    let state = HttpState::new(api.svc.clone(), &HttpConfig::default())
+        .with_clock(Arc::new(move || c2.load(Ordering::SeqCst)))
+        .with_pki_dir(pki.path().to_owned());
+    let bare = Api {
+        app: router(Arc::new(state)),
+        clock: api.clock.clone(),
+        svc: api.svc.clone(),
+        db: TestDb::sqlite(),
+    };
+    let r = bare
+        .call(Method::GET, "/api/v1/rules", Auth::Cookie(&viewer), None)
+        .await;
+    assert_error(&r, StatusCode::SERVICE_UNAVAILABLE, "unavailable");
+    let report = stats.clone();
+    let c3 = api.clock.clone();
+    let state = HttpState::new(api.svc.clone(), &HttpConfig::default())
+        .with_clock(Arc::new(move || c3.load(Ordering::SeqCst)))
+        .with_pki_dir(pki.path().to_owned())
+        .with_rules(Arc::new(move || report.report()));
+    let api = Api {
+        app: router(Arc::new(state)),
+        ..api
+    };
+    let r = api
+        .call(Method::GET, "/api/v1/rules", Auth::None, None)
+        .await;
+    assert_error(&r, StatusCode::UNAUTHORIZED, "unauthenticated");
+    let r = api
+        .call(Method::GET, "/api/v1/rules", Auth::Cookie(&viewer), None)
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let rules = r.body["rules"].as_array().unwrap();
+    assert_eq!(rules.len(), 1, "{}", r.body);
+    assert_eq!(rules[0]["name"], "good");
+    assert_eq!(rules[0]["matched"], 1);
+    assert_eq!(rules[0]["actions"], 1);
+    assert_eq!(rules[0]["dropped"], 0);
+    assert!(rules[0]["file"].as_str().unwrap().ends_with("good.yaml"));
+    let errors = r.body["errors"].as_array().unwrap();
+    assert!(!errors.is_empty(), "{}", r.body);
+    assert!(
+        errors[0]["file"].as_str().unwrap().ends_with("broken.yaml"),
+        "{}",
+        r.body
+    );
+    assert!(errors[0]["line"].as_u64().is_some(), "{}", r.body);
+    assert!(
+        errors[0]["at"].as_str().unwrap().contains("broken.yaml:"),
+        "{}",
+        r.body
+    );
+    assert_eq!(r.body["counters"]["reload_failures"], 1, "{}", r.body);
+
+    let r = api
+        .call(Method::GET, "/api/v1/alerts", Auth::None, None)
+        .await;
+    assert_error(&r, StatusCode::UNAUTHORIZED, "unauthenticated");
+    let r = api
+        .call(Method::GET, "/api/v1/alerts", Auth::Cookie(&viewer), None)
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let alerts = r.body["items"].as_array().unwrap();
+    let find = |kind: &str, subject: &str| {
+        alerts
+            .iter()
+            .find(|a| a["kind"] == kind && a["subject"].as_str().unwrap().contains(subject))
+            .unwrap_or_else(|| panic!("no {kind} alert about {subject}: {}", r.body))
+    };
+    let a = find("key_mismatch", &issued.minion_id);
+    assert_eq!(a["severity"], "critical");
+    assert!(a["message"]
+        .as_str()
+        .unwrap()
+        .contains("issued.example.org"));
+    assert_eq!(find("unknown_minion", "stranger")["severity"], "warning");
+    assert_eq!(
+        find("server_not_seen", "c.example.org")["severity"],
+        "warning"
+    );
+    let a = find("rule_error", "broken.yaml:");
+    assert_eq!(a["severity"], "critical");
+    // The targets have waited far longer than STUCK_MS on the test clock.
+    find("dispatch_stuck", "a.example.org/portfwd");
+    for a in alerts {
+        for k in ["kind", "severity", "subject", "message"] {
+            assert!(a[k].is_string(), "{a}");
+        }
+    }
+    // Critical first.
+    let first_warning = alerts
+        .iter()
+        .position(|a| a["severity"] == "warning")
+        .unwrap();
+    assert!(alerts[first_warning..]
+        .iter()
+        .all(|a| a["severity"] == "warning"));
+    // Nothing foreign about the accepted-nothing, matching keys.
+    assert!(!alerts
+        .iter()
+        .any(|a| a["kind"] == "key_mismatch"
+            && a["subject"].as_str().unwrap().contains("a.example.org")));
+}
+
+#[tokio::test]
+async fn http_api_pages_rules_alerts_on_sqlite() {
+    pages_rules_alerts_story(Api::new(TestDb::sqlite()).await).await;
+}
+
+#[tokio::test]
+async fn http_api_pages_rules_alerts_on_postgres() {
+    pages_rules_alerts_story(Api::new(TestDb::postgres_required().await).await).await;
 }

@@ -33,12 +33,16 @@
 //! `GET /api/v1/audit` (admin). Reads need viewer
 //! (token scope `read`), inventory writes, retries and exec operator (`write`).
 
+pub(crate) mod alerts;
 pub mod auth;
 pub mod error;
 mod inventory;
 mod keys;
 pub mod openapi;
 mod ops;
+mod rules;
+
+pub use self::rules::RulesSource;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -97,6 +101,10 @@ pub struct HttpState {
     exec: Option<ExecContext>,
     /// The master's pki directory (`GET /keys`).
     pki_dir: Option<std::path::PathBuf>,
+    /// The master's request client: the wheel calls deciding keys.
+    wheel: Option<crate::salt::ReqClient>,
+    /// The rules engine's report (`GET /rules`, the alerts).
+    rules: Option<RulesSource>,
 }
 
 /// The daemon's Salt client, policy and exec counters, for `POST /exec`.
@@ -138,12 +146,27 @@ impl HttpState {
             backup_stale_ms: stale_ms(crate::config::BackupsConfig::default().stale_after_hours),
             exec: None,
             pki_dir: None,
+            wheel: None,
+            rules: None,
         }
     }
 
     /// Lets `GET /keys` read the master's key directories under `pki_dir`.
     pub fn with_pki_dir(mut self, pki_dir: std::path::PathBuf) -> Self {
         self.pki_dir = Some(pki_dir);
+        self
+    }
+
+    /// Lets `POST /keys/{minion}/accept|reject` call the master's wheel
+    /// through `req` (with the pki directory of [`Self::with_pki_dir`]).
+    pub fn with_wheel(mut self, req: crate::salt::ReqClient) -> Self {
+        self.wheel = Some(req);
+        self
+    }
+
+    /// Lets `GET /rules` and the alerts read the rules engine's report.
+    pub fn with_rules(mut self, rules: RulesSource) -> Self {
+        self.rules = Some(rules);
         self
     }
 
@@ -256,6 +279,10 @@ pub fn router(state: Arc<HttpState>) -> Router {
         )
         .route("/api/v1/exec", get(ops::exec_log).post(ops::run_exec))
         .route("/api/v1/keys", get(keys::list_keys))
+        .route("/api/v1/keys/{minion}/accept", post(keys::accept_key))
+        .route("/api/v1/keys/{minion}/reject", post(keys::reject_key))
+        .route("/api/v1/rules", get(rules::list_rules))
+        .route("/api/v1/alerts", get(alerts::list_alerts))
         .route("/api/v1/audit", get(audit))
         .route("/api/v1/openapi.json", get(openapi::serve_document))
         .fallback(no_route)
@@ -687,7 +714,7 @@ async fn patch_server(
 // ---------------------------------------------------------------- audit
 
 #[utoipa::path(get, path = "/api/v1/audit", tag = "audit",
-    params(("limit" = Option<i64>, Query, description = "Page size (1 to 1000, default 100)"), ("before" = Option<i64>, Query, description = "The previous page's `next` (newest first)")),
+    params(("limit" = Option<i64>, Query, description = "Page size (1 to 1000, default 100)"), ("after" = Option<i64>, Query, description = "The previous page's `next` (newest first: older entries)"), ("before" = Option<i64>, Query, description = "The same cursor under its older name")),
     responses((status = 200, description = "A page of audit entries (admin)", body = ListPage), (status = "4XX", description = "The error shape", body = ErrorBody)))]
 async fn audit(
     State(state): State<Arc<HttpState>>,
@@ -697,12 +724,19 @@ async fn audit(
 ) -> Result<Json<JsonValue>, ApiError> {
     auth::require(&state, &method, &headers, Role::Admin).await?;
     let (p, limit) = page(query)?;
-    if p.after.is_some() || p.name.is_some() || p.model.is_some() || p.status.is_some() {
+    if (p.after.is_some() && p.before.is_some())
+        || p.name.is_some()
+        || p.model.is_some()
+        || p.status.is_some()
+    {
         return Err(ApiError::bad_request(
-            "the audit log pages with before=, newest first",
+            "the audit log pages newest first with after= (or before=): the previous page's next",
         ));
     }
-    let mut items = state.service.audit_log(p.before, limit + 1).await?;
+    let mut items = state
+        .service
+        .audit_log(p.after.or(p.before), limit + 1)
+        .await?;
     let more = items.len() > usize::try_from(limit).unwrap_or(usize::MAX);
     items.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
     let next = if more {
