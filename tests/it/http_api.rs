@@ -2178,3 +2178,233 @@ async fn http_api_pages_rules_alerts_on_sqlite() {
 async fn http_api_pages_rules_alerts_on_postgres() {
     pages_rules_alerts_story(Api::new(TestDb::postgres_required().await).await).await;
 }
+
+// ------------------------------------ key decisions against a real master
+
+/// A form post (`application/x-www-form-urlencoded`) as the dashboard's
+/// plain forms send it: the cookie and `Sec-Fetch-Site: same-origin`.
+async fn form_post(api: &Api, uri: &str, cookie: &str, form: &str) -> Resp {
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri(uri)
+        .header("host", "127.0.0.1:8467")
+        .header(header::COOKIE, format!("steward_session={cookie}"))
+        .header("sec-fetch-site", "same-origin")
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .body(Body::from(form.to_owned()))
+        .unwrap();
+    api.send(req).await
+}
+
+/// `POST /api/v1/keys/{minion}/accept|reject` against a real salt-master
+/// (no daemon, so no acceptor: only the API decides): the pending key of a
+/// minion installed from the registry's bundle is accepted; a minion with a
+/// key of its own claiming another server's issued id is refused (409
+/// `key_mismatch`) and stays pending, as does an unknown id (409
+/// `unknown_minion`) and the right key under a fingerprint the operator
+/// did not confirm (409 `key_changed`); rejects move keys (a form post
+/// answered with a 303 to its local `next`, never to another site);
+/// viewer 403, a cookie write without same-origin proof 403 `csrf`; every
+/// decision and refusal audited.
+#[test]
+fn http_api_keys_accept_and_reject_on_a_real_master() {
+    use crate::accept::{add_server, bundle, listed, signing_master, wait_listed};
+    use crate::support::{cli, run_ok, steward_config};
+    use salt_steward::master_config::MasterConfig;
+    use salt_steward::salt::ReqClient;
+
+    let mut h = signing_master();
+    let cfg = steward_config(
+        &h,
+        &[],
+        &format!(
+            "masters: [\"127.0.0.1:{}\"]\nkeys: {{dir: {}/keys, pool_size: 1}}\n",
+            h.ret_port,
+            h.root().display()
+        ),
+    );
+    run_ok(cli(&cfg, &["model", "add", "web"]));
+    let web01 = add_server(&cfg, "web01.example.org");
+    let web02 = add_server(&cfg, "web02.example.org");
+    let id1 = web01["minion_id"].as_str().unwrap().to_owned();
+    let id2 = web02["minion_id"].as_str().unwrap().to_owned();
+    let fp1 = web01["key_fingerprint"].as_str().unwrap().to_owned();
+    let b1 = bundle(&h, &cfg, "web01.example.org", "web01.tgz");
+    h.start_minion_from_bundle("web01", &id1, &b1);
+    // Keys of their own: one claims web02's issued id, one an unknown id.
+    h.start_minion_verifying("impostor", &id2);
+    h.start_minion_verifying("stranger", "stranger-1");
+    for id in [id1.as_str(), id2.as_str(), "stranger-1"] {
+        wait_listed(&h, "minions_pre", id);
+    }
+
+    let url = format!("sqlite://{}/registry.db", h.root().display());
+    let master = MasterConfig::load(&h.master_config()).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let svc = Arc::new(registry::open(&url).await.unwrap());
+        for role in [Role::Viewer, Role::Operator, Role::Admin] {
+            svc.add_user(
+                "test",
+                &format!("{role}1"),
+                role,
+                Password::new(PASSWORD.into()).unwrap(),
+            )
+            .await
+            .unwrap();
+        }
+        let state = HttpState::new(svc.clone(), &HttpConfig::default())
+            .with_pki_dir(h.pki_dir.clone())
+            .with_wheel(ReqClient::new(&master, std::time::Duration::from_secs(20)).unwrap());
+        let api = Api {
+            app: router(Arc::new(state)),
+            clock: Arc::new(AtomicI64::new(0)),
+            svc: svc.clone(),
+            db: TestDb::sqlite(),
+        };
+        let viewer = api.login("viewer1").await;
+        let operator = api.login("operator1").await;
+        let accept = |id: &str| format!("/api/v1/keys/{id}/accept");
+        let reject = |id: &str| format!("/api/v1/keys/{id}/reject");
+
+        let r = api
+            .call(Method::POST, &accept(&id1), Auth::CookieXhr(&viewer), None)
+            .await;
+        assert_error(&r, StatusCode::FORBIDDEN, "forbidden");
+        let r = api
+            .call(Method::POST, &accept(&id1), Auth::Cookie(&operator), None)
+            .await;
+        assert_error(&r, StatusCode::FORBIDDEN, "csrf");
+        assert!(listed(&h, "minions_pre", &id1));
+
+        // The impostor's own key under web02's id: refused, still pending.
+        let r = api
+            .call(
+                Method::POST,
+                &accept(&id2),
+                Auth::CookieXhr(&operator),
+                None,
+            )
+            .await;
+        assert_error(&r, StatusCode::CONFLICT, "key_mismatch");
+        assert!(listed(&h, "minions_pre", &id2) && !listed(&h, "minions", &id2));
+        let r = api
+            .call(
+                Method::POST,
+                &accept("stranger-1"),
+                Auth::CookieXhr(&operator),
+                None,
+            )
+            .await;
+        assert_error(&r, StatusCode::CONFLICT, "unknown_minion");
+        assert!(listed(&h, "minions_pre", "stranger-1"));
+        let r = api
+            .call(
+                Method::POST,
+                &accept(&id1),
+                Auth::CookieXhr(&operator),
+                Some(json!({"fingerprint": "00:11"})),
+            )
+            .await;
+        assert_error(&r, StatusCode::CONFLICT, "key_changed");
+        assert!(listed(&h, "minions_pre", &id1));
+        let r = api
+            .call(
+                Method::POST,
+                &accept("../etc"),
+                Auth::CookieXhr(&operator),
+                None,
+            )
+            .await;
+        assert_ne!(r.status, StatusCode::OK, "{}", r.body);
+
+        // The bundle's key, as issued: accepted.
+        let r = api
+            .call(
+                Method::POST,
+                &accept(&id1),
+                Auth::CookieXhr(&operator),
+                Some(json!({"fingerprint": fp1})),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        assert_eq!(r.body["state"], "accepted");
+        assert_eq!(r.body["server"], "web01.example.org");
+        assert_eq!(r.body["fingerprint"], fp1.as_str());
+        assert!(listed(&h, "minions", &id1) && !listed(&h, "minions_pre", &id1));
+        let s = svc
+            .get_server(&registry::ServerRef::Name("web01.example.org".into()))
+            .await
+            .unwrap();
+        assert_eq!(s.status, registry::Status::Registered);
+        let r = api
+            .call(
+                Method::POST,
+                &accept(&id1),
+                Auth::CookieXhr(&operator),
+                None,
+            )
+            .await;
+        assert_error(&r, StatusCode::CONFLICT, "not_pending");
+
+        // Reject by a plain form: 303 to its local next.
+        let fp2 = salt_steward::pki::fingerprint(
+            &std::fs::read_to_string(h.pki_dir.join("minions_pre").join(&id2)).unwrap(),
+        );
+        let r = form_post(
+            &api,
+            &reject(&id2),
+            &operator,
+            &format!(
+                "fingerprint={}&next=%2Fkeys%3Fmaster%3D1",
+                fp2.replace(':', "%3A")
+            ),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+        assert_eq!(r.headers[header::LOCATION], "/keys?master=1");
+        assert!(listed(&h, "minions_rejected", &id2) && !listed(&h, "minions_pre", &id2));
+        // A next off this site: the JSON reply, no redirect.
+        let r = form_post(
+            &api,
+            &reject("stranger-1"),
+            &operator,
+            "next=%2F%2Fevil.example%2F",
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        assert!(!r.headers.contains_key(header::LOCATION));
+        assert_eq!(r.body["was"], "pending");
+        assert!(listed(&h, "minions_rejected", "stranger-1"));
+        let r = api
+            .call(
+                Method::POST,
+                &reject(&id2),
+                Auth::CookieXhr(&operator),
+                None,
+            )
+            .await;
+        assert_error(&r, StatusCode::CONFLICT, "not_pending");
+        // An accepted key can be rejected too.
+        let r = api
+            .call(
+                Method::POST,
+                &reject(&id1),
+                Auth::CookieXhr(&operator),
+                None,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        assert_eq!(r.body["was"], "accepted");
+        assert!(listed(&h, "minions_rejected", &id1) && !listed(&h, "minions", &id1));
+
+        let log = serde_json::to_string(&svc.audit_log(None, 100).await.unwrap()).unwrap();
+        for action in ["\"key.accept\"", "\"key.reject\"", "\"key.accept_refused\""] {
+            assert!(log.contains(action), "{action}: {log}");
+        }
+        assert!(
+            log.contains("key_mismatch") && log.contains("operator1"),
+            "{log}"
+        );
+    });
+}
