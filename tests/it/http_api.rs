@@ -1728,6 +1728,7 @@ async fn http_api_openapi_document_is_served_and_matches_the_router() {
         let uri = path
             .replace("{id}", "1")
             .replace("{server}", "web01")
+            .replace("{minion}", "web01-00000000")
             .replace("{name}", "web");
         for method in item.as_object().unwrap().keys() {
             operations += 1;
@@ -1741,7 +1742,7 @@ async fn http_api_openapi_document_is_served_and_matches_the_router() {
             }
         }
     }
-    assert!(operations >= 34, "{operations}");
+    assert!(operations >= 38, "{operations}");
 
     // Every write but the session's needs more than viewer / scope read.
     let viewer = api.login("viewer1").await;
@@ -1754,6 +1755,7 @@ async fn http_api_openapi_document_is_served_and_matches_the_router() {
         let uri = path
             .replace("{id}", "1")
             .replace("{server}", "web01")
+            .replace("{minion}", "web01-00000000")
             .replace("{name}", "web");
         for method in item.as_object().unwrap().keys() {
             if method == "get" {
@@ -1771,7 +1773,7 @@ async fn http_api_openapi_document_is_served_and_matches_the_router() {
             assert_error(&r, StatusCode::FORBIDDEN, "forbidden");
         }
     }
-    assert!(writes >= 16, "{writes}");
+    assert!(writes >= 18, "{writes}");
 }
 
 /// `GET /api/v1/keys`: the master's key directories, each key's presented
@@ -1832,6 +1834,27 @@ async fn http_api_keys_read_the_master_pki_dir() {
         assert_eq!(m["accepted"][0]["matches"], true, "{m}");
     }
     assert_eq!(m["pending"][0]["minion_id"], "stranger", "{m}");
+    let r = api
+        .call(
+            Method::GET,
+            "/api/v1/keys?state=pending",
+            Auth::Bearer(&read),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let only = &r.body["items"][0];
+    assert_eq!(only["pending"][0]["minion_id"], "stranger", "{only}");
+    assert!(only.get("accepted").is_none(), "{only}");
+    let r = api
+        .call(
+            Method::GET,
+            "/api/v1/keys?state=bogus",
+            Auth::Bearer(&read),
+            None,
+        )
+        .await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "bad_request");
     assert_eq!(m["pending"][0]["server"], Value::Null, "{m}");
     assert_eq!(m["rejected"], json!([]), "{m}");
     assert_eq!(m["denied"], json!([]), "{m}");
@@ -2005,6 +2028,46 @@ async fn pages_rules_alerts_story(api: Api) {
         )
         .await;
     assert_error(&r, StatusCode::BAD_REQUEST, "bad_request");
+
+    // The exec record, newest first, two at a time, and of one server.
+    use salt_steward::registry::exec::NewExec;
+    use salt_steward::registry::store::ExecStore as _;
+    for (i, id) in ids.iter().enumerate() {
+        for _ in 0..=i {
+            store
+                .exec_insert(&NewExec {
+                    requested_by: "test".into(),
+                    server_id: Some(*id),
+                    server: format!("#{id}"),
+                    minion_id: None,
+                    fun: "test.ping".into(),
+                    args: "[]".into(),
+                    jid: None,
+                    outcome: "refused".into(),
+                    error_code: Some("forbidden_function".into()),
+                    error: None,
+                })
+                .await
+                .unwrap();
+        }
+    }
+    let (walked, pages) = walk(&api, "/api/v1/exec", 2, Auth::Cookie(&viewer)).await;
+    assert_eq!(pages, 3);
+    let got: Vec<i64> = walked.iter().map(|e| e["id"].as_i64().unwrap()).collect();
+    let mut want = got.clone();
+    want.sort_unstable_by(|a, b| b.cmp(a));
+    want.dedup();
+    assert_eq!(got, want, "newest first, each once");
+    assert_eq!(got.len(), 6);
+    let (walked, pages) = walk(
+        &api,
+        &format!("/api/v1/exec?server={}", ids[2]),
+        2,
+        Auth::Cookie(&viewer),
+    )
+    .await;
+    assert_eq!((walked.len(), pages), (3, 2));
+    assert!(walked.iter().all(|e| e["server_id"] == ids[2]));
 
     // The audit log, newest first, two at a time.
     let log = api.svc.audit_log(None, 1000).await.unwrap();

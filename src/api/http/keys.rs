@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{Path as AxPath, State};
+use axum::extract::{Path as AxPath, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -76,17 +76,35 @@ fn read_dir(dir: &Path) -> std::io::Result<Vec<(String, Option<String>)>> {
     Ok(out)
 }
 
+/// `GET /keys` filter.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeysQuery {
+    state: Option<String>,
+}
+
 /// `GET /api/v1/keys`: the master's keys by state, each with the presented
 /// and the issued fingerprint.
 #[utoipa::path(get, path = "/api/v1/keys", tag = "keys",
+    params(("state" = Option<String>, Query, description = "Filter: accepted, pending, rejected or denied (the other lists are left out)")),
     responses((status = 200, description = "`{items: [{pki_dir, accepted, pending, rejected, denied}]}`; each key `{minion_id, fingerprint, issued_fingerprint, matches, server}`", body = Object),
         (status = "4XX", description = "The error shape", body = ErrorBody)))]
 pub(super) async fn list_keys(
     State(state): State<Arc<HttpState>>,
     method: Method,
     headers: HeaderMap,
+    RawQuery(query): RawQuery,
 ) -> Result<Json<JsonValue>, ApiError> {
     auth::require(&state, &method, &headers, Role::Viewer).await?;
+    let q: KeysQuery = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
+        .map_err(|e| ApiError::bad_request(format!("query: {e}")))?;
+    if let Some(s) = q.state.as_deref() {
+        if !DIRS.iter().any(|(name, _)| *name == s) {
+            return Err(ApiError::bad_request(format!(
+                "state {s:?}: accepted, pending, rejected or denied"
+            )));
+        }
+    }
     let Some(pki_dir) = state.pki_dir.clone() else {
         return Err(ApiError::new(
             "unavailable",
@@ -110,6 +128,9 @@ pub(super) async fn list_keys(
     let mut entry = serde_json::Map::new();
     entry.insert("pki_dir".to_owned(), json!(dirs.0));
     for ((state_name, _), keys) in DIRS.iter().zip(dirs.1) {
+        if q.state.as_deref().is_some_and(|s| s != *state_name) {
+            continue;
+        }
         let keys: Vec<JsonValue> = keys
             .into_iter()
             .map(|(id, fp)| {

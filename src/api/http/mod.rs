@@ -6,8 +6,14 @@
 //! - [`error`](mod@error): the one error shape and the status of every code.
 //! - [`inventory`]: servers (create, delete), models, forwards, shares,
 //!   backups — thin handlers over the bus's execute path.
-//! - [`keys`](mod@keys): the master's minion keys with their fingerprints.
+//! - [`keys`](mod@keys): the master's minion keys with their fingerprints;
+//!   accept (only the key the registry issued) and reject.
 //! - [`ops`]: dispatch targets and retry, exec and its record.
+//! - [`rules`](mod@rules): the rules engine's report (loaded files, errors
+//!   with file:line, per-rule counters), through the daemon's
+//!   [`RulesSource`].
+//! - [`alerts`]: the attention list ([`alerts::collect`], for the
+//!   dashboard too).
 //! - this file: the state, the router and its layers (trace, timeout, body
 //!   limit, gzip, security headers), the session, server and audit
 //!   handlers.
@@ -16,8 +22,13 @@
 //! then `registry::Service`), so HTTP and bus never diverge; each is audited
 //! with the actor `user:<name>` or `token:<name>`. A server's `ETag` is its
 //! `revision`; `PATCH` needs `If-Match` (428 without, 412 when the server
-//! moved on). Lists page by id: `?limit=&after=` → `{items, next}`; servers
-//! filter by `name`, `model`, `status`.
+//! moved on). Lists page with `?limit=&after=` → `{items, next}`, `after`
+//! being the previous page's `next`: by id (servers, models, forwards,
+//! shares, backups), by server id, a server's targets never split
+//! (dispatches), newest first (exec, audit). Filters: servers `name`,
+//! `model`, `status`; dispatches `status` (or `state`), `server`; exec
+//! `server`; keys `state`. Keys and alerts are not paged: one entry per
+//! master, and at most `alerts::PER_KIND` alerts per kind.
 //!
 //! Endpoints: `POST /api/v1/login` (JSON or form `{name, password}` → the
 //! `steward_session` cookie), `POST /api/v1/logout`, `GET /api/v1/me`,
@@ -29,9 +40,12 @@
 //! `GET|POST /api/v1/backups`, `GET|DELETE /api/v1/backups/{id}` (with
 //! health and results), `GET /api/v1/dispatches`,
 //! `POST /api/v1/dispatches/{server}/retry`, `GET|POST /api/v1/exec`,
-//! `GET /api/v1/keys`,
-//! `GET /api/v1/audit` (admin). Reads need viewer
-//! (token scope `read`), inventory writes, retries and exec operator (`write`).
+//! `GET /api/v1/keys`, `POST /api/v1/keys/{minion}/accept`,
+//! `POST /api/v1/keys/{minion}/reject` (JSON, or a form answered with a
+//! 303 to its local `next`), `GET /api/v1/rules`, `GET /api/v1/alerts`,
+//! `GET /api/v1/audit` (admin), `GET /api/v1/openapi.json`. Reads need
+//! viewer (token scope `read`); inventory writes, retries, exec and key
+//! decisions operator (`write`).
 
 pub(crate) mod alerts;
 pub mod auth;
