@@ -230,15 +230,30 @@ fn local_path(next: Option<&str>) -> Option<&str> {
     })
 }
 
-/// The reply to a done decision: a 303 to a form's `next`, else JSON.
-fn decided(form: bool, next: Option<&str>, reply: JsonValue) -> Result<Response, ApiError> {
+/// Where a form's decision sends the browser: `next` when it is a path of
+/// this site, else nowhere (a JSON reply). Checked before anything moves.
+fn redirect_to(form: bool, next: Option<&str>) -> Result<Option<HeaderValue>, ApiError> {
     match local_path(next) {
         Some(path) if form => {
-            let location = HeaderValue::from_str(path)
-                .map_err(|_| ApiError::bad_request("next is not a valid path"))?;
-            Ok((StatusCode::SEE_OTHER, [(header::LOCATION, location)]).into_response())
+            let refused = || {
+                ApiError::bad_request(
+                    "next: a path of this site in visible ASCII (percent-encoded)",
+                )
+            };
+            if !path.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(refused());
+            }
+            HeaderValue::from_str(path).map(Some).map_err(|_| refused())
         }
-        _ => Ok(Json(reply).into_response()),
+        _ => Ok(None),
+    }
+}
+
+/// The reply to a done decision: a 303 to `location`, else JSON.
+fn decided(location: Option<HeaderValue>, reply: JsonValue) -> Response {
+    match location {
+        Some(location) => (StatusCode::SEE_OTHER, [(header::LOCATION, location)]).into_response(),
+        None => Json(reply).into_response(),
     }
 }
 
@@ -351,6 +366,7 @@ pub(super) async fn accept_key(
     let p = auth::require(&state, &method, &headers, Role::Operator).await?;
     check_id(&minion)?;
     let (d, form) = read_decision(&headers, &body)?;
+    let location = redirect_to(form, d.next.as_deref())?;
     let (pki_dir, req) = master_of(&state)?;
     let Some(text) = key_file(&pki_dir, "minions_pre", &minion).await? else {
         let e = ApiError::new("not_pending", format!("no key of {minion} is pending"));
@@ -439,11 +455,10 @@ pub(super) async fn accept_key(
     )
     .await;
     tracing::info!(message = "Minion key verified and accepted over HTTP.", minion_id = %minion, actor = %p.actor());
-    decided(
-        form,
-        d.next.as_deref(),
+    Ok(decided(
+        location,
         json!({"minion_id": minion, "state": "accepted", "fingerprint": presented_fp, "server": server.name}),
-    )
+    ))
 }
 
 /// `POST /api/v1/keys/{minion}/reject`: moves the pending or accepted key
@@ -465,6 +480,7 @@ pub(super) async fn reject_key(
     let p = auth::require(&state, &method, &headers, Role::Operator).await?;
     check_id(&minion)?;
     let (d, form) = read_decision(&headers, &body)?;
+    let location = redirect_to(form, d.next.as_deref())?;
     let (pki_dir, req) = master_of(&state)?;
     let (was, text) = match key_file(&pki_dir, "minions_pre", &minion).await? {
         Some(t) => ("pending", t),
@@ -516,9 +532,70 @@ pub(super) async fn reject_key(
     )
     .await;
     tracing::info!(message = "Minion key rejected over HTTP.", minion_id = %minion, was, actor = %p.actor());
-    decided(
-        form,
-        d.next.as_deref(),
+    Ok(decided(
+        location,
         json!({"minion_id": minion, "state": "rejected", "fingerprint": fp, "was": was}),
-    )
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_path_of_this_site_is_a_redirect() {
+        for ok in ["/", "/keys", "/keys?master=1", "/a/b#c"] {
+            assert!(redirect_to(true, Some(ok)).unwrap().is_some(), "{ok}");
+            // A JSON request is answered in JSON whatever it says.
+            assert!(redirect_to(false, Some(ok)).unwrap().is_none(), "{ok}");
+        }
+        for off in [
+            "//evil.example/",
+            "/\\evil.example",
+            "https://evil.example/",
+            "keys",
+            "",
+            "/a\nb",
+        ] {
+            assert!(redirect_to(true, Some(off)).unwrap().is_none(), "{off:?}");
+        }
+        assert!(redirect_to(true, None).unwrap().is_none());
+        // Local but not sendable as a header: refused before anything moves.
+        assert_eq!(
+            redirect_to(true, Some("/clés")).unwrap_err().code,
+            "bad_request"
+        );
+    }
+
+    #[test]
+    fn a_decision_is_json_or_a_form_and_nothing_else() {
+        let h = |ct: &str| {
+            let mut m = HeaderMap::new();
+            m.insert(header::CONTENT_TYPE, HeaderValue::from_str(ct).unwrap());
+            m
+        };
+        let (d, form) = read_decision(&HeaderMap::new(), b"").unwrap();
+        assert!(!form && d.fingerprint.is_none());
+        let (d, form) = read_decision(&h("application/json"), br#"{"fingerprint":"aa"}"#).unwrap();
+        assert!(!form && d.fingerprint.as_deref() == Some("aa"));
+        let (d, form) = read_decision(
+            &h("application/x-www-form-urlencoded"),
+            b"fingerprint=aa%3Abb&next=%2Fkeys",
+        )
+        .unwrap();
+        assert!(form && d.fingerprint.as_deref() == Some("aa:bb"));
+        assert_eq!(d.next.as_deref(), Some("/keys"));
+        for (ct, body) in [
+            ("application/json", &br#"{"next":"/keys"}"#[..]),
+            ("application/json", br#"{"other":1}"#),
+            ("application/x-www-form-urlencoded", b"other=1"),
+            ("text/plain", b"fingerprint"),
+        ] {
+            assert_eq!(
+                read_decision(&h(ct), body).unwrap_err().code,
+                "bad_request",
+                "{ct} {body:?}"
+            );
+        }
+    }
 }
