@@ -2097,6 +2097,64 @@ async fn pages_rules_alerts_story(api: Api) {
     // Not a rule of the set: not counted (the map stays bounded).
     stats.count_rule(&Arc::from("nope"), salt_steward::rules::RuleCount::Matched);
 
+    // A failed run of a's hostfwd; a backup that never ran.
+    use salt_steward::registry::dispatch::Finish;
+    let a = ids[0];
+    let claimed = store
+        .dispatch_claim(
+            a,
+            StateKind::Hostfwd,
+            last,
+            "20261202000000000001",
+            "d",
+            i64::MAX,
+        )
+        .await
+        .unwrap()
+        .expect("claimed");
+    store
+        .dispatch_finish(
+            a,
+            StateKind::Hostfwd,
+            "20261202000000000001",
+            claimed.lease_epoch,
+            &Finish::Failed {
+                error: "nginx: duplicate server name".into(),
+                summary: "{}".into(),
+                retry_at: i64::MAX,
+            },
+        )
+        .await
+        .unwrap()
+        .expect("finished");
+    let operator = api.login("operator1").await;
+    for body in [
+        json!({"name": "src1.example.org", "model": "web", "internal_ip": "10.1.0.5"}),
+        json!({"name": "bk1.example.org", "model": "web"}),
+    ] {
+        let r = api
+            .call(
+                Method::POST,
+                "/api/v1/servers",
+                Auth::CookieXhr(&operator),
+                Some(body),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    }
+    let r = api
+        .call(
+            Method::POST,
+            "/api/v1/backups",
+            Auth::CookieXhr(&operator),
+            Some(
+                json!({"source": "src1.example.org", "source_folder": "/srv/data",
+                        "dest": "bk1.example.org", "dest_folder": "/b/src1"}),
+            ),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+
     // Keys: a foreign key for an issued id, an unknown id.
     let keys_dir = tempfile::tempdir().unwrap();
     let issuing = registry::open(&api.db.url)
@@ -2116,6 +2174,8 @@ async fn pages_rules_alerts_story(api: Api) {
     )
     .unwrap();
     std::fs::write(pki.path().join("minions_pre").join("stranger"), other).unwrap();
+    std::fs::create_dir(pki.path().join("minions_denied")).unwrap();
+    std::fs::write(pki.path().join("minions_denied").join("intruder"), other).unwrap();
     // A silent server.
     let c = api
         .svc
@@ -2212,6 +2272,17 @@ async fn pages_rules_alerts_story(api: Api) {
     assert_eq!(a["severity"], "critical");
     // The targets have waited far longer than STUCK_MS on the test clock.
     find("dispatch_stuck", "a.example.org/portfwd");
+    let a = find("dispatch_failed", "a.example.org/hostfwd");
+    assert_eq!(a["severity"], "critical");
+    assert!(a["message"]
+        .as_str()
+        .unwrap()
+        .contains("duplicate server name"));
+    assert_eq!(find("denied_minion", "intruder")["severity"], "warning");
+    assert_eq!(
+        find("backup_never_run", "src1.example.org:/srv/data")["severity"],
+        "warning"
+    );
     for a in alerts {
         for k in ["kind", "severity", "subject", "message"] {
             assert!(a[k].is_string(), "{a}");
