@@ -48,6 +48,9 @@ const DIRS: [(&str, &str); 4] = [
     ("denied", "minions_denied"),
 ];
 
+/// Servers read per registry query.
+const SERVER_PAGE: i64 = 500;
+
 /// One key file: its minion id and the fingerprint of the key in it.
 fn read_dir(dir: &Path) -> std::io::Result<Vec<(String, Option<String>)>> {
     let entries = match std::fs::read_dir(dir) {
@@ -111,13 +114,18 @@ pub(super) async fn list_keys(
             "the keys need the daemon's master pki directory",
         ));
     };
-    let issued: HashMap<String, (String, Option<String>)> = state
+    // The issued fingerprints, read by bounded pages.
+    let mut issued: HashMap<String, (String, Option<String>)> = HashMap::new();
+    let mut pages = state
         .service
-        .find_servers(&ServerFilter::default())
-        .await?
-        .into_iter()
-        .map(|s| (s.minion_id, (s.name, s.key_fingerprint)))
-        .collect();
+        .server_pages(ServerFilter::default(), SERVER_PAGE);
+    while let Some(servers) = pages.next().await? {
+        issued.extend(
+            servers
+                .into_iter()
+                .map(|s| (s.minion_id, (s.name, s.key_fingerprint))),
+        );
+    }
     let dirs = tokio::task::spawn_blocking(move || read_all(&pki_dir))
         .await
         .map_err(|e| ApiError::new("internal", e.to_string()))?
