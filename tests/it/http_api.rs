@@ -1132,6 +1132,18 @@ fn http_api_served_by_the_daemon() {
     assert_eq!(headers["x-frame-options"], "DENY");
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["items"][0]["name"], "web01.example.org");
+    // The daemon hands the API its rules engine and its master's pki dir.
+    let (status, _, body) = http(port, "GET", "/api/v1/rules", &[("Cookie", &cookie)], "");
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        v["dir"].is_string() && v["counters"]["reloads"].is_u64(),
+        "{v}"
+    );
+    let (status, _, body) = http(port, "GET", "/api/v1/alerts", &[("Cookie", &cookie)], "");
+    assert_eq!(status, 200, "{body}");
+    let (status, _, body) = http(port, "GET", "/api/v1/keys", &[("Cookie", &cookie)], "");
+    assert_eq!(status, 200, "{body}");
 
     // Failures under five different names from this address: the sixth
     // attempt, with yet another name, is refused on the address alone.
