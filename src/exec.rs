@@ -327,17 +327,19 @@ pub async fn exec(
     })
 }
 
-/// The last `limit` records (of one server, or all), newest first.
+/// The last `limit` records (of one server, or all) with an id below
+/// `before` (the previous page's last), newest first.
 pub async fn history(
     service: &Service<DbStore>,
     server: Option<&ServerRef>,
+    before: Option<i64>,
     limit: i64,
 ) -> Result<Vec<ExecRecord>, registry::Error> {
     let server_id = match server {
         Some(s) => Some(service.get_server(s).await?.id),
         None => None,
     };
-    service.store().exec_list(server_id, limit).await
+    service.store().exec_list(server_id, before, limit).await
 }
 
 /// Publishes under `jid` to `minion` and waits for its confirmed return.

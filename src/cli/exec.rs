@@ -109,7 +109,7 @@ pub async fn run_exec(ctx: &Context, a: ExecArgs) -> anyhow::Result<ExitCode> {
 pub async fn run_exec_log(ctx: &Context, a: ExecLogArgs) -> anyhow::Result<ExitCode> {
     let service = open(ctx).await?;
     let server = a.server.as_deref().map(parse_ref);
-    let records = exec::history(&service, server.as_ref(), a.limit.clamp(1, 10_000)).await?;
+    let records = exec::history(&service, server.as_ref(), None, a.limit.clamp(1, 10_000)).await?;
     if a.json {
         print_json(&records)?;
         return Ok(ExitCode::SUCCESS);

@@ -241,6 +241,11 @@ pub async fn run(
             crate::api::http::HttpState::new(service.clone(), &settings.http)
                 .with_backup_stale_hours(settings.backups.stale_after_hours)
                 .with_pki_dir(master.pki_dir.clone())
+                .with_wheel(http_salt.req().clone())
+                .with_rules({
+                    let stats = rule_stats.clone();
+                    Arc::new(move || stats.report())
+                })
                 .with_exec(crate::api::http::ExecContext {
                     salt: http_salt,
                     policy: policy.clone(),

@@ -66,6 +66,13 @@ pub trait Store:
     fn model(&self, name: &str) -> impl Future<Output = Result<Option<ServerModel>, Error>> + Send;
     /// All models, by name.
     fn models(&self) -> impl Future<Output = Result<Vec<ServerModel>, Error>> + Send;
+    /// Up to `limit` models with an id above `after`, by id (a page of the
+    /// HTTP list).
+    fn models_page(
+        &self,
+        after: i64,
+        limit: i64,
+    ) -> impl Future<Output = Result<Vec<ServerModel>, Error>> + Send;
     /// Rewrites the model with `model.id`.
     fn update_model(
         &self,
@@ -227,6 +234,8 @@ mod sql {
     pub const MODEL_BY_NAME: &str =
         "SELECT id, name, description, states FROM models WHERE name = $1";
     pub const MODELS: &str = "SELECT id, name, description, states FROM models ORDER BY name";
+    pub const MODELS_PAGE: &str =
+        "SELECT id, name, description, states FROM models WHERE id > $1 ORDER BY id LIMIT $2";
     pub const UPDATE_MODEL: &str =
         "UPDATE models SET name = $2, description = $3, states = $4, updated_at = $5 WHERE id = $1";
     pub const MODEL_USERS: &str = "SELECT COUNT(*) FROM servers WHERE model_id = $1";
@@ -842,6 +851,18 @@ macro_rules! store_impl {
                     .collect()
             }
 
+            async fn models_page(&self, after: i64, limit: i64) -> Result<Vec<ServerModel>, Error> {
+                sqlx::query(sql::MODELS_PAGE)
+                    .bind(after)
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db(format!("listing models after #{after}")))?
+                    .iter()
+                    .map(Self::model_row)
+                    .collect()
+            }
+
             async fn update_model(&self, model: &ServerModel) -> Result<ServerModel, Error> {
                 let op = || format!("updating model {}", model.name);
                 let mut tx = self.pool.begin_with($begin).await.map_err(db(op()))?;
@@ -1366,6 +1387,9 @@ impl Store for DbStore {
     async fn models(&self) -> Result<Vec<ServerModel>, Error> {
         dispatch!(self, s => s.models())
     }
+    async fn models_page(&self, after: i64, limit: i64) -> Result<Vec<ServerModel>, Error> {
+        dispatch!(self, s => s.models_page(after, limit))
+    }
     async fn update_model(&self, model: &ServerModel) -> Result<ServerModel, Error> {
         dispatch!(self, s => s.update_model(model))
     }
@@ -1472,9 +1496,10 @@ impl ExecStore for DbStore {
     async fn exec_list(
         &self,
         server_id: Option<i64>,
+        before: Option<i64>,
         limit: i64,
     ) -> Result<Vec<ExecRecord>, Error> {
-        dispatch!(self, s => s.exec_list(server_id, limit))
+        dispatch!(self, s => s.exec_list(server_id, before, limit))
     }
     async fn exec_recover(&self) -> Result<u64, Error> {
         dispatch!(self, s => s.exec_recover())
@@ -1611,6 +1636,15 @@ impl DispatchStore for DbStore {
     }
     async fn dispatch_targets_of(&self, server_id: i64) -> Result<Vec<DispatchTarget>, Error> {
         dispatch!(self, s => s.dispatch_targets_of(server_id))
+    }
+    async fn dispatch_targets_page(
+        &self,
+        status: Option<DispatchStatus>,
+        server_id: Option<i64>,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<DispatchTarget>, Error> {
+        dispatch!(self, s => s.dispatch_targets_page(status, server_id, after, limit))
     }
     async fn dispatch_runs(&self, server_id: i64, limit: i64) -> Result<Vec<DispatchRun>, Error> {
         dispatch!(self, s => s.dispatch_runs(server_id, limit))

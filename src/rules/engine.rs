@@ -27,7 +27,7 @@ use tracing::{info, warn};
 use super::compile::{Rendered, Rule, RuleSet};
 use super::exec::{Executor, Job, SubmitError};
 use super::matcher::EventView;
-use super::stats::{worth_logging, RuleStats};
+use super::stats::{worth_logging, RuleCount, RuleStats};
 use super::throttle::{Key, Offer, Throttle};
 use super::Scratch;
 use crate::bus::origin::{LocalItem, LocalSubscription};
@@ -161,6 +161,7 @@ impl Intake {
                 continue;
             };
             self.stats.matched.fetch_add(1, Ordering::Relaxed);
+            self.stats.count_rule(&rule.name, RuleCount::Matched);
             let mut ready = Vec::with_capacity(rule.actions.len());
             for idx in 0..rule.actions.len() {
                 // The target first: it is what debounce and limits count by.
@@ -192,6 +193,7 @@ impl Intake {
                         Offer::Overflow => {
                             let n =
                                 self.stats.debounce_overflow.fetch_add(1, Ordering::Relaxed) + 1;
+                            self.stats.count_rule(&rule.name, RuleCount::Dropped);
                             if worth_logging(n) {
                                 warn!(message = "Rule action dropped: too many debounced actions waiting.", rule = %rule.name, action = idx + 1, max_waiting = self.opts.max_waiting, dropped_total = n);
                             }
@@ -234,6 +236,7 @@ impl Intake {
 
     fn render_failed(&self, rule: &Rule, tag: &str, error: &str) {
         let n = self.stats.render_errors.fetch_add(1, Ordering::Relaxed) + 1;
+        self.stats.count_rule(&rule.name, RuleCount::Dropped);
         if worth_logging(n) {
             warn!(message = "Rule not run: its actions could not be filled from the event.", rule = %rule.name, file = %rule.file.display(), line = rule.line, %tag, %error, render_errors_total = n);
         }
@@ -241,6 +244,7 @@ impl Intake {
 
     fn rate_limited(&self, key: &Key) {
         let n = self.stats.rate_limited.fetch_add(1, Ordering::Relaxed) + 1;
+        self.stats.count_rule(&key.rule, RuleCount::Dropped);
         if worth_logging(n) {
             warn!(message = "Rule action dropped by its rate limit.", rule = %key.rule, action = key.action, target = %key.target, dropped_total = n);
         }
@@ -275,9 +279,11 @@ impl Intake {
         match self.exec.submit(job) {
             Ok(()) => {
                 self.stats.queued.fetch_add(1, Ordering::Relaxed);
+                self.stats.count_rule(&key.rule, RuleCount::Action);
             }
             Err(SubmitError::Full) => {
                 let n = self.stats.queue_full.fetch_add(1, Ordering::Relaxed) + 1;
+                self.stats.count_rule(&key.rule, RuleCount::Dropped);
                 if worth_logging(n) {
                     warn!(message = "Rule action dropped: its sender's queue is full.", rule = %key.rule, action = key.action, target = %key.target, dropped_total = n);
                 }

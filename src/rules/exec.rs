@@ -248,9 +248,11 @@ async fn run_one(inner: &Inner, job: &Job) -> bool {
     let jid = outcome.jid.as_deref().unwrap_or("-");
     if outcome.success {
         inner.stats.done.fetch_add(1, Ordering::Relaxed);
+        inner.stats.count_rule(&job.rule, super::RuleCount::Done);
         info!(message = "Rule action done.", rule = %job.rule, action = job.action, kind = job.rendered.kind().as_str(), target = job.rendered.target(), jid, event_tag = %job.event_tag);
     } else {
         inner.stats.failed.fetch_add(1, Ordering::Relaxed);
+        inner.stats.count_rule(&job.rule, super::RuleCount::Failed);
         let error = outcome
             .report
             .get("error")
@@ -503,6 +505,14 @@ mod tests {
         let rec = Arc::new(Recorder::default());
         let stats = Arc::new(RuleStats::default());
         let cancel = CancellationToken::new();
+        let set = |text: &str| {
+            Arc::new(
+                crate::rules::compile(&[(std::path::PathBuf::from("r.yaml"), text.to_owned())])
+                    .unwrap(),
+            )
+        };
+        let r = "rules:\n  - name: r\n    on: x\n    do: [{fire: {tag: out}}]\n";
+        stats.loaded_set(std::path::Path::new("/rules"), set(r));
         let ex = Executor::new(rec.clone(), 3, 100, stats.clone(), cancel.clone());
         for n in 0..20 {
             for s in ["a", "b", "c", "d", "e"] {
@@ -522,6 +532,16 @@ mod tests {
             assert_eq!(order, (0..20).collect::<Vec<_>>(), "sender {s}");
         }
         assert_eq!(rec.peak.load(Ordering::SeqCst), 3, "bounded, and parallel");
+        // Counted per rule too (the report the HTTP API serves) …
+        let report = stats.report();
+        assert_eq!(report["rules"][0]["name"], "r", "{report}");
+        assert_eq!(report["rules"][0]["done"], 100, "{report}");
+        assert_eq!(report["rules"][0]["failed"], 0, "{report}");
+        // … and forgotten with the rule: a reload without it starts anew.
+        let other = "rules:\n  - name: s\n    on: x\n    do: [{fire: {tag: out}}]\n";
+        stats.loaded_set(std::path::Path::new("/rules"), set(other));
+        stats.loaded_set(std::path::Path::new("/rules"), set(r));
+        assert_eq!(stats.report()["rules"][0]["done"], 0);
         // 20 jobs of 20 ms, 3 at a time: about 100 × 20 / 3 ms, not 100 × 20.
         cancel.cancel();
         ex.join().await;

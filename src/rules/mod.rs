@@ -40,7 +40,7 @@ pub use compile::{
     RESULT_PREFIX,
 };
 pub use matcher::EventView;
-pub use stats::RuleStats;
+pub use stats::{RuleCount, RuleStats};
 
 use crate::bus::origin::LocalSubscription;
 use crate::bus::Firer;
@@ -106,7 +106,7 @@ impl RulesComponent {
             cancel.clone(),
         );
         let set = reload::initial(&self.dir, &stats).await;
-        let (tx, rx) = watch::channel(Arc::new(set));
+        let (tx, rx) = watch::channel(set);
         let watcher = tokio::spawn(reload::watch_dir(
             self.dir,
             tx,

@@ -38,22 +38,27 @@ enum Change {
 
 /// Loads the rules once, for the start of the daemon: the set, or an empty
 /// set when the directory is missing or invalid (logged).
-pub async fn initial(dir: &Path, stats: &RuleStats) -> RuleSet {
+pub async fn initial(dir: &Path, stats: &RuleStats) -> Arc<RuleSet> {
     if !dir.is_dir() {
         info!(message = "No rules directory: no rules until it appears.", dir = %dir.display());
-        return RuleSet::empty();
+        let set = Arc::new(RuleSet::empty());
+        stats.loaded_set(dir, set.clone());
+        return set;
     }
     match load(dir).await {
         Ok(set) => {
             stats.reloads.fetch_add(1, Ordering::Relaxed);
             info!(message = "Rules loaded.", dir = %dir.display(), rules = set.rules().len(), files = set.files().len());
             log_warnings(&set);
+            let set = Arc::new(set);
+            stats.loaded_set(dir, set.clone());
             set
         }
         Err(errors) => {
             stats.reload_failures.fetch_add(1, Ordering::Relaxed);
             log_refused(dir, &errors, "no rule is active until they are fixed");
-            RuleSet::empty()
+            stats.load_refused(dir, &errors);
+            Arc::new(RuleSet::empty())
         }
     }
 }
@@ -182,11 +187,14 @@ pub async fn reload(dir: &Path, tx: &watch::Sender<Arc<RuleSet>>, stats: &RuleSt
             stats.reloads.fetch_add(1, Ordering::Relaxed);
             info!(message = "Rules reloaded.", dir = %dir.display(), rules = set.rules().len(), files = set.files().len());
             log_warnings(&set);
-            tx.send_replace(Arc::new(set));
+            let set = Arc::new(set);
+            stats.loaded_set(dir, set.clone());
+            tx.send_replace(set);
         }
         Err(errors) => {
             stats.reload_failures.fetch_add(1, Ordering::Relaxed);
             log_refused(dir, &errors, "the previous rules stay active");
+            stats.load_refused(dir, &errors);
         }
     }
 }
@@ -204,7 +212,7 @@ mod tests {
         };
         std::fs::write(&f, rule("one")).unwrap();
         let stats = Arc::new(RuleStats::default());
-        let (tx, mut rx) = watch::channel(Arc::new(initial(dir.path(), &stats).await));
+        let (tx, mut rx) = watch::channel(initial(dir.path(), &stats).await);
         assert_eq!(rx.borrow().rules()[0].on, ["one"]);
         let cancel = CancellationToken::new();
         let (_reload_tx, reload_rx) = watch::channel(dir.path().to_owned());

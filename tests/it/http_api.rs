@@ -1132,6 +1132,18 @@ fn http_api_served_by_the_daemon() {
     assert_eq!(headers["x-frame-options"], "DENY");
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["items"][0]["name"], "web01.example.org");
+    // The daemon hands the API its rules engine and its master's pki dir.
+    let (status, _, body) = http(port, "GET", "/api/v1/rules", &[("Cookie", &cookie)], "");
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        v["dir"].is_string() && v["counters"]["reloads"].is_u64(),
+        "{v}"
+    );
+    let (status, _, body) = http(port, "GET", "/api/v1/alerts", &[("Cookie", &cookie)], "");
+    assert_eq!(status, 200, "{body}");
+    let (status, _, body) = http(port, "GET", "/api/v1/keys", &[("Cookie", &cookie)], "");
+    assert_eq!(status, 200, "{body}");
 
     // Failures under five different names from this address: the sixth
     // attempt, with yet another name, is refused on the address alone.
@@ -1251,10 +1263,25 @@ async fn inventory_story(api: Api) {
         .call(Method::GET, "/api/v1/models", Auth::Cookie(&viewer), None)
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
-    assert_eq!(
-        r.body["items"],
-        serde_json::to_value(api.svc.list_models().await.unwrap()).unwrap()
-    );
+    let mut models = api.svc.list_models().await.unwrap();
+    models.sort_by_key(|m| m.id);
+    assert_eq!(r.body["items"], serde_json::to_value(&models).unwrap());
+    // Walked one at a time: every model once, by id, then `next` null.
+    let mut walked = Vec::new();
+    let mut uri = "/api/v1/models?limit=1".to_owned();
+    loop {
+        let r = api
+            .call(Method::GET, &uri, Auth::Cookie(&viewer), None)
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        walked.extend(r.body["items"].as_array().unwrap().iter().cloned());
+        match r.body["next"].as_i64() {
+            Some(n) => uri = format!("/api/v1/models?limit=1&after={n}"),
+            None => break,
+        }
+    }
+    assert!(models.len() >= 2, "{models:?}");
+    assert_eq!(Value::Array(walked), serde_json::to_value(&models).unwrap());
     let r = api
         .call(
             Method::POST,
@@ -1713,6 +1740,7 @@ async fn http_api_openapi_document_is_served_and_matches_the_router() {
         let uri = path
             .replace("{id}", "1")
             .replace("{server}", "web01")
+            .replace("{minion}", "web01-00000000")
             .replace("{name}", "web");
         for method in item.as_object().unwrap().keys() {
             operations += 1;
@@ -1726,7 +1754,7 @@ async fn http_api_openapi_document_is_served_and_matches_the_router() {
             }
         }
     }
-    assert!(operations >= 34, "{operations}");
+    assert!(operations >= 38, "{operations}");
 
     // Every write but the session's needs more than viewer / scope read.
     let viewer = api.login("viewer1").await;
@@ -1739,6 +1767,7 @@ async fn http_api_openapi_document_is_served_and_matches_the_router() {
         let uri = path
             .replace("{id}", "1")
             .replace("{server}", "web01")
+            .replace("{minion}", "web01-00000000")
             .replace("{name}", "web");
         for method in item.as_object().unwrap().keys() {
             if method == "get" {
@@ -1756,7 +1785,7 @@ async fn http_api_openapi_document_is_served_and_matches_the_router() {
             assert_error(&r, StatusCode::FORBIDDEN, "forbidden");
         }
     }
-    assert!(writes >= 16, "{writes}");
+    assert!(writes >= 18, "{writes}");
 }
 
 /// `GET /api/v1/keys`: the master's key directories, each key's presented
@@ -1817,6 +1846,27 @@ async fn http_api_keys_read_the_master_pki_dir() {
         assert_eq!(m["accepted"][0]["matches"], true, "{m}");
     }
     assert_eq!(m["pending"][0]["minion_id"], "stranger", "{m}");
+    let r = api
+        .call(
+            Method::GET,
+            "/api/v1/keys?state=pending",
+            Auth::Bearer(&read),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let only = &r.body["items"][0];
+    assert_eq!(only["pending"][0]["minion_id"], "stranger", "{only}");
+    assert!(only.get("accepted").is_none(), "{only}");
+    let r = api
+        .call(
+            Method::GET,
+            "/api/v1/keys?state=bogus",
+            Auth::Bearer(&read),
+            None,
+        )
+        .await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "bad_request");
     assert_eq!(m["pending"][0]["server"], Value::Null, "{m}");
     assert_eq!(m["rejected"], json!([]), "{m}");
     assert_eq!(m["denied"], json!([]), "{m}");
@@ -1861,4 +1911,646 @@ async fn http_api_keys_read_the_master_pki_dir() {
         "{m}"
     );
     assert_eq!(m["denied"][0]["matches"], false, "{m}");
+}
+
+// ------------------------------------- pages, rules and alerts in process
+
+/// Every item of a list walked with `limit`, following `next` (`sep`: `?`
+/// or `&` before `limit=`); the number of pages.
+async fn walk(api: &Api, base: &str, limit: i64, auth: Auth<'_>) -> (Vec<Value>, usize) {
+    let sep = if base.contains('?') { '&' } else { '?' };
+    let mut items = Vec::new();
+    let mut pages = 0;
+    let mut uri = format!("{base}{sep}limit={limit}");
+    loop {
+        let r = api.call(Method::GET, &uri, auth, None).await;
+        assert_eq!(r.status, StatusCode::OK, "{uri}: {}", r.body);
+        pages += 1;
+        let page = r.body["items"].as_array().unwrap();
+        assert!(
+            page.len() <= usize::try_from(limit).unwrap(),
+            "{uri}: {}",
+            r.body
+        );
+        items.extend(page.iter().cloned());
+        match r.body["next"].as_i64() {
+            Some(n) => uri = format!("{base}{sep}limit={limit}&after={n}"),
+            None => return (items, pages),
+        }
+        assert!(pages < 100, "{uri}: no end");
+    }
+}
+
+/// Dispatch targets and the audit log walked page by page (a page of
+/// dispatches never splits a server's targets); `GET /rules` with one good
+/// and one broken file (the refused reload kept the good set); `GET
+/// /alerts` naming a foreign key, an unknown minion, a silent server, a
+/// stuck target and the rule file's error with its line.
+async fn pages_rules_alerts_story(api: Api) {
+    use salt_steward::registry::dispatch::{Debounce, DispatchStatus};
+    use salt_steward::registry::store::{DispatchStore as _, Store as _};
+    use salt_steward::registry::StateKind;
+
+    let viewer = api.login("viewer1").await;
+    let admin = api.login("admin1").await;
+    for n in ["a", "b", "c"] {
+        api.server(&format!("{n}.example.org")).await;
+    }
+    let ids: Vec<i64> = api
+        .svc
+        .find_servers(&Default::default())
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| s.id)
+        .collect();
+    let store = api.svc.store();
+    store.outbox_subscribe("dispatch").await.unwrap();
+    let two = [StateKind::Portfwd, StateKind::Hostfwd];
+    let mut targets: Vec<(i64, StateKind)> = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let kinds: &[StateKind] = if i < 2 { &two } else { &two[..1] };
+        targets.extend(kinds.iter().map(|k| (*id, *k)));
+    }
+    let d = Debounce {
+        debounce_ms: 0,
+        max_delay_ms: 1000,
+    };
+    let last = store.outbox_pending("dispatch", 1000).await.unwrap();
+    let last = last.last().map_or(1, |e| e.id());
+    store
+        .dispatch_bump("dispatch", last, &targets, d)
+        .await
+        .unwrap();
+    let all = store.dispatch_targets(None).await.unwrap();
+    assert_eq!(all.len(), 5);
+    // limit 3: a's two (b's first would split b), then b's two and c's.
+    let (walked, pages) = walk(&api, "/api/v1/dispatches", 3, Auth::Cookie(&viewer)).await;
+    assert_eq!(pages, 2, "{walked:?}");
+    let got: Vec<(i64, String)> = walked
+        .iter()
+        .map(|t| {
+            (
+                t["server_id"].as_i64().unwrap(),
+                t["state"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let mut want: Vec<(i64, String)> = all
+        .iter()
+        .map(|t| (t.server_id, t.state.as_str().to_owned()))
+        .collect();
+    want.sort();
+    assert_eq!(got, want);
+    let (walked, _) = walk(
+        &api,
+        "/api/v1/dispatches?state=pending",
+        1000,
+        Auth::Cookie(&viewer),
+    )
+    .await;
+    let pending = store
+        .dispatch_targets(Some(DispatchStatus::Pending))
+        .await
+        .unwrap();
+    assert_eq!(walked.len(), pending.len());
+    let (walked, _) = walk(
+        &api,
+        "/api/v1/dispatches?status=failed&server=a.example.org",
+        10,
+        Auth::Cookie(&viewer),
+    )
+    .await;
+    assert_eq!(walked, Vec::<Value>::new());
+    let r = api
+        .call(
+            Method::GET,
+            "/api/v1/dispatches?state=done&status=done",
+            Auth::Cookie(&viewer),
+            None,
+        )
+        .await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "bad_request");
+    let r = api
+        .call(
+            Method::GET,
+            "/api/v1/exec?limit=0",
+            Auth::Cookie(&viewer),
+            None,
+        )
+        .await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "bad_request");
+
+    // The exec record, newest first, two at a time, and of one server.
+    use salt_steward::registry::exec::NewExec;
+    use salt_steward::registry::store::ExecStore as _;
+    for (i, id) in ids.iter().enumerate() {
+        for _ in 0..=i {
+            store
+                .exec_insert(&NewExec {
+                    requested_by: "test".into(),
+                    server_id: Some(*id),
+                    server: format!("#{id}"),
+                    minion_id: None,
+                    fun: "test.ping".into(),
+                    args: "[]".into(),
+                    jid: None,
+                    outcome: "refused".into(),
+                    error_code: Some("forbidden_function".into()),
+                    error: None,
+                })
+                .await
+                .unwrap();
+        }
+    }
+    let (walked, pages) = walk(&api, "/api/v1/exec", 2, Auth::Cookie(&viewer)).await;
+    assert_eq!(pages, 3);
+    let got: Vec<i64> = walked.iter().map(|e| e["id"].as_i64().unwrap()).collect();
+    let mut want = got.clone();
+    want.sort_unstable_by(|a, b| b.cmp(a));
+    want.dedup();
+    assert_eq!(got, want, "newest first, each once");
+    assert_eq!(got.len(), 6);
+    let (walked, pages) = walk(
+        &api,
+        &format!("/api/v1/exec?server={}", ids[2]),
+        2,
+        Auth::Cookie(&viewer),
+    )
+    .await;
+    assert_eq!((walked.len(), pages), (3, 2));
+    assert!(walked.iter().all(|e| e["server_id"] == ids[2]));
+
+    // The audit log, newest first, two at a time.
+    let log = api.svc.audit_log(None, 1000).await.unwrap();
+    assert!(log.len() >= 3, "{log:?}");
+    let (walked, pages) = walk(&api, "/api/v1/audit", 2, Auth::Cookie(&admin)).await;
+    assert!(pages >= 2);
+    assert_eq!(Value::Array(walked), serde_json::to_value(&log).unwrap());
+
+    // Rules: one good file loaded, then a broken one refused.
+    let rules_dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        rules_dir.path().join("good.yaml"),
+        "rules:\n  - name: good\n    on: custom/x\n    do: [{fire: {tag: out}}]\n",
+    )
+    .unwrap();
+    let stats = Arc::new(salt_steward::rules::RuleStats::default());
+    let set = salt_steward::rules::reload::initial(rules_dir.path(), &stats).await;
+    let (tx, _rx) = tokio::sync::watch::channel(set);
+    std::fs::write(
+        rules_dir.path().join("broken.yaml"),
+        "rules:\n  - name: broken\n    on: custom/y\n    bogus: 1\n    do: [{fire: {tag: out}}]\n",
+    )
+    .unwrap();
+    salt_steward::rules::reload::reload(rules_dir.path(), &tx, &stats).await;
+    stats.count_rule(&Arc::from("good"), salt_steward::rules::RuleCount::Matched);
+    stats.count_rule(&Arc::from("good"), salt_steward::rules::RuleCount::Action);
+    // Not a rule of the set: not counted (the map stays bounded).
+    stats.count_rule(&Arc::from("nope"), salt_steward::rules::RuleCount::Matched);
+
+    // A failed run of a's hostfwd; a backup that never ran.
+    use salt_steward::registry::dispatch::Finish;
+    let a = ids[0];
+    let claimed = store
+        .dispatch_claim(
+            a,
+            StateKind::Hostfwd,
+            last,
+            "20261202000000000001",
+            "d",
+            i64::MAX,
+        )
+        .await
+        .unwrap()
+        .expect("claimed");
+    store
+        .dispatch_finish(
+            a,
+            StateKind::Hostfwd,
+            "20261202000000000001",
+            claimed.lease_epoch,
+            &Finish::Failed {
+                error: "nginx: duplicate server name".into(),
+                summary: "{}".into(),
+                retry_at: i64::MAX,
+            },
+        )
+        .await
+        .unwrap()
+        .expect("finished");
+    let operator = api.login("operator1").await;
+    for body in [
+        json!({"name": "src1.example.org", "model": "web", "internal_ip": "10.1.0.5"}),
+        json!({"name": "bk1.example.org", "model": "web"}),
+    ] {
+        let r = api
+            .call(
+                Method::POST,
+                "/api/v1/servers",
+                Auth::CookieXhr(&operator),
+                Some(body),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    }
+    let r = api
+        .call(
+            Method::POST,
+            "/api/v1/backups",
+            Auth::CookieXhr(&operator),
+            Some(
+                json!({"source": "src1.example.org", "source_folder": "/srv/data",
+                        "dest": "bk1.example.org", "dest_folder": "/b/src1"}),
+            ),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+
+    // Keys: a foreign key for an issued id, an unknown id.
+    let keys_dir = tempfile::tempdir().unwrap();
+    let issuing = registry::open(&api.db.url)
+        .await
+        .unwrap()
+        .with_keys(KeyIssuer::new(keys_dir.path(), 2048).unwrap());
+    let mut p = ServerPatch::default();
+    p.set("name", "issued.example.org").unwrap();
+    p.set("model", "web").unwrap();
+    let issued = issuing.create_server(p).await.unwrap();
+    let pki = tempfile::tempdir().unwrap();
+    std::fs::create_dir(pki.path().join("minions_pre")).unwrap();
+    let other = "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n";
+    std::fs::write(
+        pki.path().join("minions_pre").join(&issued.minion_id),
+        other,
+    )
+    .unwrap();
+    std::fs::write(pki.path().join("minions_pre").join("stranger"), other).unwrap();
+    std::fs::create_dir(pki.path().join("minions_denied")).unwrap();
+    std::fs::write(pki.path().join("minions_denied").join("intruder"), other).unwrap();
+    // A silent server.
+    let c = api
+        .svc
+        .get_server(&registry::ServerRef::Name("c.example.org".into()))
+        .await
+        .unwrap();
+    api.svc
+        .transition(c.id, &registry::Status::ALL, registry::Status::Offline)
+        .await
+        .unwrap()
+        .unwrap();
+
+    let c2 = api.clock.clone();
+    let state = HttpState::new(api.svc.clone(), &HttpConfig::default())
+        .with_clock(Arc::new(move || c2.load(Ordering::SeqCst)))
+        .with_pki_dir(pki.path().to_owned());
+    let bare = Api {
+        app: router(Arc::new(state)),
+        clock: api.clock.clone(),
+        svc: api.svc.clone(),
+        db: TestDb::sqlite(),
+    };
+    let r = bare
+        .call(Method::GET, "/api/v1/rules", Auth::Cookie(&viewer), None)
+        .await;
+    assert_error(&r, StatusCode::SERVICE_UNAVAILABLE, "unavailable");
+    let report = stats.clone();
+    let c3 = api.clock.clone();
+    let state = HttpState::new(api.svc.clone(), &HttpConfig::default())
+        .with_clock(Arc::new(move || c3.load(Ordering::SeqCst)))
+        .with_pki_dir(pki.path().to_owned())
+        .with_rules(Arc::new(move || report.report()));
+    let api = Api {
+        app: router(Arc::new(state)),
+        ..api
+    };
+    let r = api
+        .call(Method::GET, "/api/v1/rules", Auth::None, None)
+        .await;
+    assert_error(&r, StatusCode::UNAUTHORIZED, "unauthenticated");
+    let r = api
+        .call(Method::GET, "/api/v1/rules", Auth::Cookie(&viewer), None)
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let rules = r.body["rules"].as_array().unwrap();
+    assert_eq!(rules.len(), 1, "{}", r.body);
+    assert_eq!(rules[0]["name"], "good");
+    assert_eq!(rules[0]["matched"], 1);
+    assert_eq!(rules[0]["actions"], 1);
+    assert_eq!(rules[0]["dropped"], 0);
+    assert!(rules[0]["file"].as_str().unwrap().ends_with("good.yaml"));
+    let errors = r.body["errors"].as_array().unwrap();
+    assert!(!errors.is_empty(), "{}", r.body);
+    assert!(
+        errors[0]["file"].as_str().unwrap().ends_with("broken.yaml"),
+        "{}",
+        r.body
+    );
+    assert!(errors[0]["line"].as_u64().is_some(), "{}", r.body);
+    assert!(
+        errors[0]["at"].as_str().unwrap().contains("broken.yaml:"),
+        "{}",
+        r.body
+    );
+    assert_eq!(r.body["counters"]["reload_failures"], 1, "{}", r.body);
+
+    let r = api
+        .call(Method::GET, "/api/v1/alerts", Auth::None, None)
+        .await;
+    assert_error(&r, StatusCode::UNAUTHORIZED, "unauthenticated");
+    let r = api
+        .call(Method::GET, "/api/v1/alerts", Auth::Cookie(&viewer), None)
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let alerts = r.body["items"].as_array().unwrap();
+    let find = |kind: &str, subject: &str| {
+        alerts
+            .iter()
+            .find(|a| a["kind"] == kind && a["subject"].as_str().unwrap().contains(subject))
+            .unwrap_or_else(|| panic!("no {kind} alert about {subject}: {}", r.body))
+    };
+    let a = find("key_mismatch", &issued.minion_id);
+    assert_eq!(a["severity"], "critical");
+    assert!(a["message"]
+        .as_str()
+        .unwrap()
+        .contains("issued.example.org"));
+    assert_eq!(find("unknown_minion", "stranger")["severity"], "warning");
+    assert_eq!(
+        find("server_not_seen", "c.example.org")["severity"],
+        "warning"
+    );
+    let a = find("rule_error", "broken.yaml:");
+    assert_eq!(a["severity"], "critical");
+    // The targets have waited far longer than STUCK_MS on the test clock.
+    find("dispatch_stuck", "a.example.org/portfwd");
+    let a = find("dispatch_failed", "a.example.org/hostfwd");
+    assert_eq!(a["severity"], "critical");
+    assert!(a["message"]
+        .as_str()
+        .unwrap()
+        .contains("duplicate server name"));
+    assert_eq!(find("denied_minion", "intruder")["severity"], "warning");
+    assert_eq!(
+        find("backup_never_run", "src1.example.org:/srv/data")["severity"],
+        "warning"
+    );
+    for a in alerts {
+        for k in ["kind", "severity", "subject", "message"] {
+            assert!(a[k].is_string(), "{a}");
+        }
+    }
+    // Critical first.
+    let first_warning = alerts
+        .iter()
+        .position(|a| a["severity"] == "warning")
+        .unwrap();
+    assert!(alerts[first_warning..]
+        .iter()
+        .all(|a| a["severity"] == "warning"));
+    // Nothing foreign about the accepted-nothing, matching keys.
+    assert!(!alerts
+        .iter()
+        .any(|a| a["kind"] == "key_mismatch"
+            && a["subject"].as_str().unwrap().contains("a.example.org")));
+}
+
+#[tokio::test]
+async fn http_api_pages_rules_alerts_on_sqlite() {
+    pages_rules_alerts_story(Api::new(TestDb::sqlite()).await).await;
+}
+
+#[tokio::test]
+async fn http_api_pages_rules_alerts_on_postgres() {
+    pages_rules_alerts_story(Api::new(TestDb::postgres_required().await).await).await;
+}
+
+// ------------------------------------ key decisions against a real master
+
+/// A form post (`application/x-www-form-urlencoded`) as the dashboard's
+/// plain forms send it: the cookie and `Sec-Fetch-Site: same-origin`.
+async fn form_post(api: &Api, uri: &str, cookie: &str, form: &str) -> Resp {
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri(uri)
+        .header("host", "127.0.0.1:8467")
+        .header(header::COOKIE, format!("steward_session={cookie}"))
+        .header("sec-fetch-site", "same-origin")
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .body(Body::from(form.to_owned()))
+        .unwrap();
+    api.send(req).await
+}
+
+/// `POST /api/v1/keys/{minion}/accept|reject` against a real salt-master
+/// (no daemon, so no acceptor: only the API decides): the pending key of a
+/// minion installed from the registry's bundle is accepted; a minion with a
+/// key of its own claiming another server's issued id is refused (409
+/// `key_mismatch`) and stays pending, as does an unknown id (409
+/// `unknown_minion`) and the right key under a fingerprint the operator
+/// did not confirm (409 `key_changed`); rejects move keys (a form post
+/// answered with a 303 to its local `next`, never to another site);
+/// viewer 403, a cookie write without same-origin proof 403 `csrf`; every
+/// decision and refusal audited.
+#[test]
+fn http_api_keys_accept_and_reject_on_a_real_master() {
+    use crate::accept::{add_server, bundle, listed, signing_master, wait_listed};
+    use crate::support::{cli, run_ok, steward_config};
+    use salt_steward::master_config::MasterConfig;
+    use salt_steward::salt::ReqClient;
+
+    let mut h = signing_master();
+    let cfg = steward_config(
+        &h,
+        &[],
+        &format!(
+            "masters: [\"127.0.0.1:{}\"]\nkeys: {{dir: {}/keys, pool_size: 1}}\n",
+            h.ret_port,
+            h.root().display()
+        ),
+    );
+    run_ok(cli(&cfg, &["model", "add", "web"]));
+    let web01 = add_server(&cfg, "web01.example.org");
+    let web02 = add_server(&cfg, "web02.example.org");
+    let id1 = web01["minion_id"].as_str().unwrap().to_owned();
+    let id2 = web02["minion_id"].as_str().unwrap().to_owned();
+    let fp1 = web01["key_fingerprint"].as_str().unwrap().to_owned();
+    let b1 = bundle(&h, &cfg, "web01.example.org", "web01.tgz");
+    h.start_minion_from_bundle("web01", &id1, &b1);
+    // Keys of their own: one claims web02's issued id, one an unknown id.
+    h.start_minion_verifying("impostor", &id2);
+    h.start_minion_verifying("stranger", "stranger-1");
+    for id in [id1.as_str(), id2.as_str(), "stranger-1"] {
+        wait_listed(&h, "minions_pre", id);
+    }
+
+    let url = format!("sqlite://{}/registry.db", h.root().display());
+    let master = MasterConfig::load(&h.master_config()).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let svc = Arc::new(registry::open(&url).await.unwrap());
+        for role in [Role::Viewer, Role::Operator, Role::Admin] {
+            svc.add_user(
+                "test",
+                &format!("{role}1"),
+                role,
+                Password::new(PASSWORD.into()).unwrap(),
+            )
+            .await
+            .unwrap();
+        }
+        let state = HttpState::new(svc.clone(), &HttpConfig::default())
+            .with_pki_dir(h.pki_dir.clone())
+            .with_wheel(ReqClient::new(&master, std::time::Duration::from_secs(20)).unwrap());
+        let api = Api {
+            app: router(Arc::new(state)),
+            clock: Arc::new(AtomicI64::new(0)),
+            svc: svc.clone(),
+            db: TestDb::sqlite(),
+        };
+        let viewer = api.login("viewer1").await;
+        let operator = api.login("operator1").await;
+        let accept = |id: &str| format!("/api/v1/keys/{id}/accept");
+        let reject = |id: &str| format!("/api/v1/keys/{id}/reject");
+
+        let r = api
+            .call(Method::POST, &accept(&id1), Auth::CookieXhr(&viewer), None)
+            .await;
+        assert_error(&r, StatusCode::FORBIDDEN, "forbidden");
+        let r = api
+            .call(Method::POST, &accept(&id1), Auth::Cookie(&operator), None)
+            .await;
+        assert_error(&r, StatusCode::FORBIDDEN, "csrf");
+        assert!(listed(&h, "minions_pre", &id1));
+
+        // The impostor's own key under web02's id: refused, still pending.
+        let r = api
+            .call(
+                Method::POST,
+                &accept(&id2),
+                Auth::CookieXhr(&operator),
+                None,
+            )
+            .await;
+        assert_error(&r, StatusCode::CONFLICT, "key_mismatch");
+        assert!(listed(&h, "minions_pre", &id2) && !listed(&h, "minions", &id2));
+        let r = api
+            .call(
+                Method::POST,
+                &accept("stranger-1"),
+                Auth::CookieXhr(&operator),
+                None,
+            )
+            .await;
+        assert_error(&r, StatusCode::CONFLICT, "unknown_minion");
+        assert!(listed(&h, "minions_pre", "stranger-1"));
+        let r = api
+            .call(
+                Method::POST,
+                &accept(&id1),
+                Auth::CookieXhr(&operator),
+                Some(json!({"fingerprint": "00:11"})),
+            )
+            .await;
+        assert_error(&r, StatusCode::CONFLICT, "key_changed");
+        assert!(listed(&h, "minions_pre", &id1));
+        let r = api
+            .call(
+                Method::POST,
+                &accept("../etc"),
+                Auth::CookieXhr(&operator),
+                None,
+            )
+            .await;
+        assert_ne!(r.status, StatusCode::OK, "{}", r.body);
+
+        // The bundle's key, as issued: accepted.
+        let r = api
+            .call(
+                Method::POST,
+                &accept(&id1),
+                Auth::CookieXhr(&operator),
+                Some(json!({"fingerprint": fp1})),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        assert_eq!(r.body["state"], "accepted");
+        assert_eq!(r.body["server"], "web01.example.org");
+        assert_eq!(r.body["fingerprint"], fp1.as_str());
+        assert!(listed(&h, "minions", &id1) && !listed(&h, "minions_pre", &id1));
+        let s = svc
+            .get_server(&registry::ServerRef::Name("web01.example.org".into()))
+            .await
+            .unwrap();
+        assert_eq!(s.status, registry::Status::Registered);
+        let r = api
+            .call(
+                Method::POST,
+                &accept(&id1),
+                Auth::CookieXhr(&operator),
+                None,
+            )
+            .await;
+        assert_error(&r, StatusCode::CONFLICT, "not_pending");
+
+        // Reject by a plain form: 303 to its local next.
+        let fp2 = salt_steward::pki::fingerprint(
+            &std::fs::read_to_string(h.pki_dir.join("minions_pre").join(&id2)).unwrap(),
+        );
+        let r = form_post(
+            &api,
+            &reject(&id2),
+            &operator,
+            &format!(
+                "fingerprint={}&next=%2Fkeys%3Fmaster%3D1",
+                fp2.replace(':', "%3A")
+            ),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+        assert_eq!(r.headers[header::LOCATION], "/keys?master=1");
+        assert!(listed(&h, "minions_rejected", &id2) && !listed(&h, "minions_pre", &id2));
+        // A next off this site: the JSON reply, no redirect.
+        let r = form_post(
+            &api,
+            &reject("stranger-1"),
+            &operator,
+            "next=%2F%2Fevil.example%2F",
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        assert!(!r.headers.contains_key(header::LOCATION));
+        assert_eq!(r.body["was"], "pending");
+        assert!(listed(&h, "minions_rejected", "stranger-1"));
+        let r = api
+            .call(
+                Method::POST,
+                &reject(&id2),
+                Auth::CookieXhr(&operator),
+                None,
+            )
+            .await;
+        assert_error(&r, StatusCode::CONFLICT, "not_pending");
+        // An accepted key can be rejected too.
+        let r = api
+            .call(
+                Method::POST,
+                &reject(&id1),
+                Auth::CookieXhr(&operator),
+                None,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        assert_eq!(r.body["was"], "accepted");
+        assert!(listed(&h, "minions_rejected", &id1) && !listed(&h, "minions", &id1));
+
+        let log = serde_json::to_string(&svc.audit_log(None, 100).await.unwrap()).unwrap();
+        for action in ["\"key.accept\"", "\"key.reject\"", "\"key.accept_refused\""] {
+            assert!(log.contains(action), "{action}: {log}");
+        }
+        assert!(
+            log.contains("key_mismatch") && log.contains("operator1"),
+            "{log}"
+        );
+    });
 }

@@ -75,7 +75,8 @@ pub fn status_for(code: &str) -> StatusCode {
             StatusCode::UNPROCESSABLE_ENTITY
         }
         "forbidden_function" => StatusCode::FORBIDDEN,
-        "not_salt_managed" => StatusCode::CONFLICT,
+        "not_salt_managed" | "not_pending" | "unknown_minion" | "not_issued" | "key_mismatch"
+        | "key_changed" => StatusCode::CONFLICT,
         "publish_failed" => StatusCode::BAD_GATEWAY,
         "no_answer" => StatusCode::GATEWAY_TIMEOUT,
         "unavailable" => StatusCode::SERVICE_UNAVAILABLE,

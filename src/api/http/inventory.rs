@@ -7,7 +7,7 @@
 //!
 //! Lists are `{items, next}`: the op's `find` (with the filters it takes,
 //! from the query string), ordered by id and cut at `?limit=` after
-//! `?after=` (models: all of them, by name; `next` is null).
+//! `?after=` (models: a page by id from the store).
 //!
 //! A share's password (create, `passwd`) is in that one response only: the
 //! audit entry carries the request's arguments, never the reply.
@@ -28,6 +28,7 @@ use super::error::ApiError;
 use super::openapi::{ErrorBody, ListPage};
 use super::{HttpState, PAGE_DEFAULT, PAGE_MAX};
 use crate::api::bus::{execute_op, Entity, Op};
+use crate::registry::store::Store as _;
 use crate::registry::users::{AuditNote, Role};
 
 /// A request body that must be a JSON object.
@@ -229,17 +230,31 @@ pub(super) async fn delete_server(
 
 // --------------------------------------------------------------- models
 
-/// `GET /models`: every model, by name.
+/// `GET /models?limit=&after=`: the models, by id.
 #[utoipa::path(get, path = "/api/v1/models", tag = "models",
-    responses((status = 200, description = "Every model (`next` is null)", body = ListPage), (status = "4XX", description = "The error shape", body = ErrorBody)))]
+    params(("limit" = Option<i64>, Query, description = "Page size (1 to 1000, default 100)"), ("after" = Option<i64>, Query, description = "The previous page's `next`")),
+    responses((status = 200, description = "A page of models", body = ListPage), (status = "4XX", description = "The error shape", body = ErrorBody)))]
 pub(super) async fn list_models(
     State(state): State<Arc<HttpState>>,
     method: Method,
     headers: HeaderMap,
+    RawQuery(query): RawQuery,
 ) -> Result<Json<JsonValue>, ApiError> {
     auth::require(&state, &method, &headers, Role::Viewer).await?;
-    let items = execute_op(&state.service, Entity::Model, Op::Find, &Map::new()).await?;
-    Ok(Json(json!({"items": items, "next": null})))
+    let q = list_query(query.as_deref(), &[])?;
+    let limit = i64::try_from(q.limit).unwrap_or(PAGE_MAX);
+    let mut items = state
+        .service
+        .store()
+        .models_page(q.after.unwrap_or(0), limit + 1)
+        .await?;
+    let next = if items.len() > q.limit {
+        items.truncate(q.limit);
+        items.last().map(|m| m.id)
+    } else {
+        None
+    };
+    Ok(Json(json!({"items": items, "next": next})))
 }
 
 /// `POST /models`: `{name, description?, states?}`.

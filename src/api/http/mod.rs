@@ -6,8 +6,14 @@
 //! - [`error`](mod@error): the one error shape and the status of every code.
 //! - [`inventory`]: servers (create, delete), models, forwards, shares,
 //!   backups — thin handlers over the bus's execute path.
-//! - [`keys`](mod@keys): the master's minion keys with their fingerprints.
+//! - [`keys`](mod@keys): the master's minion keys with their fingerprints;
+//!   accept (only the key the registry issued) and reject.
 //! - [`ops`]: dispatch targets and retry, exec and its record.
+//! - [`rules`](mod@rules): the rules engine's report (loaded files, errors
+//!   with file:line, per-rule counters), through the daemon's
+//!   [`RulesSource`].
+//! - [`alerts`]: the attention list ([`alerts::collect`], for the
+//!   dashboard too).
 //! - this file: the state, the router and its layers (trace, timeout, body
 //!   limit, gzip, security headers), the session, server and audit
 //!   handlers.
@@ -16,8 +22,13 @@
 //! then `registry::Service`), so HTTP and bus never diverge; each is audited
 //! with the actor `user:<name>` or `token:<name>`. A server's `ETag` is its
 //! `revision`; `PATCH` needs `If-Match` (428 without, 412 when the server
-//! moved on). Lists page by id: `?limit=&after=` → `{items, next}`; servers
-//! filter by `name`, `model`, `status`.
+//! moved on). Lists page with `?limit=&after=` → `{items, next}`, `after`
+//! being the previous page's `next`: by id (servers, models, forwards,
+//! shares, backups), by server id, a server's targets never split
+//! (dispatches), newest first (exec, audit). Filters: servers `name`,
+//! `model`, `status`; dispatches `status` (or `state`), `server`; exec
+//! `server`; keys `state`. Keys and alerts are not paged: one entry per
+//! master, and at most `alerts::PER_KIND` alerts per kind.
 //!
 //! Endpoints: `POST /api/v1/login` (JSON or form `{name, password}` → the
 //! `steward_session` cookie), `POST /api/v1/logout`, `GET /api/v1/me`,
@@ -29,10 +40,14 @@
 //! `GET|POST /api/v1/backups`, `GET|DELETE /api/v1/backups/{id}` (with
 //! health and results), `GET /api/v1/dispatches`,
 //! `POST /api/v1/dispatches/{server}/retry`, `GET|POST /api/v1/exec`,
-//! `GET /api/v1/keys`,
-//! `GET /api/v1/audit` (admin). Reads need viewer
-//! (token scope `read`), inventory writes, retries and exec operator (`write`).
+//! `GET /api/v1/keys`, `POST /api/v1/keys/{minion}/accept`,
+//! `POST /api/v1/keys/{minion}/reject` (JSON, or a form answered with a
+//! 303 to its local `next`), `GET /api/v1/rules`, `GET /api/v1/alerts`,
+//! `GET /api/v1/audit` (admin), `GET /api/v1/openapi.json`. Reads need
+//! viewer (token scope `read`); inventory writes, retries, exec and key
+//! decisions operator (`write`).
 
+pub(crate) mod alerts;
 pub mod auth;
 mod dashboard;
 pub mod error;
@@ -40,6 +55,9 @@ mod inventory;
 mod keys;
 pub mod openapi;
 mod ops;
+mod rules;
+
+pub use self::rules::RulesSource;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -103,6 +121,10 @@ pub struct HttpState {
     shutdown: CancellationToken,
     /// Bounds the dashboard's open event streams (one per tab).
     streams: Arc<tokio::sync::Semaphore>,
+    /// The master's request client: the wheel calls deciding keys.
+    wheel: Option<crate::salt::ReqClient>,
+    /// The rules engine's report (`GET /rules`, the alerts).
+    rules: Option<RulesSource>,
 }
 
 /// The daemon's Salt client, policy and exec counters, for `POST /exec`.
@@ -146,12 +168,27 @@ impl HttpState {
             pki_dir: None,
             shutdown: CancellationToken::new(),
             streams: Arc::new(tokio::sync::Semaphore::new(dashboard::MAX_STREAMS)),
+            wheel: None,
+            rules: None,
         }
     }
 
     /// Lets `GET /keys` read the master's key directories under `pki_dir`.
     pub fn with_pki_dir(mut self, pki_dir: std::path::PathBuf) -> Self {
         self.pki_dir = Some(pki_dir);
+        self
+    }
+
+    /// Lets `POST /keys/{minion}/accept|reject` call the master's wheel
+    /// through `req` (with the pki directory of [`Self::with_pki_dir`]).
+    pub fn with_wheel(mut self, req: crate::salt::ReqClient) -> Self {
+        self.wheel = Some(req);
+        self
+    }
+
+    /// Lets `GET /rules` and the alerts read the rules engine's report.
+    pub fn with_rules(mut self, rules: RulesSource) -> Self {
+        self.rules = Some(rules);
         self
     }
 
@@ -264,6 +301,10 @@ pub fn router(state: Arc<HttpState>) -> Router {
         )
         .route("/api/v1/exec", get(ops::exec_log).post(ops::run_exec))
         .route("/api/v1/keys", get(keys::list_keys))
+        .route("/api/v1/keys/{minion}/accept", post(keys::accept_key))
+        .route("/api/v1/keys/{minion}/reject", post(keys::reject_key))
+        .route("/api/v1/rules", get(rules::list_rules))
+        .route("/api/v1/alerts", get(alerts::list_alerts))
         .route("/api/v1/audit", get(audit))
         .route("/api/v1/openapi.json", get(openapi::serve_document))
         .merge(dashboard::routes())
@@ -721,7 +762,7 @@ async fn patch_server(
 // ---------------------------------------------------------------- audit
 
 #[utoipa::path(get, path = "/api/v1/audit", tag = "audit",
-    params(("limit" = Option<i64>, Query, description = "Page size (1 to 1000, default 100)"), ("before" = Option<i64>, Query, description = "The previous page's `next` (newest first)")),
+    params(("limit" = Option<i64>, Query, description = "Page size (1 to 1000, default 100)"), ("after" = Option<i64>, Query, description = "The previous page's `next` (newest first: older entries)"), ("before" = Option<i64>, Query, description = "The same cursor under its older name")),
     responses((status = 200, description = "A page of audit entries (admin)", body = ListPage), (status = "4XX", description = "The error shape", body = ErrorBody)))]
 async fn audit(
     State(state): State<Arc<HttpState>>,
@@ -731,12 +772,19 @@ async fn audit(
 ) -> Result<Json<JsonValue>, ApiError> {
     auth::require(&state, &method, &headers, Role::Admin).await?;
     let (p, limit) = page(query)?;
-    if p.after.is_some() || p.name.is_some() || p.model.is_some() || p.status.is_some() {
+    if (p.after.is_some() && p.before.is_some())
+        || p.name.is_some()
+        || p.model.is_some()
+        || p.status.is_some()
+    {
         return Err(ApiError::bad_request(
-            "the audit log pages with before=, newest first",
+            "the audit log pages newest first with after= (or before=): the previous page's next",
         ));
     }
-    let mut items = state.service.audit_log(p.before, limit + 1).await?;
+    let mut items = state
+        .service
+        .audit_log(p.after.or(p.before), limit + 1)
+        .await?;
     let more = items.len() > usize::try_from(limit).unwrap_or(usize::MAX);
     items.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
     let next = if more {

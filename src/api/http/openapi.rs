@@ -11,7 +11,7 @@ use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder
 use utoipa::{Modify, OpenApi, ToSchema};
 
 use super::error::ApiError;
-use super::{inventory, keys, ops};
+use super::{alerts, inventory, keys, ops, rules};
 
 /// The one error shape: `{"error": {"code", "message"}}`.
 #[derive(Debug, ToSchema)]
@@ -67,7 +67,8 @@ pub struct ListPage {
         inventory::list_backups, inventory::create_backup, inventory::get_backup,
         inventory::delete_backup,
         ops::list_dispatches, ops::retry_dispatch, ops::exec_log, ops::run_exec,
-        keys::list_keys,
+        keys::list_keys, keys::accept_key, keys::reject_key,
+        rules::list_rules, alerts::list_alerts,
         super::audit, serve_document,
     ),
     components(schemas(ErrorBody, ErrorDetail, ListPage)),

@@ -42,19 +42,37 @@ fn query<T: for<'de> Deserialize<'de>>(q: Option<&str>) -> Result<T, ApiError> {
         .map_err(|e| ApiError::bad_request(format!("query: {e}")))
 }
 
-/// `GET /dispatches` filters.
+/// `GET /dispatches` filters and page.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct DispatchQuery {
     status: Option<String>,
+    /// `state=` is the dispatch status too (the dashboard's word).
+    state: Option<String>,
     server: Option<String>,
+    limit: Option<i64>,
+    after: Option<i64>,
 }
 
-/// `GET /dispatches?status=&server=`: the dispatcher's targets (as
-/// `dispatch list --json`), all of them (one per server and state).
+/// `limit` checked against the page bounds (the default without).
+fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
+    let limit = limit.unwrap_or(super::PAGE_DEFAULT);
+    if (1..=super::PAGE_MAX).contains(&limit) {
+        Ok(limit)
+    } else {
+        Err(ApiError::bad_request(format!(
+            "limit must be 1 to {}",
+            super::PAGE_MAX
+        )))
+    }
+}
+
+/// `GET /dispatches?status=&server=&limit=&after=`: the dispatcher's
+/// targets (as `dispatch list --json`), by server id and state; a page
+/// ends on a whole server, `next` is the last server's id.
 #[utoipa::path(get, path = "/api/v1/dispatches", tag = "dispatch",
-    params(("status" = Option<String>, Query, description = "Filter: pending, running, done, failed, waiting"), ("server" = Option<String>, Query, description = "Filter: a server (id or name)")),
-    responses((status = 200, description = "Every matching target (`next` is null)", body = ListPage), (status = "4XX", description = "The error shape", body = ErrorBody)))]
+    params(("status" = Option<String>, Query, description = "Filter: pending, running, done, failed, waiting (also as `state`)"), ("server" = Option<String>, Query, description = "Filter: a server (id or name)"), ("limit" = Option<i64>, Query, description = "Page size (1 to 1000, default 100); a server's targets are never split"), ("after" = Option<i64>, Query, description = "The previous page's `next` (a server id)")),
+    responses((status = 200, description = "A page of targets", body = ListPage), (status = "4XX", description = "The error shape", body = ErrorBody)))]
 pub(super) async fn list_dispatches(
     State(state): State<Arc<HttpState>>,
     method: Method,
@@ -63,8 +81,15 @@ pub(super) async fn list_dispatches(
 ) -> Result<Json<JsonValue>, ApiError> {
     auth::require(&state, &method, &headers, Role::Viewer).await?;
     let q: DispatchQuery = query(q.as_deref())?;
+    let limit = page_limit(q.limit)?;
+    if q.status.is_some() && q.state.is_some() {
+        return Err(ApiError::bad_request(
+            "status= and state= are the same filter: one of them",
+        ));
+    }
     let status = q
         .status
+        .or(q.state)
         .as_deref()
         .map(str::parse::<DispatchStatus>)
         .transpose()?;
@@ -72,9 +97,35 @@ pub(super) async fn list_dispatches(
         Some(s) => Some(state.service.get_server(&server_ref(s)).await?.id),
         None => None,
     };
-    let mut items = state.service.store().dispatch_targets(status).await?;
-    items.retain(|t| server.is_none_or(|id| t.server_id == id));
-    Ok(Json(json!({"items": items, "next": null})))
+    let store = state.service.store();
+    let after = q.after.unwrap_or(0);
+    let mut items = store
+        .dispatch_targets_page(status, server, after, limit + 1)
+        .await?;
+    let cap = usize::try_from(limit).unwrap_or(usize::MAX);
+    let next = if items.len() > cap {
+        // The first server left out may have targets on this page too: they
+        // go to the next one, so that `after=` (a server id) skips nothing.
+        let cut = items[cap].server_id;
+        items.truncate(cap);
+        let whole = items
+            .iter()
+            .rposition(|t| t.server_id != cut)
+            .map(|i| i + 1);
+        match whole {
+            Some(n) => items.truncate(n),
+            // One server with more targets than the page: all of them.
+            None => {
+                items = store
+                    .dispatch_targets_page(status, Some(cut), cut - 1, super::PAGE_MAX)
+                    .await?;
+            }
+        }
+        items.last().map(|t| t.server_id)
+    } else {
+        None
+    };
+    Ok(Json(json!({"items": items, "next": next})))
 }
 
 /// `POST /dispatches/{server}/retry` with optional `{"state": …}`: its
@@ -156,19 +207,21 @@ fn retry_form(body: &[u8]) -> Result<(Map<String, JsonValue>, Option<String>), A
     Ok((args, next))
 }
 
-/// `GET /exec` filters.
+/// `GET /exec` filters and page.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ExecQuery {
     server: Option<String>,
     limit: Option<i64>,
+    after: Option<i64>,
 }
 
-/// `GET /exec?server=&limit=`: the exec record, newest first (as
-/// `exec-log --json`; the arguments redacted as recorded).
+/// `GET /exec?server=&limit=&after=`: the exec record, newest first (as
+/// `exec-log --json`; the arguments redacted as recorded); `next` is the
+/// last record's id, the next page the older ones.
 #[utoipa::path(get, path = "/api/v1/exec", tag = "exec",
-    params(("server" = Option<String>, Query, description = "Filter: a server (id or name)"), ("limit" = Option<i64>, Query, description = "How many, newest first (1 to 1000, default 100)")),
-    responses((status = 200, description = "The exec record (`next` is null)", body = ListPage), (status = "4XX", description = "The error shape", body = ErrorBody)))]
+    params(("server" = Option<String>, Query, description = "Filter: a server (id or name)"), ("limit" = Option<i64>, Query, description = "Page size, newest first (1 to 1000, default 100)"), ("after" = Option<i64>, Query, description = "The previous page's `next`: older records")),
+    responses((status = 200, description = "A page of the exec record", body = ListPage), (status = "4XX", description = "The error shape", body = ErrorBody)))]
 pub(super) async fn exec_log(
     State(state): State<Arc<HttpState>>,
     method: Method,
@@ -177,16 +230,18 @@ pub(super) async fn exec_log(
 ) -> Result<Json<JsonValue>, ApiError> {
     auth::require(&state, &method, &headers, Role::Viewer).await?;
     let q: ExecQuery = query(q.as_deref())?;
-    let limit = q.limit.unwrap_or(super::PAGE_DEFAULT);
-    if !(1..=super::PAGE_MAX).contains(&limit) {
-        return Err(ApiError::bad_request(format!(
-            "limit must be 1 to {}",
-            super::PAGE_MAX
-        )));
-    }
+    let limit = page_limit(q.limit)?;
     let server = q.server.as_deref().map(server_ref);
-    let items = crate::exec::history(&state.service, server.as_ref(), limit).await?;
-    Ok(Json(json!({"items": items, "next": null})))
+    let mut items =
+        crate::exec::history(&state.service, server.as_ref(), q.after, limit + 1).await?;
+    let cap = usize::try_from(limit).unwrap_or(usize::MAX);
+    let next = if items.len() > cap {
+        items.truncate(cap);
+        items.last().map(|r| r.id)
+    } else {
+        None
+    };
+    Ok(Json(json!({"items": items, "next": next})))
 }
 
 /// `POST /exec` body.

@@ -111,6 +111,16 @@ pub trait DispatchStore {
         &self,
         server_id: i64,
     ) -> impl Future<Output = Result<Vec<DispatchTarget>, Error>> + Send;
+    /// Up to `limit` targets (optionally of one status, of one server) of
+    /// servers with an id above `after`, by server id and state: a page of
+    /// the HTTP list.
+    fn dispatch_targets_page(
+        &self,
+        status: Option<DispatchStatus>,
+        server_id: Option<i64>,
+        after: i64,
+        limit: i64,
+    ) -> impl Future<Output = Result<Vec<DispatchTarget>, Error>> + Send;
     /// The last `limit` runs of a server, newest first.
     fn dispatch_runs(
         &self,
@@ -703,6 +713,30 @@ macro_rules! dispatch_impl {
                 .fetch_all(&self.pool)
                 .await
                 .map_err(db(format!("listing the targets of server #{server_id}")))?;
+                rows.iter().map(Self::target_row).collect()
+            }
+
+            async fn dispatch_targets_page(
+                &self,
+                status: Option<DispatchStatus>,
+                server_id: Option<i64>,
+                after: i64,
+                limit: i64,
+            ) -> Result<Vec<DispatchTarget>, Error> {
+                let rows = sqlx::query(&format!(
+                    "{}WHERE t.server_id > $1 \
+                     AND (CAST($2 AS TEXT) IS NULL OR t.status = $2) \
+                     AND (CAST($3 AS BIGINT) IS NULL OR t.server_id = $3) \
+                     ORDER BY t.server_id, t.state LIMIT $4",
+                    sql::TARGET_SELECT
+                ))
+                .bind(after)
+                .bind(status.map(|s| s.as_str()))
+                .bind(server_id)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db(format!("listing dispatch targets after server #{after}")))?;
                 rows.iter().map(Self::target_row).collect()
             }
 

@@ -16,10 +16,12 @@ pub trait ExecStore {
     /// Records the end of a running request.
     fn exec_finish(&self, id: i64, end: &ExecEnd)
         -> impl Future<Output = Result<(), Error>> + Send;
-    /// The last `limit` requests (of one server, or all), newest first.
+    /// The last `limit` requests (of one server, or all) with an id below
+    /// `before` (any without), newest first.
     fn exec_list(
         &self,
         server_id: Option<i64>,
+        before: Option<i64>,
         limit: i64,
     ) -> impl Future<Output = Result<Vec<ExecRecord>, Error>> + Send;
     /// At start-up: requests left running by a stopped process are
@@ -105,27 +107,32 @@ macro_rules! exec_impl {
             async fn exec_list(
                 &self,
                 server_id: Option<i64>,
+                before: Option<i64>,
                 limit: i64,
             ) -> Result<Vec<ExecRecord>, Error> {
+                let before = before.unwrap_or(i64::MAX);
                 let rows = match server_id {
                     Some(s) => {
                         sqlx::query(&format!(
-                            "SELECT {} FROM exec_jobs WHERE server_id = $1 ORDER BY id DESC LIMIT $2",
+                            "SELECT {} FROM exec_jobs WHERE server_id = $1 AND id < $2 \
+                             ORDER BY id DESC LIMIT $3",
                             sql::COLUMNS
                         ))
                         .bind(s)
+                        .bind(before)
                         .bind(limit)
                         .fetch_all(&self.pool)
                         .await
                     }
                     None => {
                         sqlx::query(&format!(
-                            "SELECT {} FROM exec_jobs ORDER BY id DESC LIMIT $1",
+                            "SELECT {} FROM exec_jobs WHERE id < $1 ORDER BY id DESC LIMIT $2",
                             sql::COLUMNS
                         ))
-                            .bind(limit)
-                            .fetch_all(&self.pool)
-                            .await
+                        .bind(before)
+                        .bind(limit)
+                        .fetch_all(&self.pool)
+                        .await
                     }
                 }
                 .map_err(db("listing exec records"))?;

@@ -12,16 +12,14 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value as JsonValue;
 
 use super::{page_user, render, render_text, seg, Frame, PageError};
+use crate::api::http::alerts;
 use crate::api::http::error::ApiError;
 use crate::api::http::{keys, HttpState};
-use crate::registry::backup::{Health, WithHealth};
+use crate::registry::backup::Health;
 use crate::registry::dispatch::{DispatchStatus, DispatchTarget};
 use crate::registry::store::DispatchStore as _;
 use crate::registry::users::{Role, User};
 use crate::registry::{Server, ServerFilter, ServerRef, Status};
-
-/// A pending or running dispatch older than this is "stuck".
-const STUCK_MS: i64 = 15 * 60_000;
 
 /// How many audit entries a page shows.
 const AUDIT_PAGE: i64 = 100;
@@ -65,7 +63,14 @@ async fn key_view(
     headers: &HeaderMap,
     can_write: bool,
 ) -> Result<Option<(String, Vec<Key>)>, PageError> {
-    let view = match keys::list_keys(State(state.clone()), Method::GET, headers.clone()).await {
+    let view = match keys::list_keys(
+        State(state.clone()),
+        Method::GET,
+        headers.clone(),
+        axum::extract::RawQuery(None),
+    )
+    .await
+    {
         Ok(v) => v.0,
         Err(e) if e.code == "unavailable" => return Ok(None),
         Err(e) => return Err(e.into()),
@@ -106,132 +111,35 @@ async fn key_view(
 /// One entry of the attention list: what is wrong, and the page to fix it.
 #[derive(Debug, Clone, Serialize)]
 struct Attention {
-    kind: &'static str,
+    kind: String,
     text: String,
     link: String,
 }
 
-/// The attention list from what the registry and the key directories say.
-/// (The shared `alerts` function of the API will replace this at merge.)
-fn attention(
-    now: i64,
-    servers: &[Server],
-    targets: &[DispatchTarget],
-    backups: &[WithHealth],
-    keys: Option<&[Key]>,
-) -> Vec<Attention> {
-    let mut out = Vec::new();
-    for k in keys.into_iter().flatten() {
-        let who = k
-            .server
-            .as_deref()
-            .map_or_else(String::new, |s| format!(" (server {s})"));
-        if k.matches == Some(false) {
-            out.push(Attention {
-                kind: "key mismatch",
-                text: format!(
-                    "{} key of {}{who}: presented {} but issued {}",
-                    k.state,
-                    k.minion_id,
-                    k.fingerprint.as_deref().unwrap_or("?"),
-                    k.issued_fingerprint.as_deref().unwrap_or("?")
-                ),
-                link: "/keys".to_owned(),
-            });
-        }
-        if k.server.is_none() && matches!(k.state, "pending" | "accepted") {
-            out.push(Attention {
-                kind: "unknown minion",
-                text: format!(
-                    "{} key of {}: no server in the registry",
-                    k.state, k.minion_id
-                ),
-                link: "/keys".to_owned(),
-            });
-        }
-        if k.state == "denied" {
-            out.push(Attention {
-                kind: "denied minion",
-                text: format!(
-                    "{} presented a second key{who}, denied by the master",
-                    k.minion_id
-                ),
-                link: "/keys".to_owned(),
-            });
-        }
-    }
-    for t in targets {
-        let link = format!("/servers/{}", seg(&t.server));
-        match t.status {
-            DispatchStatus::Failed => out.push(Attention {
-                kind: "dispatch failed",
-                text: format!(
-                    "{} on {}: {}",
-                    t.state.as_str(),
-                    t.server,
-                    t.last_error.as_deref().unwrap_or("failed")
-                ),
+/// The attention list: the API's alerts ([`alerts::collect`], the same
+/// list as `GET /api/v1/alerts`), each with the page to fix it on.
+async fn attention(state: &HttpState) -> Result<Vec<Attention>, PageError> {
+    Ok(alerts::collect(state)
+        .await?
+        .into_iter()
+        .map(|a| {
+            let server = a.subject.split('/').next().unwrap_or_default();
+            let link = match a.kind {
+                "key_mismatch" | "unknown_minion" | "denied_minion" => "/keys".to_owned(),
+                "dispatch_failed" | "dispatch_stuck" | "server_not_seen" => {
+                    format!("/servers/{}", seg(server))
+                }
+                "backup_red" | "backup_never_run" => "/backups".to_owned(),
+                "rule_error" => "/api/v1/rules".to_owned(),
+                _ => "/".to_owned(),
+            };
+            Attention {
+                kind: a.kind.replace('_', " "),
+                text: format!("{}: {}", a.subject, a.message),
                 link,
-            }),
-            DispatchStatus::Running if t.started_at.is_some_and(|s| s < now - STUCK_MS) => {
-                out.push(Attention {
-                    kind: "dispatch stuck",
-                    text: format!(
-                        "{} on {}: running for over 15 minutes",
-                        t.state.as_str(),
-                        t.server
-                    ),
-                    link,
-                });
             }
-            DispatchStatus::Pending if t.pending_since.is_some_and(|s| s < now - STUCK_MS) => {
-                out.push(Attention {
-                    kind: "dispatch stuck",
-                    text: format!(
-                        "{} on {}: pending for over 15 minutes",
-                        t.state.as_str(),
-                        t.server
-                    ),
-                    link,
-                });
-            }
-            _ => {}
-        }
-    }
-    for (b, health, last) in backups {
-        let why = match health {
-            Health::Red => match last {
-                Some(r) => format!(
-                    "last run {} ({})",
-                    r.outcome.as_str(),
-                    super::ts(r.started_at)
-                ),
-                None => "no recent successful run".to_owned(),
-            },
-            Health::NeverRun if b.active => "never run".to_owned(),
-            _ => continue,
-        };
-        out.push(Attention {
-            kind: "backup",
-            text: format!(
-                "backup #{} {}:{} → {}: {why}",
-                b.id, b.source, b.source_folder, b.dest
-            ),
-            link: "/backups".to_owned(),
-        });
-    }
-    for s in servers.iter().filter(|s| s.status == Status::Offline) {
-        out.push(Attention {
-            kind: "server offline",
-            text: format!(
-                "{} stopped answering (since {})",
-                s.name,
-                super::ts(s.updated_at)
-            ),
-            link: format!("/servers/{}", seg(&s.name)),
-        });
-    }
-    out
+        })
+        .collect())
 }
 
 // -------------------------------------------------------------- overview
@@ -292,13 +200,7 @@ async fn overview_data(
             .as_ref()
             .map(|(_, k)| k.iter().filter(|k| k.state == "pending").count()),
     };
-    let attention = attention(
-        state.now(),
-        &servers,
-        &targets,
-        &backups,
-        keys.as_ref().map(|(_, k)| k.as_slice()),
-    );
+    let attention = attention(state).await?;
     let mut recent = servers;
     recent.sort_by(|a, b| b.updated_at.cmp(&a.updated_at).then(b.id.cmp(&a.id)));
     recent.truncate(10);
