@@ -11,16 +11,16 @@
 //! BENCH_OUT.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use salt_steward::registry::store::{ClusterStore as _, DispatchStore as _};
 use salt_steward::registry::DbStore;
 use serde_json::{json, Value};
 
-use crate::accept::{bundle, signing_master_serving, wait_status};
+use crate::accept::{signing_master_serving, wait_status};
 use crate::dispatch::state_apply_jobs;
-use crate::failover::{install_failover_bundle, share_signing_pair};
+use crate::failover::share_signing_pair;
+use crate::multi_master::{add_source, cluster_settings, start_source_minion};
 use crate::registry::TestDb;
 use crate::support::salt::{salt_states_dir, SaltHarness};
 use crate::support::{cli, eventually_within, run_ok, start_daemon, steward_config};
@@ -54,21 +54,10 @@ fn bench_cluster() {
     let db = rt.block_on(TestDb::postgres_required());
     let mut h1 = signing_master_serving(vec![salt_states_dir()]);
     let mut h2 = signing_master_serving(vec![salt_states_dir()]);
-    let common = format!(
-        "masters: [\"127.0.0.1:{}\", \"127.0.0.1:{}\"]\n\
-         registry: {}\n\
-         keys: {{dir: {}/keys, pool_size: 8}}\n\
-         dispatch:\n  debounce_ms: {debounce}\n  job_timeout: 120\n  retry_base_ms: 1000\n",
-        h1.ret_port,
-        h2.ret_port,
-        db.url,
-        h1.root().display()
-    );
-    let cluster = |d: &str, m: &str| {
-        format!("cluster:\n  daemon_id: {d}\n  master_id: {m}\n  heartbeat_secs: 1\n  dead_after_beats: 3\n")
-    };
-    let cfg1 = steward_config(&h1, &[], &format!("{common}{}", cluster("d1", "m1")));
-    let cfg2 = steward_config(&h2, &[], &format!("{common}{}", cluster("d2", "m2")));
+    let settings =
+        |d: &str, m: &str| cluster_settings(&[&h1, &h2], &db.url, h1.root(), debounce, 120, d, m);
+    let cfg1 = steward_config(&h1, &[], &settings("d1", "m1"));
+    let cfg2 = steward_config(&h2, &[], &settings("d2", "m2"));
     share_signing_pair(&h1, &cfg1, &mut h2, &cfg2);
     let store = rt.block_on(DbStore::open(&db.url)).unwrap();
     run_ok(cli(&cfg1, &["model", "add", "m"]));
@@ -80,58 +69,17 @@ fn bench_cluster() {
     let mut sources = Vec::new();
     for k in 0..minions {
         let name = format!("src{k:02}.example.org");
-        let out = run_ok(cli(
-            &cfg1,
-            &[
-                "server",
-                "add",
-                &name,
-                "--model",
-                "m",
-                "--internal-ip",
-                "127.0.0.1",
-                "--json",
-            ],
-        ));
-        let s: Value = serde_json::from_slice(&out.stdout).unwrap();
-        let id = s["minion_id"].as_str().unwrap().to_owned();
-        let dir = root.join(format!("src{k:02}"));
-        std::fs::create_dir_all(dir.join("hk")).unwrap();
-        std::fs::create_dir_all(dir.join("ak")).unwrap();
-        crate::support::sshd::keygen(&dir.join("hk/ssh_host_ed25519_key"), &name);
-        let settings = format!(
-            "steward:\n  backup_source:\n    authorized_keys: {}\n    host_keys_dir: {}\n",
-            dir.join("ak/root").display(),
-            dir.join("hk").display()
-        );
-        let b = bundle(&h1, &cfg1, &name, &format!("src{k:02}.tgz"));
+        let id = add_source(&cfg1, &name);
         let prefer_m2 = k % 2 == 1;
         let h = if prefer_m2 { &mut h2 } else { &mut h1 };
-        h.start_minion_with(&format!("src{k:02}"), &id, &settings, |d: &Path| {
-            install_failover_bundle(&b, d);
-            let conf = d.join("minion.d/steward.conf");
-            let text = std::fs::read_to_string(&conf).unwrap();
-            if prefer_m2 {
-                // The masters listed the other way round.
-                let lines: Vec<&str> = text.lines().collect();
-                let at = lines.iter().position(|l| *l == "master:").unwrap();
-                let mut out: Vec<&str> = lines.clone();
-                out.swap(at + 1, at + 2);
-                std::fs::write(&conf, out.join("\n") + "\n").unwrap();
-            }
-            let modules = d.join("test-modules");
-            std::fs::create_dir_all(&modules).unwrap();
-            std::fs::copy(
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/support/status_master.py"),
-                modules.join("status.py"),
-            )
-            .unwrap();
-            std::fs::write(
-                d.join("minion.d/zz-test-modules.conf"),
-                format!("module_dirs: [{}]\n", modules.display()),
-            )
-            .unwrap();
-        });
+        start_source_minion(
+            h,
+            &cfg1,
+            &name,
+            &id,
+            &root.join(format!("src{k:02}")),
+            Some(prefer_m2),
+        );
         sources.push((name, id, if prefer_m2 { "m2" } else { "m1" }));
     }
     // The backup servers: registry only (their targets wait for a minion).

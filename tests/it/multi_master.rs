@@ -75,6 +75,105 @@ fn converged(cfg: &Path) -> Value {
     })
 }
 
+/// The daemons' shared settings: `masters`, the PostgreSQL registry, the
+/// first master's key store, a quick dispatcher (`job_timeout` seconds,
+/// `debounce_ms`), and the cluster section of daemon `daemon_id` beside
+/// master `master_id`.
+pub(crate) fn cluster_settings(
+    masters: &[&SaltHarness],
+    db_url: &str,
+    keys_root: &Path,
+    debounce_ms: u64,
+    job_timeout: u64,
+    daemon_id: &str,
+    master_id: &str,
+) -> String {
+    let masters: Vec<String> = masters
+        .iter()
+        .map(|h| format!("\"127.0.0.1:{}\"", h.ret_port))
+        .collect();
+    format!(
+        "masters: [{}]\n\
+         registry: {db_url}\n\
+         keys: {{dir: {}/keys, pool_size: 8}}\n\
+         dispatch:\n  debounce_ms: {debounce_ms}\n  job_timeout: {job_timeout}\n  retry_base_ms: 1000\n\
+         cluster:\n  daemon_id: {daemon_id}\n  master_id: {master_id}\n  heartbeat_secs: 1\n  dead_after_beats: 3\n",
+        masters.join(", "),
+        keys_root.display()
+    )
+}
+
+/// `server add NAME --model m --internal-ip 127.0.0.1`: its minion id.
+pub(crate) fn add_source(cfg: &Path, name: &str) -> String {
+    let src = steward_json(
+        cfg,
+        &[
+            "server",
+            "add",
+            name,
+            "--model",
+            "m",
+            "--internal-ip",
+            "127.0.0.1",
+            "--json",
+        ],
+    );
+    src["minion_id"].as_str().unwrap().to_owned()
+}
+
+/// Starts source `name`'s minion `id` on `h` from its bundle, with the
+/// `steward.backup_source` files under `dir` (its SSH host key too). With
+/// `failover`, the bundle lists every master (`prefer_second`: the other
+/// way round) and the minion checks its master with
+/// support/status_master.py (Salt's own flaps when the masters share
+/// 127.0.0.1), in a module directory of its own (`module_dirs`).
+pub(crate) fn start_source_minion(
+    h: &mut SaltHarness,
+    cfg: &Path,
+    name: &str,
+    id: &str,
+    dir: &Path,
+    failover: Option<bool>,
+) {
+    std::fs::create_dir_all(dir.join("hk")).unwrap();
+    std::fs::create_dir_all(dir.join("ak")).unwrap();
+    crate::support::sshd::keygen(&dir.join("hk/ssh_host_ed25519_key"), name);
+    let settings = format!(
+        "steward:\n  backup_source:\n    authorized_keys: {}\n    host_keys_dir: {}\n",
+        dir.join("ak/root").display(),
+        dir.join("hk").display()
+    );
+    let label = name.split('.').next().unwrap_or(name).to_owned();
+    let b = bundle(h, cfg, name, &format!("{label}.tgz"));
+    h.start_minion_with(&label, id, &settings, |d: &Path| {
+        let Some(prefer_second) = failover else {
+            crate::support::salt::install_bundle(&b, d);
+            return;
+        };
+        install_failover_bundle(&b, d);
+        if prefer_second {
+            let conf = d.join("minion.d/steward.conf");
+            let text = std::fs::read_to_string(&conf).unwrap();
+            let mut lines: Vec<&str> = text.lines().collect();
+            let at = lines.iter().position(|l| *l == "master:").unwrap();
+            lines.swap(at + 1, at + 2);
+            std::fs::write(&conf, lines.join("\n") + "\n").unwrap();
+        }
+        let modules = d.join("test-modules");
+        std::fs::create_dir_all(&modules).unwrap();
+        std::fs::copy(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/support/status_master.py"),
+            modules.join("status.py"),
+        )
+        .unwrap();
+        std::fs::write(
+            d.join("minion.d/zz-test-modules.conf"),
+            format!("module_dirs: [{}]\n", modules.display()),
+        )
+        .unwrap();
+    });
+}
+
 /// The `steward/v1/backup/created` notifications a watcher saw.
 fn created(w: &LineChild) -> Vec<String> {
     w.seen
@@ -90,73 +189,22 @@ fn a_change_goes_once_through_the_master_its_minion_is_on_and_follows_a_failover
     let db = rt.block_on(TestDb::postgres_required());
     let mut h1 = signing_master_serving(vec![salt_states_dir()]);
     let mut h2 = signing_master_serving(vec![salt_states_dir()]);
-    let common = format!(
-        "masters: [\"127.0.0.1:{}\", \"127.0.0.1:{}\"]\n\
-         registry: {}\n\
-         keys: {{dir: {}/keys, pool_size: 1}}\n\
-         dispatch:\n  debounce_ms: 300\n  job_timeout: 60\n  retry_base_ms: 1000\n",
-        h1.ret_port,
-        h2.ret_port,
-        db.url,
-        h1.root().display()
-    );
-    let cluster = |d: &str, m: &str| {
-        format!("cluster:\n  daemon_id: {d}\n  master_id: {m}\n  heartbeat_secs: 1\n  dead_after_beats: 3\n")
-    };
-    let cfg1 = steward_config(&h1, &[], &format!("{common}{}", cluster("d1", "m1")));
-    let cfg2 = steward_config(&h2, &[], &format!("{common}{}", cluster("d2", "m2")));
+    let settings =
+        |d: &str, m: &str| cluster_settings(&[&h1, &h2], &db.url, h1.root(), 300, 60, d, m);
+    let cfg1 = steward_config(&h1, &[], &settings("d1", "m1"));
+    let cfg2 = steward_config(&h2, &[], &settings("d2", "m2"));
     share_signing_pair(&h1, &cfg1, &mut h2, &cfg2);
     let store = rt.block_on(DbStore::open(&db.url)).unwrap();
 
     run_ok(cli(&cfg1, &["model", "add", "m"]));
     let _d1 = start_daemon(&cfg1);
     let _d2 = start_daemon(&cfg2);
-    let src = steward_json(
-        &cfg1,
-        &[
-            "server",
-            "add",
-            SOURCE,
-            "--model",
-            "m",
-            "--internal-ip",
-            "127.0.0.1",
-            "--json",
-        ],
-    );
-    let id = src["minion_id"].as_str().unwrap().to_owned();
+    let id = add_source(&cfg1, SOURCE);
     for b in ["bk01.example.org", "bk02.example.org", "bk03.example.org"] {
         run_ok(cli(&cfg1, &["server", "add", b, "--model", "m"]));
     }
-    // The source's state files in the test's root (its SSH host key too).
     let root = h1.root().to_owned();
-    std::fs::create_dir_all(root.join("hk")).unwrap();
-    std::fs::create_dir_all(root.join("ak")).unwrap();
-    crate::support::sshd::keygen(&root.join("hk/ssh_host_ed25519_key"), "src01-host-key");
-    let settings = format!(
-        "steward:\n  backup_source:\n    authorized_keys: {}\n    host_keys_dir: {}\n",
-        root.join("ak/root").display(),
-        root.join("hk").display()
-    );
-    let b = bundle(&h1, &cfg1, SOURCE, "src01.tgz");
-    h1.start_minion_with("src01", &id, &settings, |d: &Path| {
-        install_failover_bundle(&b, d);
-        // The master-alive check of a minion whose masters share 127.0.0.1
-        // (support/status_master.py says why Salt's own flaps here), in
-        // a module directory of its own (`module_dirs`).
-        let modules = d.join("test-modules");
-        std::fs::create_dir_all(&modules).unwrap();
-        std::fs::copy(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/support/status_master.py"),
-            modules.join("status.py"),
-        )
-        .unwrap();
-        std::fs::write(
-            d.join("minion.d/zz-test-modules.conf"),
-            format!("module_dirs: [{}]\n", modules.display()),
-        )
-        .unwrap();
-    });
+    start_source_minion(&mut h1, &cfg1, SOURCE, &id, &root, Some(false));
     wait_status(&cfg1, SOURCE, "online");
     // Accepted on both masters: d2 installs the key d1 verified.
     wait_listed(&h2, "minions", &id);
@@ -388,17 +436,11 @@ fn a_run_of_a_killed_daemon_is_completed_by_the_other_under_its_jid() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let db = rt.block_on(TestDb::postgres_required());
     let h = signing_master_serving(vec![salt_states_dir()]);
-    let cluster = |d: &str| {
-        format!(
-            "registry: {}\n\
-             keys: {{dir: {}/keys, pool_size: 1}}\n\
-             dispatch:\n  debounce_ms: 300\n  job_timeout: 20\n  retry_base_ms: 1000\n\
-             cluster:\n  daemon_id: {d}\n  master_id: m1\n  heartbeat_secs: 1\n  dead_after_beats: 3\n",
-            db.url,
-            h.root().display()
-        )
-    };
-    let cfg1 = steward_config(&h, &[], &cluster("d1"));
+    let cfg1 = steward_config(
+        &h,
+        &[],
+        &cluster_settings(&[&h], &db.url, h.root(), 300, 20, "d1", "m1"),
+    );
     let cfg2 = h.root().join("steward-d2.yaml");
     std::fs::write(
         &cfg2,
@@ -410,38 +452,14 @@ fn a_run_of_a_killed_daemon_is_completed_by_the_other_under_its_jid() {
     let store = rt.block_on(DbStore::open(&db.url)).unwrap();
     run_ok(cli(&cfg1, &["model", "add", "m"]));
     let mut daemons = [Some(start_daemon(&cfg1)), Some(start_daemon(&cfg2))];
-    let src = steward_json(
-        &cfg1,
-        &[
-            "server",
-            "add",
-            SOURCE,
-            "--model",
-            "m",
-            "--internal-ip",
-            "127.0.0.1",
-            "--json",
-        ],
-    );
-    let id = src["minion_id"].as_str().unwrap().to_owned();
+    let id = add_source(&cfg1, SOURCE);
     run_ok(cli(
         &cfg1,
         &["server", "add", "bk01.example.org", "--model", "m"],
     ));
     let root = h.root().to_owned();
-    std::fs::create_dir_all(root.join("hk")).unwrap();
-    std::fs::create_dir_all(root.join("ak")).unwrap();
-    crate::support::sshd::keygen(&root.join("hk/ssh_host_ed25519_key"), "src01-host-key");
-    let settings = format!(
-        "steward:\n  backup_source:\n    authorized_keys: {}\n    host_keys_dir: {}\n",
-        root.join("ak/root").display(),
-        root.join("hk").display()
-    );
-    let b = bundle(&h, &cfg1, SOURCE, "src01.tgz");
     let mut h = h;
-    h.start_minion_with("src01", &id, &settings, |d: &Path| {
-        crate::support::salt::install_bundle(&b, d)
-    });
+    start_source_minion(&mut h, &cfg1, SOURCE, &id, &root, None);
     wait_status(&cfg1, SOURCE, "online");
 
     // The minion is busy with a state run of its own for a while: the
