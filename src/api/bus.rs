@@ -977,6 +977,28 @@ mod tests {
     }
 
     #[test]
+    fn a_result_with_fractions_has_the_digest_of_its_event_send_arguments() {
+        // The wrapper's JSON text (Python's shortest float spellings) is in
+        // the receipt; the event carries the same floats as msgpack. This
+        // start time is one that serde_json's default (fast, not always
+        // correctly rounded) parsing reads 1 ULP off: the digests differed
+        // and the genuine result was refused as unverified (CI, under any
+        // load: about one timestamp in eight).
+        let text = r#"{"backup_id": 1, "duration_s": 0.533, "run_id": "ab-12", "outcome": "ok", "started": 1796355323.0217273}"#;
+        let data: Json = serde_json::from_str(text).unwrap();
+        let started = data["started"].as_f64().unwrap();
+        assert_eq!(started.to_bits(), 1796355323.0217273_f64.to_bits());
+        let wrapped = ev(
+            "steward/v1/backup/result",
+            json!({"id": "bk1-1", "cmd": "_minion_event", "tag": "steward/v1/backup/result",
+                "data": data}),
+        );
+        let r = request_of(&wrapped);
+        let args = json!(["steward/v1/backup/result", text]);
+        assert_eq!(sent_digest(&args), Some(r.digest));
+    }
+
+    #[test]
     fn a_backup_result_waits_longer_for_its_receipt_than_a_request() {
         let now = Instant::now();
         let mut c = Corroborations::default();

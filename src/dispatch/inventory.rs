@@ -574,6 +574,13 @@ impl Runner {
                         return Ok(());
                     }
                     o = self.apply_or_find(&publish, &jid, t.orphan_jid.is_some()) => o,
+                    () = self.until_master_gone() => Ok(Applied::Interrupted),
+                };
+                let returned = matches!(&outcome, Ok(Applied::Outcome(_, out)) if out.returns.contains_key(&t.minion_id));
+                let outcome = if !returned && self.master_down() {
+                    Ok(Applied::Interrupted)
+                } else {
+                    outcome
                 };
                 if let Ok(Applied::Interrupted) = outcome {
                     if store
@@ -617,10 +624,9 @@ impl Runner {
         Ok(())
     }
 
-    /// With `orphan` (a run of a daemon that stopped or died), looks job
-    /// `jid` up in this master's job cache first: the minion's return found
-    /// there is the outcome (nothing published); else, or without `orphan`,
-    /// [`Self::apply`].
+    /// With `orphan` (a run of a daemon that stopped or died), finds job
+    /// `jid` first ([`Self::find_orphan`]): its return found is the outcome
+    /// (nothing published); else, or without `orphan`, [`Self::apply`].
     async fn apply_or_find(
         &self,
         publish: &Publish,
@@ -628,28 +634,7 @@ impl Runner {
         orphan: bool,
     ) -> Result<Applied, RequestError> {
         if orphan {
-            match self.salt.job_cache_returns(jid, FIND_JOB_TIMEOUT).await {
-                Ok(returns) if returns.contains_key(&publish.target) => {
-                    info!(message = "The interrupted run's return is in the job cache; not published again.", minion_id = %publish.target, %jid);
-                    let published = Published {
-                        jid: jid.to_owned(),
-                        minions: vec![publish.target.clone()],
-                        missing: Vec::new(),
-                    };
-                    let outcome = JobOutcome {
-                        jid: jid.to_owned(),
-                        returns,
-                        no_answer: Vec::new(),
-                        unconfirmed: Vec::new(),
-                    };
-                    return Ok(Applied::Outcome(published, outcome));
-                }
-                Ok(_) => {}
-                Err(error) => {
-                    warn!(message = "Looking the interrupted run up in the job cache failed.", minion_id = %publish.target, %jid, %error);
-                }
-            }
-            if let Some(found) = self.kept_by_minion(publish, jid).await {
+            if let Some(found) = self.find_orphan(publish, jid).await {
                 return Ok(found);
             }
             info!(message = "The interrupted run never returned here and the minion kept no return of it; publishing it again under its jid.", minion_id = %publish.target, %jid);
@@ -657,65 +642,101 @@ impl Runner {
         self.apply(publish, jid).await
     }
 
-    /// The interrupted run `jid` as its minion knows it: while the minion
-    /// still runs it, waits (up to `job_timeout`, asking every
-    /// [`FIND_JOB_EVERY`]); then its own cached return (`cache_jobs`, set by
-    /// bundles with several masters), which holds the outcome of a run
-    /// published through a master the minion has left (it drops that
-    /// return). `None`: nothing kept, publish again.
-    async fn kept_by_minion(&self, publish: &Publish, jid: &str) -> Option<Applied> {
+    /// The interrupted run `jid`'s return: in this master's job cache, or
+    /// kept by the minion itself (`cache_jobs`, set by bundles with several
+    /// masters: a minion that failed over drops the return meant for the
+    /// master it left; `saltutil.find_cached_job`). While the minion still
+    /// runs the job (`saltutil.find_job`), waits, up to `job_timeout`, and
+    /// looks once more after it stopped. `None`: nobody has it, publish
+    /// again.
+    async fn find_orphan(&self, publish: &Publish, jid: &str) -> Option<Applied> {
         let minion = &publish.target;
         let deadline = crate::clock::deadline_in(self.cfg.job_timeout);
+        let mut last_look = false;
         loop {
-            if self.master_gone() {
-                return Some(Applied::Interrupted);
-            }
-            match self
-                .salt
-                .minion_cached_return(minion, jid, FIND_JOB_TIMEOUT)
-                .await
-            {
-                Ok(Some(ret)) => {
-                    info!(message = "The interrupted run's return was kept by the minion; recorded, not published again.", minion_id = %minion, %jid);
-                    let published = Published {
-                        jid: jid.to_owned(),
-                        minions: vec![minion.clone()],
-                        missing: Vec::new(),
-                    };
-                    let outcome = JobOutcome {
-                        jid: jid.to_owned(),
-                        returns: [(minion.clone(), ret)].into(),
-                        no_answer: Vec::new(),
-                        unconfirmed: Vec::new(),
-                    };
-                    return Some(Applied::Outcome(published, outcome));
-                }
-                Ok(None) => {}
+            let here = match self.salt.job_cache_returns(jid, FIND_JOB_TIMEOUT).await {
+                Ok(returns) if returns.contains_key(minion) => Some(returns),
+                Ok(_) => None,
                 Err(error) => {
-                    warn!(message = "Asking the minion for the interrupted run's return failed.", minion_id = %minion, %jid, %error);
+                    warn!(message = "Looking the interrupted run up in the job cache failed.", minion_id = %minion, %jid, %error);
+                    None
                 }
+            };
+            let returns = match here {
+                Some(returns) => {
+                    info!(message = "The interrupted run's return is in the job cache; not published again.", minion_id = %minion, %jid);
+                    Some(returns)
+                }
+                None => match self
+                    .salt
+                    .minion_cached_return(minion, jid, FIND_JOB_TIMEOUT)
+                    .await
+                {
+                    Ok(Some(ret)) => {
+                        info!(message = "The interrupted run's return was kept by the minion; recorded, not published again.", minion_id = %minion, %jid);
+                        Some([(minion.clone(), ret)].into())
+                    }
+                    Ok(None) => None,
+                    Err(error) => {
+                        warn!(message = "Asking the minion for the interrupted run's return failed.", minion_id = %minion, %jid, %error);
+                        None
+                    }
+                },
+            };
+            if let Some(returns) = returns {
+                let published = Published {
+                    jid: jid.to_owned(),
+                    minions: vec![minion.clone()],
+                    missing: Vec::new(),
+                };
+                let outcome = JobOutcome {
+                    jid: jid.to_owned(),
+                    returns,
+                    no_answer: Vec::new(),
+                    unconfirmed: Vec::new(),
+                };
+                return Some(Applied::Outcome(published, outcome));
+            }
+            if last_look {
+                return None;
             }
             if tokio::time::Instant::now() >= deadline
                 || self.runs_job(minion, jid).await != Some(true)
             {
-                return None;
+                // Its return may have been on its way: one more look.
+                last_look = true;
+                tokio::time::sleep(FIND_JOB_GRACE).await;
+                continue;
             }
             info!(message = "The minion still runs the interrupted run; waiting for it.", minion_id = %minion, %jid);
             tokio::time::sleep(FIND_JOB_EVERY).await;
         }
     }
 
-    /// Whether this daemon's master is gone (its bus disconnected for
-    /// [`MASTER_GONE`]) while the registry is shared: its runs are handed
-    /// back (see [`Applied::Interrupted`]). Alone, a run waits for its
-    /// master to come back instead.
-    fn master_gone(&self) -> bool {
-        self.cfg.shared.is_some()
-            && self
-                .cfg
-                .bus
-                .as_ref()
-                .is_some_and(|b| b.disconnected_for().is_some_and(|d| d >= MASTER_GONE))
+    /// Whether this daemon's master is down now (its bus disconnected)
+    /// while the registry is shared: a run that ended without the minion's
+    /// return then is handed back, not failed (the minion may be moving to
+    /// another master, where the run is looked up by its jid).
+    fn master_down(&self) -> bool {
+        self.cfg.shared.is_some() && self.cfg.bus.as_ref().is_some_and(|b| !b.is_connected())
+    }
+
+    /// Returns once this daemon's master is gone (its bus disconnected for
+    /// [`MASTER_GONE`]) while the registry is shared: a run in flight, even
+    /// one still publishing, is then handed back (see
+    /// [`Applied::Interrupted`]). Alone, never: a run waits for its master
+    /// to come back instead.
+    async fn until_master_gone(&self) {
+        let (Some(_), Some(bus)) = (&self.cfg.shared, &self.cfg.bus) else {
+            return std::future::pending().await;
+        };
+        let mut check = tokio::time::interval(MASTER_DOWN_POLL);
+        loop {
+            check.tick().await;
+            if bus.disconnected_for().is_some_and(|d| d >= MASTER_GONE) {
+                return;
+            }
+        }
     }
 
     /// Publishes under `jid` and collects the confirmed return. Every
@@ -730,7 +751,6 @@ impl Runner {
         let collect = watch.collect(&expected, self.cfg.job_timeout);
         tokio::pin!(collect);
         let mut lost_at: Option<tokio::time::Instant> = None;
-        let mut check = tokio::time::interval(MASTER_DOWN_POLL);
         loop {
             let probe_at = match lost_at {
                 Some(at) => at,
@@ -738,12 +758,6 @@ impl Runner {
             };
             tokio::select! {
                 outcome = &mut collect => return Ok(Applied::Outcome(published, outcome)),
-                _ = check.tick() => {
-                    if self.master_gone() {
-                        return Ok(Applied::Interrupted);
-                    }
-                    continue;
-                }
                 () = tokio::time::sleep_until(probe_at) => {
                     if lost_at.is_some() {
                         return Ok(Applied::Lost);

@@ -307,6 +307,15 @@ fn a_change_goes_once_through_the_master_its_minion_is_on_and_follows_a_failover
         },
     );
     let jid = running.last_jid.clone().unwrap();
+    // Published through m1 (a claim comes just before its publish).
+    eventually_within("the run published through m1", CONVERGE, || {
+        let jobs = source_jobs(&h1, &id);
+        if jobs.contains(&jid) {
+            Ok(())
+        } else {
+            Err(format!("{jobs:?}"))
+        }
+    });
     let stopped = std::time::Instant::now();
     h1.stop_master();
     eventually_within("the minion seen on m2", CONVERGE, || {
