@@ -438,9 +438,20 @@ fn a_backup_turns_red_live_when_its_result_fails() {
             .unwrap_or_else(|| panic!("backup #{id} not listed: {rows:?}"))[4]
             .clone()
     };
-    let client = rt.block_on(async {
+    let (client, session) = rt.block_on(async {
         let c = connect(driver.port).await;
         log_in(&c, &base).await;
+        // The session cookie as the browser keeps it: out of scripts' reach,
+        // never sent cross-site.
+        let cookie = c.get_named_cookie("steward_session").await.unwrap();
+        assert_eq!(cookie.http_only(), Some(true), "{cookie}");
+        assert_eq!(
+            format!("{:?}", cookie.same_site()),
+            "Some(Strict)",
+            "{cookie}"
+        );
+        assert_eq!(cookie.path(), Some("/"), "{cookie}");
+        let session = cookie.value().to_owned();
         assert_eq!(
             text_of(&c, "#count-backups-green").await.as_deref(),
             Some("1")
@@ -519,7 +530,7 @@ fn a_backup_turns_red_live_when_its_result_fails() {
             .unwrap();
         assert_eq!(colours[0], colours[1], "{colours}");
         shot(&c, "backups-4-list-red.png").await;
-        c
+        (c, session)
     });
 
     nix::sys::signal::kill(
@@ -529,6 +540,16 @@ fn a_backup_turns_red_live_when_its_result_fails() {
     .unwrap();
     let status = daemon.wait_exit(Duration::from_secs(15));
     assert!(status.success(), "{}", daemon.seen_err.join("\n"));
+    // The daemon's log: no password, session or password hash.
+    let log = daemon.seen_err.join("\n");
+    assert!(log.contains("HTTP API listening"), "{log}");
+    for (what, secret) in [
+        ("the password", PASSWORD),
+        ("the session", session.as_str()),
+        ("a password hash", "$argon2id$"),
+    ] {
+        assert!(!log.contains(secret), "{what} in the daemon's log:\n{log}");
+    }
     rt.block_on(async {
         let _ = client.close().await;
     });
