@@ -691,6 +691,14 @@ fn a_pending_key_is_accepted_in_the_browser_on_a_real_master() {
             .then_some(())
         })
         .await;
+        let status = c
+            .execute(
+                "return performance.getEntriesByType('navigation')[0].responseStatus;",
+                vec![],
+            )
+            .await
+            .unwrap();
+        assert_eq!(status, json!(409), "the refusal's status");
         shot(&c, "keys-3-mismatch-refused.png").await;
         assert!(listed(&h, "minions_pre", &id2) && !listed(&h, "minions", &id2));
 
