@@ -971,8 +971,15 @@ async fn registry_story(db: &TestDb) {
     assert!(reg.get_backup(b.id).await.unwrap().running(now));
     store.set_backup_running(b.id, None).await.unwrap();
     assert!(!reg.get_backup(b.id).await.unwrap().running(now));
+    // The mark the dashboard's event stream watches moves with a new
+    // result only.
+    let (n0, last0) = store.backup_results_mark().await.unwrap();
     assert!(reg.record_backup_result(&b, &r).await.unwrap());
+    let (n1, last1) = store.backup_results_mark().await.unwrap();
+    assert_eq!(n1, n0 + 1);
+    assert!(last1 > last0, "{last1} after {last0}");
     assert!(!reg.record_backup_result(&b, &r).await.unwrap());
+    assert_eq!(store.backup_results_mark().await.unwrap(), (n1, last1));
     let got = reg.backup_results(b.id, 10).await.unwrap();
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].outcome, Outcome::Warning);

@@ -1190,6 +1190,207 @@ fn http_api_served_by_the_daemon() {
     );
 }
 
+/// No secret in the daemon's answers or its log (debug level): with a
+/// user, an API token and a share made with the CLI (the token and the
+/// share's password printed once), and a server whose key pair the
+/// registry issued (its private key in the key store), every GET of the
+/// API (by session and by token) and every dashboard page carries none of
+/// the user's password, the session, the token, the share's password or NT
+/// hash, the private key's PEM body or an argon2 hash; nor does the
+/// daemon's log, stopped afterwards.
+#[test]
+fn http_api_no_secret_in_the_daemons_answers_or_log() {
+    use crate::support::salt::free_port;
+    use crate::support::{cli, run_ok, start_daemon, steward_config, SaltHarness};
+
+    let h = SaltHarness::start();
+    h.wait_req_ready();
+    let port = free_port();
+    let cfg = steward_config(
+        &h,
+        &[],
+        &format!(
+            "http:\n  listen: 127.0.0.1:{port}\n  cookie_secure: false\nlog:\n  level: debug\n"
+        ),
+    );
+    run_ok(cli(&cfg, &["model", "add", "web"]));
+    let out = run_ok(cli(
+        &cfg,
+        &[
+            "server",
+            "add",
+            "files1.example.org",
+            "--model",
+            "web",
+            "--samba-base",
+            "/srv/samba",
+            "--json",
+        ],
+    ));
+    let server: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let minion = server["minion_id"].as_str().unwrap().to_owned();
+    let out = cli_with_stdin(
+        &cfg,
+        &["user", "add", "alice", "--role", "admin"],
+        &format!("{PASSWORD}\n"),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cli_with_stdin(&cfg, &["token", "add", "ci", "--scope", "read"], "");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert!(token.starts_with("sst_"), "{token}");
+    let out = run_ok(cli(
+        &cfg,
+        &[
+            "share",
+            "add",
+            "files1.example.org",
+            "docs",
+            "docs",
+            "--json",
+        ],
+    ));
+    let share: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let share_password = share["password"].as_str().unwrap().to_owned();
+    let share_id = share["id"].as_i64().unwrap();
+    // What the registry stores: MD4 of the UTF-16LE password, in hex.
+    let nt: String = {
+        use md4::{Digest as _, Md4};
+        let utf16: Vec<u8> = share_password
+            .encode_utf16()
+            .flat_map(u16::to_le_bytes)
+            .collect();
+        Md4::digest(&utf16)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    // The private keys in the key store: a line of each PEM body.
+    let mut secrets: Vec<(&str, String)> = vec![
+        ("the user's password", PASSWORD.to_owned()),
+        ("the token", token.clone()),
+        ("the share's password", share_password.clone()),
+        ("the NT hash", nt),
+        ("an argon2 hash", "$argon2id$".to_owned()),
+    ];
+    let mut stack = vec![h.root().join("keys")];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(text) = std::fs::read_to_string(&p) {
+                if text.contains("PRIVATE KEY") {
+                    secrets.push(("a private key", text.lines().nth(2).unwrap().to_owned()));
+                }
+            }
+        }
+    }
+    assert!(
+        secrets.iter().any(|(w, _)| *w == "a private key"),
+        "no private key under {}/keys",
+        h.root().display()
+    );
+
+    let mut daemon = start_daemon(&cfg);
+    daemon.wait_err_line("http started", crate::support::T, |l| {
+        l.contains("HTTP API listening")
+    });
+    let login = json!({"name": "alice", "password": PASSWORD}).to_string();
+    let (status, headers, body) = http(
+        port,
+        "POST",
+        "/api/v1/login",
+        &[("Content-Type", "application/json")],
+        &login,
+    );
+    assert_eq!(status, 200, "{body}");
+    let cookie = headers["set-cookie"].split(';').next().unwrap().to_owned();
+    secrets.push((
+        "the session",
+        cookie.trim_start_matches("steward_session=").to_owned(),
+    ));
+    let bearer = format!("Bearer {token}");
+    let api = [
+        "/api/v1/me".to_owned(),
+        "/api/v1/servers".to_owned(),
+        "/api/v1/servers/files1.example.org".to_owned(),
+        "/api/v1/models".to_owned(),
+        "/api/v1/forwards/port".to_owned(),
+        "/api/v1/forwards/hostname".to_owned(),
+        "/api/v1/shares".to_owned(),
+        format!("/api/v1/shares/{share_id}"),
+        "/api/v1/backups".to_owned(),
+        "/api/v1/dispatches".to_owned(),
+        "/api/v1/exec".to_owned(),
+        "/api/v1/keys".to_owned(),
+        "/api/v1/rules".to_owned(),
+        "/api/v1/alerts".to_owned(),
+        "/api/v1/audit".to_owned(),
+        "/api/v1/openapi.json".to_owned(),
+    ];
+    let pages = [
+        "/".to_owned(),
+        "/fragments/overview".to_owned(),
+        "/servers".to_owned(),
+        "/servers/files1.example.org".to_owned(),
+        "/keys".to_owned(),
+        "/dispatches".to_owned(),
+        "/backups".to_owned(),
+        "/audit".to_owned(),
+        "/admin".to_owned(),
+    ];
+    let mut answered = Vec::new();
+    let mut check = |uri: &str, auth: &[(&str, &str)]| {
+        let (status, _, body) = http(port, "GET", uri, auth, "");
+        answered.push((uri.to_owned(), status));
+        for (what, secret) in &secrets {
+            assert!(!body.contains(secret.as_str()), "{what} in {uri}: {body}");
+        }
+        body
+    };
+    for uri in api.iter().chain(&pages) {
+        check(uri, &[("Cookie", &cookie)]);
+    }
+    for uri in &api {
+        check(uri, &[("Authorization", &bearer)]);
+    }
+    // The token and the session worked: the answers were the real ones.
+    let body = check("/api/v1/servers", &[("Authorization", &bearer)]);
+    assert!(body.contains(&minion), "{body}");
+    let body = check("/admin", &[("Cookie", &cookie)]);
+    assert!(body.contains("alice"), "{body}");
+    let ok = answered.iter().filter(|(_, s)| *s == 200).count();
+    assert!(ok + 4 >= answered.len(), "{answered:?}");
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.pid()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = daemon.wait_exit(std::time::Duration::from_secs(15));
+    assert!(status.success(), "{}", daemon.seen_err.join("\n"));
+    let log = daemon.seen_err.join("\n");
+    assert!(
+        log.contains("/api/v1/shares"),
+        "the requests were not logged:\n{log}"
+    );
+    for (what, secret) in &secrets {
+        assert!(
+            !log.contains(secret.as_str()),
+            "{what} in the daemon's log:\n{log}"
+        );
+    }
+}
+
 /// The inventory over HTTP: servers created and deleted, models, port
 /// forwards, shares and backups — each list equal to the registry's (what
 /// the CLI's `--json` lists print), 401/403/CSRF on writes, 409 on

@@ -102,6 +102,10 @@ pub trait BackupStore {
         backup_id: i64,
         limit: i64,
     ) -> impl Future<Output = Result<Vec<BackupResult>, Error>> + Send;
+    /// How many results are recorded and the newest one's row id: moves
+    /// with each recorded result (which writes no outbox row), so the
+    /// dashboard's event stream can see it.
+    fn backup_results_mark(&self) -> impl Future<Output = Result<(i64, i64), Error>> + Send;
 }
 
 mod sql {
@@ -134,6 +138,7 @@ mod sql {
     pub const RESULTS: &str = "SELECT backup_id, run_id, level, started_at, duration_ms, \
          outcome, files, size, transferred, rsync_exit, error, received_at \
          FROM backup_results WHERE backup_id = $1 ORDER BY started_at DESC, id DESC LIMIT $2";
+    pub const RESULTS_MARK: &str = "SELECT COUNT(*), COALESCE(MAX(id), 0) FROM backup_results";
 }
 
 fn port(n: i64) -> Result<u16, Error> {
@@ -535,6 +540,13 @@ macro_rules! backup_impl {
                     .map_err(db(format!("reading the results of backup #{backup_id}")))?;
                 rows.iter().map(Self::result_row).collect()
             }
+
+            async fn backup_results_mark(&self) -> Result<(i64, i64), Error> {
+                sqlx::query_as::<_, (i64, i64)>(sql::RESULTS_MARK)
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(db("reading the backup results' mark"))
+            }
         }
     };
 }
@@ -580,5 +592,8 @@ impl BackupStore for DbStore {
     }
     async fn backup_results(&self, backup_id: i64, limit: i64) -> Result<Vec<BackupResult>, Error> {
         dispatch!(self, s => s.backup_results(backup_id, limit))
+    }
+    async fn backup_results_mark(&self) -> Result<(i64, i64), Error> {
+        dispatch!(self, s => s.backup_results_mark())
     }
 }

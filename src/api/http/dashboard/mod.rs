@@ -47,7 +47,7 @@ use super::auth::{self, Principal, COOKIE};
 use super::error::ApiError;
 use super::HttpState;
 use crate::registry::dispatch::DispatchStatus;
-use crate::registry::store::DispatchStore as _;
+use crate::registry::store::{BackupStore as _, DispatchStore as _};
 use crate::registry::users::{Role, User};
 use crate::registry::Store as _;
 
@@ -379,12 +379,13 @@ async fn asset(Path(name): Path<String>) -> Response {
 // --------------------------------------------------------------- events
 
 /// What a stream compares each second: the outbox consumers' positions and
-/// backlogs (every registry write appends a row) and the dispatch targets
-/// by status.
+/// backlogs (every registry write appends a row), the dispatch targets
+/// by status and the backup results recorded (they write no outbox row).
 #[derive(Debug, PartialEq, Eq)]
 struct Signature {
     outbox: Vec<(String, i64, i64)>,
     dispatch: Vec<(DispatchStatus, usize)>,
+    backup_results: (i64, i64),
 }
 
 async fn signature(state: &HttpState) -> Option<Signature> {
@@ -410,7 +411,18 @@ async fn signature(state: &HttpState) -> Option<Signature> {
         .iter()
         .map(|s| (*s, targets.iter().filter(|t| t.status == *s).count()))
         .collect();
-    Some(Signature { outbox, dispatch })
+    let backup_results = match store.backup_results_mark().await {
+        Ok(m) => m,
+        Err(e) => {
+            debug!(message = "Event stream: reading the backup results failed.", error = %e);
+            return None;
+        }
+    };
+    Some(Signature {
+        outbox,
+        dispatch,
+        backup_results,
+    })
 }
 
 /// `GET /events` (session required): `text/event-stream` with `hello` at

@@ -536,3 +536,471 @@ async fn the_retry_form_posts_to_the_api_and_comes_back() {
             >= 2
     );
 }
+
+// ------------------------------------------------------------ security
+
+const HOSTILE: &str = "<script>alert(1)</script>";
+
+/// Free text that the registry takes with `<` in it (server names, model
+/// names and backup folders refuse it): a server's samba base folder, a
+/// backup result's error, a dispatch target's wait reason and an audit
+/// entry's detail. Each is shown escaped on every page that shows it, and
+/// raw on none.
+#[tokio::test]
+async fn html_hostile_free_text_is_escaped_on_every_page() {
+    use crate::registry::backup::{BackupResult, Outcome};
+    use crate::registry::dispatch::{Debounce, StateKind};
+    use crate::registry::service::BackupSpec;
+    use crate::registry::store::DispatchStore as _;
+    use crate::registry::users::AuditNote;
+    use crate::registry::ServerRef;
+
+    let a = app().await;
+    let mut p = ServerPatch::default();
+    p.set("name", "web01").unwrap();
+    p.set("model", "web").unwrap();
+    p.set("samba_base", &format!("/srv/{HOSTILE}")).unwrap();
+    let web01 = a.svc.create_server(p).await.unwrap();
+    a.server("bk01").await;
+    let b = a
+        .svc
+        .create_backup(BackupSpec {
+            source: ServerRef::Name("web01".into()),
+            source_folder: "/srv/data".into(),
+            dest: ServerRef::Name("bk01".into()),
+            dest_folder: "/backups/web01".into(),
+            excludes: Vec::new(),
+            exclude_proc_sys: false,
+            active: None,
+            retain: None,
+            ssh_host: Some("127.0.0.1".into()),
+            ssh_port: None,
+            ssh_user: None,
+        })
+        .await
+        .unwrap();
+    let result = BackupResult {
+        backup_id: b.id,
+        run_id: "run-1".into(),
+        level: "daily".into(),
+        started_at: 1_800_000_000_000,
+        duration_ms: 1_000,
+        outcome: Outcome::Error,
+        files: None,
+        size: None,
+        transferred: None,
+        rsync_exit: Some(12),
+        error: format!("rsync said {HOSTILE}"),
+        received_at: 0,
+    };
+    assert!(a.svc.record_backup_result(&b, &result).await.unwrap());
+    let store = a.svc.store();
+    store
+        .dispatch_bump(
+            "test",
+            1,
+            &[(web01.id, StateKind::Share)],
+            Debounce {
+                debounce_ms: 0,
+                max_delay_ms: 0,
+            },
+        )
+        .await
+        .unwrap();
+    assert!(store
+        .dispatch_wait(
+            web01.id,
+            StateKind::Share,
+            &format!("waiting for {HOSTILE}")
+        )
+        .await
+        .unwrap());
+    a.svc
+        .audit(&AuditNote {
+            actor: "user:admin1".into(),
+            action: "server.update",
+            target: "web01".into(),
+            detail: serde_json::json!({"samba_base": format!("/srv/{HOSTILE}")}),
+        })
+        .await
+        .unwrap();
+
+    let admin = a.login("admin1").await;
+    let escaped = "&lt;script&gt;alert(1)&lt;/script&gt;";
+    // The overview and the server list show none of these texts; the other
+    // pages show at least one, escaped.
+    for (uri, shows) in [
+        ("/", false),
+        ("/fragments/overview", false),
+        ("/servers", false),
+        ("/servers/web01", true),
+        ("/dispatches", true),
+        ("/backups", true),
+        ("/audit", true),
+    ] {
+        let r = a.get(uri, Some(&admin)).await;
+        assert_eq!(r.status, StatusCode::OK, "{uri}: {}", r.body);
+        assert!(!r.body.contains("<script>"), "{uri}: {}", r.body);
+        if shows {
+            assert!(r.body.contains(escaped), "{uri}: {}", r.body);
+        }
+    }
+    // The server page shows all three of its own.
+    let r = a.get("/servers/web01", Some(&admin)).await;
+    assert!(
+        r.body.contains(&format!("/srv/{escaped}")),
+        "the samba base: {}",
+        r.body
+    );
+    assert!(
+        r.body.contains(&format!("waiting for {escaped}")),
+        "the wait reason: {}",
+        r.body
+    );
+}
+
+/// Every HTML answer carries the strict CSP: the pages, the login form,
+/// its refusal, and the error pages (400, 403, 404, 422).
+#[tokio::test]
+async fn every_html_response_has_the_csp_error_pages_and_login_too() {
+    let a = app().await;
+    a.server("web01").await;
+    let admin = a.login("admin1").await;
+    let viewer = a.login("viewer1").await;
+    let mut answers = vec![
+        ("GET /login".to_owned(), a.get("/login", None).await),
+        (
+            "POST /login (refused)".to_owned(),
+            a.login_form("viewer1", "not the password at all").await,
+        ),
+        (
+            "GET /servers/nowhere".to_owned(),
+            a.get("/servers/nowhere", Some(&admin)).await,
+        ),
+        (
+            "GET /servers?sort=colour".to_owned(),
+            a.get("/servers?sort=colour", Some(&admin)).await,
+        ),
+        (
+            "GET /servers?status=sleepy".to_owned(),
+            a.get("/servers?status=sleepy", Some(&admin)).await,
+        ),
+        (
+            "GET /keys/stray-minion/confirm?action=delete".to_owned(),
+            a.get("/keys/stray-minion/confirm?action=delete", Some(&admin))
+                .await,
+        ),
+        (
+            "GET /keys/nobody/confirm?action=accept".to_owned(),
+            a.get("/keys/nobody/confirm?action=accept", Some(&admin))
+                .await,
+        ),
+        (
+            "GET /admin as viewer".to_owned(),
+            a.get("/admin", Some(&viewer)).await,
+        ),
+    ];
+    for uri in [
+        "/",
+        "/fragments/overview",
+        "/servers",
+        "/servers/web01",
+        "/keys",
+        "/keys/stray-minion/confirm?action=accept",
+        "/dispatches",
+        "/backups",
+        "/audit",
+        "/admin",
+    ] {
+        answers.push((format!("GET {uri}"), a.get(uri, Some(&admin)).await));
+    }
+    let mut statuses = std::collections::BTreeSet::new();
+    for (what, r) in &answers {
+        statuses.insert(r.status.as_u16());
+        assert!(
+            r.header(header::CONTENT_TYPE).starts_with("text/html"),
+            "{what}: {} {}",
+            r.status,
+            r.header(header::CONTENT_TYPE)
+        );
+        let csp = r.header(header::CONTENT_SECURITY_POLICY);
+        assert!(
+            csp.contains("default-src 'self'") && !csp.contains("unsafe-inline"),
+            "{what} ({}): CSP {csp:?}",
+            r.status
+        );
+        assert_eq!(r.header(header::X_FRAME_OPTIONS), "DENY", "{what}");
+        assert_eq!(
+            r.header(header::X_CONTENT_TYPE_OPTIONS),
+            "nosniff",
+            "{what}"
+        );
+    }
+    // The error pages were among them.
+    for s in [200, 400, 401, 403, 404, 422] {
+        assert!(statuses.contains(&s), "no {s} answer: {statuses:?}");
+    }
+}
+
+/// The session cookie's flags, from the form and from the JSON login:
+/// HttpOnly, SameSite=Strict, Path=/ and (the default) Secure.
+#[tokio::test]
+async fn the_session_cookie_has_its_flags_from_the_form_and_the_api() {
+    let a = app().await;
+    let form = a.login_form("viewer1", PASSWORD).await;
+    assert_eq!(form.status, StatusCode::SEE_OTHER, "{}", form.body);
+    let api = a
+        .call(
+            Request::post("/api/v1/login")
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(
+                    serde_json::json!({"name": "viewer1", "password": PASSWORD}).to_string(),
+                ))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(api.status, StatusCode::OK, "{}", api.body);
+    for (what, r) in [("form", &form), ("api", &api)] {
+        let set = r.header(header::SET_COOKIE);
+        let attrs: Vec<String> = set
+            .split(';')
+            .map(|s| s.trim().to_ascii_lowercase())
+            .collect();
+        assert!(attrs[0].starts_with("steward_session="), "{what}: {set}");
+        for flag in ["httponly", "samesite=strict", "path=/", "secure"] {
+            assert!(
+                attrs.iter().any(|x| x == flag),
+                "{what}: no {flag} in {set}"
+            );
+        }
+    }
+}
+
+/// A `Write` into a shared buffer: the log of the test's requests.
+#[derive(Clone, Default)]
+struct LogBuf(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// No secret in any answer or in the log: with a user, a token, a share
+/// (made through the API: its password is in that one reply only) and a
+/// server whose key pair the registry issued (its private key in the key
+/// store), every GET of the API and every dashboard page, as admin,
+/// carries none of the user's password, the token's secret, the share's
+/// password or NT hash, the private key's PEM body or an argon2 hash; and
+/// the log of all these requests (every level) has none either.
+#[tokio::test]
+async fn no_secret_in_any_response_or_log() {
+    use crate::pki::KeyIssuer;
+    use crate::registry::users::Scope;
+
+    let log = LogBuf::default();
+    let writer = log.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _log = tracing::subscriber::set_default(subscriber);
+
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("registry.db").display());
+    let keys = dir.path().join("keys");
+    let svc = Arc::new(
+        crate::registry::open(&url)
+            .await
+            .unwrap()
+            .with_keys(KeyIssuer::new(&keys, 2048).unwrap()),
+    );
+    svc.create_model("web", "", &[]).await.unwrap();
+    for role in Role::ALL {
+        svc.add_user(
+            "test",
+            &format!("{role}1"),
+            role,
+            Password::new(PASSWORD.into()).unwrap(),
+        )
+        .await
+        .unwrap();
+    }
+    let mut p = ServerPatch::default();
+    p.set("name", "files1").unwrap();
+    p.set("model", "web").unwrap();
+    p.set("samba_base", "/srv/samba").unwrap();
+    let files1 = svc.create_server(p).await.unwrap();
+    let (_, token) = svc
+        .add_token("test", "ci", &[Scope::Read], None, None, 0)
+        .await
+        .unwrap();
+    let token = token.expose().to_owned();
+    // The private keys the registry keeps: their PEM bodies.
+    let mut pem_bodies = Vec::new();
+    for e in walk(&keys) {
+        let text = std::fs::read_to_string(&e).unwrap_or_default();
+        if text.contains("PRIVATE KEY") {
+            let body: String = text
+                .lines()
+                .filter(|l| !l.starts_with("-----"))
+                .collect::<Vec<_>>()
+                .join("\n");
+            // The body, and a line of it (a reply might wrap differently).
+            pem_bodies.push(text.lines().nth(2).unwrap().to_owned());
+            pem_bodies.push(body);
+        }
+    }
+    assert!(
+        !pem_bodies.is_empty(),
+        "no private key under {}",
+        keys.display()
+    );
+    // The pki dir shows the issued server's key pending.
+    let pki = tempfile::tempdir().unwrap();
+    std::fs::create_dir(pki.path().join("minions_pre")).unwrap();
+    std::fs::write(
+        pki.path().join("minions_pre").join(&files1.minion_id),
+        files1.public_key.clone().unwrap(),
+    )
+    .unwrap();
+    let state =
+        HttpState::new(svc.clone(), &HttpConfig::default()).with_pki_dir(pki.path().to_owned());
+    let a = App {
+        app: router(Arc::new(state)),
+        svc: svc.clone(),
+        _pki: pki,
+    };
+    let admin = a.login("admin1").await;
+    let made = a
+        .call(
+            Request::post("/api/v1/shares")
+                .header(header::COOKIE, &admin)
+                .header("x-requested-with", "test")
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(
+                    serde_json::json!({"server": "files1", "name": "docs", "folder": "docs"})
+                        .to_string(),
+                ))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(made.status, StatusCode::CREATED, "{}", made.body);
+    let reply: serde_json::Value = serde_json::from_str(&made.body).unwrap();
+    let share_password = reply["password"].as_str().unwrap().to_owned();
+    let share_id = reply["id"].as_i64().unwrap();
+    // What the registry stores: MD4 of the UTF-16LE password, in hex.
+    let nt = {
+        use md4::{Digest as _, Md4};
+        let utf16: Vec<u8> = share_password
+            .encode_utf16()
+            .flat_map(u16::to_le_bytes)
+            .collect();
+        crate::hex::encode(&Md4::digest(&utf16))
+    };
+
+    let minion = files1.minion_id.clone();
+    let uris = [
+        "/api/v1/me".to_owned(),
+        "/api/v1/servers".to_owned(),
+        "/api/v1/servers/files1".to_owned(),
+        format!("/api/v1/servers/{}", files1.id),
+        "/api/v1/models".to_owned(),
+        "/api/v1/forwards/port".to_owned(),
+        "/api/v1/forwards/hostname".to_owned(),
+        "/api/v1/shares".to_owned(),
+        format!("/api/v1/shares/{share_id}"),
+        "/api/v1/backups".to_owned(),
+        "/api/v1/dispatches".to_owned(),
+        "/api/v1/exec".to_owned(),
+        "/api/v1/keys".to_owned(),
+        "/api/v1/rules".to_owned(),
+        "/api/v1/alerts".to_owned(),
+        "/api/v1/audit".to_owned(),
+        "/api/v1/openapi.json".to_owned(),
+        "/".to_owned(),
+        "/fragments/overview".to_owned(),
+        "/servers".to_owned(),
+        "/servers/files1".to_owned(),
+        "/keys".to_owned(),
+        format!("/keys/{minion}/confirm?action=accept"),
+        "/dispatches".to_owned(),
+        "/backups".to_owned(),
+        "/audit".to_owned(),
+        "/admin".to_owned(),
+    ];
+    let secrets = {
+        let mut s = vec![
+            ("the user's password", PASSWORD.to_owned()),
+            ("the token", token.clone()),
+            ("the share's password", share_password.clone()),
+            ("the NT hash", nt.clone()),
+            ("an argon2 hash", "$argon2id$".to_owned()),
+        ];
+        s.extend(pem_bodies.iter().map(|b| ("a private key", b.clone())));
+        s
+    };
+    let mut ok = 0;
+    for uri in &uris {
+        let r = a.get(uri, Some(&admin)).await;
+        if r.status == StatusCode::OK {
+            ok += 1;
+        }
+        for (what, secret) in &secrets {
+            assert!(
+                !r.body.contains(secret.as_str()),
+                "{what} in {uri}: {}",
+                r.body
+            );
+        }
+    }
+    // The token works (so its absence above means something) and shows
+    // nothing either.
+    let r = a
+        .call(
+            Request::get("/api/v1/servers")
+                .header(header::AUTHORIZATION, format!("Bearer {token}"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert!(r.body.contains(&minion), "{}", r.body);
+    assert!(
+        ok >= uris.len() - 3,
+        "only {ok} of {} answered 200",
+        uris.len()
+    );
+    // The secrets are in the store (so looking for them means something).
+    assert!(a.svc.list_shares(None).await.unwrap().len() == 1);
+
+    let logged = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        logged.contains("/api/v1/shares"),
+        "the requests were not logged: {logged}"
+    );
+    for (what, secret) in &secrets {
+        assert!(
+            !logged.contains(secret.as_str()),
+            "{what} in the log: {logged}"
+        );
+    }
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
