@@ -70,10 +70,16 @@ pub(super) fn routes() -> Router<Arc<HttpState>> {
         .route("/", get(pages::overview))
         .route("/fragments/overview", get(pages::overview_fragment))
         .route("/servers", get(pages::servers))
+        .route("/fragments/servers", get(pages::servers_fragment))
         .route("/servers/{name}", get(pages::server))
+        .route("/servers/{name}/rekey", get(pages::confirm_rekey))
         .route("/keys", get(pages::keys))
         .route("/keys/{minion}/confirm", get(pages::confirm_key))
         .route("/dispatches", get(pages::dispatches))
+        .route("/fragments/dispatches", get(pages::dispatches_fragment))
+        .route("/rules", get(pages::rules))
+        .route("/activity", get(pages::activity))
+        .route("/fragments/activity", get(pages::activity_fragment))
         .route("/backups", get(pages::backups))
         .route("/audit", get(pages::audit))
         .route("/admin", get(pages::admin))
@@ -94,10 +100,25 @@ const TEMPLATES: &[(&str, &str)] = &[
         include_str!("templates/overview_fragment.html"),
     ),
     ("servers.html", include_str!("templates/servers.html")),
+    (
+        "servers_fragment.html",
+        include_str!("templates/servers_fragment.html"),
+    ),
     ("server.html", include_str!("templates/server.html")),
     ("keys.html", include_str!("templates/keys.html")),
     ("confirm.html", include_str!("templates/confirm.html")),
     ("dispatches.html", include_str!("templates/dispatches.html")),
+    (
+        "dispatches_fragment.html",
+        include_str!("templates/dispatches_fragment.html"),
+    ),
+    ("rekey.html", include_str!("templates/rekey.html")),
+    ("rules.html", include_str!("templates/rules.html")),
+    ("activity.html", include_str!("templates/activity.html")),
+    (
+        "activity_fragment.html",
+        include_str!("templates/activity_fragment.html"),
+    ),
     ("backups.html", include_str!("templates/backups.html")),
     ("audit.html", include_str!("templates/audit.html")),
     ("admin.html", include_str!("templates/admin.html")),
