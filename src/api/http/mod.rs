@@ -50,8 +50,8 @@
 //! `POST /api/v1/keys/{minion}/reject` (JSON, or a form answered with a
 //! 303 to its local `next`), `GET /api/v1/rules`, `GET /api/v1/alerts`,
 //! `GET /api/v1/audit` (admin), `GET /api/v1/openapi.json`. Reads need
-//! viewer (token scope `read`); inventory writes, retries, exec and key
-//! decisions operator (`write`).
+//! viewer (token scope `read`); inventory writes, retries, exec, rekeys and
+//! key decisions operator (`write`); the bundle (a private key) admin.
 
 pub(crate) mod alerts;
 pub mod auth;

@@ -3,9 +3,10 @@
 //!
 //! - Pages: `GET /login` + `POST /login` (the form; the API's session start,
 //!   same cookie), `POST /logout`, `GET /` (counts and the attention list),
-//!   `/servers`, `/servers/{name}`, `/keys` (+ `/keys/{minion}/confirm`),
-//!   `/dispatches`, `/backups`, `/audit` and `/admin` (admin only), in
-//!   [`pages`].
+//!   `/servers`, `/servers/{name}` (+ `/servers/{name}/rekey`, the
+//!   confirmation), `/keys` (+ `/keys/{minion}/confirm`), `/dispatches`,
+//!   `/backups`, `/rules`, `/activity`, `/audit` and `/admin` (admin only),
+//!   in [`pages`].
 //! - Templates: minijinja, embedded with `include_str!`, HTML auto-escape,
 //!   strict undefined.
 //! - Assets: htmx 2.0.4 (vendored, `assets/README.md`), a CSS file and a
@@ -16,8 +17,9 @@
 //!   when the registry moved (its outbox or the dispatch targets), polled
 //!   once a second, each stream ended after [`STREAM_LIFETIME`] (the
 //!   browser reconnects, its session checked again) and at shutdown; the
-//!   script then fetches the fragments (`GET /fragments/overview`) marked
-//!   `data-fragment` on the page.
+//!   script then fetches the fragments marked `data-fragment` on the page
+//!   (`GET /fragments/overview`, `/fragments/servers?…` with the page's
+//!   filters, `/fragments/dispatches?status=`, `/fragments/activity`).
 //!
 //! Every control is a plain link or form: a page without a session is a
 //! 303 to `/login`, a viewer sees no write controls, and the write forms
