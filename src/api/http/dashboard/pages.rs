@@ -397,6 +397,10 @@ struct ServerQuery {
 /// How many exec records the server page shows.
 const EXEC_ROWS: i64 = 10;
 
+/// How far back (exec records of any server) the server page looks for the
+/// refusals recorded without a server id.
+const EXEC_UNRESOLVED: i64 = 200;
+
 /// `GET /servers/{name}?jid=|exec_error=`: one server with its keys,
 /// forwards, shares, backups, dispatches and exec record; for an operator
 /// the exec form and the rekey link, for an admin the bundle download.
@@ -459,7 +463,18 @@ pub(super) async fn server(
         .collect();
     let targets = state.service.store().dispatch_targets_of(s.id).await?;
     let runs = state.service.store().dispatch_runs(s.id, 20).await?;
-    let execs = crate::exec::history(&state.service, Some(&r), None, EXEC_ROWS).await?;
+    // A request refused before its server resolved is recorded without the
+    // server's id: the latest of those naming it (by name or id) too.
+    let mut execs = crate::exec::history(&state.service, Some(&r), None, EXEC_ROWS).await?;
+    let id_text = s.id.to_string();
+    execs.extend(
+        crate::exec::history(&state.service, None, None, EXEC_UNRESOLVED)
+            .await?
+            .into_iter()
+            .filter(|x| x.server_id.is_none() && (x.server == s.name || x.server == id_text)),
+    );
+    execs.sort_by_key(|x| std::cmp::Reverse(x.id));
+    execs.truncate(usize::try_from(EXEC_ROWS).unwrap_or(usize::MAX));
     let link = format!("/servers/{}", seg(&s.name));
     let rekey = format!("/servers/{}/rekey", seg(&s.name));
     let bundle = format!("/api/v1/servers/{}/bundle", seg(&s.name));

@@ -1030,3 +1030,71 @@ async fn the_bundle_is_for_admins_audited_and_the_only_private_key_out() {
     let r = b.get("/api/v1/servers/web01/bundle", Some(&admin)).await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.body);
 }
+
+/// The 303 of the exec form, without a master: the daemon's exec context
+/// (a Salt client whose event reader finds no bus) with an allow-list of
+/// `test.*`, so `cmd.run` is refused before anything is published — and
+/// recorded, and shown on the server page the browser is sent back to.
+#[tokio::test]
+async fn a_refused_exec_form_comes_back_to_the_server_page_recorded() {
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let bus_dir = tempfile::tempdir().unwrap();
+    let bus = crate::bus::BusHandle::new(
+        crate::bus::BusEndpoint::Unix(bus_dir.path().join("nobody.ipc")),
+        crate::bus::SubscriberOptions::default(),
+    );
+    let tracker = crate::salt::JobTracker::start(bus.subscribe(), cancel.clone());
+    let svc = crate::registry::open("sqlite::memory:").await.unwrap();
+    let a = app_from(svc, |state, pki| {
+        let cfg = pki.join("master");
+        std::fs::write(
+            &cfg,
+            format!(
+                "pki_dir: {}\nret_port: 1\ninterface: 127.0.0.1\n",
+                pki.display()
+            ),
+        )
+        .unwrap();
+        let master = crate::master_config::MasterConfig::load(&cfg).unwrap();
+        let req = crate::salt::ReqClient::new(&master, std::time::Duration::from_secs(1)).unwrap();
+        let policy = crate::api::server::Policy {
+            trusted: std::collections::HashSet::new(),
+            exec: crate::exec::ExecPolicy::new(&["test.*".to_owned()], std::iter::empty()).unwrap(),
+            exec_timeout: std::time::Duration::from_secs(2),
+        };
+        state.with_exec(crate::api::http::ExecContext {
+            salt: crate::salt::SaltClient::new(req, tracker),
+            policy: crate::api::server::PolicyHandle::new(policy),
+            stats: Arc::new(crate::exec::ExecStats::default()),
+        })
+    })
+    .await;
+    a.server("web01").await;
+    let operator = a.login("operator1").await;
+    let r = a
+        .form(
+            "/api/v1/exec",
+            &operator,
+            "server=web01&fun=cmd.run&args=rm+-rf%0A%2F&next=%2Fservers%2Fweb01",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    assert_eq!(
+        r.header(header::LOCATION),
+        "/servers/web01?exec_error=forbidden_function"
+    );
+    let page = a.get(r.header(header::LOCATION), Some(&operator)).await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    assert!(page.body.contains("Exec refused"), "{}", page.body);
+    assert!(page.body.contains("cmd.run") && page.body.contains("refused"));
+    let log = a.svc.audit_log(None, 5).await.unwrap();
+    assert!(log
+        .iter()
+        .any(|e| e.action == "exec.run" && e.actor == "user:operator1"));
+    let record = crate::exec::history(&a.svc, None, None, 5).await.unwrap();
+    assert_eq!(record.len(), 1);
+    assert_eq!(record[0].requested_by, "user:operator1");
+    assert_eq!(record[0].outcome, "refused");
+    assert!(record[0].args.contains("rm") && record[0].args.contains("-rf"));
+    cancel.cancel();
+}
