@@ -59,6 +59,11 @@ fn api_error(e: LifecycleError) -> ApiError {
             "no key issuer configured (keys.dir in the config)",
         ),
         LifecycleError::Wheel { .. } => ApiError::new("publish_failed", e.to_string()),
+        // A set-up to finish (no signing key yet, a key issued elsewhere):
+        // the text says which file and what to do; no secret is in it.
+        LifecycleError::MasterFile { .. } | LifecycleError::PrivateKey { .. } => {
+            ApiError::new("unavailable", e.to_string())
+        }
         other => {
             tracing::error!(message = "Key lifecycle over HTTP failed.", error = %other);
             ApiError::new(
