@@ -1098,3 +1098,37 @@ async fn a_refused_exec_form_comes_back_to_the_server_page_recorded() {
     assert!(record[0].args.contains("rm") && record[0].args.contains("-rf"));
     cancel.cancel();
 }
+
+/// Two rekeys of one server at once: both read the same revision, the
+/// second to write is refused with 409 (and its new key discarded).
+#[tokio::test]
+async fn concurrent_rekeys_conflict() {
+    let a = full_app().await;
+    a.server("web01").await;
+    let operator = a.login("operator1").await;
+    let post = || {
+        Request::post("/api/v1/servers/web01/rekey")
+            .header(header::COOKIE, &operator)
+            .header("sec-fetch-site", "same-origin")
+            .body(Body::empty())
+            .unwrap()
+    };
+    let (r1, r2) = tokio::join!(a.call(post()), a.call(post()));
+    let mut statuses = [r1.status, r2.status];
+    statuses.sort();
+    assert_eq!(
+        statuses,
+        [StatusCode::OK, StatusCode::CONFLICT],
+        "{} / {}",
+        r1.body,
+        r2.body
+    );
+    let refused = if r1.status == StatusCode::CONFLICT {
+        &r1
+    } else {
+        &r2
+    };
+    assert!(refused.body.contains("\"conflict\""), "{}", refused.body);
+    let log = a.svc.audit_log(None, 10).await.unwrap();
+    assert_eq!(log.iter().filter(|e| e.action == "server.rekey").count(), 1);
+}
