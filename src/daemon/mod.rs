@@ -246,6 +246,10 @@ pub async fn run(
                     let stats = rule_stats.clone();
                     Arc::new(move || stats.report())
                 })
+                .with_bundle(crate::api::http::BundleContext {
+                    master: master.clone(),
+                    masters: settings.masters.clone(),
+                })
                 .with_exec(crate::api::http::ExecContext {
                     salt: http_salt,
                     policy: policy.clone(),

@@ -1144,6 +1144,70 @@ fn http_api_served_by_the_daemon() {
     assert_eq!(status, 200, "{body}");
     let (status, _, body) = http(port, "GET", "/api/v1/keys", &[("Cookie", &cookie)], "");
     assert_eq!(status, 200, "{body}");
+    // The dashboard's rules page reads the same engine.
+    let (status, _, body) = http(port, "GET", "/rules", &[("Cookie", &cookie)], "");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("id=\"rule-errors\""), "{body}");
+    // The bundle is the admins', and the very tar.gz `server bundle` writes.
+    let (status, _, body) = http(
+        port,
+        "GET",
+        "/api/v1/servers/web01.example.org/bundle",
+        &[("Cookie", &cookie)],
+        "",
+    );
+    assert_eq!(status, 403, "{body}");
+    // This master signs nothing: the bundle needs its signing key's file.
+    let pki_dir = salt_steward::master_config::MasterConfig::load(&h.master_config())
+        .unwrap()
+        .pki_dir;
+    std::fs::write(
+        pki_dir.join("master_sign.pub"),
+        "-----BEGIN PUBLIC KEY-----\nsigning\n-----END PUBLIC KEY-----\n",
+    )
+    .unwrap();
+    let out = cli_with_stdin(
+        &cfg,
+        &["user", "add", "root1", "--role", "admin"],
+        &format!("{PASSWORD}\n"),
+    );
+    assert!(out.status.success());
+    let login = json!({"name": "root1", "password": PASSWORD}).to_string();
+    let (status, headers, body) = http(port, "POST", "/api/v1/login", &[json_ct], &login);
+    assert_eq!(status, 200, "{body}");
+    let admin = headers["set-cookie"].split(';').next().unwrap().to_owned();
+    let downloaded = {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+            .unwrap();
+        write!(
+            s,
+            "GET /api/v1/servers/web01.example.org/bundle HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\
+             Connection: close\r\nCookie: {admin}\r\n\r\n"
+        )
+        .unwrap();
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).unwrap();
+        let at = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        let head = String::from_utf8_lossy(&raw[..at]).to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(head.contains("content-disposition: attachment"), "{head}");
+        assert!(head.contains("cache-control: no-store"), "{head}");
+        raw[at + 4..].to_vec()
+    };
+    let file = cfg.with_file_name("web01-bundle.tar.gz");
+    run_ok(cli(
+        &cfg,
+        &[
+            "server",
+            "bundle",
+            "web01.example.org",
+            "-o",
+            file.to_str().unwrap(),
+        ],
+    ));
+    assert_eq!(downloaded, std::fs::read(&file).unwrap());
 
     // Failures under five different names from this address: the sixth
     // attempt, with yet another name, is refused on the address alone.

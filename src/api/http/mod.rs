@@ -12,6 +12,8 @@
 //! - [`rules`](mod@rules): the rules engine's report (loaded files, errors
 //!   with file:line, per-rule counters), through the daemon's
 //!   [`RulesSource`].
+//! - [`lifecycle`](mod@lifecycle): a server's rekey and its bundle download
+//!   (the CLI's `server rekey` / `server bundle` paths).
 //! - [`alerts`]: the attention list ([`alerts::collect`], for the
 //!   dashboard too).
 //! - this file: the state, the router and its layers (trace, timeout, body
@@ -33,19 +35,23 @@
 //! Endpoints: `POST /api/v1/login` (JSON or form `{name, password}` → the
 //! `steward_session` cookie), `POST /api/v1/logout`, `GET /api/v1/me`,
 //! `GET|POST /api/v1/servers`, `GET|PATCH|DELETE /api/v1/servers/{id_or_name}`,
+//! `POST /api/v1/servers/{id_or_name}/rekey` (operator; JSON or a form with
+//! `next`), `GET /api/v1/servers/{id_or_name}/bundle` (admin, audited: the
+//! one response with a private key),
 //! `GET|POST /api/v1/models`, `DELETE /api/v1/models/{name}`,
 //! `GET|POST /api/v1/forwards/port`, `GET|DELETE /api/v1/forwards/port/{id}`,
 //! the same for `/api/v1/forwards/hostname`, `GET|POST /api/v1/shares`,
 //! `GET|DELETE /api/v1/shares/{id}`, `POST /api/v1/shares/{id}/passwd`,
 //! `GET|POST /api/v1/backups`, `GET|DELETE /api/v1/backups/{id}` (with
 //! health and results), `GET /api/v1/dispatches`,
-//! `POST /api/v1/dispatches/{server}/retry`, `GET|POST /api/v1/exec`,
+//! `POST /api/v1/dispatches/{server}/retry`, `GET|POST /api/v1/exec` (JSON,
+//! or the dashboard's form answered with a 303 to `next` with the jid),
 //! `GET /api/v1/keys`, `POST /api/v1/keys/{minion}/accept`,
 //! `POST /api/v1/keys/{minion}/reject` (JSON, or a form answered with a
 //! 303 to its local `next`), `GET /api/v1/rules`, `GET /api/v1/alerts`,
 //! `GET /api/v1/audit` (admin), `GET /api/v1/openapi.json`. Reads need
-//! viewer (token scope `read`); inventory writes, retries, exec and key
-//! decisions operator (`write`).
+//! viewer (token scope `read`); inventory writes, retries, exec, rekeys and
+//! key decisions operator (`write`); the bundle (a private key) admin.
 
 pub(crate) mod alerts;
 pub mod auth;
@@ -53,10 +59,12 @@ mod dashboard;
 pub mod error;
 mod inventory;
 mod keys;
+mod lifecycle;
 pub mod openapi;
 mod ops;
 mod rules;
 
+pub use self::lifecycle::BundleContext;
 pub use self::rules::RulesSource;
 
 use std::net::SocketAddr;
@@ -125,6 +133,8 @@ pub struct HttpState {
     wheel: Option<crate::salt::ReqClient>,
     /// The rules engine's report (`GET /rules`, the alerts).
     rules: Option<RulesSource>,
+    /// What `GET /servers/{server}/bundle` builds with.
+    bundle: Option<BundleContext>,
 }
 
 /// The daemon's Salt client, policy and exec counters, for `POST /exec`.
@@ -170,6 +180,7 @@ impl HttpState {
             streams: Arc::new(tokio::sync::Semaphore::new(dashboard::MAX_STREAMS)),
             wheel: None,
             rules: None,
+            bundle: None,
         }
     }
 
@@ -189,6 +200,13 @@ impl HttpState {
     /// Lets `GET /rules` and the alerts read the rules engine's report.
     pub fn with_rules(mut self, rules: RulesSource) -> Self {
         self.rules = Some(rules);
+        self
+    }
+
+    /// Lets `GET /servers/{server}/bundle` build bundles (admin only) with
+    /// the master's config and `masters`.
+    pub fn with_bundle(mut self, bundle: BundleContext) -> Self {
+        self.bundle = Some(bundle);
         self
     }
 
@@ -256,6 +274,8 @@ pub fn router(state: Arc<HttpState>) -> Router {
                 .patch(patch_server)
                 .delete(inventory::delete_server),
         )
+        .route("/api/v1/servers/{server}/rekey", post(lifecycle::rekey))
+        .route("/api/v1/servers/{server}/bundle", get(lifecycle::bundle))
         .route(
             "/api/v1/models",
             get(inventory::list_models).post(inventory::create_model),

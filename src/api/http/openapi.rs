@@ -11,7 +11,7 @@ use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder
 use utoipa::{Modify, OpenApi, ToSchema};
 
 use super::error::ApiError;
-use super::{alerts, inventory, keys, ops, rules};
+use super::{alerts, inventory, keys, lifecycle, ops, rules};
 
 /// The one error shape: `{"error": {"code", "message"}}`.
 #[derive(Debug, ToSchema)]
@@ -57,6 +57,7 @@ pub struct ListPage {
         super::login, super::logout, super::me,
         super::list_servers, inventory::create_server, super::get_server,
         super::patch_server, inventory::delete_server,
+        lifecycle::rekey, lifecycle::bundle,
         inventory::list_models, inventory::create_model, inventory::delete_model,
         inventory::list_port_forwards, inventory::create_port_forward,
         inventory::get_port_forward, inventory::delete_port_forward,

@@ -144,7 +144,7 @@ pub(super) async fn retry_dispatch(
 ) -> Result<Response, ApiError> {
     let p = auth::require(&state, &method, &headers, Role::Operator).await?;
     let (args, next) = if is_form(&headers) {
-        retry_form(&body)?
+        read_form(&body)?
     } else {
         (object(&body)?, None)
     };
@@ -178,25 +178,33 @@ pub(super) async fn retry_dispatch(
     }
 }
 
-fn is_form(headers: &HeaderMap) -> bool {
+/// Whether the body is a plain HTML form (`application/x-www-form-urlencoded`):
+/// the dashboard's forms post to the API and are answered with a 303.
+pub(super) fn is_form(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"))
 }
 
-/// The dashboard's retry form: optional `state` and `next` (a path of this
-/// site to go back to, answered with a 303).
-fn retry_form(body: &[u8]) -> Result<(Map<String, JsonValue>, Option<String>), ApiError> {
+/// A dashboard form posted to the API (retry, exec, rekey): its fields as
+/// string arguments (empty ones left out) and `next`, a path of this site
+/// to go back to (answered with a 303); any other `next` is refused.
+pub(super) fn read_form(body: &[u8]) -> Result<(Map<String, JsonValue>, Option<String>), ApiError> {
     let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(body)
         .map_err(|e| ApiError::bad_request(format!("form: {e}")))?;
     let mut args = Map::new();
     let mut next = None;
     for (k, v) in pairs {
         if k == "next" {
-            if !v.starts_with('/') || v.starts_with("//") || v.contains('\\') {
+            // Visible ASCII only: it becomes a Location header as it is.
+            if !v.starts_with('/')
+                || v.starts_with("//")
+                || v.contains('\\')
+                || !v.bytes().all(|b| b.is_ascii_graphic())
+            {
                 return Err(ApiError::bad_request(format!(
-                    "next={v:?}: a path on this site (/…)"
+                    "next={v:?}: a path on this site (/…, percent-encoded)"
                 )));
             }
             next = Some(v);
@@ -256,20 +264,77 @@ struct ExecBody {
     kwargs: Map<String, JsonValue>,
 }
 
+/// The dashboard's exec form: `server`, `fun`, `args` (separated by
+/// spaces or one per line, each a string as on the `salt` command line)
+/// and `next`, where the answer sends the browser.
+fn exec_form(body: &[u8]) -> Result<(ExecBody, String), ApiError> {
+    let (mut form, next) = read_form(body)?;
+    let mut text = |k: &str| match form.remove(k) {
+        Some(JsonValue::String(s)) => s.trim().to_owned(),
+        _ => String::new(),
+    };
+    let (server, fun, args) = (text("server"), text("fun"), text("args"));
+    if let Some(k) = form.keys().next() {
+        return Err(ApiError::bad_request(format!(
+            "{k:?} is not a field of the exec form (server, fun, args, next)"
+        )));
+    }
+    if server.is_empty() || fun.is_empty() {
+        return Err(ApiError::bad_request(
+            "the exec form needs a server and a function",
+        ));
+    }
+    let Some(next) = next else {
+        return Err(ApiError::bad_request(
+            "the exec form needs next: the page to show the result on",
+        ));
+    };
+    let args = args
+        .split_whitespace()
+        .map(|a| JsonValue::String(a.to_owned()))
+        .collect();
+    Ok((
+        ExecBody {
+            server,
+            fun,
+            args,
+            kwargs: Map::new(),
+        },
+        next,
+    ))
+}
+
+/// `next` with `key=value` added to its query (the value percent-encoded).
+fn with_query(next: &str, key: &str, value: &str) -> String {
+    let sep = if next.contains('?') { '&' } else { '?' };
+    let pair = serde_urlencoded::to_string([(key, value)]).unwrap_or_default();
+    format!("{next}{sep}{pair}")
+}
+
 /// `POST /exec` `{server, fun, args?, kwargs?}`: runs the function and
-/// answers with the jid and the minion's return.
+/// answers with the jid and the minion's return. The dashboard's form
+/// (`server`, `fun`, `args`, `next`) is answered with a 303 to `next` with
+/// `jid=` (or `exec_error=`, the refusal's code) added: the exec record,
+/// shown on the server page, has the rest.
 #[utoipa::path(post, path = "/api/v1/exec", tag = "exec",
-    request_body(content = Object, description = "`{server, fun, args?, kwargs?}`; `fun` must be on `exec.master`"),
-    responses((status = 200, description = "The jid, success, retcode and the minion's return", body = Object), (status = "4XX", description = "The error shape", body = ErrorBody)))]
+    request_body(content = Object, description = "`{server, fun, args?, kwargs?}`; `fun` must be on `exec.master`. Also as a form: `server`, `fun`, `args` (space- or line-separated), `next` (a path of this site)"),
+    responses((status = 200, description = "The jid, success, retcode and the minion's return", body = Object), (status = 303, description = "A form: to `next` with `jid=` or `exec_error=`"), (status = "4XX", description = "The error shape", body = ErrorBody)))]
 pub(super) async fn run_exec(
     State(state): State<Arc<HttpState>>,
     method: Method,
     headers: HeaderMap,
     body: Bytes,
-) -> Result<Json<JsonValue>, ApiError> {
+) -> Result<Response, ApiError> {
     let p = auth::require(&state, &method, &headers, Role::Operator).await?;
-    let b: ExecBody = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("body: {{server, fun, args, kwargs}}: {e}")))?;
+    let (b, next) = if is_form(&headers) {
+        let (b, next) = exec_form(&body)?;
+        (b, Some(next))
+    } else {
+        let b: ExecBody = serde_json::from_slice(&body).map_err(|e| {
+            ApiError::bad_request(format!("body: {{server, fun, args, kwargs}}: {e}"))
+        })?;
+        (b, None)
+    };
     let Some(ctx) = &state.exec else {
         return Err(ApiError::new(
             "unavailable",
@@ -304,9 +369,46 @@ pub(super) async fn run_exec(
     .await;
     let result = crate::exec::exec(&state.service, &ctx.salt, &policy.exec, &who, &req).await;
     ctx.stats.count(&result);
-    match result {
-        Ok(reply) => Ok(Json(json!(reply))),
-        Err(crate::exec::ExecError::Registry(e)) => Err(e.into()),
-        Err(e) => Err(ApiError::new(e.code(), e.to_string())),
+    match (result, next) {
+        (Ok(reply), None) => Ok(Json(json!(reply)).into_response()),
+        (Ok(reply), Some(next)) => {
+            Ok(Redirect::to(&with_query(&next, "jid", &reply.jid)).into_response())
+        }
+        // A server that is not there is the form's mistake, not a result.
+        (Err(crate::exec::ExecError::Registry(e)), _) => Err(e.into()),
+        (Err(e), Some(next)) => {
+            Ok(Redirect::to(&with_query(&next, "exec_error", e.code())).into_response())
+        }
+        (Err(e), None) => Err(ApiError::new(e.code(), e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_exec_form_splits_args_and_needs_a_local_next() {
+        let (b, next) =
+            exec_form(b"server=web1&fun=test.arg&args=a+b%0Ac%0D%0A+d&next=%2Fservers%2Fweb1")
+                .unwrap();
+        assert_eq!((b.server.as_str(), b.fun.as_str()), ("web1", "test.arg"));
+        assert_eq!(b.args, vec![json!("a"), json!("b"), json!("c"), json!("d")]);
+        assert_eq!(next, "/servers/web1");
+        assert_eq!(
+            with_query(&next, "jid", "2026 1"),
+            "/servers/web1?jid=2026+1"
+        );
+        assert_eq!(with_query("/x?a=1", "jid", "j"), "/x?a=1&jid=j");
+        for bad in [
+            &b"server=web1&fun=test.ping"[..],
+            b"server=web1&fun=test.ping&next=https%3A%2F%2Fevil",
+            b"server=web1&fun=test.ping&next=%2F%2Fevil",
+            b"fun=test.ping&next=%2F",
+            b"server=web1&next=%2F",
+            b"server=web1&fun=test.ping&next=%2F&kwargs=x",
+        ] {
+            assert!(exec_form(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
     }
 }

@@ -3,9 +3,10 @@
 //!
 //! - Pages: `GET /login` + `POST /login` (the form; the API's session start,
 //!   same cookie), `POST /logout`, `GET /` (counts and the attention list),
-//!   `/servers`, `/servers/{name}`, `/keys` (+ `/keys/{minion}/confirm`),
-//!   `/dispatches`, `/backups`, `/audit` and `/admin` (admin only), in
-//!   [`pages`].
+//!   `/servers`, `/servers/{name}` (+ `/servers/{name}/rekey`, the
+//!   confirmation), `/keys` (+ `/keys/{minion}/confirm`), `/dispatches`,
+//!   `/backups`, `/rules`, `/activity`, `/audit` and `/admin` (admin only),
+//!   in [`pages`].
 //! - Templates: minijinja, embedded with `include_str!`, HTML auto-escape,
 //!   strict undefined.
 //! - Assets: htmx 2.0.4 (vendored, `assets/README.md`), a CSS file and a
@@ -16,8 +17,9 @@
 //!   when the registry moved (its outbox or the dispatch targets), polled
 //!   once a second, each stream ended after [`STREAM_LIFETIME`] (the
 //!   browser reconnects, its session checked again) and at shutdown; the
-//!   script then fetches the fragments (`GET /fragments/overview`) marked
-//!   `data-fragment` on the page.
+//!   script then fetches the fragments marked `data-fragment` on the page
+//!   (`GET /fragments/overview`, `/fragments/servers?…` with the page's
+//!   filters, `/fragments/dispatches?status=`, `/fragments/activity`).
 //!
 //! Every control is a plain link or form: a page without a session is a
 //! 303 to `/login`, a viewer sees no write controls, and the write forms
@@ -70,10 +72,16 @@ pub(super) fn routes() -> Router<Arc<HttpState>> {
         .route("/", get(pages::overview))
         .route("/fragments/overview", get(pages::overview_fragment))
         .route("/servers", get(pages::servers))
+        .route("/fragments/servers", get(pages::servers_fragment))
         .route("/servers/{name}", get(pages::server))
+        .route("/servers/{name}/rekey", get(pages::confirm_rekey))
         .route("/keys", get(pages::keys))
         .route("/keys/{minion}/confirm", get(pages::confirm_key))
         .route("/dispatches", get(pages::dispatches))
+        .route("/fragments/dispatches", get(pages::dispatches_fragment))
+        .route("/rules", get(pages::rules))
+        .route("/activity", get(pages::activity))
+        .route("/fragments/activity", get(pages::activity_fragment))
         .route("/backups", get(pages::backups))
         .route("/audit", get(pages::audit))
         .route("/admin", get(pages::admin))
@@ -94,10 +102,25 @@ const TEMPLATES: &[(&str, &str)] = &[
         include_str!("templates/overview_fragment.html"),
     ),
     ("servers.html", include_str!("templates/servers.html")),
+    (
+        "servers_fragment.html",
+        include_str!("templates/servers_fragment.html"),
+    ),
     ("server.html", include_str!("templates/server.html")),
     ("keys.html", include_str!("templates/keys.html")),
     ("confirm.html", include_str!("templates/confirm.html")),
     ("dispatches.html", include_str!("templates/dispatches.html")),
+    (
+        "dispatches_fragment.html",
+        include_str!("templates/dispatches_fragment.html"),
+    ),
+    ("rekey.html", include_str!("templates/rekey.html")),
+    ("rules.html", include_str!("templates/rules.html")),
+    ("activity.html", include_str!("templates/activity.html")),
+    (
+        "activity_fragment.html",
+        include_str!("templates/activity_fragment.html"),
+    ),
     ("backups.html", include_str!("templates/backups.html")),
     ("audit.html", include_str!("templates/audit.html")),
     ("admin.html", include_str!("templates/admin.html")),

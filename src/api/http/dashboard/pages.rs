@@ -130,7 +130,7 @@ async fn attention(state: &HttpState) -> Result<Vec<Attention>, PageError> {
                     format!("/servers/{}", seg(server))
                 }
                 "backup_red" | "backup_never_run" => "/backups".to_owned(),
-                "rule_error" => "/api/v1/rules".to_owned(),
+                "rule_error" => "/rules".to_owned(),
                 _ => "/".to_owned(),
             };
             Attention {
@@ -281,21 +281,15 @@ fn worst_backup(healths: &[Health]) -> Option<&'static str> {
     .map(Health::as_str)
 }
 
-/// `GET /servers?q=&status=&sort=`: the servers, filtered by a name part
-/// and a status, sorted by name, model, status or last change.
-pub(super) async fn servers(
-    State(state): State<Arc<HttpState>>,
-    headers: HeaderMap,
-    RawQuery(q): RawQuery,
-) -> Result<Response, PageError> {
-    let user = page_user(&state, &headers).await?;
-    let q: ServersQuery = query(q.as_deref())?;
+/// The servers' table (page and fragment): the rows, the filters as given,
+/// and the fragment's URL (with the same filters).
+async fn servers_data(state: &HttpState, q: ServersQuery) -> Result<minijinja::Value, PageError> {
     let status = match q.status.as_deref() {
         None | Some("") => None,
         Some(s) => Some(s.parse::<Status>().map_err(ApiError::from)?),
     };
-    let sort = q.sort.as_deref().unwrap_or("name");
-    if !["name", "model", "status", "updated"].contains(&sort) {
+    let sort = q.sort.as_deref().unwrap_or("name").to_owned();
+    if !["name", "model", "status", "updated"].contains(&sort.as_str()) {
         return Err(ApiError::bad_request(format!(
             "sort={sort:?}: sort by name, model, status or updated"
         ))
@@ -312,7 +306,7 @@ pub(super) async fn servers(
     if !needle.is_empty() {
         servers.retain(|s| s.name.contains(&needle) || s.minion_id.contains(&needle));
     }
-    match sort {
+    match sort.as_str() {
         "model" => servers.sort_by(|a, b| a.model.cmp(&b.model).then(a.name.cmp(&b.name))),
         "status" => servers.sort_by(|a, b| {
             a.status
@@ -345,24 +339,79 @@ pub(super) async fn servers(
             server: s,
         })
         .collect();
+    let q_text = q.q.unwrap_or_default();
+    let status_text = q.status.unwrap_or_default();
+    let fragment = format!(
+        "/fragments/servers?{}",
+        serde_urlencoded::to_string([
+            ("q", q_text.as_str()),
+            ("status", status_text.as_str()),
+            ("sort", sort.as_str()),
+        ])
+        .unwrap_or_default()
+    );
+    Ok(minijinja::context! { rows, q => q_text, status => status_text, sort, fragment })
+}
+
+/// `GET /servers?q=&status=&sort=`: the servers, filtered by a name part
+/// and a status, sorted by name, model, status or last change; the table
+/// refreshed live.
+pub(super) async fn servers(
+    State(state): State<Arc<HttpState>>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Result<Response, PageError> {
+    let user = page_user(&state, &headers).await?;
+    let data = servers_data(&state, query(q.as_deref())?).await?;
     let statuses: Vec<&str> = Status::ALL.iter().map(|s| s.as_str()).collect();
     render(
         "servers.html",
         &minijinja::context! {
-            user => Frame::of(&user), nav => "servers", title => "Servers", rows,
-            q => q.q.unwrap_or_default(), status => q.status.unwrap_or_default(), sort, statuses,
+            user => Frame::of(&user), nav => "servers", title => "Servers", data, statuses,
         },
     )
 }
 
-/// `GET /servers/{name}`: one server with its keys, forwards, shares,
-/// backups and dispatches.
+/// `GET /fragments/servers?q=&status=&sort=`: the servers' table alone
+/// (what the event stream's script swaps in).
+pub(super) async fn servers_fragment(
+    State(state): State<Arc<HttpState>>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Result<Response, PageError> {
+    page_user(&state, &headers).await?;
+    let data = servers_data(&state, query(q.as_deref())?).await?;
+    let html = render_text("servers_fragment.html", &minijinja::context! { data })?;
+    Ok(Html(html).into_response())
+}
+
+/// What the exec form's answer adds to the server page: the jid it
+/// published, or the code of its refusal.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServerQuery {
+    jid: Option<String>,
+    exec_error: Option<String>,
+}
+
+/// How many exec records the server page shows.
+const EXEC_ROWS: i64 = 10;
+
+/// How far back (exec records of any server) the server page looks for the
+/// refusals recorded without a server id.
+const EXEC_UNRESOLVED: i64 = 200;
+
+/// `GET /servers/{name}?jid=|exec_error=`: one server with its keys,
+/// forwards, shares, backups, dispatches and exec record; for an operator
+/// the exec form and the rekey link, for an admin the bundle download.
 pub(super) async fn server(
     State(state): State<Arc<HttpState>>,
     headers: HeaderMap,
     Path(name): Path<String>,
+    RawQuery(q): RawQuery,
 ) -> Result<Response, PageError> {
     let user = page_user(&state, &headers).await?;
+    let q: ServerQuery = query(q.as_deref())?;
     let r: ServerRef = name.parse().unwrap_or(ServerRef::Name(name));
     let s = state.service.get_server(&r).await?;
     let r = ServerRef::Id(s.id);
@@ -414,12 +463,49 @@ pub(super) async fn server(
         .collect();
     let targets = state.service.store().dispatch_targets_of(s.id).await?;
     let runs = state.service.store().dispatch_runs(s.id, 20).await?;
+    // A request refused before its server resolved is recorded without the
+    // server's id: the latest of those naming it (by name or id) too.
+    let mut execs = crate::exec::history(&state.service, Some(&r), None, EXEC_ROWS).await?;
+    let id_text = s.id.to_string();
+    execs.extend(
+        crate::exec::history(&state.service, None, None, EXEC_UNRESOLVED)
+            .await?
+            .into_iter()
+            .filter(|x| x.server_id.is_none() && (x.server == s.name || x.server == id_text)),
+    );
+    execs.sort_by_key(|x| std::cmp::Reverse(x.id));
+    execs.truncate(usize::try_from(EXEC_ROWS).unwrap_or(usize::MAX));
+    let link = format!("/servers/{}", seg(&s.name));
+    let rekey = format!("/servers/{}/rekey", seg(&s.name));
+    let bundle = format!("/api/v1/servers/{}/bundle", seg(&s.name));
     render(
         "server.html",
         &minijinja::context! {
             user => Frame::of(&user), nav => "servers", title => s.name.clone(),
             server => s, fields, keys, port_forwards, hostname_forwards, shares, backups,
-            targets, runs,
+            targets, runs, execs, link, rekey, bundle,
+            jid => q.jid, exec_error => q.exec_error,
+        },
+    )
+}
+
+/// `GET /servers/{name}/rekey` (operator): the server's key once more, and
+/// the form that posts to `POST /api/v1/servers/{name}/rekey`.
+pub(super) async fn confirm_rekey(
+    State(state): State<Arc<HttpState>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Response, PageError> {
+    let user = page_user(&state, &headers).await?;
+    need(&user, Role::Operator)?;
+    let r: ServerRef = name.parse().unwrap_or(ServerRef::Name(name));
+    let s = state.service.get_server(&r).await?;
+    let post = format!("/api/v1/servers/{}/rekey", seg(&s.name));
+    let back = format!("/servers/{}", seg(&s.name));
+    render(
+        "rekey.html",
+        &minijinja::context! {
+            user => Frame::of(&user), nav => "servers", title => "Rekey", server => s, post, back,
         },
     )
 }
@@ -499,14 +585,13 @@ struct DispatchQuery {
     status: Option<String>,
 }
 
-/// `GET /dispatches?status=`: every target, with a retry form per server.
-pub(super) async fn dispatches(
-    State(state): State<Arc<HttpState>>,
-    headers: HeaderMap,
-    RawQuery(q): RawQuery,
-) -> Result<Response, PageError> {
-    let user = page_user(&state, &headers).await?;
-    let q: DispatchQuery = query(q.as_deref())?;
+/// The dispatch table (page and fragment): every target with its retry
+/// form, and the fragment's URL (with the same filter).
+async fn dispatches_data(
+    state: &HttpState,
+    q: DispatchQuery,
+    can_write: bool,
+) -> Result<minijinja::Value, PageError> {
     let status = match q.status.as_deref() {
         None | Some("") => None,
         Some(s) => Some(s.parse::<DispatchStatus>().map_err(ApiError::from)?),
@@ -520,14 +605,42 @@ pub(super) async fn dispatches(
             minijinja::context! { t, link, retry }
         })
         .collect();
+    let status_text = q.status.unwrap_or_default();
+    let fragment = format!(
+        "/fragments/dispatches?{}",
+        serde_urlencoded::to_string([("status", status_text.as_str())]).unwrap_or_default()
+    );
+    Ok(minijinja::context! { rows, status => status_text, fragment, can_write })
+}
+
+/// `GET /dispatches?status=`: every target, with a retry form per server;
+/// the table refreshed live.
+pub(super) async fn dispatches(
+    State(state): State<Arc<HttpState>>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Result<Response, PageError> {
+    let user = page_user(&state, &headers).await?;
+    let data = dispatches_data(&state, query(q.as_deref())?, user.role >= Role::Operator).await?;
     let statuses: Vec<&str> = DispatchStatus::ALL.iter().map(|s| s.as_str()).collect();
     render(
         "dispatches.html",
         &minijinja::context! {
-            user => Frame::of(&user), nav => "dispatches", title => "Dispatches", rows,
-            statuses, status => q.status.unwrap_or_default(),
+            user => Frame::of(&user), nav => "dispatches", title => "Dispatches", data, statuses,
         },
     )
+}
+
+/// `GET /fragments/dispatches?status=`: the dispatch table alone.
+pub(super) async fn dispatches_fragment(
+    State(state): State<Arc<HttpState>>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Result<Response, PageError> {
+    let user = page_user(&state, &headers).await?;
+    let data = dispatches_data(&state, query(q.as_deref())?, user.role >= Role::Operator).await?;
+    let html = render_text("dispatches_fragment.html", &minijinja::context! { data })?;
+    Ok(Html(html).into_response())
 }
 
 // --------------------------------------------------------------- backups
@@ -551,6 +664,168 @@ pub(super) async fn backups(
         "backups.html",
         &minijinja::context! { user => Frame::of(&user), nav => "backups", title => "Backups", rows },
     )
+}
+
+// ----------------------------------------------------------------- rules
+
+/// `GET /rules`: the rules engine's report (`GET /api/v1/rules`): loaded
+/// files, rules with their counters, the last load's errors with
+/// file:line:column, warnings; a note when the daemon gave none.
+pub(super) async fn rules(
+    State(state): State<Arc<HttpState>>,
+    headers: HeaderMap,
+) -> Result<Response, PageError> {
+    let user = page_user(&state, &headers).await?;
+    let report = match crate::api::http::rules::report(&state) {
+        Ok(r) => Some(r),
+        Err(e) if e.code == "unavailable" => None,
+        Err(e) => return Err(e.into()),
+    };
+    // The totals as name/value rows, whatever counters the engine keeps.
+    let counters: Vec<(String, String)> = report
+        .as_ref()
+        .and_then(|r| r.get("counters"))
+        .and_then(JsonValue::as_object)
+        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.to_string())).collect())
+        .unwrap_or_default();
+    let list = |k: &str| -> Vec<JsonValue> {
+        report
+            .as_ref()
+            .and_then(|r| r.get(k))
+            .and_then(JsonValue::as_array)
+            .cloned()
+            .unwrap_or_default()
+    };
+    let text = |k: &str| {
+        report
+            .as_ref()
+            .and_then(|r| r.get(k))
+            .and_then(JsonValue::as_str)
+            .map(str::to_owned)
+    };
+    let loaded_at = report
+        .as_ref()
+        .and_then(|r| r.get("loaded_at"))
+        .and_then(JsonValue::as_i64);
+    render(
+        "rules.html",
+        &minijinja::context! {
+            user => Frame::of(&user), nav => "rules", title => "Rules",
+            available => report.is_some(), dir => text("dir"), loaded_at,
+            files => list("files"), rules => list("rules"), errors => list("errors"),
+            warnings => list("warnings"), counters,
+        },
+    )
+}
+
+// -------------------------------------------------------------- activity
+
+/// How many entries of each source the activity page reads (and shows).
+const ACTIVITY_ROWS: usize = 50;
+
+/// One line of the activity page.
+#[derive(Debug, Serialize)]
+struct Activity {
+    at: i64,
+    kind: &'static str,
+    who: String,
+    what: String,
+    target: String,
+    outcome: String,
+    link: Option<String>,
+}
+
+/// What happened lately, newest first: audit entries (admins only, as
+/// `GET /api/v1/audit`), exec records and the dispatch targets' last runs
+/// — what the registry already keeps, merged.
+async fn activity_data(state: &HttpState, user: &User) -> Result<Vec<Activity>, PageError> {
+    let rows = i64::try_from(ACTIVITY_ROWS).unwrap_or(i64::MAX);
+    let mut out = Vec::new();
+    if user.role >= Role::Admin {
+        for e in state.service.audit_log(None, rows).await? {
+            out.push(Activity {
+                at: e.at,
+                kind: "audit",
+                who: e.actor,
+                what: e.action,
+                target: e.target,
+                outcome: String::new(),
+                link: None,
+            });
+        }
+    }
+    for x in crate::exec::history(&state.service, None, None, rows).await? {
+        let detail = x.error.clone().or(x.jid.clone()).unwrap_or_default();
+        out.push(Activity {
+            at: x.finished_at.unwrap_or(x.created_at),
+            kind: "exec",
+            who: x.requested_by,
+            what: x.fun,
+            link: Some(format!("/servers/{}", seg(&x.server))),
+            target: x.server,
+            outcome: if detail.is_empty() {
+                x.outcome
+            } else {
+                format!("{}: {detail}", x.outcome)
+            },
+        });
+    }
+    let mut targets: Vec<_> = state
+        .service
+        .store()
+        .dispatch_targets(None)
+        .await?
+        .into_iter()
+        .filter_map(|t| {
+            let at = t.started_at.max(t.last_applied_at)?;
+            Some((at, t))
+        })
+        .collect();
+    targets.sort_by_key(|(at, _)| std::cmp::Reverse(*at));
+    targets.truncate(ACTIVITY_ROWS);
+    for (at, t) in targets {
+        out.push(Activity {
+            at,
+            kind: "dispatch",
+            who: "dispatcher".to_owned(),
+            what: format!("state {}", t.state),
+            link: Some(format!("/servers/{}", seg(&t.server))),
+            target: t.server,
+            outcome: match (&t.last_error, &t.last_jid) {
+                (Some(e), _) => format!("{}: {e}", t.status.as_str()),
+                (None, Some(j)) => format!("{} ({j})", t.status.as_str()),
+                (None, None) => t.status.as_str().to_owned(),
+            },
+        });
+    }
+    out.sort_by_key(|a| std::cmp::Reverse(a.at));
+    out.truncate(ACTIVITY_ROWS);
+    Ok(out)
+}
+
+/// `GET /activity`: the latest audit entries (admins), exec records and
+/// dispatch runs, newest first, refreshed live.
+pub(super) async fn activity(
+    State(state): State<Arc<HttpState>>,
+    headers: HeaderMap,
+) -> Result<Response, PageError> {
+    let user = page_user(&state, &headers).await?;
+    let items = activity_data(&state, &user).await?;
+    render(
+        "activity.html",
+        &minijinja::context! { user => Frame::of(&user), nav => "activity", title => "Activity", items },
+    )
+}
+
+/// `GET /fragments/activity`: the activity list alone.
+pub(super) async fn activity_fragment(
+    State(state): State<Arc<HttpState>>,
+    headers: HeaderMap,
+) -> Result<Response, PageError> {
+    let user = page_user(&state, &headers).await?;
+    let items = activity_data(&state, &user).await?;
+    let html = render_text("activity_fragment.html", &minijinja::context! { items })?;
+    Ok(Html(html).into_response())
 }
 
 // ---------------------------------------------------------- audit, admin

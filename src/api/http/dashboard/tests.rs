@@ -19,6 +19,7 @@ struct App {
     app: Router,
     svc: Arc<Service<DbStore>>,
     _pki: tempfile::TempDir,
+    _keys: Option<tempfile::TempDir>,
 }
 
 struct Resp {
@@ -37,7 +38,69 @@ impl Resp {
 }
 
 async fn app() -> App {
-    let svc = Arc::new(crate::registry::open("sqlite::memory:").await.unwrap());
+    let svc = crate::registry::open("sqlite::memory:").await.unwrap();
+    app_from(svc, |state, _| state).await
+}
+
+/// What the daemon hands over too: a key issuer, the master's request
+/// client and config (for rekey and the bundle; nothing listens on its
+/// port, and a rekey with no stale key on the master never calls it), and
+/// a rules report with one load error.
+async fn full_app() -> App {
+    let keys_dir = tempfile::tempdir().unwrap();
+    let issuer = crate::pki::KeyIssuer::new(keys_dir.path(), 2048).unwrap();
+    let svc = crate::registry::open("sqlite::memory:")
+        .await
+        .unwrap()
+        .with_keys(issuer);
+    let mut a = app_from(svc, |state, pki| {
+        std::fs::write(
+            pki.join("master_sign.pub"),
+            "-----BEGIN PUBLIC KEY-----\nsigning\n-----END PUBLIC KEY-----\n",
+        )
+        .unwrap();
+        let cfg = pki.join("master");
+        std::fs::write(
+            &cfg,
+            format!(
+                "pki_dir: {}\nret_port: 1\ninterface: 127.0.0.1\n",
+                pki.display()
+            ),
+        )
+        .unwrap();
+        let master = crate::master_config::MasterConfig::load(&cfg).unwrap();
+        let req = crate::salt::ReqClient::new(&master, std::time::Duration::from_secs(1)).unwrap();
+        state
+            .with_wheel(req)
+            .with_bundle(crate::api::http::BundleContext {
+                master,
+                masters: vec!["salt.example".to_owned()],
+            })
+            .with_rules(Arc::new(|| {
+                serde_json::json!({
+                    "dir": "/etc/steward/rules", "loaded_at": 1_700_000_000_000_i64,
+                    "files": ["/etc/steward/rules/ok.yaml"],
+                    "rules": [{"name": "restart-web", "file": "/etc/steward/rules/ok.yaml",
+                        "line": 3, "enabled": true, "matched": 5, "actions": 4,
+                        "dropped": 0, "done": 3, "failed": 1}],
+                    "errors": [{"file": "/etc/steward/rules/bad.yaml", "line": 7, "column": 3,
+                        "rule": "broken", "message": "unknown field `whn`",
+                        "at": "/etc/steward/rules/bad.yaml:7:3"}],
+                    "warnings": [],
+                    "counters": {"events": 10, "matched": 5},
+                })
+            }))
+    })
+    .await;
+    a._keys = Some(keys_dir);
+    a
+}
+
+async fn app_from(
+    svc: Service<DbStore>,
+    with: impl FnOnce(HttpState, &std::path::Path) -> HttpState,
+) -> App {
+    let svc = Arc::new(svc);
     svc.create_model("web", "", &[]).await.unwrap();
     for role in Role::ALL {
         svc.add_user(
@@ -58,10 +121,12 @@ async fn app() -> App {
     .unwrap();
     let state =
         HttpState::new(svc.clone(), &HttpConfig::default()).with_pki_dir(pki.path().to_owned());
+    let state = with(state, pki.path());
     App {
         app: router(Arc::new(state)),
         svc,
         _pki: pki,
+        _keys: None,
     }
 }
 
@@ -110,6 +175,19 @@ impl App {
             .next()
             .unwrap()
             .to_owned()
+    }
+
+    /// A same-origin form post (as the dashboard's own page sends it).
+    async fn form(&self, uri: &str, cookie: &str, body: &str) -> Resp {
+        self.call(
+            Request::post(uri)
+                .header(header::COOKIE, cookie)
+                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .header("sec-fetch-site", "same-origin")
+                .body(Body::from(body.to_owned()))
+                .unwrap(),
+        )
+        .await
     }
 
     async fn server(&self, name: &str) {
@@ -299,6 +377,13 @@ async fn every_page_renders_for_an_admin_with_the_security_headers() {
         "/backups",
         "/audit",
         "/admin",
+        "/rules",
+        "/activity",
+        "/fragments/activity",
+        "/fragments/servers?q=web",
+        "/fragments/dispatches?status=failed",
+        "/servers/web01/rekey",
+        "/servers/web01?jid=20261204",
     ] {
         let r = a.get(uri, Some(&admin)).await;
         assert_eq!(r.status, StatusCode::OK, "{uri}: {}", r.body);
@@ -535,6 +620,517 @@ async fn the_retry_form_posts_to_the_api_and_comes_back() {
             .count()
             >= 2
     );
+}
+
+#[tokio::test]
+async fn the_rules_page_shows_the_load_errors_with_file_and_line() {
+    let a = full_app().await;
+    let viewer = a.login("viewer1").await;
+    let r = a.get("/rules", Some(&viewer)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert!(
+        r.body.contains("/etc/steward/rules/bad.yaml:7:3"),
+        "{}",
+        r.body
+    );
+    assert!(r.body.contains("unknown field `whn`"), "{}", r.body);
+    assert!(r.body.contains("restart-web") && r.body.contains("ok.yaml:3"));
+    assert!(r.body.contains(r#"href="/rules" aria-current="page""#));
+    // The attention list sends a rule error to this page.
+    let home = a.get("/", Some(&viewer)).await;
+    assert!(home.body.contains(r#"<a href="/rules">"#), "{}", home.body);
+    // Without the daemon's engine: a note, not an error.
+    let b = app().await;
+    let viewer = b.login("viewer1").await;
+    let r = b.get("/rules", Some(&viewer)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert!(r.body.contains("rules-unavailable"), "{}", r.body);
+    assert_eq!(b.get("/rules", None).await.status, StatusCode::SEE_OTHER);
+}
+
+#[tokio::test]
+async fn the_activity_page_lists_audited_writes_and_execs_newest_first() {
+    use crate::registry::exec::NewExec;
+    use crate::registry::store::ExecStore as _;
+    let a = app().await;
+    a.server("web01").await;
+    let operator = a.login("operator1").await;
+    let r = a
+        .form(
+            "/api/v1/dispatches/web01/retry",
+            &operator,
+            "next=%2Factivity",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    // Times are milliseconds: the exec comes after.
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    a.svc
+        .store()
+        .exec_insert(&NewExec {
+            requested_by: "user:operator1".into(),
+            server_id: None,
+            server: "web01".into(),
+            minion_id: None,
+            fun: "cmd.run".into(),
+            args: "[]".into(),
+            jid: None,
+            outcome: "refused".into(),
+            error_code: Some("forbidden_function".into()),
+            error: Some("not on exec.master".into()),
+        })
+        .await
+        .unwrap();
+    let admin = a.login("admin1").await;
+    for uri in ["/activity", "/fragments/activity"] {
+        let r = a.get(uri, Some(&admin)).await;
+        assert_eq!(r.status, StatusCode::OK, "{uri}: {}", r.body);
+        assert!(
+            r.body.contains(r#"data-fragment="/fragments/activity""#),
+            "{uri}"
+        );
+        let retry = r.body.find("dispatch.retry").expect("the audited retry");
+        let exec = r.body.find("cmd.run").expect("the exec record");
+        assert!(exec < retry, "newest first: {}", r.body);
+        assert!(r.body.contains("user:operator1"));
+        assert!(r.body.contains("not on exec.master"));
+    }
+    assert!(a
+        .get("/activity", Some(&admin))
+        .await
+        .body
+        .contains(r#"href="/activity""#));
+    // The audit log is the admins': a viewer sees the exec record only.
+    let viewer = a.login("viewer1").await;
+    let r = a.get("/activity", Some(&viewer)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert!(r.body.contains("cmd.run") && !r.body.contains("dispatch.retry"));
+    assert_eq!(
+        a.get("/fragments/activity", None).await.status,
+        StatusCode::SEE_OTHER
+    );
+}
+
+#[tokio::test]
+async fn the_servers_and_dispatches_tables_are_fragments_too() {
+    let a = app().await;
+    a.server("web01").await;
+    a.server("db01").await;
+    let viewer = a.login("viewer1").await;
+    let r = a.get("/servers?q=web&sort=status", Some(&viewer)).await;
+    assert!(
+        r.body
+            .contains(r#"data-fragment="/fragments/servers?q=web&amp;status=&amp;sort=status""#),
+        "{}",
+        r.body
+    );
+    let f = a
+        .get(
+            "/fragments/servers?q=web&status=&sort=status",
+            Some(&viewer),
+        )
+        .await;
+    assert_eq!(f.status, StatusCode::OK, "{}", f.body);
+    assert!(
+        f.body.starts_with(r#"<section id="servers-live""#),
+        "{}",
+        f.body
+    );
+    assert!(f.body.contains("web01") && !f.body.contains("db01"));
+    assert!(!f.body.contains("<html"));
+    let r = a.get("/dispatches?status=failed", Some(&viewer)).await;
+    assert!(r
+        .body
+        .contains(r#"data-fragment="/fragments/dispatches?status=failed""#));
+    let f = a.get("/fragments/dispatches", Some(&viewer)).await;
+    assert_eq!(f.status, StatusCode::OK, "{}", f.body);
+    assert!(f.body.starts_with(r#"<section id="dispatches-live""#));
+    let f = a.get("/fragments/servers?sort=colour", Some(&viewer)).await;
+    assert_eq!(f.status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        a.get("/fragments/servers", None).await.status,
+        StatusCode::SEE_OTHER
+    );
+}
+
+#[tokio::test]
+async fn the_exec_form_is_the_apis_for_operators_only() {
+    let a = app().await;
+    a.server("web01").await;
+    let viewer = a.login("viewer1").await;
+    let operator = a.login("operator1").await;
+    // The form is on the server page for an operator, not for a viewer.
+    let page = a.get("/servers/web01", Some(&operator)).await;
+    assert!(page.body.contains(r#"id="exec-form""#), "{}", page.body);
+    assert!(page.body.contains(r#"action="/api/v1/exec""#));
+    assert!(!a
+        .get("/servers/web01", Some(&viewer))
+        .await
+        .body
+        .contains("exec-form"));
+    let ok = "server=web01&fun=test.arg&args=a+b%0Ac&next=%2Fservers%2Fweb01";
+    let r = a.form("/api/v1/exec", &viewer, ok).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    for bad in [
+        "server=web01&next=%2Fservers%2Fweb01",
+        "fun=test.ping&next=%2F",
+        "server=web01&fun=test.ping",
+        "server=web01&fun=test.ping&next=https%3A%2F%2Fevil.example",
+        "server=web01&fun=test.ping&next=%2F&colour=red",
+    ] {
+        let r = a.form("/api/v1/exec", &operator, bad).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad}: {}", r.body);
+    }
+    // A good form reaches the exec path, which needs the daemon's master.
+    let r = a.form("/api/v1/exec", &operator, ok).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.body);
+    assert!(r.body.contains("unavailable"), "{}", r.body);
+    // A cross-site form is refused before anything.
+    let r = a
+        .call(
+            Request::post("/api/v1/exec")
+                .header(header::COOKIE, &operator)
+                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .header("sec-fetch-site", "cross-site")
+                .body(Body::from(ok))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    // Where the 303 goes: the server page shows the jid, or the refusal.
+    let r = a
+        .get("/servers/web01?jid=20261204034500123456", Some(&viewer))
+        .await;
+    assert!(
+        r.body.contains("jid <code>20261204034500123456</code>"),
+        "{}",
+        r.body
+    );
+    let r = a
+        .get(
+            "/servers/web01?exec_error=forbidden_function",
+            Some(&viewer),
+        )
+        .await;
+    assert!(r.body.contains("Exec refused"), "{}", r.body);
+}
+
+#[tokio::test]
+async fn rekey_goes_through_a_confirmation_and_is_audited() {
+    let a = full_app().await;
+    a.server("web01").await;
+    let before = a
+        .svc
+        .get_server(&crate::registry::ServerRef::Name("web01".into()))
+        .await
+        .unwrap();
+    assert!(before.key_fingerprint.is_some());
+    let viewer = a.login("viewer1").await;
+    let operator = a.login("operator1").await;
+    let page = a.get("/servers/web01", Some(&operator)).await;
+    assert!(
+        page.body.contains(r#"href="/servers/web01/rekey""#),
+        "{}",
+        page.body
+    );
+    assert!(!a
+        .get("/servers/web01", Some(&viewer))
+        .await
+        .body
+        .contains("/rekey"));
+    assert_eq!(
+        a.get("/servers/web01/rekey", Some(&viewer)).await.status,
+        StatusCode::FORBIDDEN
+    );
+    let confirm = a.get("/servers/web01/rekey", Some(&operator)).await;
+    assert_eq!(confirm.status, StatusCode::OK, "{}", confirm.body);
+    assert!(confirm
+        .body
+        .contains(r#"action="/api/v1/servers/web01/rekey""#));
+    assert!(confirm
+        .body
+        .contains(before.key_fingerprint.as_deref().unwrap()));
+    let r = a
+        .form(
+            "/api/v1/servers/web01/rekey",
+            &viewer,
+            "next=%2Fservers%2Fweb01",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    let r = a
+        .form(
+            "/api/v1/servers/web01/rekey",
+            &operator,
+            "next=%2Fservers%2Fweb01",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    assert_eq!(r.header(header::LOCATION), "/servers/web01");
+    let after = a
+        .svc
+        .get_server(&crate::registry::ServerRef::Name("web01".into()))
+        .await
+        .unwrap();
+    assert_ne!(after.key_fingerprint, before.key_fingerprint);
+    assert_ne!(after.public_key, before.public_key);
+    let log = a.svc.audit_log(None, 10).await.unwrap();
+    let e = log
+        .iter()
+        .find(|e| e.action == "server.rekey")
+        .expect("the rekey is audited");
+    assert_eq!(e.actor, "user:operator1");
+    assert_eq!(
+        e.detail["new_fingerprint"].as_str(),
+        after.key_fingerprint.as_deref()
+    );
+    // As JSON: the server with its new public key, never a private one.
+    let r = a
+        .call(
+            Request::post("/api/v1/servers/web01/rekey")
+                .header(header::COOKIE, &operator)
+                .header("sec-fetch-site", "same-origin")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert!(r.body.contains("\"retire_error\":null"), "{}", r.body);
+    assert!(!r.body.contains("PRIVATE KEY"));
+    let r = a
+        .form("/api/v1/servers/nowhere/rekey", &operator, "next=%2F")
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+    let r = a
+        .form(
+            "/api/v1/servers/web01/rekey",
+            &operator,
+            "next=%2F&colour=red",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+    // Without a key issuer and a master (an API not run by the daemon): 503.
+    let b = app().await;
+    b.server("web01").await;
+    let operator = b.login("operator1").await;
+    let r = b
+        .form("/api/v1/servers/web01/rekey", &operator, "next=%2F")
+        .await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.body);
+}
+
+#[tokio::test]
+async fn the_bundle_is_for_admins_audited_and_the_only_private_key_out() {
+    use std::io::Read as _;
+    let a = full_app().await;
+    a.server("web01").await;
+    let minion = a
+        .svc
+        .get_server(&crate::registry::ServerRef::Name("web01".into()))
+        .await
+        .unwrap()
+        .minion_id;
+    let private = a
+        .svc
+        .keys()
+        .unwrap()
+        .private_pem(&minion)
+        .unwrap()
+        .private_pem()
+        .to_string();
+    let body_line = private.lines().nth(1).unwrap().to_owned();
+    let admin = a.login("admin1").await;
+    let operator = a.login("operator1").await;
+    let viewer = a.login("viewer1").await;
+    for who in [&operator, &viewer] {
+        let r = a.get("/api/v1/servers/web01/bundle", Some(who)).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    }
+    assert!(a
+        .get("/servers/web01", Some(&admin))
+        .await
+        .body
+        .contains(r#"href="/api/v1/servers/web01/bundle""#));
+    assert!(!a
+        .get("/servers/web01", Some(&operator))
+        .await
+        .body
+        .contains("/bundle"));
+    let resp = a
+        .app
+        .clone()
+        .oneshot(
+            Request::get("/api/v1/servers/web01/bundle")
+                .header(header::COOKIE, &admin)
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let h = resp.headers().clone();
+    assert_eq!(h[header::CONTENT_TYPE], "application/gzip");
+    assert_eq!(h[header::CACHE_CONTROL], "no-store");
+    let disposition = h[header::CONTENT_DISPOSITION].to_str().unwrap();
+    assert!(disposition.starts_with("attachment;"), "{disposition}");
+    let gz = axum::body::to_bytes(resp.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(&gz[..]));
+    let mut pem = None;
+    for entry in tar.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        if entry.path().unwrap().to_str() == Some("minion.pem") {
+            let mut text = String::new();
+            entry.read_to_string(&mut text).unwrap();
+            pem = Some(text);
+        }
+    }
+    assert_eq!(pem.as_deref(), Some(private.as_str()));
+    let log = a.svc.audit_log(None, 10).await.unwrap();
+    let e = log
+        .iter()
+        .find(|e| e.action == "server.bundle")
+        .expect("the download is audited");
+    assert_eq!(e.actor, "user:admin1");
+    assert!(e.target.contains("web01"));
+    assert!(e.at > 0);
+    // No other answer carries it.
+    for uri in [
+        "/",
+        "/servers",
+        "/servers/web01",
+        "/servers/web01/rekey",
+        "/fragments/servers",
+        "/activity",
+        "/fragments/activity",
+        "/audit",
+        "/admin",
+        "/rules",
+        "/keys",
+        "/api/v1/servers",
+        "/api/v1/servers/web01",
+        "/api/v1/audit",
+        "/api/v1/exec",
+        "/api/v1/keys",
+        "/api/v1/alerts",
+        "/api/v1/dispatches",
+    ] {
+        let r = a.get(uri, Some(&admin)).await;
+        assert_eq!(r.status, StatusCode::OK, "{uri}: {}", r.body);
+        assert!(
+            !r.body.contains("PRIVATE KEY") && !r.body.contains(&body_line),
+            "{uri} shows the private key"
+        );
+    }
+    // Without the daemon's master config: 503.
+    let b = app().await;
+    b.server("web01").await;
+    let admin = b.login("admin1").await;
+    let r = b.get("/api/v1/servers/web01/bundle", Some(&admin)).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.body);
+}
+
+/// The 303 of the exec form, without a master: the daemon's exec context
+/// (a Salt client whose event reader finds no bus) with an allow-list of
+/// `test.*`, so `cmd.run` is refused before anything is published — and
+/// recorded, and shown on the server page the browser is sent back to.
+#[tokio::test]
+async fn a_refused_exec_form_comes_back_to_the_server_page_recorded() {
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let bus_dir = tempfile::tempdir().unwrap();
+    let bus = crate::bus::BusHandle::new(
+        crate::bus::BusEndpoint::Unix(bus_dir.path().join("nobody.ipc")),
+        crate::bus::SubscriberOptions::default(),
+    );
+    let tracker = crate::salt::JobTracker::start(bus.subscribe(), cancel.clone());
+    let svc = crate::registry::open("sqlite::memory:").await.unwrap();
+    let a = app_from(svc, |state, pki| {
+        let cfg = pki.join("master");
+        std::fs::write(
+            &cfg,
+            format!(
+                "pki_dir: {}\nret_port: 1\ninterface: 127.0.0.1\n",
+                pki.display()
+            ),
+        )
+        .unwrap();
+        let master = crate::master_config::MasterConfig::load(&cfg).unwrap();
+        let req = crate::salt::ReqClient::new(&master, std::time::Duration::from_secs(1)).unwrap();
+        let policy = crate::api::server::Policy {
+            trusted: std::collections::HashSet::new(),
+            exec: crate::exec::ExecPolicy::new(&["test.*".to_owned()], std::iter::empty()).unwrap(),
+            exec_timeout: std::time::Duration::from_secs(2),
+        };
+        state.with_exec(crate::api::http::ExecContext {
+            salt: crate::salt::SaltClient::new(req, tracker),
+            policy: crate::api::server::PolicyHandle::new(policy),
+            stats: Arc::new(crate::exec::ExecStats::default()),
+        })
+    })
+    .await;
+    a.server("web01").await;
+    let operator = a.login("operator1").await;
+    let r = a
+        .form(
+            "/api/v1/exec",
+            &operator,
+            "server=web01&fun=cmd.run&args=rm+-rf%0A%2F&next=%2Fservers%2Fweb01",
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    assert_eq!(
+        r.header(header::LOCATION),
+        "/servers/web01?exec_error=forbidden_function"
+    );
+    let page = a.get(r.header(header::LOCATION), Some(&operator)).await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    assert!(page.body.contains("Exec refused"), "{}", page.body);
+    assert!(page.body.contains("cmd.run") && page.body.contains("refused"));
+    let log = a.svc.audit_log(None, 5).await.unwrap();
+    assert!(log
+        .iter()
+        .any(|e| e.action == "exec.run" && e.actor == "user:operator1"));
+    let record = crate::exec::history(&a.svc, None, None, 5).await.unwrap();
+    assert_eq!(record.len(), 1);
+    assert_eq!(record[0].requested_by, "user:operator1");
+    assert_eq!(record[0].outcome, "refused");
+    assert!(record[0].args.contains("rm") && record[0].args.contains("-rf"));
+    cancel.cancel();
+}
+
+/// Two rekeys of one server at once: both read the same revision, the
+/// second to write is refused with 409 (and its new key discarded).
+#[tokio::test]
+async fn concurrent_rekeys_conflict() {
+    let a = full_app().await;
+    a.server("web01").await;
+    let operator = a.login("operator1").await;
+    let post = || {
+        Request::post("/api/v1/servers/web01/rekey")
+            .header(header::COOKIE, &operator)
+            .header("sec-fetch-site", "same-origin")
+            .body(Body::empty())
+            .unwrap()
+    };
+    let (r1, r2) = tokio::join!(a.call(post()), a.call(post()));
+    let mut statuses = [r1.status, r2.status];
+    statuses.sort();
+    assert_eq!(
+        statuses,
+        [StatusCode::OK, StatusCode::CONFLICT],
+        "{} / {}",
+        r1.body,
+        r2.body
+    );
+    let refused = if r1.status == StatusCode::CONFLICT {
+        &r1
+    } else {
+        &r2
+    };
+    assert!(refused.body.contains("\"conflict\""), "{}", refused.body);
+    let log = a.svc.audit_log(None, 10).await.unwrap();
+    assert_eq!(log.iter().filter(|e| e.action == "server.rekey").count(), 1);
 }
 
 // ------------------------------------------------------------ security
@@ -875,6 +1471,7 @@ async fn no_secret_in_any_response_or_log() {
         app: router(Arc::new(state)),
         svc: svc.clone(),
         _pki: pki,
+        _keys: None,
     };
     let admin = a.login("admin1").await;
     let made = a
