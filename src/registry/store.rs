@@ -31,7 +31,7 @@ use sqlx::Row as _;
 
 pub use self::backup::{BackupFilter, BackupStore, NewBackup};
 pub use self::cluster::ClusterStore;
-pub use self::dispatch::DispatchStore;
+pub use self::dispatch::{DispatchStore, EXPIRED_LEASE_BACKOFF_MS};
 pub use self::exec::ExecStore;
 pub use self::inventory::{InventoryStore, NewHostnameForward, NewPortForward};
 pub use self::shares::{NewShare, ShareStore};

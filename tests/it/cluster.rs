@@ -363,6 +363,11 @@ async fn claims_story(db: &TestDb) {
     assert_eq!(store.dispatch_expire(1_000).await.unwrap(), 1);
     let (t, runs) = target(store, victim).await;
     assert_eq!(t.status.as_str(), "pending");
+    assert_eq!(
+        t.next_attempt_at,
+        1_000 + salt_steward::registry::store::EXPIRED_LEASE_BACKOFF_MS * t.attempts,
+        "due again after a backoff: {t:?}"
+    );
     assert_eq!(t.orphan_jid.as_deref(), Some(old_jid.as_str()));
     assert_eq!(runs, ["interrupted"], "the dead holder's run row");
     let heir = stores[1]

@@ -37,7 +37,8 @@ pub trait DispatchStore {
     /// daemon's runs are left alone. Returns how many targets.
     fn dispatch_recover(&self, holder: &str) -> impl Future<Output = Result<u64, Error>> + Send;
     /// Runs whose lease lapsed at `now` (their daemon died) are due again,
-    /// as at a recovery. Returns how many targets.
+    /// as at a recovery, after a backoff ([`EXPIRED_LEASE_BACKOFF_MS`] ×
+    /// attempts). Returns how many targets.
     fn dispatch_expire(&self, now: i64) -> impl Future<Output = Result<u64, Error>> + Send;
     /// Pending or failed targets due at `now`, oldest first; with `here`,
     /// only those whose minion was last seen on that master, or nowhere, or
@@ -138,6 +139,11 @@ pub trait DispatchStore {
     fn dispatch_drift(&self, cutoff: i64) -> impl Future<Output = Result<u64, Error>> + Send;
 }
 
+/// A run whose lease lapsed is due again after this × its attempts (at
+/// most 6×): a target whose runs keep outliving their daemons (or a
+/// minion that takes the daemons down) is not retried in a tight loop.
+pub const EXPIRED_LEASE_BACKOFF_MS: i64 = 2_000;
+
 mod sql {
     pub const TARGET_SELECT: &str = "SELECT t.server_id, s.name AS server, s.minion_id, \
          s.status AS server_status, t.state, t.desired, t.applied, t.applied_hash, t.status, \
@@ -186,11 +192,13 @@ mod sql {
          AND t.state = dispatch_runs.state AND t.status = 'running' \
          AND t.last_jid = dispatch_runs.jid AND t.lease_holder <> COALESCE($2, '') \
          AND t.lease_until > $1)";
-    /// `$1` now, `$2` the recovering daemon (NULL: none): its own runs,
-    /// those without a holder (from before leases) and lapsed ones are due
-    /// again, their jid kept.
+    /// `$1` now, `$2` the recovering daemon (NULL: none), `$3` the backoff
+    /// step (ms): its own runs, those without a holder (from before leases)
+    /// and lapsed ones are due again, their jid kept, after `$3` × their
+    /// attempts (at most 6).
     pub const RECOVER: &str = "UPDATE dispatch_targets SET status = 'pending', \
-         next_attempt_at = $1, updated_at = $1, orphan_jid = last_jid, \
+         next_attempt_at = $1 + $3 * (CASE WHEN attempts > 6 THEN 6 ELSE attempts END), \
+         updated_at = $1, orphan_jid = last_jid, \
          running_revision = NULL, lease_holder = NULL, lease_until = NULL \
          WHERE status = 'running' AND (lease_holder IS NULL OR lease_holder = $2 \
          OR lease_until <= $1)";
@@ -276,7 +284,12 @@ macro_rules! dispatch_impl {
             /// Makes runs due again, their run rows `interrupted`: those of
             /// `holder` (at its start), those without a holder, and those
             /// whose lease lapsed at `now`.
-            async fn recover_runs(&self, now: i64, holder: Option<&str>) -> Result<u64, Error> {
+            async fn recover_runs(
+                &self,
+                now: i64,
+                holder: Option<&str>,
+                backoff_ms: i64,
+            ) -> Result<u64, Error> {
                 let op = "recovering interrupted dispatch runs";
                 let mut tx = self.pool.begin_with($begin).await.map_err(db(op))?;
                 sqlx::query(sql::RECOVER_RUNS)
@@ -288,6 +301,7 @@ macro_rules! dispatch_impl {
                 let done = sqlx::query(sql::RECOVER)
                     .bind(now)
                     .bind(holder)
+                    .bind(backoff_ms)
                     .execute(&mut *tx)
                     .await
                     .map_err(db(op))?;
@@ -436,11 +450,11 @@ macro_rules! dispatch_impl {
             }
 
             async fn dispatch_recover(&self, holder: &str) -> Result<u64, Error> {
-                self.recover_runs(now_ms(), Some(holder)).await
+                self.recover_runs(now_ms(), Some(holder), 0).await
             }
 
             async fn dispatch_expire(&self, now: i64) -> Result<u64, Error> {
-                self.recover_runs(now, None).await
+                self.recover_runs(now, None, EXPIRED_LEASE_BACKOFF_MS).await
             }
 
             async fn dispatch_due(
