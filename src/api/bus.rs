@@ -666,12 +666,20 @@ pub async fn confirm(
     let mut wait = Duration::from_millis(200);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let why = match client.job_cache_lookup(&receipt.jid, left).await {
-            Ok(job) => match confirmed_by(&job, pki_dir, req, receipt) {
+        // The lookup's own round trip may wait for the master longer than
+        // `left` (connect, then the request timeout): the deadline bounds
+        // it, so a refusal is always fired in time.
+        let lookup = tokio::time::timeout_at(deadline, client.job_cache_lookup(&receipt.jid, left));
+        let why = match lookup.await {
+            Ok(Ok(job)) => match confirmed_by(&job, pki_dir, req, receipt) {
                 Ok(()) => return Ok(()),
                 Err(why) => why,
             },
-            Err(error) => format!("job cache lookup failed: {error}"),
+            Ok(Err(error)) => format!("job cache lookup failed: {error}"),
+            Err(_) => format!(
+                "the master did not answer the job cache lookup of job {} in time",
+                receipt.jid
+            ),
         };
         if crate::clock::deadline_in(wait) >= deadline {
             return Err(why);
@@ -1337,6 +1345,53 @@ mod tests {
             c.receipt(receipt, now);
         }
         assert_eq!(c.len(), (MAX_PENDING, MAX_PENDING));
+    }
+
+    /// A master that takes the connection and never answers (overloaded,
+    /// or stopped) does not hold a request past its deadline: the lookup's
+    /// own round trip (connect, then 30 s) is cut off there, so the refusal
+    /// is fired in time.
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_master_does_not_hold_a_confirmation_past_its_deadline() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join(".root_key");
+        std::fs::write(&key, "k").unwrap();
+        let req = crate::salt::ReqClient::with_key_file(
+            format!("127.0.0.1:{port}"),
+            crate::salt::request::Transport::Zeromq,
+            key,
+            "root".into(),
+            Duration::from_secs(30),
+        );
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let bus = crate::bus::BusHandle::new(
+            crate::bus::BusEndpoint::Unix(dir.path().join("nobody.ipc")),
+            crate::bus::SubscriberOptions::default(),
+        );
+        let tracker = crate::salt::JobTracker::start(bus.subscribe(), cancel.clone());
+        let client = SaltClient::new(req, tracker);
+        let r = request(
+            "steward/v1/server/create",
+            json!({"request_id": "s1", "name": "a"}),
+        );
+        let receipt = Receipt {
+            jid: "20261204080000000001".into(),
+            digest: r.digest,
+            by: ReceiptBy::Runner,
+        };
+        let deadline = Instant::now() + CONFIRM_WAIT;
+        let why = confirm(&client, dir.path(), &r, &receipt, deadline)
+            .await
+            .unwrap_err();
+        assert!(
+            Instant::now() <= deadline + Duration::from_millis(1),
+            "{why}"
+        );
+        assert!(why.contains("20261204080000000001"), "{why}");
+        cancel.cancel();
+        drop(listener);
     }
 
     #[test]
