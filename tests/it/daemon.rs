@@ -194,19 +194,26 @@ fn a_change_made_while_the_daemon_is_down_is_notified_once() {
     assert_eq!(ours, 1, "{:?}", w.seen);
 }
 
-/// Waits until the daemon's notifier has passed every outbox entry.
+/// Waits until the daemon's notifier and dispatcher have passed every
+/// outbox entry.
 fn wait_outbox_empty(h: &SaltHarness) {
     with_registry_db(h, |url| async move {
         let service = salt_steward::registry::open(&url).await.unwrap();
         let deadline = std::time::Instant::now() + T;
         use salt_steward::registry::Store as _;
+        // Both readers: the notifier, and the dispatcher (which may come
+        // later; `outbox status` shows both).
         let pending = || async {
-            match service.store().outbox_pending("notify", 10).await {
-                Ok(rows) => !rows.is_empty(),
-                // The daemon has not subscribed yet.
-                Err(e) if e.code() == "not_found" => true,
-                Err(e) => panic!("{e}"),
+            for consumer in ["notify", "dispatch"] {
+                match service.store().outbox_pending(consumer, 10).await {
+                    Ok(rows) if rows.is_empty() => {}
+                    Ok(_) => return true,
+                    // The daemon has not subscribed yet.
+                    Err(e) if e.code() == "not_found" => return true,
+                    Err(e) => panic!("{e}"),
+                }
             }
+            false
         };
         while pending().await {
             assert!(
