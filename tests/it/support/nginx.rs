@@ -156,13 +156,39 @@ impl NginxLab {
 
     /// `GET http://127.0.0.1:PORT/` with `Host: HOST` (curl, 3 s at most):
     /// the body, or curl's error / the status for a non-2xx answer.
+    /// Asked once a reload has settled ([`Self::wait_one_generation`]).
     pub fn get(&self, port: u16, host: &str) -> Result<String, String> {
-        get_path(port, host, "/")
+        self.get_path(port, host, "/")
     }
 
-    /// `GET http://127.0.0.1:PORT/PATH` with `Host: HOST`.
+    /// `GET http://127.0.0.1:PORT/PATH` with `Host: HOST`, once a reload
+    /// has settled.
     pub fn get_path(&self, port: u16, host: &str, path: &str) -> Result<String, String> {
+        self.wait_one_generation();
         get_path(port, host, path)
+    }
+
+    /// Waits (15 s at most) until nginx runs one worker and none shutting
+    /// down. Just after a reload, a worker of the old configuration may
+    /// still take a new connection and answer from the old sites. (Before
+    /// the master has read the reload signal there is one worker, of the
+    /// old generation: callers that wait for a new site use `eventually`.)
+    fn wait_one_generation(&self) {
+        let Some(master) = self.nginx.as_ref().map(LabProcess::pid) else {
+            return;
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let workers = children_titles(master);
+            let settled = workers.len() == 1
+                && workers[0].starts_with("nginx: worker process")
+                && !workers[0].contains("shutting down");
+            // Past the deadline the request itself tells what is wrong.
+            if settled || Instant::now() >= deadline {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Stops nginx (if running) and starts it again from the files on disk;
@@ -240,6 +266,38 @@ pub fn nginx_bin() -> PathBuf {
     } else {
         PathBuf::from("nginx")
     }
+}
+
+/// The process titles (`/proc/N/cmdline`) of `parent`'s children.
+fn children_titles(parent: i32) -> Vec<String> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|e| {
+            let stat = fs::read_to_string(e.path().join("stat")).ok()?;
+            // `pid (comm) state ppid …`: comm may hold spaces and ')'.
+            let ppid: i32 = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            if ppid != parent {
+                return None;
+            }
+            let cmdline = fs::read(e.path().join("cmdline")).ok()?;
+            let title = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            Some(title.trim().to_owned())
+        })
+        .collect()
 }
 
 fn get_path(port: u16, host: &str, path: &str) -> Result<String, String> {
