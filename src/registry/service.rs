@@ -287,10 +287,15 @@ pub struct ServerFilter {
     pub status: Option<Status>,
     /// Changed at or after this time (Unix ms): what moved since a last look.
     pub changed_since: Option<i64>,
+    /// Changed before this time (Unix ms): what has been quiet since.
+    pub changed_before: Option<i64>,
     /// Only ids greater than this: the page after the last id seen.
     pub after_id: Option<i64>,
     /// At most this many servers (a page).
     pub limit: Option<i64>,
+    /// The most recently changed first, instead of by id (not for pages,
+    /// which go by id).
+    pub newest_first: bool,
 }
 
 /// Makes a minion id for a hostname.
@@ -629,6 +634,7 @@ impl<S: Store> Service<S> {
             filter: ServerFilter {
                 after_id: None,
                 limit: Some(page),
+                newest_first: false,
                 ..filter
             },
         }
@@ -644,8 +650,10 @@ impl<S: Store> Service<S> {
                 minion_id: filter.minion_id.as_deref(),
                 status: filter.status,
                 changed_since: filter.changed_since,
+                changed_before: filter.changed_before,
                 after_id: filter.after_id,
                 limit: filter.limit,
+                newest_first: filter.newest_first,
             })
             .await
     }

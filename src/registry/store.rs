@@ -111,6 +111,11 @@ pub trait Store:
         &self,
         filter: &Filter<'_>,
     ) -> impl Future<Output = Result<Vec<Server>, Error>> + Send;
+    /// How many servers have each status (a status no server has is
+    /// absent): counts without reading every row.
+    fn server_status_counts(
+        &self,
+    ) -> impl Future<Output = Result<Vec<(Status, i64)>, Error>> + Send;
     /// Rewrites the patchable columns of the server with `server.id` (not
     /// its minion id, public key or fingerprint) if it is still at
     /// `server.revision`; returns the row as stored. [`Error::Conflict`] when
@@ -204,10 +209,15 @@ pub struct Filter<'a> {
     pub status: Option<Status>,
     /// Changed at or after this time (Unix ms, `updated_at`).
     pub changed_since: Option<i64>,
+    /// Changed before this time (Unix ms, `updated_at`): what has been quiet.
+    pub changed_before: Option<i64>,
     /// Only ids greater than this: the next page after a last seen id.
     pub after_id: Option<i64>,
     /// At most this many rows (pages keep a sweep's memory bounded).
     pub limit: Option<i64>,
+    /// The most recently changed first (`updated_at`, then id, descending)
+    /// instead of by id: the last few changes without reading the rest.
+    pub newest_first: bool,
 }
 
 // ---------------------------------------------------------------- the SQL
@@ -336,6 +346,7 @@ mod sql {
             ("s.minion_id =", text(filter.minion_id)),
             ("s.status =", text(filter.status.map(|s| s.as_str()))),
             ("s.updated_at >=", filter.changed_since.map(Arg::Int)),
+            ("s.updated_at <", filter.changed_before.map(Arg::Int)),
             ("s.id >", filter.after_id.map(Arg::Int)),
         ];
         for (column, value) in conds {
@@ -345,7 +356,11 @@ mod sql {
                 sql.push_str(&format!("{column} ${} ", args.len()));
             }
         }
-        sql.push_str("ORDER BY s.id");
+        sql.push_str(if filter.newest_first {
+            "ORDER BY s.updated_at DESC, s.id DESC"
+        } else {
+            "ORDER BY s.id"
+        });
         if let Some(limit) = filter.limit {
             args.push(Arg::Int(limit));
             sql.push_str(&format!(" LIMIT ${}", args.len()));
@@ -766,6 +781,26 @@ macro_rules! store_impl {
                 })
             }
 
+            /// The `(status, count)` rows of `query`, a `SELECT status,
+            /// COUNT(*) … GROUP BY status`, each status parsed.
+            async fn status_counts<T: FromStr<Err = Error>>(
+                &self,
+                query: &str,
+                op: &str,
+            ) -> Result<Vec<(T, i64)>, Error> {
+                let rows = sqlx::query(query)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db(op))?;
+                rows.iter()
+                    .map(|r| {
+                        let status: String = r.try_get(0).map_err(db(op))?;
+                        let n: i64 = r.try_get(1).map_err(db(op))?;
+                        Ok((status.parse()?, n))
+                    })
+                    .collect()
+            }
+
             fn server_row(r: &$row) -> Result<Server, Error> {
                 Self::server_columns(r)
                     .map_err(|e| Error::Database {
@@ -1018,6 +1053,14 @@ macro_rules! store_impl {
                     .iter()
                     .map(Self::server_row)
                     .collect()
+            }
+
+            async fn server_status_counts(&self) -> Result<Vec<(Status, i64)>, Error> {
+                self.status_counts(
+                    "SELECT status, COUNT(*) FROM servers GROUP BY status ORDER BY status",
+                    "counting servers by status",
+                )
+                .await
             }
 
             async fn update_server(&self, server: &Server) -> Result<Server, Error> {
@@ -1405,6 +1448,9 @@ impl Store for DbStore {
     async fn find_servers(&self, filter: &Filter<'_>) -> Result<Vec<Server>, Error> {
         dispatch!(self, s => s.find_servers(filter))
     }
+    async fn server_status_counts(&self) -> Result<Vec<(Status, i64)>, Error> {
+        dispatch!(self, s => s.server_status_counts())
+    }
     async fn update_server(&self, server: &Server) -> Result<Server, Error> {
         dispatch!(self, s => s.update_server(server))
     }
@@ -1633,6 +1679,9 @@ impl DispatchStore for DbStore {
         status: Option<DispatchStatus>,
     ) -> Result<Vec<DispatchTarget>, Error> {
         dispatch!(self, s => s.dispatch_targets(status))
+    }
+    async fn dispatch_status_counts(&self) -> Result<Vec<(DispatchStatus, i64)>, Error> {
+        dispatch!(self, s => s.dispatch_status_counts())
     }
     async fn dispatch_targets_of(&self, server_id: i64) -> Result<Vec<DispatchTarget>, Error> {
         dispatch!(self, s => s.dispatch_targets_of(server_id))

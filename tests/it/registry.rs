@@ -324,6 +324,34 @@ async fn story(svc: Service<DbStore>) {
         ..ServerFilter::default()
     };
     assert_eq!(ids(svc.find_servers(&f).await.unwrap()), [web01.id]);
+    // Counted by status in the database, and the last changed first.
+    let mut by_status = svc.store().server_status_counts().await.unwrap();
+    by_status.sort_by_key(|(s, _)| s.as_str());
+    let created = svc.find_servers(&ServerFilter::default()).await.unwrap()[0].status;
+    assert_eq!(by_status, [(created, 2), (Status::Online, 1)]);
+    let newest = ServerFilter {
+        newest_first: true,
+        limit: Some(2),
+        ..ServerFilter::default()
+    };
+    assert_eq!(ids(svc.find_servers(&newest).await.unwrap())[0], web01.id);
+    assert_eq!(svc.find_servers(&newest).await.unwrap().len(), 2);
+    let quiet = |t: i64| ServerFilter {
+        changed_before: Some(t),
+        ..ServerFilter::default()
+    };
+    let all = svc.find_servers(&ServerFilter::default()).await.unwrap();
+    let before: Vec<i64> = all
+        .iter()
+        .filter(|s| s.updated_at < web01.updated_at)
+        .map(|s| s.id)
+        .collect();
+    assert!(!before.contains(&web01.id));
+    assert_eq!(
+        ids(svc.find_servers(&quiet(web01.updated_at)).await.unwrap()),
+        before
+    );
+    assert_eq!(svc.find_servers(&quiet(i64::MAX)).await.unwrap().len(), 3);
 
     // Refusals: the specific error, nothing written.
     let e = refused!(
@@ -1414,6 +1442,10 @@ async fn inventory_story(svc: Service<DbStore>) {
         .unwrap()
         .unwrap();
     assert_eq!(claimed.status, DispatchStatus::Running);
+    assert_eq!(
+        store.dispatch_status_counts().await.unwrap(),
+        [(DispatchStatus::Running, 1)]
+    );
     assert!(store
         .dispatch_claim(
             host.id,
@@ -1467,6 +1499,10 @@ async fn inventory_story(svc: Service<DbStore>) {
         .unwrap());
     let t = &store.dispatch_targets_of(host.id).await.unwrap()[0];
     assert_eq!((t.applied, t.status), (last + 1, DispatchStatus::Done));
+    assert_eq!(
+        store.dispatch_status_counts().await.unwrap(),
+        [(DispatchStatus::Done, 1)]
+    );
     let runs = store.dispatch_runs(host.id, 10).await.unwrap();
     assert_eq!(runs.len(), 1);
     assert_eq!(runs[0].outcome.as_deref(), Some("done"));

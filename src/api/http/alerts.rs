@@ -320,16 +320,16 @@ fn dispatch_alert(
 /// Servers offline, or registered and silent for [`NOT_SEEN_MS`].
 async fn silent_servers(state: &HttpState, now: i64, list: &mut List) -> Result<(), ApiError> {
     for status in [Status::Offline, Status::Registered] {
+        // Registered servers changed lately are not silent yet: the
+        // database leaves them out.
         let filter = ServerFilter {
             status: Some(status),
+            changed_before: (status == Status::Registered).then(|| now - NOT_SEEN_MS),
             ..ServerFilter::default()
         };
         let mut pages = state.service.server_pages(filter, PAGE);
         while let Some(servers) = pages.next().await? {
             for s in servers {
-                if status == Status::Registered && now - s.updated_at < NOT_SEEN_MS {
-                    continue;
-                }
                 let message = if status == Status::Offline {
                     format!("{} stopped answering", s.name)
                 } else {

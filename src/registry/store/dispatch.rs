@@ -107,6 +107,11 @@ pub trait DispatchStore {
         &self,
         status: Option<DispatchStatus>,
     ) -> impl Future<Output = Result<Vec<DispatchTarget>, Error>> + Send;
+    /// How many targets have each status (a status no target has is
+    /// absent): counts without reading every row.
+    fn dispatch_status_counts(
+        &self,
+    ) -> impl Future<Output = Result<Vec<(DispatchStatus, i64)>, Error>> + Send;
     /// One server's targets.
     fn dispatch_targets_of(
         &self,
@@ -713,6 +718,14 @@ macro_rules! dispatch_impl {
                 }
                 .map_err(db("listing dispatch targets"))?;
                 rows.iter().map(Self::target_row).collect()
+            }
+
+            async fn dispatch_status_counts(&self) -> Result<Vec<(DispatchStatus, i64)>, Error> {
+                self.status_counts(
+                    "SELECT status, COUNT(*) FROM dispatch_targets GROUP BY status ORDER BY status",
+                    "counting dispatch targets by status",
+                )
+                .await
             }
 
             async fn dispatch_targets_of(

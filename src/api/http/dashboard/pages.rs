@@ -19,6 +19,7 @@ use crate::registry::backup::Health;
 use crate::registry::dispatch::{DispatchStatus, DispatchTarget};
 use crate::registry::store::DispatchStore as _;
 use crate::registry::users::{Role, User};
+use crate::registry::Store as _;
 use crate::registry::{Server, ServerFilter, ServerRef, Status};
 
 /// How many audit entries a page shows.
@@ -166,30 +167,36 @@ struct Overview {
     recent: Vec<Server>,
 }
 
+/// The count of `status` in `(status, count)` rows from the database.
+fn counted<T: PartialEq>(rows: &[(T, i64)], status: &T) -> usize {
+    rows.iter()
+        .find(|(s, _)| s == status)
+        .map_or(0, |(_, n)| usize::try_from(*n).unwrap_or(0))
+}
+
 async fn overview_data(
     state: &Arc<HttpState>,
     headers: &HeaderMap,
     user: &User,
 ) -> Result<Overview, PageError> {
-    let servers = state.service.find_servers(&ServerFilter::default()).await?;
-    let targets = state.service.store().dispatch_targets(None).await?;
+    // Counted in the database, and only the last ten changed read: the
+    // overview's cost does not grow with the servers and targets.
+    let by_status = state.service.store().server_status_counts().await?;
+    let by_dispatch = state.service.store().dispatch_status_counts().await?;
     let backups = state
         .service
         .backups_with_health(state.backup_stale_ms)
         .await?;
     let keys = key_view(state, headers, user.role >= Role::Operator).await?;
-    let count = |st: DispatchStatus| targets.iter().filter(|t| t.status == st).count();
+    let count = |st: DispatchStatus| counted(&by_dispatch, &st);
     let health = |h: Health| backups.iter().filter(|b| b.1 == h).count();
     let counts = Counts {
-        servers: servers.len(),
-        online: servers
+        servers: by_status
             .iter()
-            .filter(|s| s.status == Status::Online)
-            .count(),
-        offline: servers
-            .iter()
-            .filter(|s| s.status == Status::Offline)
-            .count(),
+            .map(|(_, n)| usize::try_from(*n).unwrap_or(0))
+            .sum(),
+        online: counted(&by_status, &Status::Online),
+        offline: counted(&by_status, &Status::Offline),
         backups_green: health(Health::Green),
         backups_red: health(Health::Red),
         backups_never: health(Health::NeverRun),
@@ -201,9 +208,14 @@ async fn overview_data(
             .map(|(_, k)| k.iter().filter(|k| k.state == "pending").count()),
     };
     let attention = attention(state).await?;
-    let mut recent = servers;
-    recent.sort_by(|a, b| b.updated_at.cmp(&a.updated_at).then(b.id.cmp(&a.id)));
-    recent.truncate(10);
+    let recent = state
+        .service
+        .find_servers(&ServerFilter {
+            newest_first: true,
+            limit: Some(10),
+            ..ServerFilter::default()
+        })
+        .await?;
     Ok(Overview {
         counts,
         attention,
