@@ -276,7 +276,9 @@ impl SaltClient {
 
     /// What the master's job cache holds for `jid` (`jobs.list_job`, the
     /// cache named by `master_job_cache`): `Function`, `Arguments`, and the
-    /// returns by minion id under `Result`.
+    /// returns by minion id under `Result`. The whole lookup ends within
+    /// `timeout`, the request to the master included (whose own connect and
+    /// request timeouts are longer): its callers work to deadlines.
     pub async fn job_cache_lookup(
         &self,
         jid: &str,
@@ -284,10 +286,14 @@ impl SaltClient {
     ) -> Result<Json, RequestError> {
         let mut kwarg = Map::new();
         kwarg.insert("jid".into(), Json::from(jid));
-        let r = self
-            .runner("jobs.list_job", Vec::new(), kwarg, timeout)
-            .await?;
-        Ok(r.ret)
+        let lookup = self.runner("jobs.list_job", Vec::new(), kwarg, timeout);
+        match tokio::time::timeout(timeout, lookup).await {
+            Ok(r) => Ok(r?.ret),
+            Err(_) => Err(RequestError::Timeout {
+                uri: format!("{} (jobs.list_job of job {jid})", self.req().uri()),
+                timeout,
+            }),
+        }
     }
 
     /// The returns the master's job cache holds for `jid`, by minion.

@@ -200,6 +200,11 @@ impl ReqClient {
         }
     }
 
+    /// The master's request server (`tcp://host:port`), for errors.
+    pub fn uri(&self) -> &str {
+        &self.inner.uri
+    }
+
     /// The per-request timeout.
     pub fn timeout(&self) -> Duration {
         self.inner.timeout
