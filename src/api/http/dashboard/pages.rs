@@ -191,10 +191,7 @@ async fn overview_data(
     let count = |st: DispatchStatus| counted(&by_dispatch, &st);
     let health = |h: Health| backups.iter().filter(|b| b.1 == h).count();
     let counts = Counts {
-        servers: by_status
-            .iter()
-            .map(|(_, n)| usize::try_from(*n).unwrap_or(0))
-            .sum(),
+        servers: usize::try_from(by_status.iter().map(|(_, n)| n).sum::<i64>()).unwrap_or(0),
         online: counted(&by_status, &Status::Online),
         offline: counted(&by_status, &Status::Offline),
         backups_green: health(Health::Green),
